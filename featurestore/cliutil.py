@@ -1,0 +1,83 @@
+"""Conventions shared by the three CLIs: ``--root``, ``--json`` and one-line errors.
+
+A :class:`UserError` raised anywhere below a command becomes one line on stderr
+(``error: ...``) and exit status 2, never a traceback: bad input is the user's
+to fix, and the message says how.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from featurestore.workspace import ROOT_ENV, Workspace, default_root
+
+
+class UserError(Exception):
+    """A problem with the user's input or environment; the message names the fix."""
+
+
+def root_option(func: Callable) -> Callable:
+    """Add ``--root DIR`` and pass a :class:`Workspace` as ``ws``."""
+
+    @click.option(
+        "--root",
+        "root",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=None,
+        help=f"Workspace folder holding datasets, the store and runs "
+        f"[default: ${ROOT_ENV}, else ./workspace].",
+    )
+    @functools.wraps(func)
+    def wrapper(*args: Any, root: Path | None, **kwargs: Any) -> Any:
+        return func(*args, ws=Workspace(root or default_root()), **kwargs)
+
+    return wrapper
+
+
+json_option = click.option(
+    "--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of text."
+)
+
+
+def emit(obj: dict, as_json: bool, text: str | None = None) -> None:
+    """Print ``obj`` as one JSON object, or ``text`` (default: key: value lines)."""
+    if as_json:
+        click.echo(json.dumps(obj, default=_json_default))
+    elif text is not None:
+        click.echo(text)
+    else:
+        for key, value in obj.items():
+            click.echo(f"{key}: {value}")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item"):
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def run_cli(group: click.Group, prog_name: str) -> None:
+    """Run a click group, turning :class:`UserError` into one line and exit 2."""
+    try:
+        group.main(prog_name=prog_name, standalone_mode=False)
+    except UserError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except click.exceptions.Exit as err:
+        sys.exit(err.exit_code)
