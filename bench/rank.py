@@ -1,0 +1,158 @@
+"""Full-pool ranking: the anchors' per-user argsort vs ``rank_targets`` vs the bare matmul.
+
+On one set of random embeddings (default 20K users x 87K items x 512, the HM pool,
+histories of ~12 items) this times
+
+  (a) the papers' evaluation: torch matmul for a batch of users, then for every user in
+      a Python loop, history masked to -inf, a full descending argsort and the rank read
+      off a one-hot label (IDvsMoRec ``eval_model`` / ``metrics_topK``);
+  (b) ``eval.ranking.rank_targets`` (exact FAISS top-k' search + counting);
+  (c) the users x items matmul alone: the floor no exact method can beat;
+
+checks that (a) and (b) give identical ranks and metrics, and prints the speed-ups
+(targets on CPU: (a)/(b) >= 12x, (b)/(c) <= 1.25x). The anchors' loop is slow, so by
+default it runs on a user subsample and its time is extrapolated per user (said so in
+the output); ``--anchor-users 0`` runs it on every user.
+
+Targets are planted (user = target item + noise) so ranks spread over 1..50 and the
+metrics compared are not all zero.
+
+    python bench/rank.py                       # CPU, full size (a few minutes)
+    python bench/rank.py --users 2000 --items 10000
+    python bench/rank.py --device cuda --index flat-gpu
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import click
+import numpy as np
+import torch
+
+from eval.metrics import metrics_from_ranks
+from eval.ranking import rank_targets
+
+KS = (10, 20, 50)
+
+
+def make_data(n_users: int, n_items: int, dim: int, history: int, seed: int):
+    """Random item vectors, users planted near their target, ~``history`` past items each."""
+    rng = np.random.default_rng(seed)
+    items = rng.standard_normal((n_items + 1, dim), dtype=np.float32)
+    items[0] = 0
+    targets = rng.integers(1, n_items + 1, size=n_users)
+    noise = rng.standard_normal((n_users, dim), dtype=np.float32)
+    users = (0.17 * items[targets] + noise).astype(np.float32)
+    lengths = rng.integers(max(1, history - 7), history + 8, size=n_users)
+    indptr = np.zeros(n_users + 1, dtype=np.int64)
+    np.cumsum(lengths, out=indptr[1:])
+    indices = rng.integers(1, n_items + 1, size=int(indptr[-1]))
+    # histories never hold the target (as in the papers' data): shift clashes by one id
+    clash = indices == np.repeat(targets, lengths)
+    indices[clash] = indices[clash] % n_items + 1
+    return users, items, targets, indptr, indices
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_matmul(users, items, device, batch_size) -> float:
+    """(c): scores for every user x item in user batches, nothing else."""
+    item_t = torch.from_numpy(items[1:]).to(device)
+    sync(device)
+    start = time.perf_counter()
+    for lo in range(0, len(users), batch_size):
+        torch.matmul(torch.from_numpy(users[lo : lo + batch_size]).to(device), item_t.t())
+    sync(device)
+    return time.perf_counter() - start
+
+
+def anchors_ranks(users, items, targets, indptr, indices, device, batch_size=256):
+    """(a): the papers' loop, kept faithful (one-hot label, -inf history, full argsort)."""
+    n_items = len(items) - 1
+    item_t = torch.from_numpy(items).to(device)
+    item_rank = torch.arange(1, n_items + 1, dtype=torch.float32, device=device)
+    ranks = np.empty(len(users), dtype=np.int64)
+    for lo in range(0, len(users), batch_size):
+        scores = torch.matmul(torch.from_numpy(users[lo : lo + batch_size]).to(device), item_t.t())
+        for row, score in enumerate(scores):
+            u = lo + row
+            history = torch.from_numpy(indices[indptr[u] : indptr[u + 1]]).to(device)
+            score[history] = -np.inf
+            score = score[1:]
+            label = torch.zeros(n_items, device=device)
+            label[targets[u] - 1] = 1
+            order = torch.argsort(score, descending=True)
+            ranks[u] = int(torch.sum(torch.take(label, order) * item_rank).item())
+    return ranks
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--users", "n_users", default=20_000, show_default=True, help="Users ranked.")
+@click.option("--items", "n_items", default=87_000, show_default=True, help="Items in the pool (N).")
+@click.option("--dim", default=512, show_default=True, help="Embedding width.")
+@click.option("--history", default=12, show_default=True, help="Mean history length (excluded items).")
+@click.option("--anchor-users", default=2_000, show_default=True,
+              help="Users the anchors' loop runs on; its time is extrapolated per user. 0 = all.")
+@click.option("--batch-size", default=4096, show_default=True, help="Users per search / matmul call.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Torch device for (a) and (c).")
+@click.option("--index", type=click.Choice(["flat", "flat-gpu"]), default="flat", show_default=True,
+              help="rank_targets index for (b).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the random embeddings.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def main(n_users, n_items, dim, history, anchor_users, batch_size, device, index, seed, as_json):
+    """Time the anchors' per-user argsort, rank_targets and the bare matmul on one data set."""
+    users, items, targets, indptr, indices = make_data(n_users, n_items, dim, history, seed)
+    max_k = max(KS)
+
+    floor_s = time_matmul(users, items, device, batch_size)
+
+    start = time.perf_counter()
+    ranks = rank_targets(users, items, targets, indptr, indices, exclude_history=True,
+                         max_k=max_k, index=index, batch_size=batch_size, progress=False)
+    ours_s = time.perf_counter() - start
+
+    sub = n_users if anchor_users <= 0 else min(anchor_users, n_users)
+    sync(device)
+    start = time.perf_counter()
+    anchor = anchors_ranks(users[:sub], items, targets[:sub], indptr[: sub + 1], indices, device)
+    sync(device)
+    anchor_s = (time.perf_counter() - start) * n_users / sub
+
+    same_ranks = np.array_equal(np.minimum(anchor, max_k + 1), ranks[:sub])
+    ours_metrics = metrics_from_ranks(ranks[:sub], KS)
+    anchor_metrics = metrics_from_ranks(anchor, KS)
+    result = {
+        "users": n_users, "items": n_items, "dim": dim, "mean_history": float(np.diff(indptr).mean()),
+        "device": device, "index": index, "batch_size": batch_size,
+        "torch_threads": torch.get_num_threads(),
+        "anchors_s": anchor_s, "rank_targets_s": ours_s, "matmul_s": floor_s,
+        "anchors_extrapolated_from_users": sub if sub < n_users else None,
+        "speedup_vs_anchors": anchor_s / ours_s, "ratio_to_matmul": ours_s / floor_s,
+        "identical_ranks": bool(same_ranks), "metrics_checked_on_users": sub,
+        "metrics": ours_metrics, "all_users_metrics": metrics_from_ranks(ranks, KS),
+    }
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        note = f" (timed on {sub} users, extrapolated per user)" if sub < n_users else ""
+        click.echo(f"{n_users} users x {n_items} items x {dim} dims, mean history "
+                   f"{result['mean_history']:.1f}, device {device}, index {index}")
+        click.echo(f"(a) anchors' matmul + per-user argsort: {anchor_s:9.2f} s{note}")
+        click.echo(f"(b) rank_targets (FAISS, exact):        {ours_s:9.2f} s")
+        click.echo(f"(c) bare users x items matmul:          {floor_s:9.2f} s")
+        click.echo(f"speed-up (a)/(b): {result['speedup_vs_anchors']:.1f}x  [target >= 12x]")
+        click.echo(f"cost (b)/(c):     {result['ratio_to_matmul']:.2f}x  [target <= 1.25x]")
+        click.echo(f"metrics on the {sub} checked users: {ours_metrics}")
+    assert same_ranks and ours_metrics == anchor_metrics, (
+        f"rank_targets and the anchors' method disagree: {ours_metrics} vs {anchor_metrics}"
+    )
+
+
+if __name__ == "__main__":
+    main()

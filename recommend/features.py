@@ -1,0 +1,164 @@
+"""Stored item features for the TS item towers: find, check and read store groups.
+
+Stage two never runs an encoder. It opens the group that ``featurestore extract``
+wrote, refuses one that is incomplete or was built for another version of the
+dataset, and gathers the rows a batch needs from the memory-mapped array, so an
+epoch costs what IDRec's costs plus one small tower.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from featurestore.cliutil import UserError
+from featurestore.workspace import Workspace
+
+
+@dataclass
+class FeatureSource:
+    """One opened store group: rows indexed by item id (row 0 = padding).
+
+    ``rows`` is the group's memory-mapped ``embeddings`` array (never loaded whole);
+    ``present[i]`` is false for items the encoder could not read (no image, empty
+    text), whose stored row is a meaningless zero.
+    """
+
+    group: str
+    rows: Any
+    present: np.ndarray
+    dim: int
+    fingerprint: str
+    attrs: dict = field(default_factory=dict)
+
+    def gather(self, ids: np.ndarray) -> np.ndarray:
+        """float32 rows for the given item ids (any order, repeats allowed)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        order = np.argsort(ids, kind="stable")
+        sorted_rows = np.asarray(self.rows[ids[order]], dtype=np.float32)
+        out = np.empty_like(sorted_rows)
+        out[order] = sorted_rows
+        return out
+
+    def catalogue(self) -> np.ndarray:
+        """Every present item's row (float32), e.g. to fit a whitening transform."""
+        ids = np.flatnonzero(self.present)
+        ids = ids[ids > 0]
+        return self.gather(ids)
+
+    def record(self) -> dict:
+        """What a run's config.json keeps about the group: enough to find and check it."""
+        keep = ("encoder", "modality", "pooling", "weights", "weights_sha256", "variant", "dtype")
+        return {
+            "group": self.group,
+            "fingerprint": self.fingerprint,
+            "dim": self.dim,
+            "missing": int((~self.present[1:]).sum()),
+            "provenance": {k: self.attrs[k] for k in keep if k in self.attrs},
+        }
+
+
+def extract_command(group: str) -> str:
+    """The exact ``featurestore extract`` command that writes ``group``."""
+    dataset, _modality, encoder = _split_group(group)
+    name, _, variant = encoder.partition("@")
+    command = f"featurestore extract --dataset {dataset} --encoder {name}"
+    return command + (f" --variant {variant}" if variant else "")
+
+
+def _split_group(group: str) -> tuple[str, str, str]:
+    parts = group.strip("/").split("/")
+    if len(parts) != 3 or not all(parts):
+        raise UserError(
+            f"bad store group name {group!r}; expected DATASET/MODALITY/ENCODER[@VARIANT], "
+            "e.g. HM/image/efficientnet-lite0 (see `featurestore ls`)"
+        )
+    return parts[0], parts[1], parts[2]
+
+
+def resolve_groups(dataset: str, encoders: list[str], groups: list[str]) -> list[str]:
+    """Store group names for ``--encoder`` names or explicit ``--features`` groups.
+
+    An encoder name maps to ``DATASET/<its modality>/ENCODER``; the modality comes from
+    the encoder registry, so ``--encoder minilm-l6`` finds the text group.
+    """
+    resolved = list(groups)
+    if encoders:
+        from extract.registry import get_encoder_config
+
+        for spec in encoders:
+            name, _, variant = spec.partition("@")
+            modality = get_encoder_config(name).modality
+            resolved.append(f"{dataset}/{modality}/{spec}")
+    for group in resolved:
+        if _split_group(group)[0] != dataset:
+            raise UserError(
+                f"store group {group} belongs to dataset {_split_group(group)[0]}, not {dataset}; "
+                f"pick a {dataset}/... group (see `featurestore ls`)"
+            )
+    return resolved
+
+
+def open_source(ws: Workspace, group: str, dataset_fingerprint: str, n_items: int) -> FeatureSource:
+    """Open ``group`` for reading and check it belongs to this dataset, whole."""
+    from featurestore.store import FeatureStore
+
+    _split_group(group)
+    if not ws.store.exists() or group not in _group_names(FeatureStore(ws.store)):
+        raise UserError(
+            f"no store group {group} under {ws.store}; extract it first: `{extract_command(group)}`"
+        )
+    fg = FeatureStore(ws.store).open(group)
+    if fg.status != "complete":
+        raise UserError(
+            f"store group {group} is {fg.status} (an extraction did not finish); "
+            f"rerun `{extract_command(group)}` to complete it"
+        )
+    if fg.fingerprint != dataset_fingerprint:
+        raise UserError(
+            f"store group {group} was built for dataset fingerprint {fg.fingerprint}, but the "
+            f"prepared dataset now has {dataset_fingerprint}; re-extract it: "
+            f"`{extract_command(group)}`"
+        )
+    if fg.rows != n_items + 1:
+        raise UserError(
+            f"store group {group} has {fg.rows} rows, the dataset needs {n_items + 1} "
+            f"(items 1..{n_items} plus padding); re-extract it: `{extract_command(group)}`"
+        )
+    present = np.asarray(fg.present(), dtype=bool).copy()
+    present[0] = False
+    return FeatureSource(
+        group=group,
+        rows=fg.memmap(),
+        present=present,
+        dim=int(fg.dim),
+        fingerprint=fg.fingerprint,
+        attrs=dict(fg.attrs),
+    )
+
+
+def _group_names(store: Any) -> set[str]:
+    return set(store.groups())
+
+
+def fit_whitening(source: FeatureSource, eps: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
+    """PCA whitening fitted on the catalogue: ``x -> (x - mean) @ proj``.
+
+    Frozen encoder vectors are anisotropic (a few directions dominate the dot
+    product); whitening makes every principal direction unit-variance. ``proj`` is
+    square (dim x dim) so the tower's shapes never depend on the data: directions
+    with (near) zero variance, e.g. when the catalogue has fewer items than
+    dimensions, get a zero column instead of an exploding 1/sqrt(0) scale.
+    """
+    from sklearn.decomposition import PCA
+
+    rows = source.catalogue().astype(np.float64)
+    n_components = min(rows.shape[0], rows.shape[1])
+    pca = PCA(n_components=n_components, svd_solver="full").fit(rows)
+    variance = pca.explained_variance_
+    keep = variance > eps * max(float(variance.max(initial=0.0)), eps)
+    proj = np.zeros((source.dim, source.dim), dtype=np.float64)
+    proj[:, : int(keep.sum())] = pca.components_[keep].T / np.sqrt(variance[keep])
+    return pca.mean_.astype(np.float32), proj.astype(np.float32)

@@ -1,0 +1,317 @@
+"""Item towers: item ids -> item vectors, the only piece IDRec and MoRec differ in.
+
+Paper 001 (Fig. 1): IDRec learns an embedding per item id; MoRec replaces it with a
+modality encoder followed by a dense "DT layer" to the recommender width. The
+towers here:
+
+- ``id``: the ID embedding table (IDRec).
+- ``ts``: stored encoder vectors through the DT layer, ``Linear(feat -> d)``.
+- ``ts-dnn``: stored vectors through the paper's TS-DNN-N stack (001 Table 5 and its
+  public code): ``Linear(feat -> d) + GELU``, then N x ``[Dropout, Linear(d, d), GELU]``.
+
+Two stored groups (text + image) are each projected to ``d`` and merged by a fusion
+(``concat | sum | gate | film``, papers 002/003). ``with_id`` adds an ID table to any
+content tower (``add | concat``, 001 Table 7).
+
+Every tower maps ids of any shape to ``(..., d)`` and lists the whole catalogue in
+batches (:meth:`ItemTower.all_vectors`); the E2E towers of a later issue (live
+encoder blocks, adapters) register themselves here behind the same interface.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from featurestore.cliutil import UserError
+from recommend.features import FeatureSource, fit_whitening
+from recommend.registry import Registry
+
+ITEM_TOWERS: Registry["ItemTower"] = Registry("item tower")
+FUSIONS: Registry[nn.Module] = Registry("fusion")
+WITH_ID_MODES = ("add", "concat")
+
+
+class ItemTower(nn.Module):
+    """Maps item ids (LongTensor of any shape) to vectors ``(..., dim)``."""
+
+    dim: int
+    n_items: int
+
+    def all_vectors(self, batch_size: int = 4096) -> torch.Tensor:
+        """Vectors of ids 0..N, computed ``batch_size`` ids at a time: ``(N + 1, dim)``."""
+        device = _device_of(self)
+        chunks = [
+            self(torch.arange(start, min(start + batch_size, self.n_items + 1), device=device))
+            for start in range(0, self.n_items + 1, batch_size)
+        ]
+        return torch.cat(chunks)
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for tensor in module.parameters():
+        return tensor.device
+    for tensor in module.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _xavier_init(module: nn.Module) -> None:
+    """The papers' initialisation: Xavier-normal weights, zero biases."""
+    for sub in module.modules():
+        if isinstance(sub, (nn.Linear, nn.Embedding)):
+            nn.init.xavier_normal_(sub.weight)
+            if isinstance(sub, nn.Embedding) and sub.padding_idx is not None:
+                with torch.no_grad():
+                    sub.weight[sub.padding_idx].zero_()
+        if isinstance(sub, nn.Linear) and sub.bias is not None:
+            nn.init.zeros_(sub.bias)
+
+
+class IdEmbedding(ItemTower):
+    """IDRec: one learned vector per item id; id 0 is the zero padding row."""
+
+    def __init__(self, n_items: int, dim: int) -> None:
+        super().__init__()
+        self.n_items, self.dim = n_items, dim
+        self.table = nn.Embedding(n_items + 1, dim, padding_idx=0)
+        _xavier_init(self)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.table(ids)
+
+
+def dt_layer(feat_dim: int, dim: int) -> nn.Sequential:
+    """The DT layer of TS: a dense map from encoder width to recommender width."""
+    return nn.Sequential(nn.Linear(feat_dim, dim))
+
+
+def ts_dnn_stack(feat_dim: int, dim: int, layers: int, dropout: float = 0.1) -> nn.Sequential:
+    """TS-DNN-N exactly as the paper's public code (``MLP_Layers``).
+
+    ``Linear(feat -> d) + GELU``, then ``layers`` x ``[Dropout, Linear(d, d), GELU]``;
+    parameters: ``feat*d + d + layers*(d*d + d)``.
+    """
+    modules: list[nn.Module] = [nn.Linear(feat_dim, dim), nn.GELU()]
+    for _ in range(layers):
+        modules += [nn.Dropout(dropout), nn.Linear(dim, dim), nn.GELU()]
+    return nn.Sequential(*modules)
+
+
+class StoredFeatures(nn.Module):
+    """Rows of one store group for a batch of ids, gathered from the memory map.
+
+    Missing content (``present = false``: no image, empty text) is handled
+    explicitly: those items get ``missing``, a learned vector in the input space,
+    instead of the store's meaningless zero row, so the tower learns what "no
+    picture" should mean. With ``whiten``, rows are PCA-whitened by buffers that
+    are saved in the checkpoint (fitted on the catalogue when ``fit`` is true).
+    """
+
+    def __init__(self, source: FeatureSource, whiten: bool, fit: bool) -> None:
+        super().__init__()
+        self.source = source
+        self.register_buffer("present", torch.from_numpy(source.present.copy()), persistent=False)
+        self.missing = nn.Parameter(torch.zeros(source.dim))
+        self.whiten = whiten
+        if whiten:
+            mean, proj = fit_whitening(source) if fit else (
+                np.zeros(source.dim, np.float32), np.zeros((source.dim, source.dim), np.float32))
+            self.register_buffer("white_mean", torch.from_numpy(mean))
+            self.register_buffer("white_proj", torch.from_numpy(proj))
+
+    @property
+    def dim(self) -> int:
+        return self.source.dim
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """``ids`` (P,) distinct item ids -> (P, feat) rows on the tower's device."""
+        rows = torch.from_numpy(self.source.gather(ids.cpu().numpy())).to(self.missing.device)
+        if self.whiten:
+            rows = (rows - self.white_mean) @ self.white_proj
+        return torch.where(self.present[ids].unsqueeze(-1), rows, self.missing)
+
+
+class FeatureTower(ItemTower):
+    """Stored vectors of one or two groups, each projected to ``dim``, then fused.
+
+    Ids are deduplicated per call, so a batch reads and projects each item once.
+    """
+
+    def __init__(
+        self,
+        sources: Sequence[FeatureSource],
+        n_items: int,
+        dim: int,
+        projection: Callable[[int, int], nn.Module],
+        fusion: str | None,
+        whiten: bool,
+        fit: bool,
+    ) -> None:
+        super().__init__()
+        self.n_items, self.dim = n_items, dim
+        self.inputs = nn.ModuleList(StoredFeatures(s, whiten, fit) for s in sources)
+        self.projections = nn.ModuleList(projection(inp.dim, dim) for inp in self.inputs)
+        self.fusion = FUSIONS.create(fusion, dim) if len(sources) > 1 else None
+        _xavier_init(self)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        unique, inverse = torch.unique(ids.reshape(-1), return_inverse=True)
+        vectors = [proj(inp(unique)) for inp, proj in zip(self.inputs, self.projections)]
+        fused = self.fusion(vectors) if self.fusion is not None else vectors[0]
+        return fused[inverse].reshape(*ids.shape, self.dim)
+
+
+class WithId(ItemTower):
+    """ID + modality (001 Table 7): an ID table added to, or concatenated with, content."""
+
+    def __init__(self, content: ItemTower, how: str) -> None:
+        super().__init__()
+        if how not in WITH_ID_MODES:
+            raise UserError(f"unknown --with-id {how!r}; known: {', '.join(WITH_ID_MODES)}")
+        self.n_items, self.dim = content.n_items, content.dim
+        self.content = content
+        self.ids = IdEmbedding(content.n_items, content.dim)
+        self.how = how
+        self.merge = nn.Linear(2 * self.dim, self.dim) if how == "concat" else None
+        if self.merge is not None:
+            _xavier_init(self.merge)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        content, learned = self.content(ids), self.ids(ids)
+        if self.merge is None:
+            return content + learned
+        return self.merge(torch.cat([content, learned], dim=-1))
+
+
+# --- fusion of two modality vectors (papers 002, 003) --------------------------------
+
+
+class ConcatFusion(nn.Module):
+    """``Linear([a; b] -> d)``."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(2 * dim, dim)
+
+    def forward(self, vectors: list[torch.Tensor]) -> torch.Tensor:
+        return self.proj(torch.cat(vectors, dim=-1))
+
+
+class SumFusion(nn.Module):
+    """``a + b``: no parameters."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+
+    def forward(self, vectors: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(vectors).sum(0)
+
+
+class GateFusion(nn.Module):
+    """``g * a + (1 - g) * b`` with a per-dimension gate ``g = sigmoid(W[a; b])``."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.gate = nn.Linear(2 * dim, dim)
+
+    def forward(self, vectors: list[torch.Tensor]) -> torch.Tensor:
+        a, b = vectors
+        g = torch.sigmoid(self.gate(torch.cat([a, b], dim=-1)))
+        return g * a + (1 - g) * b
+
+
+class FiLMFusion(nn.Module):
+    """FiLM: the second modality scales and shifts the first, ``a * (1 + gamma(b)) + beta(b)``.
+
+    Written with ``1 + gamma`` so that a zero ``gamma`` leaves ``a`` unscaled.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.film = nn.Linear(dim, 2 * dim)
+
+    def forward(self, vectors: list[torch.Tensor]) -> torch.Tensor:
+        a, b = vectors
+        gamma, beta = self.film(b).chunk(2, dim=-1)
+        return a * (1 + gamma) + beta
+
+
+FUSIONS.register("concat")(ConcatFusion)
+FUSIONS.register("sum")(SumFusion)
+FUSIONS.register("gate")(GateFusion)
+FUSIONS.register("film")(FiLMFusion)
+
+
+# --- the registry: one builder per --mode ---------------------------------------------
+
+
+def _need_sources(spec: dict, sources: Sequence[FeatureSource]) -> None:
+    if not sources:
+        raise UserError(
+            f"--mode {spec['name']} trains on stored features; name them with --encoder ENC "
+            "or --features DATASET/MODALITY/ENCODER"
+        )
+    if len(sources) > 2:
+        raise UserError(f"at most two feature groups (text + image) can be fused, got {len(sources)}")
+
+
+@ITEM_TOWERS.register("id")
+def _id_tower(spec: dict, sources: Sequence[FeatureSource], fit: bool) -> ItemTower:
+    if sources:
+        raise UserError("--mode id learns one vector per item and reads no features; "
+                        "drop --encoder/--features, or use --mode ts / ts-dnn")
+    return IdEmbedding(spec["n_items"], spec["dim"])
+
+
+@ITEM_TOWERS.register("ts")
+def _ts_tower(spec: dict, sources: Sequence[FeatureSource], fit: bool) -> ItemTower:
+    _need_sources(spec, sources)
+    return FeatureTower(sources, spec["n_items"], spec["dim"], dt_layer,
+                        spec.get("fusion"), spec.get("whiten", False), fit)
+
+
+@ITEM_TOWERS.register("ts-dnn")
+def _ts_dnn_tower(spec: dict, sources: Sequence[FeatureSource], fit: bool) -> ItemTower:
+    _need_sources(spec, sources)
+    layers, dropout = int(spec["layers"]), float(spec.get("dropout", 0.1))
+
+    def projection(feat_dim: int, dim: int) -> nn.Module:
+        return ts_dnn_stack(feat_dim, dim, layers, dropout)
+
+    return FeatureTower(sources, spec["n_items"], spec["dim"], projection,
+                        spec.get("fusion"), spec.get("whiten", False), fit)
+
+
+def create_item_tower(spec: dict, sources: Sequence[FeatureSource] = (), fit: bool = True) -> ItemTower:
+    """Build the tower a spec names (``spec["name"]`` is the mode).
+
+    Args:
+        spec: plain data from a run config: ``name``, ``n_items``, ``dim`` and the
+            mode's settings (``layers``, ``fusion``, ``whiten``, ``dropout``, ``with_id``).
+        sources: opened store groups for content towers.
+        fit: compute data-derived state (whitening) from ``sources``; ``load_run``
+            passes False and restores that state from the checkpoint instead.
+
+    Example:
+        >>> tower = create_item_tower({"name": "id", "n_items": 100, "dim": 64})
+        >>> tower(torch.tensor([[1, 2]])).shape
+        torch.Size([1, 2, 64])
+    """
+    tower = ITEM_TOWERS.create(spec["name"], spec, list(sources), fit)
+    if spec.get("with_id"):
+        if spec["name"] == "id":
+            raise UserError("--with-id combines an ID table with content; it needs --mode ts or ts-dnn")
+        tower = WithId(tower, spec["with_id"])
+    return tower
+
+
+def list_item_towers(pattern: str = "*") -> list[str]:
+    return ITEM_TOWERS.names(pattern)
+
+
+def list_fusions() -> list[str]:
+    return FUSIONS.names()

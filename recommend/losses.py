@@ -1,0 +1,123 @@
+"""Training objectives: next-item prediction at every real position.
+
+Every loss has one call signature, so the trainer picks one by name and knows
+nothing of its insides::
+
+    loss(hidden (B, L, d), targets (B, L, d), sequence (B, L + 1), embed) -> scalar
+
+``sequence`` is the left-padded training sequence (inputs = ``sequence[:, :-1]``,
+target ids = ``sequence[:, 1:]``); ``targets`` are the target items' vectors; a
+position counts when its input item is real. ``embed`` maps more item ids to
+vectors (negatives, in-batch candidates).
+
+- ``bce`` (the papers' default, 001 Eq. 1): binary cross-entropy on the positive and
+  ONE uniformly sampled negative per position, drawn from the items NOT in the
+  user's training sequence (rejection sampling: uniform over that complement).
+- ``inbatch``: softmax over the distinct targets of the batch with the
+  log-popularity ("logQ") correction of sampled softmax; an item with no training
+  interactions counts as 1, so ``log 0`` never happens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from recommend.registry import Registry
+
+LOSSES: Registry["Loss"] = Registry("loss")
+
+Embed = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class LossContext:
+    """Dataset facts a loss may need."""
+
+    n_items: int
+    train_counts: np.ndarray  # interactions per item id in the training split, length N + 1
+
+
+class Loss(nn.Module):
+    def forward(self, hidden: torch.Tensor, targets: torch.Tensor, sequence: torch.Tensor,
+                embed: Embed) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def sample_negatives(sequence: torch.Tensor, n_items: int, max_rounds: int = 1000) -> torch.Tensor:
+    """One uniform item id in 1..N per position of ``sequence[:, 1:]``, never in its row.
+
+    Rejection sampling: positions whose draw hits the user's sequence are redrawn,
+    which is exactly uniform over the items the user has not interacted with.
+    """
+    rows, width = sequence.shape
+    draws = torch.randint(1, n_items + 1, (rows, width - 1), device=sequence.device)
+    for _ in range(max_rounds):
+        clash = (draws.unsqueeze(-1) == sequence.unsqueeze(1)).any(-1)
+        if not clash.any():
+            return draws
+        draws[clash] = torch.randint(1, n_items + 1, (int(clash.sum()),), device=sequence.device)
+    raise RuntimeError(f"could not draw negatives outside the sequences in {max_rounds} rounds: "
+                       f"the catalogue ({n_items} items) is barely larger than a sequence")
+
+
+@LOSSES.register("bce")
+class SampledBCE(Loss):
+    """BCE on (positive, one sampled negative) per position; the two means are summed."""
+
+    def __init__(self, ctx: LossContext) -> None:
+        super().__init__()
+        self.n_items = ctx.n_items
+
+    def forward(self, hidden, targets, sequence, embed):
+        valid = sequence[:, :-1] > 0
+        negatives = embed(sample_negatives(sequence, self.n_items))
+        pos = (hidden * targets).sum(-1)[valid]
+        neg = (hidden * negatives).sum(-1)[valid]
+        return (F.binary_cross_entropy_with_logits(pos, torch.ones_like(pos))
+                + F.binary_cross_entropy_with_logits(neg, torch.zeros_like(neg)))
+
+
+@LOSSES.register("inbatch")
+class InBatchSoftmax(Loss):
+    """Softmax over the batch's distinct targets, corrected by log popularity.
+
+    Popular items appear as in-batch negatives more often than uniform sampling
+    would draw them; subtracting ``log count(i)`` removes that bias. Candidates
+    that are in the same user's sequence (other than the true target) are masked,
+    so an item is never pushed down for a user who interacted with it.
+    """
+
+    def __init__(self, ctx: LossContext) -> None:
+        super().__init__()
+        counts = torch.as_tensor(np.asarray(ctx.train_counts), dtype=torch.float32)
+        self.register_buffer("log_pop", torch.log(counts.clamp_min(1.0)), persistent=False)
+
+    def forward(self, hidden, targets, sequence, embed):
+        valid = sequence[:, :-1] > 0
+        target_ids = sequence[:, 1:][valid]
+        candidates, label = torch.unique(target_ids, return_inverse=True)
+        logits = hidden[valid] @ embed(candidates).T - self.log_pop[candidates]
+        in_sequence = (candidates[None, None, :] == sequence[:, :, None]).any(1)  # (B, C)
+        row = torch.arange(sequence.shape[0], device=sequence.device)[:, None].expand_as(valid)[valid]
+        own = F.one_hot(label, len(candidates)).bool()
+        logits = logits.masked_fill(in_sequence[row] & ~own, float("-inf"))
+        return F.cross_entropy(logits, label)
+
+
+def create_loss(name: str, ctx: LossContext) -> Loss:
+    """Build a registered loss.
+
+    Example:
+        >>> loss = create_loss("bce", LossContext(n_items=100, train_counts=np.ones(101)))
+    """
+    return LOSSES.create(name, ctx)
+
+
+def list_losses(pattern: str = "*") -> list[str]:
+    return LOSSES.names(pattern)

@@ -1,0 +1,450 @@
+"""One training loop for every item tower, backbone and loss.
+
+A run is one choice from each registry (item tower = ``--mode``, user encoder =
+``--backbone``, loss = ``--loss``); the loop below only calls the Recommender's
+public verbs and the loss's one signature. Per epoch: train with AdamW, validate
+on the full item pool with the same function as ``eval rank``
+(:func:`eval.evaluate.evaluate`), keep the best checkpoint, stop early, and stop
+on collapse (a non-finite loss, or validation falling to near zero after being
+clearly above it, as 001 Fig. 5 shows for too-high learning rates).
+
+Distributed: under ``torchrun`` (``WORLD_SIZE`` > 1) each process trains on its
+shard of users (DistributedSampler) through DDP, NCCL on GPUs and gloo on CPU;
+process 0 validates, writes the run folder and decides when to stop. One process
+is the default and needs no launcher.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import resource
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from data.dataset import PreparedDataset
+from featurestore.cliutil import UserError
+from featurestore.workspace import Workspace
+from recommend import __version__
+from recommend.batches import SequenceBatches, model_seq_len, training_rows
+from recommend.features import open_source, resolve_groups
+from recommend.item_towers import ITEM_TOWERS, FUSIONS, WITH_ID_MODES
+from recommend.losses import LOSSES, Loss, LossContext, create_loss
+from recommend.model import Recommender, build_recommender
+from recommend.run import (BEST, CHECKPOINT, LOG, append_metrics, create_run, default_run_name,
+                           save_checkpoint, write_json)
+from recommend.user_encoders import USER_ENCODERS
+
+MONITOR = ("HR@10", "NDCG@10")  # early stopping: best HR@10, ties broken by NDCG@10
+DEFAULT_TS_DNN_LAYERS = 8
+COLLAPSE_FLOOR = 0.01  # a best HR@10 at least this high is "clearly above" zero ...
+COLLAPSE_FRACTION = 0.1  # ... and falling below this share of it is a collapse
+
+
+@dataclass
+class TrainOptions:
+    """Everything ``recommend train`` accepts; recorded verbatim in config.json."""
+
+    dataset: str
+    mode: str = "id"
+    layers: int | None = None
+    encoders: list[str] = field(default_factory=list)
+    features: list[str] = field(default_factory=list)
+    fusion: str | None = None
+    with_id: str | None = None
+    whiten: bool = False
+    backbone: str = "sasrec"
+    loss: str = "bce"
+    dim: int = 512
+    blocks: int = 2
+    heads: int = 2
+    dropout: float = 0.1
+    lr: float = 1e-4
+    weight_decay: float = 0.1
+    batch_size: int = 64
+    epochs: int = 100
+    patience: int = 10
+    seed: int = 42
+    device: str = "auto"
+    run_name: str | None = None
+
+
+class Objective(nn.Module):
+    """Recommender + loss as one module, so DDP sees the whole step in ``forward``."""
+
+    def __init__(self, model: Recommender, loss: Loss) -> None:
+        super().__init__()
+        self.model, self.loss = model, loss
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        vectors = self.model.embed(rows)  # one tower call for inputs and targets
+        inputs = rows[:, :-1]
+        hidden = self.model.encode(vectors[:, :-1], inputs > 0)
+        return self.loss(hidden, vectors[:, 1:], rows, self.model.embed)
+
+
+@dataclass(frozen=True)
+class Processes:
+    """This process's place in a torchrun launch (rank 0 of 1 without one)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> "Processes":
+        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                   int(os.environ.get("LOCAL_RANK", 0)))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def broadcast(self, obj):
+        """Process 0's ``obj`` on every process."""
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def all_true(self, flag: bool, device: torch.device) -> bool:
+        if self.world_size == 1:
+            return flag
+        value = torch.tensor([int(flag)], device=device)
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+        return bool(value.item())
+
+    def mean(self, value: float, device: torch.device) -> float:
+        if self.world_size == 1:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64, device=device)
+        dist.all_reduce(tensor)
+        return float(tensor.item()) / self.world_size
+
+
+def resolve_device(name: str, procs: Processes) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: no CUDA device is available here; use --device cpu")
+        if name == "cuda":
+            name = f"cuda:{procs.local_rank}"
+    elif name != "cpu":
+        raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N")
+    return torch.device(name)
+
+
+def check_options(opts: TrainOptions) -> TrainOptions:
+    """Reject combinations that make no sense, each with the fix; fill mode defaults."""
+    ITEM_TOWERS.get(opts.mode)
+    USER_ENCODERS.get(opts.backbone)
+    LOSSES.get(opts.loss)
+    if opts.layers is not None and opts.mode != "ts-dnn":
+        raise UserError(f"--layers sets the TS-DNN depth; it needs --mode ts-dnn, not {opts.mode}")
+    if opts.mode == "ts-dnn" and opts.layers is None:
+        opts.layers = DEFAULT_TS_DNN_LAYERS
+    if opts.layers is not None and opts.layers < 0:
+        raise UserError(f"--layers must be >= 0, got {opts.layers}")
+    n_groups = len(opts.encoders) + len(opts.features)
+    if opts.fusion is not None:
+        FUSIONS.get(opts.fusion)
+        if n_groups != 2:
+            raise UserError("--fusion merges two feature groups (text + image); name two with "
+                            "--features TEXT_GROUP,IMAGE_GROUP or --encoder TEXT_ENC,IMAGE_ENC")
+    elif n_groups == 2:
+        opts.fusion = "concat"
+    if opts.with_id is not None and opts.with_id not in WITH_ID_MODES:
+        raise UserError(f"unknown --with-id {opts.with_id!r}; known: {', '.join(WITH_ID_MODES)}")
+    if opts.whiten and n_groups == 0:
+        raise UserError("--whiten transforms stored features; it needs --mode ts/ts-dnn with "
+                        "--encoder or --features")
+    if opts.backbone == "sasrec" and opts.dim % opts.heads:
+        raise UserError(f"--dim {opts.dim} must be divisible by --heads {opts.heads}")
+    for name in ("dim", "blocks", "heads", "batch_size", "epochs", "patience"):
+        if getattr(opts, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(opts, name)}")
+    if not 0.0 <= opts.dropout < 1.0:
+        raise UserError(f"--dropout must be in [0, 1), got {opts.dropout}")
+    if not opts.lr > 0:
+        raise UserError(f"--lr must be > 0, got {opts.lr}")
+    return opts
+
+
+def model_spec(opts: TrainOptions, dataset: PreparedDataset) -> dict:
+    """The plain-data description ``build_recommender`` and ``load_run`` rebuild from."""
+    tower = {"name": opts.mode, "dropout": opts.dropout, "whiten": opts.whiten}
+    if opts.layers is not None:
+        tower["layers"] = opts.layers
+    if opts.fusion:
+        tower["fusion"] = opts.fusion
+    if opts.with_id:
+        tower["with_id"] = opts.with_id
+    return {
+        "n_items": dataset.n_items,
+        "dim": opts.dim,
+        "max_seq_len": model_seq_len(dataset),
+        "item_tower": tower,
+        "user_encoder": {"name": opts.backbone, "blocks": opts.blocks, "heads": opts.heads,
+                         "dropout": opts.dropout},
+    }
+
+
+def parameter_cost(model: nn.Module) -> dict:
+    return {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "total_params": sum(p.numel() for p in model.parameters())}
+
+
+def validate(model: Recommender, dataset: PreparedDataset) -> dict:
+    """Full-pool HR@10 / NDCG@10 on the validation split: the one scoring function."""
+    from eval.evaluate import evaluate
+
+    model.eval()
+    try:
+        result = evaluate(model, dataset, split="valid", ks=(10,), exclude_history=True)
+    finally:
+        model.train()
+    return {k: float(v) for k, v in result.items() if "@" in k}
+
+
+def _better(current: dict, best: dict | None) -> bool:
+    if best is None:
+        return True
+    return tuple(current[k] for k in MONITOR) > tuple(best[k] for k in MONITOR)
+
+
+def _collapsed(current: dict, best: dict | None) -> bool:
+    key = MONITOR[0]
+    return (best is not None and best[key] >= COLLAPSE_FLOOR
+            and current[key] < COLLAPSE_FRACTION * best[key])
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+@contextmanager
+def _run_logger(run_dir, main: bool, echo: bool) -> Iterator[logging.Logger]:
+    """``train.log`` in the run folder (and stderr when ``echo``), on process 0 only."""
+    logger = logging.getLogger(f"recommend.train.{id(run_dir)}")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    handlers: list[logging.Handler] = []
+    if main:
+        handlers.append(logging.FileHandler(run_dir / LOG))
+        if echo:
+            handlers.append(logging.StreamHandler(sys.stderr))
+    for handler in handlers:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        logger.addHandler(handler)
+    try:
+        yield logger
+    finally:
+        for handler in handlers:
+            logger.removeHandler(handler)
+            handler.close()
+
+
+def build_config(opts: TrainOptions, dataset: PreparedDataset, sources, spec: dict,
+                 model: nn.Module, n_rows: int, procs: Processes, device: torch.device) -> dict:
+    return {
+        "format_version": 1,
+        "package_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": " ".join(sys.argv),
+        "dataset": {
+            "name": dataset.name,
+            "fingerprint": dataset.fingerprint,
+            "interactions_fingerprint": dataset.manifest.get("interactions_fingerprint"),
+            "n_items": dataset.n_items,
+            "n_users": dataset.n_users,
+            "train_sequences": n_rows,
+        },
+        "features": [s.record() for s in sources],
+        "model": spec,
+        "training": {
+            "loss": opts.loss, "optimizer": "AdamW", "lr": opts.lr,
+            "weight_decay": opts.weight_decay, "batch_size": opts.batch_size,
+            "epochs": opts.epochs, "patience": opts.patience, "seed": opts.seed,
+            "device": str(device), "world_size": procs.world_size,
+            "monitor": list(MONITOR), "validation": {"split": "valid", "full_pool": True,
+                                                     "exclude_history": True},
+        },
+        "options": asdict(opts),
+        "cost": parameter_cost(model),
+    }
+
+
+def train(ws: Workspace, opts: TrainOptions, progress: bool = True, echo: bool = True) -> dict:
+    """Train one recommender into a new run folder and return its summary.
+
+    Returns:
+        ``{"run", "run_dir", "status", "best_epoch", "best", "epochs", "message"}``;
+        ``best`` holds the best validation metrics (``HR@10``, ``NDCG@10``).
+
+    Example:
+        >>> train(Workspace(root), TrainOptions(dataset="HM", mode="ts-dnn", layers=8,
+        ...                                     encoders=["swin-t"]))["best"]["HR@10"]
+    """
+    opts = check_options(opts)
+    procs = Processes.from_env()
+    device = resolve_device(opts.device, procs)
+    if procs.world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        return _train(ws, opts, procs, device, progress, echo)
+    finally:
+        if procs.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(ws: Workspace, opts: TrainOptions, procs: Processes, device: torch.device,
+           progress: bool, echo: bool) -> dict:
+    dataset = PreparedDataset.load(ws.dataset_dir(opts.dataset))
+    groups = resolve_groups(dataset.name, opts.encoders, opts.features)
+    sources = [open_source(ws, g, dataset.fingerprint, dataset.n_items) for g in groups]
+    spec = model_spec(opts, dataset)
+    rows = training_rows(dataset, spec["max_seq_len"])
+    if len(rows) == 0:
+        raise UserError(f"dataset {dataset.name} has no user with 2+ training items; nothing to train")
+    if dataset.n_items <= rows.shape[1]:
+        raise UserError(f"dataset {dataset.name} has {dataset.n_items} items, too few to sample "
+                        f"negatives outside sequences of {rows.shape[1]}")
+
+    torch.manual_seed(opts.seed)  # identical initial weights on every process
+    np.random.seed(opts.seed)
+    model = build_recommender(spec, sources, fit=True).to(device)
+    loss = create_loss(opts.loss, LossContext(dataset.n_items, dataset.train_counts())).to(device)
+    objective: nn.Module = Objective(model, loss)
+    if procs.world_size > 1:
+        objective = DistributedDataParallel(
+            objective, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
+    batches = SequenceBatches(rows, opts.batch_size, opts.seed, procs.rank, procs.world_size)
+    torch.manual_seed(opts.seed + procs.rank)  # each process draws its own negatives/dropout
+
+    config = build_config(opts, dataset, sources, spec, model, len(rows), procs, device)
+    name = procs.broadcast(_run_name(ws, opts, config) if procs.main else None)
+    run_dir = create_run(ws, name, config) if procs.main else ws.run_dir(name)
+
+    with _run_logger(run_dir, procs.main, echo) as log:
+        log.info("run %s: %s on %s, %d training sequences, %d items, %s trainable parameters, "
+                 "device %s x%d", name, opts.mode, dataset.name, len(rows), dataset.n_items,
+                 f"{config['cost']['trainable_params']:,}", device, procs.world_size)
+        outcome = _epochs(objective, model, optimizer, batches, dataset, opts, procs, device,
+                          run_dir, progress, log)
+        if procs.main:
+            write_json(run_dir / BEST, {"epoch": outcome["best_epoch"], "metrics": outcome["best"],
+                                        "status": outcome["status"], "message": outcome["message"]})
+        log.info("%s", outcome["message"])
+    return {"run": name, "run_dir": str(run_dir), **outcome}
+
+
+def _epochs(objective, model: Recommender, optimizer, batches: SequenceBatches,
+            dataset: PreparedDataset, opts: TrainOptions, procs: Processes,
+            device: torch.device, run_dir, progress: bool, log: logging.Logger) -> dict:
+    best, best_epoch, since_best = None, None, 0
+    status, message = "completed", ""
+    for epoch in range(1, opts.epochs + 1):
+        batches.set_epoch(epoch)
+        objective.train()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        start, total, steps = time.perf_counter(), 0.0, 0
+        bar = tqdm(total=batches.n_sequences, unit="seq", desc=f"epoch {epoch}", leave=False,
+                   disable=not (progress and procs.main), file=sys.stderr)
+        finite = True
+        for rows in batches:
+            value = objective(rows.to(device, non_blocking=True))
+            finite = procs.all_true(bool(torch.isfinite(value)), device)
+            if not finite:
+                break
+            optimizer.zero_grad(set_to_none=True)
+            value.backward()
+            optimizer.step()
+            total, steps = total + float(value.detach()), steps + 1
+            bar.update(len(rows))
+            bar.set_postfix(loss=f"{total / steps:.4f}")
+        bar.close()
+        seconds = time.perf_counter() - start
+        if not finite:
+            status = "collapsed"
+            message = (f"training collapsed at epoch {epoch}, step {steps + 1}: the loss became "
+                       f"{float(value)}. {_kept(best_epoch)} Lower --lr (now {opts.lr:g}; try "
+                       f"{opts.lr / 10:g}) or raise --weight-decay.")
+            break
+        mean_loss = procs.mean(total / max(steps, 1), device)
+
+        decision = None
+        if procs.main:
+            eval_start = time.perf_counter()
+            metrics = validate(model, dataset)
+            record = {
+                "epoch": epoch, "loss": mean_loss, "valid": metrics, "seconds": seconds,
+                "sec_per_step": seconds / max(steps, 1), "steps": steps,
+                "sequences_per_sec": batches.n_sequences * procs.world_size / seconds,
+                "eval_seconds": time.perf_counter() - eval_start,
+                "peak_rss_mb": _peak_rss_mb(),
+                "peak_gpu_mb": (torch.cuda.max_memory_allocated(device) / 2**20
+                                if device.type == "cuda" else None),
+            }
+            append_metrics(run_dir, record)
+            log.info("epoch %d: loss %.4f, valid %s, %.1fs (%.1f seq/s)", epoch, mean_loss,
+                     ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), seconds,
+                     record["sequences_per_sec"])
+            if _collapsed(metrics, best):
+                decision = ("collapsed",
+                            f"training collapsed at epoch {epoch}: validation {MONITOR[0]} fell "
+                            f"from {best[MONITOR[0]]:.4f} (epoch {best_epoch}) to "
+                            f"{metrics[MONITOR[0]]:.4f}. {_kept(best_epoch)} Lower --lr (now "
+                            f"{opts.lr:g}; try {opts.lr / 10:g}).")
+            elif _better(metrics, best):
+                best, best_epoch, since_best = metrics, epoch, 0
+                save_checkpoint(run_dir, model)
+                write_json(run_dir / BEST, {"epoch": epoch, "metrics": metrics, "status": "running"})
+            else:
+                since_best += 1
+                if since_best >= opts.patience:
+                    decision = ("early_stopped",
+                                f"early stop at epoch {epoch}: no better validation "
+                                f"{MONITOR[0]} for {opts.patience} epochs.")
+        decision = procs.broadcast(decision)
+        if decision is not None:
+            status, message = decision
+            break
+    best_epoch, best = procs.broadcast((best_epoch, best))
+    if status == "completed":
+        message = f"finished {opts.epochs} epochs."
+    summary = (f"best validation {', '.join(f'{k} {v:.4f}' for k, v in best.items())} at epoch "
+               f"{best_epoch}" if best else "no epoch was validated")
+    return {"status": status, "best_epoch": best_epoch, "best": best or {}, "epochs": epoch,
+            "message": f"{message} {summary}; checkpoint {CHECKPOINT if best else 'none'}."}
+
+
+def _run_name(ws: Workspace, opts: TrainOptions, config: dict) -> str:
+    """The given ``--run-name``, else a generated one made unique with a suffix."""
+    if opts.run_name:
+        return opts.run_name
+    base = name = default_run_name(config)
+    suffix = 2
+    while ws.run_dir(name).exists():
+        name, suffix = f"{base}-{suffix}", suffix + 1
+    return name
+
+
+def _kept(best_epoch: int | None) -> str:
+    if best_epoch is None:
+        return "No epoch had finished, so there is no checkpoint."
+    return f"Kept the best checkpoint (epoch {best_epoch})."
