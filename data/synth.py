@@ -184,17 +184,17 @@ def _transition_matrix(rng: np.random.Generator, clusters: int, stay: float) -> 
 
 def _item_words(rng: np.random.Generator, cluster: np.ndarray, clusters: int,
                 noise: float = 0.15) -> tuple[list[tuple[str, ...]], list[str]]:
-    """Four theme words per item (each swapped for another theme's word with prob ``noise``)."""
-    words, colours = [], []
-    for c in cluster:
-        own = THEMES[c].words
-        picked = list(rng.choice(own, size=4, replace=False))
-        for k in range(4):
-            if rng.random() < noise:
-                picked[k] = str(rng.choice(THEMES[rng.integers(clusters)].words))
-        words.append(tuple(str(w) for w in picked) + tuple(str(w) for w in rng.choice(FILLER, size=2)))
-        colours.append(THEMES[c].colour if rng.random() > noise else THEMES[rng.integers(clusters)].colour)
-    return words, colours
+    """Per item: four distinct theme words (each swapped for a random theme's word with
+    probability ``noise``) plus two filler words, and a colour name (same noise)."""
+    n, per_theme = len(cluster), len(THEMES[0].words)
+    vocabulary = np.array([t.words for t in THEMES], dtype=object)
+    own = np.argsort(rng.random((n, per_theme)), axis=1)[:, :4]
+    theme = np.where(rng.random((n, 4)) < noise, rng.integers(clusters, size=(n, 4)), cluster[:, None])
+    word = np.where(theme == cluster[:, None], own, rng.integers(per_theme, size=(n, 4)))
+    filler = np.array(FILLER, dtype=object)[rng.integers(len(FILLER), size=(n, 2))]
+    words = np.concatenate([vocabulary[theme, word], filler], axis=1)
+    colour_theme = np.where(rng.random(n) < noise, rng.integers(clusters, size=n), cluster)
+    return [tuple(row) for row in words.tolist()], [THEMES[c].colour for c in colour_theme]
 
 
 # ---- pictures -------------------------------------------------------------------------

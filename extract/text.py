@@ -81,6 +81,7 @@ def _quiet_transformers() -> None:
     from transformers.utils import logging
 
     logging.set_verbosity_error()
+    logging.disable_progress_bar()
 
 
 def _text_model(config: EncoderConfig, spec: WeightsSpec | None, meta: bool) -> tuple[nn.Module, list[Path], Path | None]:
@@ -123,7 +124,7 @@ def _tokenizer(config: EncoderConfig, spec: WeightsSpec, model_dir: Path | None)
         except (OSError, ValueError) as err:
             raise hub_error(spec.location, err) from err
     if model_dir is not None and any((model_dir / f).exists() for f in TOKENIZER_FILES):
-        return AutoTokenizer.from_pretrained(str(model_dir)), f"{spec.kind}:{model_dir}"
+        return AutoTokenizer.from_pretrained(str(model_dir)), spec.source
     folder = package_dir(config.tokenizer)
     return AutoTokenizer.from_pretrained(str(folder)), f"package:{config.tokenizer} (bert-base-uncased WordPiece)"
 

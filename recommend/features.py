@@ -50,7 +50,8 @@ class FeatureSource:
 
     def record(self) -> dict:
         """What a run's config.json keeps about the group: enough to find and check it."""
-        keep = ("encoder", "modality", "pooling", "weights", "weights_sha256", "variant", "dtype")
+        keep = ("encoder", "modality", "variant", "pooling", "weights", "weights_sha256",
+                "state_sha256", "dtype", "command")
         return {
             "group": self.group,
             "fingerprint": self.fingerprint,
@@ -60,87 +61,51 @@ class FeatureSource:
         }
 
 
-def extract_command(group: str) -> str:
-    """The exact ``featurestore extract`` command that writes ``group``."""
-    dataset, _modality, encoder = _split_group(group)
-    name, _, variant = encoder.partition("@")
-    command = f"featurestore extract --dataset {dataset} --encoder {name}"
-    return command + (f" --variant {variant}" if variant else "")
-
-
-def _split_group(group: str) -> tuple[str, str, str]:
-    parts = group.strip("/").split("/")
-    if len(parts) != 3 or not all(parts):
-        raise UserError(
-            f"bad store group name {group!r}; expected DATASET/MODALITY/ENCODER[@VARIANT], "
-            "e.g. HM/image/efficientnet-lite0 (see `featurestore ls`)"
-        )
-    return parts[0], parts[1], parts[2]
-
-
 def resolve_groups(dataset: str, encoders: list[str], groups: list[str]) -> list[str]:
     """Store group names for ``--encoder`` names or explicit ``--features`` groups.
 
-    An encoder name maps to ``DATASET/<its modality>/ENCODER``; the modality comes from
-    the encoder registry, so ``--encoder minilm-l6`` finds the text group.
+    An encoder name (``ENC`` or ``ENC@VARIANT``) maps to ``DATASET/<its modality>/ENC``;
+    the modality comes from the encoder registry, so ``--encoder minilm-l6`` finds
+    the text group.
     """
-    resolved = list(groups)
-    if encoders:
-        from extract.registry import get_encoder_config
+    from extract.registry import get_encoder_config
+    from featurestore.store import group_name, parse_group_name
 
-        for spec in encoders:
-            name, _, variant = spec.partition("@")
-            modality = get_encoder_config(name).modality
-            resolved.append(f"{dataset}/{modality}/{spec}")
+    resolved = [str(parse_group_name(g)) for g in groups]
+    for spec in encoders:
+        name, _, variant = spec.partition("@")
+        resolved.append(group_name(dataset, get_encoder_config(name).modality, name, variant or None))
     for group in resolved:
-        if _split_group(group)[0] != dataset:
-            raise UserError(
-                f"store group {group} belongs to dataset {_split_group(group)[0]}, not {dataset}; "
-                f"pick a {dataset}/... group (see `featurestore ls`)"
-            )
+        owner = parse_group_name(group).dataset
+        if owner != dataset:
+            raise UserError(f"store group {group} belongs to dataset {owner}, not {dataset}; "
+                            f"pick a {dataset}/... group (see `featurestore ls`)")
     return resolved
 
 
 def open_source(ws: Workspace, group: str, dataset_fingerprint: str, n_items: int) -> FeatureSource:
-    """Open ``group`` for reading and check it belongs to this dataset, whole."""
-    from featurestore.store import FeatureStore
+    """Open ``group`` for reading and check it is complete and belongs to this dataset.
 
-    _split_group(group)
-    if not ws.store.exists() or group not in _group_names(FeatureStore(ws.store)):
-        raise UserError(
-            f"no store group {group} under {ws.store}; extract it first: `{extract_command(group)}`"
-        )
-    fg = FeatureStore(ws.store).open(group)
-    if fg.status != "complete":
-        raise UserError(
-            f"store group {group} is {fg.status} (an extraction did not finish); "
-            f"rerun `{extract_command(group)}` to complete it"
-        )
+    A missing or unfinished group raises a UserError carrying the exact
+    ``featurestore extract`` command that writes it.
+    """
+    from featurestore.store import FeatureStore, group_extract_command
+
+    fg = FeatureStore(ws.store).open(group, complete=True)
+    command = group_extract_command(fg.name)
     if fg.fingerprint != dataset_fingerprint:
         raise UserError(
-            f"store group {group} was built for dataset fingerprint {fg.fingerprint}, but the "
-            f"prepared dataset now has {dataset_fingerprint}; re-extract it: "
-            f"`{extract_command(group)}`"
+            f"store group {fg.name} was built for dataset fingerprint {fg.fingerprint or 'unknown'}, "
+            f"but the prepared dataset has {dataset_fingerprint}; re-extract it "
+            f"(`featurestore rm {fg.name}`, then `{command}`)"
         )
     if fg.rows != n_items + 1:
-        raise UserError(
-            f"store group {group} has {fg.rows} rows, the dataset needs {n_items + 1} "
-            f"(items 1..{n_items} plus padding); re-extract it: `{extract_command(group)}`"
-        )
+        raise UserError(f"store group {fg.name} has {fg.rows} rows, the dataset needs {n_items + 1} "
+                        f"(items 1..{n_items} plus padding); re-extract it: `{command}`")
     present = np.asarray(fg.present(), dtype=bool).copy()
     present[0] = False
-    return FeatureSource(
-        group=group,
-        rows=fg.memmap(),
-        present=present,
-        dim=int(fg.dim),
-        fingerprint=fg.fingerprint,
-        attrs=dict(fg.attrs),
-    )
-
-
-def _group_names(store: Any) -> set[str]:
-    return set(store.groups())
+    return FeatureSource(group=fg.name, rows=fg.memmap(), present=present, dim=fg.dim,
+                         fingerprint=fg.fingerprint, attrs=dict(fg.attrs))
 
 
 def fit_whitening(source: FeatureSource, eps: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:

@@ -382,7 +382,7 @@ def _epochs(objective, model: Recommender, optimizer, batches: SequenceBatches,
         if not finite:
             status = "collapsed"
             message = (f"training collapsed at epoch {epoch}, step {steps + 1}: the loss became "
-                       f"{float(value)}. {_kept(best_epoch)} Lower --lr (now {opts.lr:g}; try "
+                       f"{float(value.detach())}. {_kept(best_epoch)} Lower --lr (now {opts.lr:g}; try "
                        f"{opts.lr / 10:g}) or raise --weight-decay.")
             break
         mean_loss = procs.mean(total / max(steps, 1), device)

@@ -154,12 +154,14 @@ class _DilatedResidualBlock(nn.Module):
         self.conv2 = nn.Conv1d(dim, dim, kernel, dilation=2 * dilation)
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """``keep`` (B, L, 1) zeroes padding between the convolutions, so a real item
+        reads zeros to its left whether they are padding or the causal pad."""
         h = nn.functional.pad(x.transpose(1, 2), (self.pads[0], 0))
-        h = torch.relu(self.norm1(self.conv1(h).transpose(1, 2)))
+        h = torch.relu(self.norm1(self.conv1(h).transpose(1, 2))) * keep
         h = nn.functional.pad(h.transpose(1, 2), (self.pads[1], 0))
         h = torch.relu(self.norm2(self.conv2(h).transpose(1, 2)))
-        return x + h
+        return (x + h) * keep
 
 
 @USER_ENCODERS.register("nextitnet")
@@ -167,7 +169,7 @@ class NextItNet(UserEncoder):
     """Dilated causal residual CNN; block i uses dilations 4^(i mod 4) and twice that.
 
     ``blocks=2`` gives dilations (1, 2), (4, 8): a receptive field of 31 items.
-    Padding positions are re-zeroed after every block so they add nothing.
+    Padding positions are re-zeroed after every convolution so they add nothing.
     """
 
     def __init__(self, cfg: EncoderConfig) -> None:
@@ -181,7 +183,7 @@ class NextItNet(UserEncoder):
         keep = mask.unsqueeze(-1).to(items.dtype)
         hidden = self.dropout(items) * keep
         for block in self.blocks:
-            hidden = block(hidden) * keep
+            hidden = block(hidden, keep)
         return hidden
 
 

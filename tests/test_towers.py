@@ -18,7 +18,7 @@ from recommend.user_encoders import EncoderConfig, create_user_encoder, list_use
 N_ITEMS, FEAT, DIM = 40, 24, 16
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """Tiny models run faster on one thread than on two contended ones."""
     before = torch.get_num_threads()

@@ -15,7 +15,7 @@ import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Iterator, Sequence
+from typing import Callable, ClassVar, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -150,6 +150,17 @@ def positional_columns(path: Path, names: Sequence[str], header_words: set[str] 
     columns = [*names, *(f"extra{k}" for k in range(len(first) - len(names)))][: len(first)]
     header = 0 if first[0].strip().lower() in header_words else None
     return {"header": header, "names": columns, "usecols": columns[: len(names)], "sep": sep}
+
+
+def normalise_ids(values: pd.Series, normalise: Callable[[pd.Series], pd.Series] = lambda s: s.str.strip()
+                  ) -> np.ndarray:
+    """Apply a string normalisation to each distinct id once, not once per row.
+
+    Interaction files repeat ids many times (31M H&M rows name 105k articles), so
+    normalising the uniques and broadcasting back is several times faster.
+    """
+    codes, uniques = pd.factorize(values.to_numpy(dtype=object))
+    return normalise(pd.Series(uniques, dtype=object)).to_numpy(dtype=object)[codes]
 
 
 def compose_text(frame: pd.DataFrame, fields: Sequence[str]) -> list[str]:

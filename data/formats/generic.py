@@ -16,8 +16,8 @@ from typing import Iterator, Sequence
 from data.formats import register_format
 from data.formats.base import (CHUNK_ROWS, IMAGE_FIRST_MAX_SEQ_LEN, TEXT_FIRST_MAX_SEQ_LEN, Catalogue,
                                InteractionChunk, RawFormat, choose_text_fields, compose_text, csv_header,
-                               parse_times, read_table, read_table_chunks, require_columns, require_file,
-                               unique_catalogue, valid_rows)
+                               normalise_ids, parse_times, read_table, read_table_chunks, require_columns,
+                               require_file, unique_catalogue, valid_rows)
 
 INTERACTION_COLUMNS = ["user_id", "item_id", "timestamp"]
 
@@ -49,8 +49,8 @@ class GenericFormat(RawFormat):
         for frame, skipped in read_table_chunks(path, chunk_rows, usecols=INTERACTION_COLUMNS):
             times = parse_times(frame["timestamp"].fillna(""))
             ok = valid_rows(frame["user_id"], frame["item_id"], times)
-            yield InteractionChunk(frame["user_id"].str.strip().to_numpy(dtype=object)[ok],
-                                   frame["item_id"].str.strip().to_numpy(dtype=object)[ok],
+            yield InteractionChunk(normalise_ids(frame["user_id"][ok]),
+                                   normalise_ids(frame["item_id"][ok]),
                                    times[ok], bad_rows=skipped + int((~ok).sum()))
 
     def default_max_seq_len(self, catalogue: Catalogue) -> int:

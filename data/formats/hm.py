@@ -16,8 +16,8 @@ import pandas as pd
 
 from data.formats import register_format
 from data.formats.base import (CHUNK_ROWS, Catalogue, InteractionChunk, RawFormat, choose_text_fields,
-                               compose_text, csv_header, image_files, parse_times, read_table, read_table_chunks,
-                               require_columns, require_file, unique_catalogue, valid_rows)
+                               compose_text, csv_header, image_files, normalise_ids, parse_times, read_table,
+                               read_table_chunks, require_columns, require_file, unique_catalogue, valid_rows)
 
 ARTICLES = "articles.csv"
 TRANSACTIONS = "transactions_train.csv"
@@ -56,5 +56,5 @@ class HMFormat(RawFormat):
             times = parse_times(frame["t_dat"], "%Y-%m-%d")
             ok = valid_rows(frame["customer_id"], frame["article_id"], times)
             yield InteractionChunk(frame["customer_id"].to_numpy(dtype=object)[ok],
-                                   article_key(frame["article_id"][ok]).to_numpy(dtype=object),
+                                   normalise_ids(frame["article_id"][ok], article_key),
                                    times[ok], bad_rows=skipped + int((~ok).sum()))

@@ -17,8 +17,8 @@ import numpy as np
 
 from data.formats import register_format
 from data.formats.base import (CHUNK_ROWS, Catalogue, InteractionChunk, RawFormat, choose_text_fields,
-                               compose_text, image_files, parse_times, positional_columns, read_table, read_table_chunks,
-                               unique_catalogue, valid_rows)
+                               compose_text, image_files, normalise_ids, parse_times, positional_columns,
+                               read_table, read_table_chunks, unique_catalogue, valid_rows)
 from featurestore.cliutil import UserError
 
 PAIR_COLUMNS = ("item", "user", "timestamp")
@@ -69,6 +69,6 @@ class NineRecFormat(RawFormat):
                 times = np.arange(row, row + len(frame), dtype=np.int64)
             row += len(frame)
             ok = valid_rows(frame["item"], frame["user"], times)
-            yield InteractionChunk(frame["user"].str.strip().to_numpy(dtype=object)[ok],
-                                   frame["item"].str.strip().to_numpy(dtype=object)[ok],
+            yield InteractionChunk(normalise_ids(frame["user"][ok]),
+                                   normalise_ids(frame["item"][ok]),
                                    times[ok], bad_rows=skipped + int((~ok).sum()))

@@ -18,8 +18,8 @@ import numpy as np
 
 from data.formats import register_format
 from data.formats.base import (CHUNK_ROWS, Catalogue, InteractionChunk, RawFormat, choose_text_fields,
-                               compose_text, positional_columns, read_table, read_table_chunks, require_file,
-                               unique_catalogue, valid_rows)
+                               compose_text, normalise_ids, positional_columns, read_table, read_table_chunks,
+                               require_file, unique_catalogue, valid_rows)
 from data.formats.generic import resolve_image
 
 ITEM_COLUMNS = ("item_id", "text", "image")
@@ -56,7 +56,7 @@ class SeqTSVFormat(RawFormat):
             sequences = frame["items"].str.split().tolist()
             counts = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
             total = int(counts.sum())
-            yield InteractionChunk(np.repeat(frame["user_id"].str.strip().to_numpy(dtype=object), counts),
+            yield InteractionChunk(np.repeat(normalise_ids(frame["user_id"]), counts),
                                    np.fromiter(chain.from_iterable(sequences), dtype=object, count=total),
                                    np.arange(offset, offset + total, dtype=np.int64),
                                    bad_rows=skipped + int((~ok).sum()), rows=len(ok) + skipped)

@@ -1,0 +1,94 @@
+"""``featurestore extract`` and ``featurestore encoders``.
+
+Model libraries are imported inside the commands, so ``featurestore --help`` and
+the store verbs stay quick.
+"""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from featurestore.cliutil import emit, json_option, root_option
+from featurestore.store import DEFAULT_CHUNK_ROWS
+from featurestore.workspace import Workspace
+
+DEFAULT_WORKERS = min(2, os.cpu_count() or 1)
+
+
+@click.command()
+@click.option("--dataset", required=True, help="Prepared dataset name (ROOT/datasets/NAME; see `featurestore dataset`).")
+@click.option("--encoder", required=True,
+              help="Encoder name, e.g. efficientnet-lite0, minilm-l6, swin-b, bert-base (list: `featurestore encoders`).")
+@click.option("--modality", type=click.Choice(["image", "text"]), default=None,
+              help="Item content to encode [default: the encoder's own; must match it].")
+@click.option("--pooling", type=click.Choice(["cls", "mean", "pooled"]), default=None,
+              help="cls: first token (BERT/RoBERTa/ViT); mean: average over tokens or positions; "
+                   "pooled: the model's own pooled output (Swin/ResNet/EfficientNet) [default: the encoder's].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Items per forward pass (a batch never spans two store chunks).")
+@click.option("--workers", type=click.IntRange(min=0), default=DEFAULT_WORKERS, show_default=True,
+              help="DataLoader processes decoding images / reading texts (0: in the main process).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where the model runs; cuda uses bf16 (else fp16) autocast. auto: cuda if visible.")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+              help="Stored dtype of the embeddings (reads always return float32).")
+@click.option("--weights", default=None, metavar="PATH_OR_HUB_ID",
+              help="Weights file/folder, or a Hugging Face hub id where the hub is reachable "
+                   "[default: the weights bundled with the encoder, if any].")
+@click.option("--random-init", is_flag=True,
+              help="Use an untrained, seeded model (tests, ablations); recorded in the provenance.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --random-init.")
+@click.option("--variant", default=None, metavar="TAG",
+              help="Write group DATASET/MODALITY/ENCODER@TAG, e.g. for adapted (MLM/MAE) weights.")
+@click.option("--on-bad-item", type=click.Choice(["skip", "fail"]), default="skip", show_default=True,
+              help="Missing/corrupt image or empty text. skip: leave its row zero, mark it absent and list "
+                   "it in the group's attributes; fail: stop, naming the item and file.")
+@click.option("--max-text-tokens", type=click.IntRange(min=2), default=30, show_default=True,
+              help="Cut texts to this many tokens, special tokens included (the papers use 30).")
+@click.option("--chunk-rows", type=click.IntRange(min=1), default=DEFAULT_CHUNK_ROWS, show_default=True,
+              help="Rows per store chunk: the unit of resuming and of work split across torchrun ranks.")
+@root_option
+@json_option
+def extract(ws: Workspace, as_json: bool, **options: object) -> None:
+    """Run an encoder over every item of a dataset into the store group DATASET/MODALITY/ENCODER[@VARIANT].
+
+    Resumable: after a kill, run the same command again and it continues from the
+    finished chunks. Distributed: `torchrun --nproc-per-node N -m featurestore.cli
+    extract ...` splits the chunks across N processes.
+
+    \b
+    featurestore extract --dataset HM --encoder efficientnet-lite0
+    featurestore extract --dataset HM --encoder minilm-l6 --pooling mean
+    featurestore extract --dataset HM --encoder swin-t --random-init
+    """
+    from extract.job import ExtractOptions, run_extraction
+
+    result = run_extraction(ws, ExtractOptions(**options, progress=not as_json))
+    if int(os.environ.get("RANK", "0")) == 0:
+        emit(result.to_dict(), as_json, result.summary())
+
+
+@click.command()
+@click.option("--pattern", default="*", show_default=True, help="Shell-style filter on names, e.g. 'swin*'.")
+@json_option
+def encoders(as_json: bool, pattern: str) -> None:
+    """List the registered encoders: modality, output width, depth, parameters, and whether weights are here."""
+    from extract.registry import get_encoder_config, list_encoders, parameter_count
+
+    rows = []
+    for name in list_encoders(pattern):
+        cfg = get_encoder_config(name)
+        rows.append({
+            "name": name, "modality": cfg.modality, "family": cfg.family, "width": cfg.width,
+            "depth": cfg.depth, "parameters": parameter_count(name), "pooling": cfg.pooling,
+            "poolings": list(cfg.poolings), "weights_available": cfg.weights_available(),
+            "weights": f"package {cfg.local_package}" if cfg.local_package else f"hub {cfg.hub_id}",
+        })
+    lines = [f"{'name':<20}{'modality':<9}{'width':>6}{'depth':>6}{'params':>9}  {'pooling':<8}weights"]
+    for r in rows:
+        here = "here" if r["weights_available"] else "needs --weights or --random-init"
+        lines.append(f"{r['name']:<20}{r['modality']:<9}{r['width']:>6}{r['depth']:>6}"
+                     f"{r['parameters'] / 1e6:>8.1f}M  {r['pooling']:<8}{here} ({r['weights']})")
+    emit({"encoders": rows}, as_json, "\n".join(lines))

@@ -1,0 +1,453 @@
+"""The extraction job: one encoder over a prepared catalogue, rows into a store group.
+
+Why it is built this way:
+
+- **Streaming.** DataLoader workers decode pictures / check texts; one batch at a
+  time goes through the model under ``torch.inference_mode`` (bf16/fp16 autocast
+  on a GPU); memory holds one row chunk, never the catalogue.
+- **Whole chunks, one writer each.** Work is planned in the store's row chunks and
+  every batch lies inside one chunk. A process writes a chunk only once all its
+  rows are computed, then marks it done. Zarr has no inter-process locking, so under
+  ``torchrun`` every rank owns disjoint chunks.
+- **Resumable, bit for bit.** A rerun with the same arguments skips done chunks;
+  since the batches of a chunk never depend on which chunks ran before, a
+  killed-then-resumed job writes exactly the bytes an uninterrupted one would.
+- **Honest status.** The group says ``partial`` until rank 0 has seen every chunk
+  done; only then ``complete``, with bad items, timings and versions recorded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+import featurestore
+from data.dataset import Item, PreparedDataset
+from extract.encoder import BadItem, Encoder, move_inputs
+from extract.registry import create_encoder, get_encoder_config
+from featurestore.cliutil import UserError
+from featurestore.store import (
+    DEFAULT_CHUNK_ROWS,
+    STATUS_COMPLETE,
+    FeatureGroup,
+    FeatureStore,
+    extract_command,
+    group_name,
+)
+from featurestore.workspace import Workspace
+
+# Settings that change the numbers in a row: a resumed or repeated job must match
+# the group on all of them, or it would mix rows from two different setups.
+SIGNATURE_KEYS = ("encoder", "pooling", "state_sha256", "preprocessing", "dtype", "autocast")
+
+
+@dataclass
+class ExtractOptions:
+    """Everything ``featurestore extract`` takes (see its ``--help``)."""
+
+    dataset: str
+    encoder: str
+    modality: str | None = None
+    pooling: str | None = None
+    batch_size: int = 64
+    workers: int = 2
+    device: str = "auto"
+    dtype: str = "float32"
+    weights: str | None = None
+    random_init: bool = False
+    seed: int = 0
+    variant: str | None = None
+    on_bad_item: str = "skip"
+    max_text_tokens: int = 30
+    chunk_rows: int = DEFAULT_CHUNK_ROWS
+    progress: bool = True
+
+    def command(self, root: Path | None = None) -> str:
+        """The command line that reproduces this job (stored in the provenance)."""
+        words = [extract_command(self.dataset, self.encoder, modality=self.modality, variant=self.variant,
+                                 root=root)]
+        for flag, value in (("--pooling", self.pooling), ("--weights", self.weights),
+                            ("--dtype", self.dtype if self.dtype != "float32" else None),
+                            ("--max-text-tokens", self.max_text_tokens if self.max_text_tokens != 30 else None)):
+            if value is not None:
+                words.append(f"{flag} {value}")
+        if self.random_init:
+            words.append(f"--random-init --seed {self.seed}")
+        return " ".join(words)
+
+
+@dataclass
+class ExtractResult:
+    """What a job did; ``summary()`` is the line the CLI prints."""
+
+    group: str
+    path: str
+    status: str
+    items: int
+    embedded: int
+    bad: int
+    computed_chunks: int
+    resumed_chunks: int
+    seconds: float
+    items_per_second: float
+    world_size: int = 1
+    bad_items: list[dict] = field(default_factory=list)
+
+    def summary(self) -> str:
+        if self.computed_chunks == 0 and self.status == STATUS_COMPLETE:
+            return f"{self.group}: already complete ({self.embedded} items embedded, {self.bad} bad); nothing to do"
+        resumed = f", resumed after {self.resumed_chunks} done chunks" if self.resumed_chunks else ""
+        return (f"{self.group}: {self.status}; {self.embedded}/{self.items} items embedded, {self.bad} bad "
+                f"skipped; {self.computed_chunks} chunks in {self.seconds:.1f}s "
+                f"({self.items_per_second:.1f} items/s{resumed})")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Dist:
+    """The torchrun process group (gloo: only small control messages travel), or a single process."""
+
+    def __init__(self) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if self.world > 1 and not torch.distributed.is_initialized():
+            # Ranks finish their chunks at different times; the final barrier may wait long.
+            torch.distributed.init_process_group("gloo", timeout=dt.timedelta(hours=48))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def broadcast(self, obj: Any) -> Any:
+        """``obj`` of rank 0, on every rank."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, obj: Any) -> list:
+        if self.world == 1:
+            return [obj]
+        out: list = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def close(self) -> None:
+        if self.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+@dataclass
+class Batch:
+    """A collated batch: inputs for the items that loaded, and the ones that did not."""
+
+    ids: list[int]
+    inputs: Any
+    bad: list[tuple[int, str, str | None]]
+
+    def __len__(self) -> int:
+        return len(self.ids) + len(self.bad)
+
+
+class ItemDataset(Dataset):
+    """Item id -> preprocessed sample, or the reason it cannot be read (runs in workers)."""
+
+    def __init__(self, items: list[Item], preprocessor: Any) -> None:
+        self.items = items
+        self.preprocessor = preprocessor
+
+    def __len__(self) -> int:
+        return len(self.items) + 1
+
+    def __getitem__(self, item_id: int) -> tuple[int, Any, tuple[str, str | None] | None]:
+        try:
+            return item_id, self.preprocessor.load(self.items[item_id - 1]), None
+        except BadItem as bad:
+            return item_id, None, (bad.reason, bad.file)
+
+    def collate(self, samples: list) -> Batch:
+        good = [(i, s) for i, s, err in samples if err is None]
+        bad = [(i, err[0], err[1]) for i, _, err in samples if err is not None]
+        inputs = self.preprocessor.collate([s for _, s in good]) if good else None
+        return Batch([i for i, _ in good], inputs, bad)
+
+
+def resolve_device(device: str, dist: Dist) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA device is visible here; use --device cpu")
+        return torch.device("cuda", dist.local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """bf16 where the GPU has it, else fp16; full fp32 on the CPU (where autocast gains nothing)."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def batch_plan(group: FeatureGroup, chunks: list[int], batch_size: int) -> list[list[list[int]]]:
+    """Per chunk, its batches of item ids (a batch never crosses a chunk boundary)."""
+    plan = []
+    for chunk in chunks:
+        start, stop = group.chunk_bounds(chunk)
+        ids = list(range(max(start, 1), stop))
+        plan.append([ids[i : i + batch_size] for i in range(0, len(ids), batch_size)])
+    return plan
+
+
+class Forward:
+    """Batched inference: inputs -> numpy rows in the stored dtype."""
+
+    def __init__(self, encoder: Encoder, device: torch.device, dtype: str) -> None:
+        self.encoder = encoder.to(device).eval()
+        self.device = device
+        self.amp = autocast_dtype(device)
+        self.dtype = np.dtype(dtype)
+
+    def __call__(self, inputs: Any) -> np.ndarray:
+        amp = torch.autocast(self.device.type, dtype=self.amp) if self.amp else contextlib.nullcontext()
+        with torch.inference_mode(), amp:
+            out = self.encoder(move_inputs(inputs, self.device))
+        return out.float().cpu().numpy().astype(self.dtype)
+
+
+def _bad_record(dataset: PreparedDataset, item_id: int, reason: str, file: str | None) -> dict:
+    item = dataset.items[item_id - 1]
+    return {"id": item_id, "orig_id": item.orig_id, "reason": reason,
+            "file": file or item.image or str(dataset.path / "items.jsonl")}
+
+
+def _run_chunks(group: FeatureGroup, dataset: PreparedDataset, encoder: Encoder, forward: Forward,
+                chunks: list[int], opts: ExtractOptions, dist: Dist) -> dict:
+    """Compute and write ``chunks`` (this rank's share); returns counts for the summary."""
+    plan = batch_plan(group, chunks, opts.batch_size)
+    items = ItemDataset(dataset.items, encoder.preprocessor)
+    loader = DataLoader(
+        items, batch_sampler=[batch for chunk in plan for batch in chunk], collate_fn=items.collate,
+        num_workers=opts.workers, pin_memory=forward.device.type == "cuda",
+    )
+    total = sum(len(batch) for chunk in plan for batch in chunk)
+    bad: list[dict] = []
+    batches = iter(loader)
+    with tqdm(total=total, unit="item", desc=group.name, disable=not (opts.progress and dist.main),
+              dynamic_ncols=True, smoothing=0.1) as bar:
+        for chunk, chunk_batches in zip(chunks, plan):
+            start, stop = group.chunk_bounds(chunk)
+            rows = np.zeros((stop - start, group.dim), dtype=forward.dtype)
+            present = np.zeros(stop - start, dtype=bool)
+            for _ in chunk_batches:
+                batch = next(batches)
+                for item_id, reason, file in batch.bad:
+                    record = _bad_record(dataset, item_id, reason, file)
+                    if opts.on_bad_item == "fail":
+                        raise UserError(
+                            f"item {item_id} ({record['orig_id']}): {reason}: {record['file']}; fix it, or "
+                            "rerun with --on-bad-item skip to leave its row empty"
+                        )
+                    bad.append(record)
+                if batch.ids:
+                    out = forward(batch.inputs)
+                    if not np.isfinite(out).all():
+                        raise UserError(f"{encoder.name} produced non-finite values for items {batch.ids[:5]}...; "
+                                        "the weights may be broken (try --dtype float32 or other --weights)")
+                    rows[np.asarray(batch.ids) - start] = out
+                    present[np.asarray(batch.ids) - start] = True
+                bar.update(len(batch))
+            group.write_chunk(chunk, rows, present)
+    return {"items": total, "bad": bad}
+
+
+def _signature(attrs: dict) -> dict:
+    return {key: attrs.get(key) for key in SIGNATURE_KEYS}
+
+
+def _open_or_create(store: FeatureStore, name: str, dataset: PreparedDataset, job_attrs: dict,
+                    opts: ExtractOptions, dim: int) -> FeatureGroup:
+    """The group to write into: a new one, or an existing one built the same way."""
+    if not store.exists(name):
+        return store.create(name, rows=dataset.n_items + 1, dim=dim, dtype=opts.dtype,
+                            chunk_rows=opts.chunk_rows, attrs=job_attrs)
+    group = store.open(name)
+    if group.fingerprint != dataset.fingerprint:
+        raise UserError(
+            f"store group {name} was built for dataset fingerprint {group.fingerprint}, but the prepared "
+            f"dataset {dataset.name} now has fingerprint {dataset.fingerprint}; remove the old rows "
+            f"(`featurestore rm {name}`) or write a new group with --variant TAG"
+        )
+    ours, theirs = _signature(job_attrs), _signature(group.attrs)
+    differ = [key for key in SIGNATURE_KEYS if ours[key] != theirs[key]]
+    if differ or group.rows != dataset.n_items + 1 or group.dim != dim:
+        detail = "; ".join(f"{k}: stored {theirs[k]!r:.80} vs now {ours[k]!r:.80}" for k in differ) or "shape"
+        raise UserError(
+            f"store group {name} was written with other settings ({detail}); keep both with --variant TAG, "
+            f"or replace it: `featurestore rm {name}`"
+        )
+    return group
+
+
+def _finalise(group: FeatureGroup, dataset: PreparedDataset, encoder: Encoder, bad_seen: list[dict],
+              timings: dict) -> list[dict]:
+    """Rank 0, all chunks done: record bad items, write the flat copy, mark complete."""
+    present = group.present()
+    known = {record["id"]: record for record in bad_seen}
+    bad = []
+    for item_id in np.flatnonzero(~present[1:]) + 1:
+        item_id = int(item_id)
+        if item_id not in known:  # written by another rank or an earlier, killed run: ask again
+            try:
+                encoder.preprocessor.load(dataset.items[item_id - 1])
+                known[item_id] = _bad_record(dataset, item_id, "unreadable during extraction", None)
+            except BadItem as err:
+                known[item_id] = _bad_record(dataset, item_id, err.reason, err.file)
+        bad.append(known[item_id])
+    group.write_flat()
+    group.update_attrs(status=STATUS_COMPLETE, bad_items=bad, n_bad=len(bad), timings=timings,
+                       completed=time.strftime("%Y-%m-%d %H:%M:%S"))
+    return bad
+
+
+def _versions() -> dict:
+    import timm
+    import transformers
+    import zarr
+
+    return {"morec_store": featurestore.__version__, "torch": torch.__version__, "timm": timm.__version__,
+            "transformers": transformers.__version__, "zarr": zarr.__version__, "numpy": np.__version__}
+
+
+def run_extraction(ws: Workspace, opts: ExtractOptions) -> ExtractResult:
+    """Run (or resume) one extraction; under torchrun every rank calls this.
+
+    Example:
+        >>> run_extraction(ws, ExtractOptions(dataset="HM", encoder="efficientnet-lite0")).summary()
+    """
+    dist = Dist()
+    try:
+        return _run(ws, opts, dist)
+    finally:
+        dist.close()
+
+
+def _run(ws: Workspace, opts: ExtractOptions, dist: Dist) -> ExtractResult:
+    started = time.perf_counter()
+    if opts.on_bad_item not in ("skip", "fail"):
+        raise UserError(f"--on-bad-item {opts.on_bad_item}: choose skip or fail")
+    config = get_encoder_config(opts.encoder)
+    modality = opts.modality or config.modality
+    if modality != config.modality:
+        raise UserError(f"encoder {config.name} reads {config.modality}, not {modality}; drop --modality "
+                        f"or pick a {modality} encoder ({', '.join(_names(modality))})")
+    dataset = PreparedDataset.load(ws.dataset_dir(opts.dataset))
+    name = group_name(dataset.name, modality, config.name, opts.variant)
+    encoder = create_encoder(config.name, weights=opts.weights, random_init=opts.random_init,
+                             pooling=opts.pooling, seed=opts.seed, max_text_tokens=opts.max_text_tokens)
+    forward = Forward(encoder, resolve_device(opts.device, dist), opts.dtype)
+    loaded = time.perf_counter()
+    provenance = encoder.provenance
+    job_attrs = {
+        "group": name, "dataset": dataset.name, "dataset_fingerprint": dataset.fingerprint,
+        "n_items": dataset.n_items, "modality": modality, "encoder": config.name, "variant": opts.variant,
+        "pooling": encoder.pooling, "weights": provenance["weights"],
+        "weights_sha256": provenance["weights_sha256"], "state_sha256": provenance["state_sha256"],
+        "preprocessing": provenance["preprocessing"], "dtype": opts.dtype,
+        "autocast": str(forward.amp).removeprefix("torch.") if forward.amp else None,
+        "provenance": provenance, "versions": _versions(), "command": opts.command(),
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    store = FeatureStore(ws.store)
+    lock = store.lock(name)
+    try:
+        todo: Any = None
+        if dist.main:
+            try:
+                lock.acquire(command=opts.command())
+                group = _open_or_create(store, name, dataset, job_attrs, opts, encoder.width)
+                todo = [int(c) for c in np.flatnonzero(~group.done_chunks())]
+                if todo:
+                    group.drop_flat()
+                    group.update_attrs(status="partial", versions=job_attrs["versions"])
+            except UserError as err:
+                todo = err
+        todo = dist.broadcast(todo)
+        if isinstance(todo, UserError):
+            raise todo
+        group = store.open(name)
+        mine = todo[dist.rank :: dist.world]
+        counts = _run_chunks(group, dataset, encoder, forward, mine, opts, dist) if mine else {"items": 0, "bad": []}
+        everyone = dist.gather(counts)
+        seconds = time.perf_counter() - loaded
+        computed = sum(c["items"] for c in everyone)
+        timings = {"model_load_s": round(loaded - started, 3), "extract_s": round(seconds, 3),
+                   "items_per_s": round(computed / seconds, 2) if seconds > 0 else None,
+                   "world_size": dist.world, "batch_size": opts.batch_size, "workers": opts.workers,
+                   "device": str(forward.device), "computed_items": computed}
+        bad = group.attrs.get("bad_items", [])
+        if dist.main:
+            group.refresh()
+            if todo and group.done_chunks().all():
+                bad = _finalise(group, dataset, encoder, [r for c in everyone for r in c["bad"]], timings)
+        present = group.present()
+        return ExtractResult(
+            group=name, path=str(group.path), status=group.refresh().status, items=dataset.n_items,
+            embedded=int(present[1:].sum()), bad=dataset.n_items - int(present[1:].sum()),
+            computed_chunks=len(todo), resumed_chunks=group.n_chunks - len(todo), seconds=round(seconds, 3),
+            items_per_second=round(computed / seconds, 2) if seconds > 0 else 0.0, world_size=dist.world,
+            bad_items=bad,
+        )
+    finally:
+        lock.release()
+
+
+def _names(modality: str) -> list[str]:
+    from extract.registry import list_encoders
+
+    return list_encoders(modality=modality)
+
+
+def recompute_rows(group: FeatureGroup, dataset: PreparedDataset, ids: list[int], device: str = "cpu") -> np.ndarray:
+    """Recompute rows of ``ids`` with the encoder and settings the group records (for ``verify``).
+
+    Rebuilds the model from the provenance (bundled package, local file, hub id, or
+    the recorded random-init seed) and runs exactly the job's preprocessing.
+    """
+    prov = group.attrs["provenance"]
+    kind = prov["weights_kind"]
+    encoder = create_encoder(
+        group.attrs["encoder"],
+        weights=prov["weights_location"] if kind in ("file", "hub") else None,
+        random_init=kind == "random-init", seed=prov.get("weights_seed") or 0, pooling=group.attrs["pooling"],
+        max_text_tokens=group.attrs["preprocessing"].get("max_tokens", 30),
+    )
+    if encoder.provenance["state_sha256"] != group.attrs["state_sha256"]:
+        raise UserError(f"the weights for {group.name} changed since extraction "
+                        f"({kind}: {prov['weights_location']}); re-extract the group")
+    items = ItemDataset(dataset.items, encoder.preprocessor)
+    batch = items.collate([items[i] for i in ids])
+    if batch.bad:
+        raise UserError(f"items {[b[0] for b in batch.bad]} of {group.name} can no longer be read")
+    return Forward(encoder, torch.device(device), "float32")(batch.inputs).astype(np.float32)
+
+
+def iter_sample(present: np.ndarray, n: int, seed: int = 0) -> Iterator[int]:
+    """A reproducible sample of ``n`` present item ids."""
+    ids = np.flatnonzero(present)
+    ids = ids[ids > 0]
+    rng = np.random.default_rng(seed)
+    yield from (int(i) for i in np.sort(rng.choice(ids, size=min(n, len(ids)), replace=False)))

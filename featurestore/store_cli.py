@@ -1,0 +1,277 @@
+"""Store verbs: ``featurestore ls | info | verify | export | import | rm``.
+
+``verify`` is the integrity check the public code never had: a group must be
+complete, belong to the prepared dataset as it is now (fingerprint, row count),
+have zero rows exactly where items are absent, and a recomputed sample of rows
+must match the stored ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import click
+import numpy as np
+
+from featurestore.cliutil import UserError, emit, json_option, root_option
+from featurestore.store import (
+    DEFAULT_CHUNK_ROWS,
+    STATUS_COMPLETE,
+    FeatureGroup,
+    FeatureStore,
+    parse_group_name,
+)
+from featurestore.workspace import Workspace
+
+group_argument = click.argument("group", metavar="GROUP")
+
+
+@click.command()
+@root_option
+@json_option
+def ls(ws: Workspace, as_json: bool) -> None:
+    """List the store's groups (DATASET/MODALITY/ENCODER[@VARIANT]) with status and shape."""
+    store = FeatureStore(ws.store)
+    rows = []
+    for name in store.groups():
+        info = store.open(name).describe()
+        rows.append({k: info[k] for k in ("group", "status", "rows", "dim", "dtype", "encoder", "pooling",
+                                          "chunks_done", "bad_items", "size_mb")})
+    lines = [f"{'group':<44}{'status':<10}{'rows':>9}{'dim':>6}  {'dtype':<8}{'chunks':>9}{'MB':>9}"]
+    lines += [f"{r['group']:<44}{r['status']:<10}{r['rows']:>9}{r['dim']:>6}  {r['dtype']:<8}"
+              f"{r['chunks_done']:>9}{r['size_mb']:>9}" for r in rows]
+    text = "\n".join(lines) if rows else f"no groups in {store.path}; create one with `featurestore extract`"
+    emit({"store": str(store.path), "groups": rows}, as_json, text)
+
+
+@click.command()
+@group_argument
+@root_option
+@json_option
+def info(ws: Workspace, as_json: bool, group: str) -> None:
+    """Show a group: path, shape, status, encoder, weights, dataset fingerprint and provenance."""
+    described = FeatureStore(ws.store).open(group).describe()
+    attrs = described["attrs"]
+    text_keys = [k for k in described if k != "attrs"]
+    lines = [f"{k}: {described[k]}" for k in text_keys]
+    prep = attrs.get("preprocessing") or {}
+    lines.append(f"preprocessing: {', '.join(f'{k}={v}' for k, v in prep.items())}")
+    lines.append(f"timings: {attrs.get('timings')}")
+    lines.append(f"command: {attrs.get('command')}")
+    emit(described, as_json, "\n".join(lines))
+
+
+def _tolerance(attrs: dict) -> float:
+    """Relative error allowed between a stored row and its recomputation (precision-dependent)."""
+    if attrs.get("autocast") == "bfloat16":
+        return 3e-2
+    if attrs.get("autocast") == "float16":
+        return 5e-3
+    return 2e-3 if attrs.get("dtype") == "float16" else 1e-4
+
+
+def _check(name: str, ok: bool, detail: str) -> dict:
+    return {"check": name, "ok": bool(ok), "detail": detail}
+
+
+def _verify_checks(ws: Workspace, fg: FeatureGroup, sample: int, device: str) -> Iterator[dict]:
+    from data.dataset import PreparedDataset
+
+    done = fg.done_chunks()
+    yield _check("complete", fg.status == STATUS_COMPLETE and done.all(),
+                 f"status {fg.status}, {int(done.sum())}/{len(done)} chunks written")
+    present = fg.present()
+    zero_ok, absent_zero = True, True
+    for start, stop, rows in fg.iter_chunks():
+        nonzero = np.abs(rows).max(axis=1) > 0 if rows.size else np.zeros(0, bool)
+        absent_zero &= not (nonzero & ~present[start:stop]).any()
+        zero_ok &= start > 0 or not (present[0] or nonzero[0])
+    yield _check("padding row", zero_ok, "row 0 is zero and absent" if zero_ok else "row 0 is not zero padding")
+    yield _check("absent rows zero", absent_zero, "rows of absent items are zero")
+    if "flat" in fg._group and fg.status == STATUS_COMPLETE:
+        mm = fg.memmap()
+        same = all(np.array_equal(mm[start:stop], rows) for start, stop, rows in fg.iter_chunks())
+        yield _check("flat copy", same, "memory-mapped copy equals the chunked embeddings")
+    dataset_dir = ws.dataset_dir(fg.attrs.get("dataset", ""))
+    if not (dataset_dir / "manifest.json").exists():
+        yield _check("dataset", False, f"prepared dataset {fg.attrs.get('dataset')} not found at {dataset_dir}")
+        return
+    dataset = PreparedDataset.load(dataset_dir)
+    yield _check("fingerprint", dataset.fingerprint == fg.fingerprint,
+                 f"group {fg.fingerprint}, prepared dataset {dataset.fingerprint}")
+    yield _check("rows", fg.rows == dataset.n_items + 1, f"{fg.rows} rows for {dataset.n_items} items + padding")
+    if sample <= 0 or fg.rows != dataset.n_items + 1 or "provenance" not in fg.attrs:
+        return
+    from extract.job import iter_sample, recompute_rows
+
+    ids = list(iter_sample(present, sample))
+    if not ids:
+        return
+    fresh = recompute_rows(fg, dataset, ids, device=device)
+    stored = fg.read(ids)
+    error = float(np.abs(fresh - stored).max() / max(float(np.abs(fresh).max()), 1e-6))
+    tol = _tolerance(fg.attrs)
+    yield _check("recomputed sample", error <= tol,
+                 f"{len(ids)} rows recomputed, max relative difference {error:.2e} (allowed {tol:.0e})")
+
+
+@click.command()
+@group_argument
+@click.option("--sample", type=click.IntRange(min=0), default=8, show_default=True,
+              help="Rows to recompute with the recorded encoder and compare (0: skip).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where the sample is recomputed.")
+@root_option
+@json_option
+def verify(ws: Workspace, as_json: bool, group: str, sample: int, device: str) -> None:
+    """Check a group: complete, matches the prepared dataset, zero where absent, sample recomputes."""
+    fg = FeatureStore(ws.store).open(group)
+    checks = list(_verify_checks(ws, fg, sample, device))
+    failed = [c for c in checks if not c["ok"]]
+    emit({"group": fg.name, "ok": not failed, "checks": checks}, as_json,
+         "\n".join(f"{'ok  ' if c['ok'] else 'FAIL'} {c['check']}: {c['detail']}" for c in checks))
+    if failed:
+        raise UserError(f"verify {fg.name}: {len(failed)} check(s) failed: {', '.join(c['check'] for c in failed)}")
+
+
+def _refuse_existing(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise UserError(f"{out} exists; pass --force to overwrite it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+
+@click.command()
+@group_argument
+@click.option("--format", "fmt", type=click.Choice(["npy", "h5"]), required=True,
+              help="npy: the embeddings array as stored (row = item id, row 0 padding); "
+                   "h5: embeddings, present and the provenance (JSON attribute), re-importable.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="File to write.")
+@click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
+@root_option
+@json_option
+def export(ws: Workspace, as_json: bool, group: str, fmt: str, out: Path, force: bool) -> None:
+    """Write a group to one .npy or .h5 file, streaming chunk by chunk."""
+    fg = FeatureStore(ws.store).open(group)
+    _refuse_existing(out, force)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if fmt == "npy":
+        target = np.lib.format.open_memmap(tmp, mode="w+", dtype=fg.dtype, shape=(fg.rows, fg.dim))
+        for start, stop, rows in fg.iter_chunks():
+            target[start:stop] = rows
+        target.flush()
+        del target
+    else:
+        import h5py
+
+        with h5py.File(tmp, "w") as h5:
+            data = h5.create_dataset("embeddings", shape=(fg.rows, fg.dim), dtype=fg.dtype,
+                                     chunks=(min(fg.chunk_rows, fg.rows), fg.dim))
+            for start, stop, rows in fg.iter_chunks():
+                data[start:stop] = rows
+            h5.create_dataset("present", data=fg.present())
+            h5.attrs["group"] = fg.name
+            h5.attrs["provenance"] = json.dumps(fg.attrs)
+    os.replace(tmp, out)
+    emit({"group": fg.name, "format": fmt, "out": str(out), "rows": fg.rows, "dim": fg.dim}, as_json,
+         f"wrote {fg.name} ({fg.rows} x {fg.dim} {fg.dtype}) to {out}")
+
+
+def _read_import(path: Path, provenance_file: Path | None) -> tuple[Any, np.ndarray | None, dict, Any]:
+    """(array-like rows, present or None, provenance, file handle to close)."""
+    provenance = json.loads(provenance_file.read_text()) if provenance_file else {}
+    provenance = provenance.get("attrs", provenance)  # accept `featurestore info --json` output too
+    if path.suffix in (".h5", ".hdf5"):
+        import h5py
+
+        h5 = h5py.File(path, "r")
+        if "embeddings" not in h5:
+            raise UserError(f"{path} has no 'embeddings' dataset; export one with `featurestore export --format h5`")
+        stored = json.loads(h5.attrs.get("provenance", "{}"))
+        present = np.asarray(h5["present"][:], dtype=bool) if "present" in h5 else None
+        return h5["embeddings"], present, {**stored, **provenance}, h5
+    if path.suffix == ".npy":
+        return np.load(path, mmap_mode="r"), None, provenance, None
+    raise UserError(f"{path}: import reads .npy or .h5 files")
+
+
+@click.command(name="import")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--group", "group", default=None, metavar="GROUP",
+              help="Target group DATASET/MODALITY/ENCODER[@VARIANT] [default for .h5: the group it was exported from].")
+@click.option("--provenance", "provenance_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="JSON provenance (a group's attributes, or `featurestore info --json` output); "
+                                 "overrides what an .h5 file carries.")
+@click.option("--chunk-rows", type=click.IntRange(min=1), default=DEFAULT_CHUNK_ROWS, show_default=True,
+              help="Rows per store chunk.")
+@root_option
+@json_option
+def import_(ws: Workspace, as_json: bool, file: Path, group: str | None, provenance_file: Path | None,
+            chunk_rows: int) -> None:
+    """Create a group from an .npy (rows = item ids, row 0 padding) or an exported .h5 file.
+
+    The prepared dataset must match: the row count is N + 1, and a recorded
+    fingerprint must equal the dataset's (absent one: the dataset's is taken).
+    """
+    from data.dataset import PreparedDataset
+    from extract.encoder import file_sha256
+
+    rows, present, provenance, handle = _read_import(file, provenance_file)
+    try:
+        name = group or provenance.get("group")
+        if not name:
+            raise UserError(f"say which group {file} becomes: --group DATASET/MODALITY/ENCODER[@VARIANT]")
+        parsed = parse_group_name(name)
+        dataset = PreparedDataset.load(ws.dataset_dir(parsed.dataset))
+        fingerprint = provenance.get("dataset_fingerprint") or dataset.fingerprint
+        if fingerprint != dataset.fingerprint:
+            raise UserError(f"{file} was computed for dataset fingerprint {fingerprint}, but prepared dataset "
+                            f"{dataset.name} has {dataset.fingerprint}; re-extract instead of importing")
+        if rows.ndim != 2 or rows.shape[0] != dataset.n_items + 1:
+            raise UserError(f"{file} has shape {rows.shape}; {dataset.name} needs ({dataset.n_items + 1}, dim): "
+                            "row = item id, row 0 padding")
+        dtype = str(rows.dtype) if str(rows.dtype) in ("float32", "float16") else "float32"
+        store = FeatureStore(ws.store)
+        attrs = {**provenance, "group": str(parsed), "dataset": parsed.dataset, "dataset_fingerprint": fingerprint,
+                 "n_items": dataset.n_items, "modality": parsed.modality,
+                 "encoder": provenance.get("encoder", parsed.encoder), "variant": parsed.variant, "dtype": dtype,
+                 "imported_from": str(file.resolve()), "imported_sha256": file_sha256([file])}
+        lock = store.lock(str(parsed))
+        lock.acquire(command=f"featurestore import {file}")
+        try:
+            fg = store.create(str(parsed), rows=rows.shape[0], dim=rows.shape[1], dtype=dtype,
+                              chunk_rows=chunk_rows, attrs={**attrs, "status": "partial"})
+            for chunk in range(fg.n_chunks):
+                start, stop = fg.chunk_bounds(chunk)
+                block = np.asarray(rows[start:stop], dtype=dtype)
+                mask = present[start:stop] if present is not None else np.abs(block).max(axis=1) > 0
+                mask = mask.copy()
+                if start == 0:
+                    mask[0] = False
+                fg.write_chunk(chunk, block, mask)
+            fg.write_flat()
+            fg.update_attrs(status=STATUS_COMPLETE)
+        finally:
+            lock.release()
+    finally:
+        if handle is not None:
+            handle.close()
+    emit({"group": fg.name, "rows": fg.rows, "dim": fg.dim, "dtype": dtype, "from": str(file)}, as_json,
+         f"imported {file} as {fg.name} ({fg.rows} x {fg.dim} {dtype})")
+
+
+@click.command()
+@group_argument
+@root_option
+@json_option
+def rm(ws: Workspace, as_json: bool, group: str) -> None:
+    """Delete a group (refused while an extraction holds its lock)."""
+    store = FeatureStore(ws.store)
+    name = store.open(group).name
+    store.remove(name)
+    emit({"removed": name}, as_json, f"removed {name}")
+
+
+COMMANDS = [ls, info, verify, export, import_, rm]
