@@ -37,6 +37,7 @@ from tqdm import tqdm
 from data.dataset import Item, write_prepared
 from data.formats import get_format
 from data.formats.base import CHUNK_ROWS, Catalogue, RawFormat
+from data.synth import synthesize
 from featurestore.cliutil import UserError
 from featurestore.workspace import Workspace
 
@@ -234,8 +235,6 @@ def synthetic_dataset(root: Path, name: str = "synth", fmt: str = "hm", *, users
     Example:
         >>> PreparedDataset.load(synthetic_dataset(tmp_path, users=400, items=150))
     """
-    from data.synth import synthesize
-
     raw = Path(root) / "raw" / name
     synthesize(fmt, raw, users=users, items=items, seed=seed, images=images, clusters=clusters)
     out = Workspace(Path(root)).dataset_dir(name)

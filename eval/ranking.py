@@ -61,7 +61,9 @@ def build_index(items: np.ndarray, index: str = "flat"):
                 "--index flat-gpu needs faiss with GPU support and a CUDA device: "
                 "pip install 'morec-store[gpu]' on a GPU machine, or use --index flat"
             )
-        flat = faiss.GpuIndexFlatIP(faiss.StandardGpuResources(), dim)
+        resources = faiss.StandardGpuResources()
+        flat = faiss.GpuIndexFlatIP(resources, dim)
+        flat.gpu_resources = resources  # the index must not outlive its GPU resources
     else:
         flat = faiss.IndexFlatIP(dim)
     flat.add(pool)
@@ -98,7 +100,7 @@ def ranks_from_search(
     ``scores``/``ids`` are (B, k') sorted by decreasing score, ids being item ids;
     the CSR lists each batch user's excluded items (empty rows when not excluding).
     """
-    batch, depth = ids.shape
+    batch = ids.shape[0]
     is_target = ids == targets[:, None]
     found = is_target.any(axis=1)
     target_score = scores[np.arange(batch), is_target.argmax(axis=1)]

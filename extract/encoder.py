@@ -27,6 +27,7 @@ from torch import nn
 
 from extract.registry import EncoderConfig, WeightsSpec
 from featurestore.cliutil import UserError
+from featurestore.store import file_sha256
 
 
 class BadItem(Exception):
@@ -178,16 +179,6 @@ def build_context(spec: WeightsSpec | None, meta: bool) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed if spec is not None else 0)
         yield
-
-
-def file_sha256(paths: Sequence[Path]) -> str:
-    """sha256 over the bytes of one or more weight files (sorted by name)."""
-    digest = hashlib.sha256()
-    for path in sorted(Path(p) for p in paths):
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 def state_sha256(model: nn.Module) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from data.cli import dataset
+from extract.adapt_cli import adapt
 from extract.cli import encoders, extract
 from featurestore import store_cli
 from featurestore.cliutil import run_cli
@@ -26,6 +27,7 @@ def cli() -> None:
 cli.add_command(dataset)
 cli.add_command(extract)
 cli.add_command(encoders)
+cli.add_command(adapt)
 for command in store_cli.COMMANDS:
     cli.add_command(command)
 

@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shlex
@@ -125,6 +126,16 @@ def group_extract_command(name: str, root: Path | str | None = None) -> str:
                            variant=parsed.variant, root=root)
 
 
+def file_sha256(paths: Sequence[Path | str]) -> str:
+    """sha256 over the bytes of one or more files (sorted by name): weights, imported arrays."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(p) for p in paths):
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
 def _json_ready(value: Any) -> Any:
     """Attributes are JSON: tuples become lists, numpy scalars plain numbers."""
     return json.loads(json.dumps(value, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
@@ -196,14 +207,18 @@ class FeatureGroup:
         """bool (rows,): an embedding was computed for that item id."""
         return np.asarray(self._group["present"][:], dtype=bool)
 
-    def read(self, ids: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
-        """float32 rows for item ``ids`` (any order, repeats allowed), or all rows."""
+    def read(self, ids: Sequence[int] | np.ndarray | None = None, *, mapped: bool = True) -> np.ndarray:
+        """float32 rows for item ``ids`` (any order, repeats allowed), or all rows.
+
+        ``mapped=False`` reads the chunked ``embeddings`` even when the flat copy
+        exists (``verify`` checks the primary array, not the copy).
+        """
         if ids is None:
             return np.asarray(self.embeddings[:], dtype=np.float32)
         ids = np.asarray(ids, dtype=np.int64)
         if ids.size and (ids.min() < 0 or ids.max() >= self.rows):
             raise UserError(f"item ids must lie in 0..{self.rows - 1} for group {self.name}")
-        if self._has_flat():
+        if mapped and self._has_flat():
             return np.asarray(self.memmap()[ids], dtype=np.float32)
         unique, inverse = np.unique(ids, return_inverse=True)
         rows = self.embeddings.get_orthogonal_selection((unique, slice(None)))

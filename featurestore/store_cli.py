@@ -22,6 +22,7 @@ from featurestore.store import (
     STATUS_COMPLETE,
     FeatureGroup,
     FeatureStore,
+    file_sha256,
     parse_group_name,
 )
 from featurestore.workspace import Workspace
@@ -111,7 +112,7 @@ def _verify_checks(ws: Workspace, fg: FeatureGroup, sample: int, device: str) ->
     if not ids:
         return
     fresh = recompute_rows(fg, dataset, ids, device=device)
-    stored = fg.read(ids)
+    stored = fg.read(ids, mapped=False)
     error = float(np.abs(fresh - stored).max() / max(float(np.abs(fresh).max()), 1e-6))
     tol = _tolerance(fg.attrs)
     yield _check("recomputed sample", error <= tol,
@@ -189,7 +190,7 @@ def _read_import(path: Path, provenance_file: Path | None) -> tuple[Any, np.ndar
         h5 = h5py.File(path, "r")
         if "embeddings" not in h5:
             raise UserError(f"{path} has no 'embeddings' dataset; export one with `featurestore export --format h5`")
-        stored = json.loads(h5.attrs.get("provenance", "{}"))
+        stored = {"group": h5.attrs.get("group"), **json.loads(h5.attrs.get("provenance", "{}"))}
         present = np.asarray(h5["present"][:], dtype=bool) if "present" in h5 else None
         return h5["embeddings"], present, {**stored, **provenance}, h5
     if path.suffix == ".npy":
@@ -216,7 +217,6 @@ def import_(ws: Workspace, as_json: bool, file: Path, group: str | None, provena
     fingerprint must equal the dataset's (absent one: the dataset's is taken).
     """
     from data.dataset import PreparedDataset
-    from extract.encoder import file_sha256
 
     rows, present, provenance, handle = _read_import(file, provenance_file)
     try:

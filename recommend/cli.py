@@ -14,7 +14,7 @@ from featurestore.workspace import Workspace
 from recommend.item_towers import WITH_ID_MODES, list_fusions, list_item_towers
 from recommend.losses import list_losses
 from recommend.run import list_runs
-from recommend.trainer import DEFAULT_TS_DNN_LAYERS, TrainOptions, train
+from recommend.trainer import DEFAULT_TS_DNN_LAYERS, Processes, TrainOptions, train
 from recommend.user_encoders import list_user_encoders
 
 
@@ -93,6 +93,8 @@ def train_command(ws: Workspace, as_json: bool, encoder: str | None, features: s
     """
     opts = TrainOptions(encoders=_names(encoder), features=_names(features), **options)
     result = train(ws, opts, progress=not quiet, echo=not quiet)
+    if not Processes.from_env().main:
+        return  # under torchrun, process 0 reports for all
     text = (f"run {result['run']} ({result['status']}): "
             + ", ".join(f"{k} {v:.4f}" for k, v in result["best"].items())
             + f" at epoch {result['best_epoch']}\n{result['message']}")

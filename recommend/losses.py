@@ -1,14 +1,18 @@
 """Training objectives: next-item prediction at every real position.
 
-Every loss has one call signature, so the trainer picks one by name and knows
-nothing of its insides::
+Every loss has the same two verbs, so the trainer picks one by name and knows
+nothing of its insides:
 
-    loss(hidden (B, L, d), targets (B, L, d), sequence (B, L + 1), embed) -> scalar
+- ``extra_items(rows) -> ids or None``: item ids the loss needs beyond the batch's
+  own rows (sampled negatives). The trainer embeds rows and extras in ONE item-tower
+  call, so a TS-DNN tower projects each distinct item once per step (the papers'
+  code likewise embeds positives and negatives together).
+- ``forward(hidden, rows, vectors, extra, extra_vectors) -> scalar``: ``rows`` is the
+  left-padded training sequence ``(B, L + 1)`` (inputs = ``rows[:, :-1]``, targets =
+  ``rows[:, 1:]``), ``vectors`` its item vectors, ``hidden`` the user encoder's
+  states ``(B, L, d)``; a position counts when its input item is real.
 
-``sequence`` is the left-padded training sequence (inputs = ``sequence[:, :-1]``,
-target ids = ``sequence[:, 1:]``); ``targets`` are the target items' vectors; a
-position counts when its input item is real. ``embed`` maps more item ids to
-vectors (negatives, in-batch candidates).
+Losses:
 
 - ``bce`` (the papers' default, 001 Eq. 1): binary cross-entropy on the positive and
   ONE uniformly sampled negative per position, drawn from the items NOT in the
@@ -21,8 +25,6 @@ vectors (negatives, in-batch candidates).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
-
 import numpy as np
 import torch
 from torch import nn
@@ -31,9 +33,6 @@ from torch.nn import functional as F
 from recommend.registry import Registry
 
 LOSSES: Registry["Loss"] = Registry("loss")
-
-Embed = Callable[[torch.Tensor], torch.Tensor]
-
 
 @dataclass(frozen=True)
 class LossContext:
@@ -44,8 +43,12 @@ class LossContext:
 
 
 class Loss(nn.Module):
-    def forward(self, hidden: torch.Tensor, targets: torch.Tensor, sequence: torch.Tensor,
-                embed: Embed) -> torch.Tensor:
+    def extra_items(self, rows: torch.Tensor) -> torch.Tensor | None:
+        """Item ids ``(B, *)`` to embed besides ``rows`` (default: none)."""
+        return None
+
+    def forward(self, hidden: torch.Tensor, rows: torch.Tensor, vectors: torch.Tensor,
+                extra: torch.Tensor | None, extra_vectors: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -74,11 +77,13 @@ class SampledBCE(Loss):
         super().__init__()
         self.n_items = ctx.n_items
 
-    def forward(self, hidden, targets, sequence, embed):
-        valid = sequence[:, :-1] > 0
-        negatives = embed(sample_negatives(sequence, self.n_items))
-        pos = (hidden * targets).sum(-1)[valid]
-        neg = (hidden * negatives).sum(-1)[valid]
+    def extra_items(self, rows):
+        return sample_negatives(rows, self.n_items)
+
+    def forward(self, hidden, rows, vectors, extra, extra_vectors):
+        valid = rows[:, :-1] > 0
+        pos = (hidden * vectors[:, 1:]).sum(-1)[valid]
+        neg = (hidden * extra_vectors).sum(-1)[valid]
         return (F.binary_cross_entropy_with_logits(pos, torch.ones_like(pos))
                 + F.binary_cross_entropy_with_logits(neg, torch.zeros_like(neg)))
 
@@ -90,7 +95,8 @@ class InBatchSoftmax(Loss):
     Popular items appear as in-batch negatives more often than uniform sampling
     would draw them; subtracting ``log count(i)`` removes that bias. Candidates
     that are in the same user's sequence (other than the true target) are masked,
-    so an item is never pushed down for a user who interacted with it.
+    so an item is never pushed down for a user who interacted with it. Candidate
+    vectors are the targets' own vectors: no extra tower call.
     """
 
     def __init__(self, ctx: LossContext) -> None:
@@ -98,13 +104,15 @@ class InBatchSoftmax(Loss):
         counts = torch.as_tensor(np.asarray(ctx.train_counts), dtype=torch.float32)
         self.register_buffer("log_pop", torch.log(counts.clamp_min(1.0)), persistent=False)
 
-    def forward(self, hidden, targets, sequence, embed):
-        valid = sequence[:, :-1] > 0
-        target_ids = sequence[:, 1:][valid]
+    def forward(self, hidden, rows, vectors, extra, extra_vectors):
+        valid = rows[:, :-1] > 0
+        target_ids, target_vectors = rows[:, 1:][valid], vectors[:, 1:][valid]
         candidates, label = torch.unique(target_ids, return_inverse=True)
-        logits = hidden[valid] @ embed(candidates).T - self.log_pop[candidates]
-        in_sequence = (candidates[None, None, :] == sequence[:, :, None]).any(1)  # (B, C)
-        row = torch.arange(sequence.shape[0], device=sequence.device)[:, None].expand_as(valid)[valid]
+        positions = torch.arange(len(label), device=label.device)
+        first = torch.full_like(candidates, len(label)).scatter_reduce(0, label, positions, "amin")
+        logits = hidden[valid] @ target_vectors[first].T - self.log_pop[candidates]
+        in_sequence = (candidates[None, None, :] == rows[:, :, None]).any(1)  # (B, C)
+        row = torch.arange(rows.shape[0], device=rows.device)[:, None].expand_as(valid)[valid]
         own = F.one_hot(label, len(candidates)).bool()
         logits = logits.masked_fill(in_sequence[row] & ~own, float("-inf"))
         return F.cross_entropy(logits, label)

@@ -17,7 +17,6 @@ is the default and needs no launcher.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import resource
 import sys
@@ -88,10 +87,13 @@ class Objective(nn.Module):
         self.model, self.loss = model, loss
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
-        vectors = self.model.embed(rows)  # one tower call for inputs and targets
-        inputs = rows[:, :-1]
-        hidden = self.model.encode(vectors[:, :-1], inputs > 0)
-        return self.loss(hidden, vectors[:, 1:], rows, self.model.embed)
+        extra = self.loss.extra_items(rows)
+        ids = rows if extra is None else torch.cat([rows, extra], dim=1)
+        vectors = self.model.embed(ids)  # one tower call: inputs, targets and negatives
+        width = rows.shape[1]
+        hidden = self.model.encode(vectors[:, : width - 1], rows[:, :-1] > 0)
+        extra_vectors = None if extra is None else vectors[:, width:]
+        return self.loss(hidden, rows, vectors[:, :width], extra, extra_vectors)
 
 
 @dataclass(frozen=True)

@@ -124,7 +124,7 @@ def test_hm_items_text_and_missing_image(hm_raw: Path, tmp_path: Path) -> None:
 def test_hm_text_fields_are_selectable_and_checked(hm_raw: Path, tmp_path: Path) -> None:
     ds = prepared("hm", hm_raw, tmp_path, text_fields=["colour_group_name", "prod_name"])
     assert ds.items[0].text == "Red. Red dress"
-    with pytest.raises(UserError, match=r"unknown text field\(s\) colour for articles.csv; choose from prod_name"):
+    with pytest.raises(UserError, match=r"unknown text field\(s\) colour for articles.csv; choose --text-fields from prod_name"):
         prepared("hm", hm_raw, tmp_path, text_fields=["colour"])
 
 
@@ -260,3 +260,12 @@ def test_generic_missing_columns_are_named(tmp_path: Path) -> None:
     write(tmp_path / "items.csv", "id,text\np1,one\n")
     with pytest.raises(UserError, match="items.csv lacks column.*item_id"):
         prepared("generic", tmp_path, tmp_path)
+
+
+def test_empty_and_undecodable_files_are_user_errors(mind_raw: Path, tmp_path: Path) -> None:
+    (mind_raw / "behaviors.tsv").write_bytes(bytes(range(128, 256)) * 20)
+    with pytest.raises(UserError, match="cannot parse .*behaviors.tsv: 'utf-8' codec"):
+        prepared("mind", mind_raw, tmp_path)
+    write(mind_raw / "news.tsv", "")
+    with pytest.raises(UserError, match="news.tsv has no rows"):
+        prepared("mind", mind_raw, tmp_path)

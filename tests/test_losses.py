@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch.nn import functional as F
 
 from featurestore.cliutil import UserError
 from recommend.losses import LossContext, create_loss, list_losses, sample_negatives
@@ -49,14 +48,20 @@ def _inputs(seed: int = 0, n_items: int = 30, rows: int = 4, width: int = 6, dim
     sequence[0, :3] = 0
     sequence[1, :1] = 0
     hidden = torch.randn(rows, width, dim, generator=gen)
-    return table, sequence, hidden, lambda ids: table[ids]
+    return table, sequence, hidden
+
+
+def _loss(loss_fn, table, sequence, hidden):
+    """Call a loss the way the trainer does: extras embedded by the same table."""
+    extra = loss_fn.extra_items(sequence)
+    return loss_fn(hidden, sequence, table[sequence], extra, None if extra is None else table[extra])
 
 
 def test_bce_is_the_papers_formula():
-    table, sequence, hidden, embed = _inputs()
+    table, sequence, hidden = _inputs()
     loss_fn = create_loss("bce", LossContext(30, np.ones(31)))
     torch.manual_seed(5)
-    loss = loss_fn(hidden, table[sequence[:, 1:]], sequence, embed)
+    loss = _loss(loss_fn, table, sequence, hidden)
     torch.manual_seed(5)
     negatives = sample_negatives(sequence, 30)
     valid = (sequence[:, :-1] > 0).numpy()
@@ -67,10 +72,11 @@ def test_bce_is_the_papers_formula():
 
 
 def test_inbatch_softmax_matches_a_reference_with_log_popularity():
-    table, sequence, hidden, embed = _inputs(seed=3)
+    table, sequence, hidden = _inputs(seed=3)
     counts = np.random.default_rng(0).integers(1, 50, size=31)
-    loss = create_loss("inbatch", LossContext(30, counts))(
-        hidden, table[sequence[:, 1:]], sequence, embed).item()
+    loss_fn = create_loss("inbatch", LossContext(30, counts))
+    assert loss_fn.extra_items(sequence) is None  # candidates come from the batch itself
+    loss = _loss(loss_fn, table, sequence, hidden).item()
 
     terms = []
     candidates = sorted(set(sequence[:, 1:][sequence[:, :-1] > 0].tolist()))
@@ -85,26 +91,32 @@ def test_inbatch_softmax_matches_a_reference_with_log_popularity():
     assert loss == pytest.approx(np.mean(terms), rel=1e-5)
 
 
+def test_inbatch_gradient_reaches_every_candidate_vector():
+    table, sequence, hidden = _inputs(seed=2)
+    table.requires_grad_(True)
+    _loss(create_loss("inbatch", LossContext(30, np.ones(31))), table, sequence, hidden).backward()
+    targets = set(sequence[:, 1:][sequence[:, :-1] > 0].tolist())
+    assert {int(i) for i in torch.nonzero(table.grad.abs().sum(1)).flatten()} >= targets
+
+
 def test_inbatch_is_safe_for_items_never_seen_in_training():
-    table, sequence, hidden, embed = _inputs(seed=4)
-    counts = np.zeros(31)
-    loss = create_loss("inbatch", LossContext(30, counts))(hidden, table[sequence[:, 1:]], sequence, embed)
+    table, sequence, hidden = _inputs(seed=4)
+    loss = _loss(create_loss("inbatch", LossContext(30, np.zeros(31))), table, sequence, hidden)
     assert torch.isfinite(loss)
-    loss_ones = create_loss("inbatch", LossContext(30, np.ones(31)))(
-        hidden, table[sequence[:, 1:]], sequence, embed)
+    loss_ones = _loss(create_loss("inbatch", LossContext(30, np.ones(31))), table, sequence, hidden)
     assert loss.item() == pytest.approx(loss_ones.item())  # count 0 is treated as 1
 
 
 @pytest.mark.parametrize("name", list_losses())
 def test_losses_ignore_padding_positions(name):
-    table, sequence, hidden, embed = _inputs(seed=6)
+    table, sequence, hidden = _inputs(seed=6)
     loss_fn = create_loss(name, LossContext(30, np.ones(31)))
     torch.manual_seed(0)
-    base = loss_fn(hidden, table[sequence[:, 1:]], sequence, embed)
+    base = _loss(loss_fn, table, sequence, hidden)
     noisy = hidden.clone()
     noisy[0, :3] += 100.0  # positions whose input is padding
     torch.manual_seed(0)
-    assert loss_fn(noisy, table[sequence[:, 1:]], sequence, embed).item() == pytest.approx(base.item())
+    assert _loss(loss_fn, table, sequence, noisy).item() == pytest.approx(base.item())
 
 
 def test_unknown_loss_names_the_known_ones():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -184,3 +185,22 @@ def test_prepare_rejects_bad_options(tmp_path: Path) -> None:
         prepare_dataset("generic", tmp_path / "nope", tmp_path / "d", name="d")
     with pytest.raises(UserError, match="no readable interactions"):
         prepare_dataset("generic", generic_raw(tmp_path / "r2", [("x", "zzz", 1)], ["a"]), tmp_path / "d", name="d")
+
+
+def test_featurestore_console_script_end_to_end(tmp_path: Path) -> None:
+    """The real entry point: synth -> prepare -> info, and a bad input's exit status."""
+    entry = [sys.executable, "-c", "from featurestore.cli import main; main()", "dataset"]
+    root = ["--root", str(tmp_path)]
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*entry, *args, *root], capture_output=True, text=True, check=False)
+
+    assert run("synth", "--format", "generic", "--users", "80", "--items", "30").returncode == 0
+    prepared = run("prepare", "--format", "generic", "--source", str(tmp_path / "raw/generic"), "--name", "g", "--json")
+    assert prepared.returncode == 0, prepared.stderr
+    info = json.loads(run("info", "g", "--json").stdout)
+    assert info["fingerprint"] == json.loads(prepared.stdout)["fingerprint"]
+    assert {"users", "items", "interactions", "fingerprint"} <= set(info)
+    failed = run("prepare", "--format", "mind", "--source", str(tmp_path / "raw/generic"), "--name", "m")
+    assert failed.returncode == 2
+    assert failed.stderr.strip() == f"error: missing MIND news file: {tmp_path}/raw/generic/news.tsv not found; check --source"

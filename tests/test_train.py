@@ -14,13 +14,17 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
+from PIL import Image
+
 from eval.evaluate import evaluate, popularity_metrics
+from extract.job import ExtractOptions, run_extraction
 from featurestore.cliutil import UserError
+from featurestore.store import FeatureStore
 from recommend import trainer as trainer_module
 from recommend.batches import model_seq_len, training_rows
 from recommend.cli import cli
 from recommend.losses import SampledBCE
-from recommend.run import list_runs, load_run
+from recommend.run import load_run
 from recommend.trainer import TrainOptions, train
 
 FAST = dict(dim=32, batch_size=32, lr=1e-3, epochs=15, patience=4)
@@ -159,8 +163,8 @@ def test_cli_train_json_and_runs_listing(synth_ws):
     (dict(mode="id", whiten=True), "--whiten transforms stored features"),
     (dict(mode="ts", features=["synth/text/a"], fusion="gate"), "--fusion merges two"),
     (dict(mode="ts", features=["other/text/a"]), "belongs to dataset other"),
-    (dict(mode="ts-dnn", encoders=["minilm-l6"]),
-     r"`featurestore extract --dataset synth --encoder minilm-l6`"),
+    (dict(mode="ts-dnn", encoders=["minilm-l6@absent"]),
+     r"`featurestore extract --dataset synth --encoder minilm-l6 --modality text --variant absent`"),
     (dict(mode="ts", encoders=["nosuch"]), "unknown encoder 'nosuch'"),
     (dict(mode="id", backbone="bert4rec"), "unknown backbone 'bert4rec'"),
     (dict(mode="id", dim=30, heads=4), "divisible by --heads"),
@@ -183,3 +187,124 @@ def test_existing_run_name_is_refused(id_run, synth_ws):
     ws, _ = synth_ws
     with pytest.raises(UserError, match="already exists"):
         run(ws, mode="id", run_name="id-sasrec", epochs=1)
+
+
+# --- two-stage modes on stored features ------------------------------------------------
+
+TEXT = "minilm-l6@rectest"  # a variant tag keeps these groups apart from other tests' groups
+PIXELS = "synth/image/pixels@rectest"
+
+
+@pytest.fixture(scope="module")
+def text_group(synth_ws) -> str:
+    """Real MiniLM-L6 title vectors, extracted once into the fixture's store."""
+    ws, name = synth_ws
+    result = run_extraction(ws, ExtractOptions(dataset=name, encoder="minilm-l6", variant="rectest",
+                                               workers=0, progress=False))
+    assert result.status == "complete"
+    return result.group
+
+
+def write_group(ws, dataset, name: str, rows: np.ndarray, present: np.ndarray, fingerprint: str) -> None:
+    """Write a complete group through the store API, as an import would."""
+    group = FeatureStore(ws.store).create(name, rows=rows.shape[0], dim=rows.shape[1], dtype="float32",
+                                          chunk_rows=64, attrs={"dataset_fingerprint": fingerprint,
+                                                                "encoder": name.split("/")[-1]})
+    for chunk in range(group.n_chunks):
+        start, stop = group.chunk_bounds(chunk)
+        group.write_chunk(chunk, rows[start:stop], present[start:stop])
+    group.write_flat()
+    group.update_attrs(status="complete")
+
+
+@pytest.fixture(scope="module")
+def pixel_group(synth_ws, synth_dataset) -> str:
+    """An image group of 8x8 RGB thumbnails; items without a picture are present=false."""
+    ws, _ = synth_ws
+    rows = np.zeros((synth_dataset.n_items + 1, 192), dtype=np.float32)
+    present = np.zeros(synth_dataset.n_items + 1, dtype=bool)
+    for item in synth_dataset.items:
+        if item.image:
+            try:
+                with Image.open(item.image) as im:
+                    rows[item.id] = np.asarray(im.convert("RGB").resize((8, 8)), np.float32).ravel() / 255
+                present[item.id] = True
+            except OSError:
+                pass
+    assert not present[1:].all()  # the synthetic catalogue has items with no picture
+    write_group(ws, synth_dataset, PIXELS, rows, present, synth_dataset.fingerprint)
+    return PIXELS
+
+
+def test_ts_dnn_beats_popularity_on_real_text_vectors(synth_ws, text_group, pop_hr):
+    ws, _ = synth_ws
+    result = run(ws, mode="ts-dnn", layers=2, encoders=[TEXT], run_name="tsdnn-text", seed=1)
+    assert result["best"]["HR@10"] > pop_hr + 0.1, (result["best"], pop_hr)
+    config = json.loads((ws.run_dir("tsdnn-text") / "config.json").read_text())
+    (feature,) = config["features"]
+    group = FeatureStore(ws.store).open(text_group)
+    assert feature["group"] == text_group == "synth/text/minilm-l6@rectest"
+    assert feature["fingerprint"] == group.fingerprint and feature["dim"] == 384
+    assert feature["provenance"]["weights_sha256"] == group.attrs["weights_sha256"]
+    assert config["cost"]["trainable_params"] == (384 * 32 + 32) + 2 * (32 * 32 + 32) + 384 + \
+        sum(p.numel() for p in load_run(ws.run_dir("tsdnn-text"))[0].user_encoder.parameters())
+
+
+def test_ts_with_whitening_reloads_exactly(synth_ws, synth_dataset, text_group):
+    ws, _ = synth_ws
+    result = run(ws, mode="ts", encoders=[TEXT], whiten=True, epochs=3, run_name="ts-white")
+    assert result["epochs"] == 3 and result["best"]["HR@10"] > 0
+    model, config = load_run(ws.run_dir("ts-white"))
+    assert config["model"]["item_tower"]["whiten"] is True
+    assert float(model.item_tower.inputs[0].white_proj.abs().sum()) > 0  # restored, not refitted
+    again = evaluate(model, synth_dataset, split="valid", ks=(10,))
+    assert {k: again[k] for k in result["best"]} == result["best"]
+
+
+@pytest.mark.parametrize("fusion, with_id", [("gate", None), ("film", "concat")])
+def test_text_image_fusion_trains(synth_ws, synth_dataset, text_group, pixel_group, fusion, with_id):
+    ws, _ = synth_ws
+    result = run(ws, mode="ts-dnn", layers=1, features=[text_group, pixel_group], fusion=fusion,
+                 with_id=with_id, epochs=2, run_name=f"fusion-{fusion}")
+    assert result["epochs"] == 2 and result["best"]["HR@10"] > 0
+    model, config = load_run(ws.run_dir(f"fusion-{fusion}"))
+    assert [f["group"] for f in config["features"]] == [text_group, pixel_group]
+    assert config["features"][1]["missing"] == int((~FeatureStore(ws.store).open(pixel_group).present()[1:]).sum())
+    missing = np.flatnonzero(~FeatureStore(ws.store).open(pixel_group).present()[1:]) + 1
+    vectors = model.item_vectors()
+    assert torch.isfinite(vectors).all() and vectors[missing].abs().sum() > 0
+
+
+def test_group_for_another_dataset_version_is_refused(synth_ws, synth_dataset):
+    ws, _ = synth_ws
+    rows = np.ones((synth_dataset.n_items + 1, 4), dtype=np.float32)
+    write_group(ws, synth_dataset, "synth/image/stale@rectest", rows,
+                np.ones(len(rows), dtype=bool), fingerprint="0123456789abcdef")
+    with pytest.raises(UserError, match="built for dataset fingerprint 0123456789abcdef"):
+        run(ws, mode="ts", features=["synth/image/stale@rectest"], epochs=1)
+
+
+def test_unfinished_group_is_refused_with_the_command_that_finishes_it(synth_ws, synth_dataset):
+    ws, _ = synth_ws
+    FeatureStore(ws.store).create("synth/text/minilm-l6@halfdone", rows=synth_dataset.n_items + 1,
+                                  dim=4, dtype="float32", chunk_rows=64,
+                                  attrs={"dataset_fingerprint": synth_dataset.fingerprint})
+    with pytest.raises(UserError, match="partial.*featurestore extract --dataset synth --encoder "
+                                        "minilm-l6 --modality text --variant halfdone"):
+        run(ws, mode="ts", encoders=["minilm-l6@halfdone"], epochs=1)
+
+
+def test_torchrun_two_processes_on_cpu(synth_ws):
+    ws, _ = synth_ws
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "recommend.cli",
+         "train", "--root", str(ws.root), "--dataset", "synth", "--mode", "id", "--dim", "32",
+         "--epochs", "2", "--lr", "1e-3", "--run-name", "ddp", "--quiet", "--json"],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (line,) = proc.stdout.strip().splitlines()  # one report, from process 0
+    assert json.loads(line)["run"] == "ddp"
+    config = json.loads((ws.run_dir("ddp") / "config.json").read_text())
+    assert config["training"]["world_size"] == 2
+    assert len((ws.run_dir("ddp") / "metrics.jsonl").read_text().splitlines()) == 2

@@ -109,7 +109,10 @@ def read_table_chunks(path: Path, chunk_rows: int, **kwargs) -> Iterator[tuple[p
     kwargs.setdefault("dtype", str)
     kwargs.setdefault("keep_default_na", False)
     kwargs.setdefault("na_values", [""])
-    reader = pd.read_csv(path, chunksize=chunk_rows, on_bad_lines="warn", **kwargs)
+    try:
+        reader = pd.read_csv(path, chunksize=chunk_rows, on_bad_lines="warn", **kwargs)
+    except pd.errors.EmptyDataError:
+        raise UserError(f"{path} is empty") from None
     frame = None
     with reader:
         while True:
@@ -120,8 +123,8 @@ def read_table_chunks(path: Path, chunk_rows: int, **kwargs) -> Iterator[tuple[p
                     frame = next(reader)
                 except StopIteration:
                     done = True  # a bad last line is only reported now
-                except pd.errors.ParserError as err:
-                    raise UserError(f"cannot parse {path}: {err}") from err
+                except (pd.errors.ParserError, UnicodeDecodeError) as err:
+                    raise UserError(f"cannot parse {path}: {str(err).strip()}") from err
             skipped = sum(str(w.message).count("Skipping line") for w in caught)
             if done:
                 if skipped and frame is not None:
@@ -133,7 +136,7 @@ def read_table_chunks(path: Path, chunk_rows: int, **kwargs) -> Iterator[tuple[p
 def read_table(path: Path, **kwargs) -> tuple[pd.DataFrame, int]:
     """A whole (catalogue-sized) table as strings, and the count of malformed lines skipped."""
     chunks = list(read_table_chunks(path, CHUNK_ROWS, **kwargs))
-    if not chunks:
+    if not chunks or not sum(len(frame) for frame, _ in chunks):
         raise UserError(f"{path} has no rows")
     return pd.concat([frame for frame, _ in chunks], ignore_index=True), sum(s for _, s in chunks)
 
@@ -175,7 +178,7 @@ def choose_text_fields(requested: Sequence[str] | None, available: Sequence[str]
     unknown = [f for f in fields if f not in available]
     if unknown:
         raise UserError(f"unknown text field(s) {', '.join(unknown)} for {path.name}; "
-                        f"choose from {', '.join(available)}")
+                        f"choose --text-fields from {', '.join(available)}")
     return fields
 
 

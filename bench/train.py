@@ -1,0 +1,136 @@
+"""Training cost: TS-DNN on stored vectors vs IDRec, same data, same backbone, one run.
+
+The point of the two-stage path (BRIEF, 001 Table 6) is that training on stored
+encoder vectors costs about what IDRec costs: the encoder never runs, rows come
+from the store's memory map, and only a small tower (DT layer + N dense layers)
+is added. This bench measures it with the papers' settings (SASRec, d = 512,
+2 blocks, 2 heads, batch 64, BCE with one negative, TS-DNN-8) on a synthetic
+dataset, with a store group of the width of a paper encoder (768 = BERT-base /
+ViT-B) written through the store API: training throughput does not depend on
+what the vectors mean, only on their shape and on reading them from the store.
+
+It prints, per mode, training sequences/s and seconds per epoch (validation
+excluded; the first epoch is warm-up and dropped when there are several), and the
+ratio TS-DNN / IDRec.
+
+    python bench/train.py                          # CPU defaults (a few minutes)
+    python bench/train.py --epochs 3 --json        # one JSON object
+    python bench/train.py --device cuda --users 100000 --items 20000
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+from data.dataset import PreparedDataset
+from data.prepare import synthetic_dataset
+from featurestore.store import FeatureStore
+from featurestore.workspace import Workspace
+from recommend.run import read_metrics
+from recommend.trainer import TrainOptions, train
+
+
+def write_feature_group(ws: Workspace, dataset: PreparedDataset, dim: int, seed: int) -> str:
+    """A complete store group of random ``dim``-wide rows for every item (real store path)."""
+    name = f"{dataset.name}/image/random-{dim}@bench"
+    store = FeatureStore(ws.store)
+    if store.exists(name):
+        return name
+    rng = np.random.default_rng(seed)
+    group = store.create(name, rows=dataset.n_items + 1, dim=dim, dtype="float32", chunk_rows=4096,
+                         attrs={"dataset_fingerprint": dataset.fingerprint, "encoder": f"random-{dim}"})
+    for chunk in range(group.n_chunks):
+        start, stop = group.chunk_bounds(chunk)
+        rows = rng.standard_normal((stop - start, dim), dtype=np.float32)
+        present = np.ones(stop - start, dtype=bool)
+        if start == 0:
+            rows[0], present[0] = 0.0, False
+        group.write_chunk(chunk, rows, present)
+    group.write_flat()
+    group.update_attrs(status="complete")
+    return name
+
+
+def measure(ws: Workspace, opts: TrainOptions) -> dict:
+    started = time.perf_counter()
+    result = train(ws, opts, progress=True, echo=False)
+    wall = time.perf_counter() - started
+    epochs = read_metrics(Path(result["run_dir"]))
+    timed = epochs[1:] if len(epochs) > 1 else epochs
+    return {
+        "mode": opts.mode + (f"-{opts.layers}" if opts.layers is not None else ""),
+        "epoch_seconds": statistics.median(e["seconds"] for e in timed),
+        "sequences_per_sec": statistics.median(e["sequences_per_sec"] for e in timed),
+        "sec_per_step": statistics.median(e["sec_per_step"] for e in timed),
+        "eval_seconds": statistics.median(e["eval_seconds"] for e in timed),
+        "peak_rss_mb": max(e["peak_rss_mb"] for e in epochs),
+        "trainable_params": json.loads((Path(result["run_dir"]) / "config.json").read_text())
+        ["cost"]["trainable_params"],
+        "best": result["best"],
+        "wall_seconds": wall,
+    }
+
+
+@click.command()
+@click.option("--users", default=2000, show_default=True, help="Synthetic users (before filtering).")
+@click.option("--items", default=1000, show_default=True, help="Synthetic items.")
+@click.option("--feat-dim", default=768, show_default=True, help="Width of the stored vectors.")
+@click.option("--layers", default=8, show_default=True, help="TS-DNN depth N.")
+@click.option("--dim", default=512, show_default=True, help="Recommender width d.")
+@click.option("--batch-size", default=64, show_default=True)
+@click.option("--epochs", default=2, show_default=True, help="Epochs per mode (the first is warm-up).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Workspace to use (kept); default: a temporary folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def main(users: int, items: int, feat_dim: int, layers: int, dim: int, batch_size: int, epochs: int,
+         device: str, root: Path | None, as_json: bool) -> None:
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        ws = Workspace(root or Path(tmp))
+        if not ws.dataset_dir("bench").exists():
+            synthetic_dataset(ws.root, "bench", "hm", users=users, items=items, seed=0, images=False)
+        dataset = PreparedDataset.load(ws.dataset_dir("bench"))
+        group = write_feature_group(ws, dataset, feat_dim, seed=0)
+        common = dict(dataset="bench", dim=dim, batch_size=batch_size, epochs=epochs,
+                      patience=epochs, device=device, seed=0)
+        stamp = time.strftime("%H%M%S")
+        results = [
+            measure(ws, TrainOptions(mode="id", run_name=f"bench-id-{stamp}", **common)),
+            measure(ws, TrainOptions(mode="ts-dnn", layers=layers, features=[group],
+                                     run_name=f"bench-tsdnn-{stamp}", **common)),
+        ]
+    idrec, tsdnn = results
+    report = {
+        "dataset": {"users": dataset.n_users, "items": dataset.n_items,
+                    "train_sequences": int((dataset.lengths() >= 4).sum()),
+                    "max_seq_len": dataset.max_seq_len},
+        "settings": {"dim": dim, "batch_size": batch_size, "backbone": "sasrec", "loss": "bce",
+                     "feat_dim": feat_dim, "layers": layers, "epochs": epochs, "device": device},
+        "results": results,
+        "epoch_time_ratio_tsdnn_vs_id": tsdnn["epoch_seconds"] / idrec["epoch_seconds"],
+        "throughput_ratio_tsdnn_vs_id": tsdnn["sequences_per_sec"] / idrec["sequences_per_sec"],
+    }
+    if as_json:
+        click.echo(json.dumps(report))
+        return
+    click.echo(f"{dataset.n_users} users, {dataset.n_items} items, SASRec d={dim}, batch {batch_size}, "
+               f"stored vectors {feat_dim}-d, device {device}")
+    click.echo(f"{'mode':10} {'seq/s':>9} {'s/epoch':>8} {'s/step':>8} {'eval s':>7} "
+               f"{'trainable':>10} {'peak RSS MB':>11}")
+    for r in results:
+        click.echo(f"{r['mode']:10} {r['sequences_per_sec']:9.1f} {r['epoch_seconds']:8.2f} "
+                   f"{r['sec_per_step']:8.4f} {r['eval_seconds']:7.2f} {r['trainable_params']:>10,} "
+                   f"{r['peak_rss_mb']:11.0f}")
+    click.echo(f"TS-DNN-{layers} / IDRec: epoch time x{report['epoch_time_ratio_tsdnn_vs_id']:.2f}, "
+               f"throughput x{report['throughput_ratio_tsdnn_vs_id']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

