@@ -10,8 +10,8 @@ ViT-B) written through the store API: training throughput does not depend on
 what the vectors mean, only on their shape and on reading them from the store.
 
 It prints, per mode, training sequences/s and seconds per epoch (validation
-excluded; the first epoch is warm-up and dropped when there are several), and the
-ratio TS-DNN / IDRec.
+excluded; medians over rounds that alternate the two modes, so background load on a
+shared machine hits both alike), and the ratio TS-DNN / IDRec.
 
     python bench/train.py                          # CPU defaults (a few minutes)
     python bench/train.py --epochs 3 --json        # one JSON object
@@ -28,6 +28,7 @@ from pathlib import Path
 
 import click
 import numpy as np
+import torch
 
 from data.dataset import PreparedDataset
 from data.prepare import synthetic_dataset
@@ -58,23 +59,30 @@ def write_feature_group(ws: Workspace, dataset: PreparedDataset, dim: int, seed:
     return name
 
 
-def measure(ws: Workspace, opts: TrainOptions) -> dict:
-    started = time.perf_counter()
-    result = train(ws, opts, progress=True, echo=False)
-    wall = time.perf_counter() - started
-    epochs = read_metrics(Path(result["run_dir"]))
-    timed = epochs[1:] if len(epochs) > 1 else epochs
+def run_once(ws: Workspace, opts: TrainOptions) -> dict:
+    """Train one run; its per-epoch training figures (validation excluded)."""
+    result = train(ws, opts, progress=False, echo=False)
+    run_dir = Path(result["run_dir"])
+    return {"epochs": read_metrics(run_dir),
+            "trainable_params": json.loads((run_dir / "config.json").read_text())["cost"]["trainable_params"],
+            "best": result["best"]}
+
+
+def summarise(mode: str, runs: list[dict]) -> dict:
+    epochs = [e for r in runs for e in r["epochs"]]
+    seconds = statistics.median(e["seconds"] for e in epochs)
+    sequences = round(epochs[0]["sequences_per_sec"] * epochs[0]["seconds"])
+    steps = epochs[0]["steps"]
     return {
-        "mode": opts.mode + (f"-{opts.layers}" if opts.layers is not None else ""),
-        "epoch_seconds": statistics.median(e["seconds"] for e in timed),
-        "sequences_per_sec": statistics.median(e["sequences_per_sec"] for e in timed),
-        "sec_per_step": statistics.median(e["sec_per_step"] for e in timed),
-        "eval_seconds": statistics.median(e["eval_seconds"] for e in timed),
+        "mode": mode,
+        "epoch_seconds": seconds,
+        "epoch_seconds_all": [round(e["seconds"], 3) for e in epochs],
+        "sequences_per_sec": sequences / seconds,
+        "sec_per_step": seconds / steps,
+        "eval_seconds": statistics.median(e["eval_seconds"] for e in epochs),
         "peak_rss_mb": max(e["peak_rss_mb"] for e in epochs),
-        "trainable_params": json.loads((Path(result["run_dir"]) / "config.json").read_text())
-        ["cost"]["trainable_params"],
-        "best": result["best"],
-        "wall_seconds": wall,
+        "trainable_params": runs[0]["trainable_params"],
+        "epochs_timed": len(epochs),
     }
 
 
@@ -85,13 +93,19 @@ def measure(ws: Workspace, opts: TrainOptions) -> dict:
 @click.option("--layers", default=8, show_default=True, help="TS-DNN depth N.")
 @click.option("--dim", default=512, show_default=True, help="Recommender width d.")
 @click.option("--batch-size", default=64, show_default=True)
-@click.option("--epochs", default=2, show_default=True, help="Epochs per mode (the first is warm-up).")
+@click.option("--epochs", default=1, show_default=True, help="Epochs per run.")
+@click.option("--rounds", default=3, show_default=True,
+              help="Rounds; each trains IDRec then TS-DNN once; medians over all epochs.")
 @click.option("--device", default="auto", show_default=True)
+@click.option("--threads", type=int, default=None,
+              help="torch CPU threads [default: torch's choice]; 1 is steadier on a shared machine.")
 @click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Workspace to use (kept); default: a temporary folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def main(users: int, items: int, feat_dim: int, layers: int, dim: int, batch_size: int, epochs: int,
-         device: str, root: Path | None, as_json: bool) -> None:
+         rounds: int, device: str, threads: int | None, root: Path | None, as_json: bool) -> None:
+    if threads:
+        torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         ws = Workspace(root or Path(tmp))
         if not ws.dataset_dir("bench").exists():
@@ -100,19 +114,25 @@ def main(users: int, items: int, feat_dim: int, layers: int, dim: int, batch_siz
         group = write_feature_group(ws, dataset, feat_dim, seed=0)
         common = dict(dataset="bench", dim=dim, batch_size=batch_size, epochs=epochs,
                       patience=epochs, device=device, seed=0)
+        modes = {"id": dict(mode="id"),
+                 f"ts-dnn-{layers}": dict(mode="ts-dnn", layers=layers, features=[group])}
+        runs: dict[str, list[dict]] = {name: [] for name in modes}
         stamp = time.strftime("%H%M%S")
-        results = [
-            measure(ws, TrainOptions(mode="id", run_name=f"bench-id-{stamp}", **common)),
-            measure(ws, TrainOptions(mode="ts-dnn", layers=layers, features=[group],
-                                     run_name=f"bench-tsdnn-{stamp}", **common)),
-        ]
+        for round_ in range(rounds):  # alternate the modes so background load hits both alike
+            for name, options in modes.items():
+                opts = TrainOptions(run_name=f"bench-{name}-{stamp}-{round_}", **options, **common)
+                runs[name].append(run_once(ws, opts))
+                click.echo(f"round {round_ + 1}/{rounds} {name}: "
+                           f"{runs[name][-1]['epochs'][-1]['seconds']:.1f}s/epoch", err=True)
+        results = [summarise(name, runs[name]) for name in modes]
     idrec, tsdnn = results
     report = {
         "dataset": {"users": dataset.n_users, "items": dataset.n_items,
                     "train_sequences": int((dataset.lengths() >= 4).sum()),
                     "max_seq_len": dataset.max_seq_len},
         "settings": {"dim": dim, "batch_size": batch_size, "backbone": "sasrec", "loss": "bce",
-                     "feat_dim": feat_dim, "layers": layers, "epochs": epochs, "device": device},
+                     "feat_dim": feat_dim, "layers": layers, "epochs": epochs, "rounds": rounds,
+                     "device": device, "threads": torch.get_num_threads()},
         "results": results,
         "epoch_time_ratio_tsdnn_vs_id": tsdnn["epoch_seconds"] / idrec["epoch_seconds"],
         "throughput_ratio_tsdnn_vs_id": tsdnn["sequences_per_sec"] / idrec["sequences_per_sec"],
@@ -121,7 +141,8 @@ def main(users: int, items: int, feat_dim: int, layers: int, dim: int, batch_siz
         click.echo(json.dumps(report))
         return
     click.echo(f"{dataset.n_users} users, {dataset.n_items} items, SASRec d={dim}, batch {batch_size}, "
-               f"stored vectors {feat_dim}-d, device {device}")
+               f"stored vectors {feat_dim}-d, device {device}, {torch.get_num_threads()} threads, "
+               f"medians of {rounds} alternating rounds")
     click.echo(f"{'mode':10} {'seq/s':>9} {'s/epoch':>8} {'s/step':>8} {'eval s':>7} "
                f"{'trainable':>10} {'peak RSS MB':>11}")
     for r in results:

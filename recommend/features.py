@@ -68,11 +68,12 @@ def resolve_groups(dataset: str, encoders: list[str], groups: list[str]) -> list
     the modality comes from the encoder registry, so ``--encoder minilm-l6`` finds
     the text group.
     """
-    from extract.registry import get_encoder_config
     from featurestore.store import group_name, parse_group_name
 
     resolved = [str(parse_group_name(g)) for g in groups]
     for spec in encoders:
+        from extract.registry import get_encoder_config
+
         name, _, variant = spec.partition("@")
         resolved.append(group_name(dataset, get_encoder_config(name).modality, name, variant or None))
     for group in resolved:
