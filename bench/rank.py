@@ -15,9 +15,14 @@ default it runs on a user subsample and its time is extrapolated per user (said 
 the output); ``--anchor-users 0`` runs it on every user.
 
 Targets are planted (user = target item + noise) so ranks spread over 1..50 and the
-metrics compared are not all zero.
+metrics compared are not all zero. (a) and (b) score with different BLAS libraries, so a
+float32 near-tie could in principle order one pair differently; the check would say so.
 
-    python bench/rank.py                       # CPU, full size (a few minutes)
+The machine may be shared: the users are split into rounds and (c), (b), (a) are timed
+alternately in each, and besides the total the output gives each method's fastest
+round scaled to every user (timeit's min), the figure least disturbed by other load.
+
+    python bench/rank.py                       # CPU, full size (a few minutes on 2 cores)
     python bench/rank.py --users 2000 --items 10000
     python bench/rank.py --device cuda --index flat-gpu
 """

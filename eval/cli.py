@@ -63,7 +63,15 @@ def result_key(result: dict) -> str:
 def record_result(run_dir: Path, result: dict) -> Path:
     """Add ``result`` to the run's ``eval.json`` (replacing the same options), atomically."""
     path = run_dir / EVAL_FILE
-    stored = json.loads(path.read_text()) if path.exists() else {}
+    stored = {}
+    if path.exists():
+        try:
+            stored = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            # keep the new result; set the unreadable file aside rather than overwrite it
+            aside = path.with_name(f"{EVAL_FILE}.unreadable-{int(dt.datetime.now().timestamp())}")
+            os.replace(path, aside)
+            click.echo(f"warning: {path} was not valid JSON; moved to {aside.name}", err=True)
     stored[result_key(result)] = result
     tmp = path.with_name(f".{EVAL_FILE}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(stored, indent=2))
@@ -105,7 +113,8 @@ def cli() -> None:
 @click.option("--index", type=click.Choice(INDEXES), default="flat", show_default=True,
               help="Exact FAISS index: flat (CPU) or flat-gpu (needs faiss-gpu and a device).")
 @click.option("--batch-size", default=1024, show_default=True,
-              help="Users per model call and per search call (bounds memory).")
+              help="Users per model call (bounds memory); FAISS searches take at least 4096 "
+                   "users per call, below which it leaves its fast BLAS path.")
 @click.option("--device", default=None,
               help="Torch device for the model [default: cuda if available, else cpu].")
 @click.option("--export", "export_dir", type=click.Path(file_okay=False, path_type=Path), default=None,

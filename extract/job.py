@@ -401,7 +401,9 @@ def _run(ws: Workspace, opts: ExtractOptions, dist: Dist) -> ExtractResult:
         bad = group.attrs.get("bad_items", [])
         if dist.main:
             group.refresh()
-            if todo and group.done_chunks().all():
+            # also after a kill between the last chunk and the final attributes: nothing left to
+            # compute, but the group still says partial
+            if group.status != STATUS_COMPLETE and group.done_chunks().all():
                 bad = _finalise(group, dataset, encoder, [r for c in everyone for r in c["bad"]], timings)
         present = group.present()
         return ExtractResult(

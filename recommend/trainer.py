@@ -16,6 +16,7 @@ is the default and needs no launcher.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import resource
@@ -345,8 +346,14 @@ def _train(ws: Workspace, opts: TrainOptions, procs: Processes, device: torch.de
         log.info("run %s: %s on %s, %d training sequences, %d items, %s trainable parameters, "
                  "device %s x%d", name, opts.mode, dataset.name, len(rows), dataset.n_items,
                  f"{config['cost']['trainable_params']:,}", device, procs.world_size)
-        outcome = _epochs(objective, model, optimizer, batches, dataset, opts, procs, device,
-                          run_dir, progress, log)
+        try:
+            outcome = _epochs(objective, model, optimizer, batches, dataset, opts, procs, device,
+                              run_dir, progress, log)
+        except KeyboardInterrupt:
+            if procs.main:
+                _mark_interrupted(run_dir)
+                log.info("interrupted; the best checkpoint so far is kept")
+            raise
         if procs.main:
             write_json(run_dir / BEST, {"epoch": outcome["best_epoch"], "metrics": outcome["best"],
                                         "status": outcome["status"], "message": outcome["message"]})
@@ -433,6 +440,12 @@ def _epochs(objective, model: Recommender, optimizer, batches: SequenceBatches,
                f"{best_epoch}" if best else "no epoch was validated")
     return {"status": status, "best_epoch": best_epoch, "best": best or {}, "epochs": epoch,
             "message": f"{message} {summary}; checkpoint {CHECKPOINT if best else 'none'}."}
+
+
+def _mark_interrupted(run_dir) -> None:
+    path = run_dir / BEST
+    best = json.loads(path.read_text()) if path.exists() else {"epoch": None, "metrics": {}}
+    write_json(path, {**best, "status": "interrupted"})
 
 
 def _run_name(ws: Workspace, opts: TrainOptions, config: dict) -> str:

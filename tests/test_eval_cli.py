@@ -121,14 +121,12 @@ def test_changed_dataset_and_missing_run_are_refused(trained, tmp_path):
     config = json.loads((ws.run_dir(RUN) / "config.json").read_text())
     config["dataset"]["fingerprint"] = "0000000000000000"
     (ws.run_dir(RUN) / "config.json").write_text(json.dumps(config))
-    for args in (["rank", "--run", RUN], ["rank", "--run", "no-such-run"]):
-        proc = subprocess.run([sys.executable, "-m", "eval", *args, "--root", str(ws.root)],
+    for run, says in ((RUN, "fingerprint"), ("no-such-run", "no run")):
+        proc = subprocess.run([sys.executable, "-m", "eval", "rank", "--run", run, "--root", str(ws.root)],
                               capture_output=True, text=True)
         assert proc.returncode == 2, proc.stderr
-        assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
-    assert "fingerprint" in subprocess.run(
-        [sys.executable, "-m", "eval", "rank", "--run", RUN, "--root", str(ws.root)],
-        capture_output=True, text=True).stderr
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: ") and says in last
 
 
 def test_plot_items_writes_png(trained, tmp_path):
@@ -196,3 +194,17 @@ def test_compare_hand_written_runs(tmp_path):
 
     result = CliRunner().invoke(cli, ["compare", "missing-run", "--root", str(tmp_path)])
     assert result.exit_code != 0
+
+
+def test_record_result_replaces_same_options_and_sets_a_broken_file_aside(tmp_path):
+    from eval.cli import record_result
+
+    (tmp_path / "eval.json").write_text("{cut short")
+    first = {"split": "test", "subset": "all", "exclude_history": True, "ks": [10], "HR@10": 0.5}
+    record_result(tmp_path, first)
+    record_result(tmp_path, {**first, "HR@10": 0.25})
+    record_result(tmp_path, {**first, "subset": "cold"})
+    stored = json.loads((tmp_path / "eval.json").read_text())
+    assert stored["test/all/exclude-history/k=10"]["HR@10"] == 0.25 and len(stored) == 2
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("eval.json.unreadable")]
+    assert len(aside) == 1 and aside[0].read_text() == "{cut short"

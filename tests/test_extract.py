@@ -216,3 +216,14 @@ def test_cli_json_summary_and_unknown_encoder_exit_status(ws):
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: unknown encoder 'bert-huge'; known encoders: bert-base, bert-small")
     assert Path(ws.store / "texts/text/bert-tiny").exists()
+
+
+def test_a_kill_after_the_last_chunk_is_finished_by_the_rerun(ws):
+    first = job(ws, dataset="texts", encoder="bert-tiny", random_init=True)
+    fg = FeatureStore(ws.store).open(first.group)
+    fg.drop_flat()
+    fg.update_attrs(status="partial")  # what a kill between the last chunk and the final attributes leaves
+    again = job(ws, dataset="texts", encoder="bert-tiny", random_init=True)
+    assert (again.status, again.computed_chunks) == ("complete", 0)
+    assert [b["id"] for b in FeatureStore(ws.store).open(first.group).attrs["bad_items"]] == [7]
+    np.testing.assert_array_equal(FeatureStore(ws.store).open(first.group).memmap(), fg.read())
