@@ -109,7 +109,8 @@ def time_job(ws: Workspace, encoder: str, opts: dict, round_: int) -> tuple[floa
 @click.option("--workers", default=2, show_default=True, help="DataLoader workers of the job.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Where both run (cuda: bf16/fp16 autocast in both).")
-@click.option("--rounds", default=3, show_default=True, help="Alternating (a)/(b) rounds; the best of each is compared.")
+@click.option("--rounds", default=3, show_default=True,
+              help="Alternating (a)/(b) rounds; the best of each is compared.")
 @click.option("--image-size", default=None, metavar="WxH", help="Re-save the pictures at this size (e.g. 600x900).")
 @click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Workspace to build the catalogue in [default: a temporary folder].")

@@ -33,6 +33,7 @@ same weights as an uninterrupted one. A completed run is not redone.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import copy
 import dataclasses
@@ -55,7 +56,7 @@ from tqdm import tqdm
 
 import featurestore
 from data.dataset import PreparedDataset
-from extract.encoder import Encoder, file_sha256, move_inputs, read_state_dict, state_sha256
+from extract.encoder import Encoder, move_inputs, read_state_dict, state_sha256
 from extract.image import ImagePreprocessor
 from extract.job import Dist, ItemDataset, autocast_dtype, resolve_device
 from extract.registry import (
@@ -106,7 +107,7 @@ class ObjectiveDefaults:
     betas: tuple[float, float]
 
 
-class Objective:
+class Objective(abc.ABC):
     """A self-supervised objective: the library pretraining model around an encoder, and its masking.
 
     ``masker(encoder, settings)`` returns a function turning a collated batch of
@@ -119,29 +120,34 @@ class Objective:
     families: tuple[str, ...]
     defaults: ObjectiveDefaults
 
+    def fits(self, config: EncoderConfig) -> bool:
+        return config.modality == self.modality and config.family in self.families
+
     def check(self, config: EncoderConfig) -> None:
         """Refuse an encoder this objective cannot train (UserError naming the ones it can)."""
-        if config.modality != self.modality or config.family not in self.families:
-            fits = [n for n in list_encoders(modality=self.modality)
-                    if get_encoder_config(n).family in self.families]
-            others = [o for o in list_objectives() if get_objective(o).modality == config.modality]
-            hint = f"; for {config.name} use --objective {' or '.join(others)}" if others else ""
-            raise UserError(f"objective {self.name} adapts {self.modality} encoders ({', '.join(fits)}), "
+        if not self.fits(config):
+            fitting = [n for n in list_encoders(modality=self.modality) if self.fits(get_encoder_config(n))]
+            others = [o for o in list_objectives() if get_objective(o).fits(config)]
+            hint = (f"; for {config.name} use --objective {' or '.join(others)}" if others
+                    else f"; no objective adapts {config.name} yet")
+            raise UserError(f"objective {self.name} adapts {self.modality} encoders ({', '.join(fitting)}), "
                             f"not {config.name} ({config.modality}, {config.family}){hint}")
 
     def extra_settings(self, encoder: Encoder) -> dict:
         """Objective-specific settings recorded in adapt.json."""
         return {}
 
+    @abc.abstractmethod
     def pretraining_model(self, encoder: Encoder, settings: dict) -> nn.Module:
-        raise NotImplementedError
+        """The library's pretraining model (encoder + head) holding a copy of ``encoder``'s weights."""
 
     def train_preprocessor(self, encoder: Encoder) -> Any:
         """Preprocessing of training batches (default: the encoder's own)."""
         return encoder.preprocessor
 
+    @abc.abstractmethod
     def masker(self, encoder: Encoder, settings: dict) -> Masker:
-        raise NotImplementedError
+        """Collated encoder inputs -> (the pretraining model's keyword arguments, number of targets)."""
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The pretraining loss of one masked batch (default: the library model's own)."""
@@ -370,20 +376,20 @@ def read_record(folder: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _signature(encoder: str, objective: str, base_weights: str, dataset: PreparedDataset, settings: dict) -> dict:
+def _signature(encoder: str, objective: str, base_weights: str, dataset: str, fingerprint: str,
+               settings: dict) -> dict:
     """What must match for a rerun to continue (or skip) the run under the same name."""
-    return {"encoder": encoder, "objective": objective, "base_weights": base_weights, "dataset": dataset.name,
-            "dataset_fingerprint": dataset.fingerprint, "settings": settings}
+    return {"encoder": encoder, "objective": objective, "base weights": base_weights, "dataset": dataset,
+            "dataset fingerprint": fingerprint, **settings}
 
 
 def _check_same_run(old: dict, new: dict, folder: Path) -> None:
     """A UserError naming every difference between a recorded run and the requested one."""
-    theirs = {"encoder": old["encoder"], "objective": old["objective"], "base_weights": old["base"]["weights"],
-              "dataset": old["dataset"], "dataset_fingerprint": old["dataset_fingerprint"],
-              "settings": {k: old["settings"].get(k) for k in new["settings"]}}
-    differ = [k for k in new if new[k] != theirs[k]]
+    theirs = _signature(old["encoder"], old["objective"], old["base"]["weights"], old["dataset"],
+                        old["dataset_fingerprint"], old["settings"])
+    differ = [k for k in new if new[k] != theirs.get(k)]
     if differ:
-        detail = "; ".join(f"{k}: recorded {theirs[k]!r:.120} vs now {new[k]!r:.120}" for k in differ)
+        detail = "; ".join(f"{k}: recorded {theirs.get(k)!r:.80} vs now {new[k]!r:.80}" for k in differ)
         raise UserError(f"adapted run {folder.name} was started with other settings ({detail}); "
                         f"pass another --name, or remove {folder} to start over")
 
@@ -392,14 +398,14 @@ def _check_same_run(old: dict, new: dict, folder: Path) -> None:
 
 
 def _save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict) -> None:
-    """Model (with head) + AdamW moments as safetensors; epoch, step and loss curve as metadata."""
+    """Model (with head) + AdamW moments as safetensors tensors; ``meta`` (loss curve so far) as metadata."""
     from safetensors.torch import save_file
 
     # Copies, so tied tensors (decoder = word embeddings) become separate entries.
     tensors = {f"model.{k}": v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
     for index, state in optimizer.state_dict()["state"].items():
         for key, value in state.items():
-            tensors[f"optim.{index}.{key}"] = value.detach().to("cpu", copy=True).reshape(value.shape).contiguous()
+            tensors[f"optim.{index}.{key}"] = value.detach().to("cpu", copy=True).contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata={"meta": json.dumps(meta)})
@@ -513,7 +519,6 @@ class _Training:
     scaler: torch.amp.GradScaler
     progress: bool
     name: str
-    n_batches: int = 0
     skipped: set[int] = field(default_factory=set)
 
     def loss(self, kwargs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -698,17 +703,19 @@ def run_adaptation(ws: Workspace, opts: AdaptOptions) -> AdaptResult:
     try:
         old = read_record(folder)
         if old is not None:
-            _check_same_run(old, _signature(config.name, objective.name, spec.source, dataset, settings), folder)
+            new = _signature(config.name, objective.name, spec.source, dataset.name, dataset.fingerprint, settings)
+            _check_same_run(old, new, folder)
             if old["status"] == STATUS_COMPLETE:
                 return _result(old, folder, len(old["epochs"]), 0, time.perf_counter() - started)
-        return _train(ws, opts, objective, config, dataset, settings, name, folder, old, started)
+        return _train(opts, objective, config, dataset, settings, folder, old, started)
     finally:
         lock.release()
 
 
-def _train(ws: Workspace, opts: AdaptOptions, objective: Objective, config: EncoderConfig,
-           dataset: PreparedDataset, settings: dict, name: str, folder: Path, old: dict | None,
-           started: float) -> AdaptResult:
+def _train(opts: AdaptOptions, objective: Objective, config: EncoderConfig, dataset: PreparedDataset,
+           settings: dict, folder: Path, old: dict | None, started: float) -> AdaptResult:
+    """Build the pretraining model, resume from the checkpoint if there is one, train the remaining epochs."""
+    name = folder.name
     encoder = create_encoder(config.name, weights=opts.weights, random_init=opts.random_init, seed=opts.seed,
                              max_text_tokens=opts.max_text_tokens)
     settings = {**settings, **objective.extra_settings(encoder)}
@@ -780,11 +787,11 @@ def _finish(encoder: Encoder, objective: Objective, model: nn.Module, folder: Pa
     if reloaded.provenance["state_sha256"] != trained:
         raise UserError(f"the adapted weights in {folder} do not load back into {encoder.name} unchanged; "
                         "this is a bug, please report it with adapt.json")
-    files = [Path(p) for p in reloaded.provenance["weights_files"]]
     record.update(
         status=STATUS_COMPLETE, completed=time.strftime("%Y-%m-%d %H:%M:%S"),
-        weights={"path": str(folder), "files": [p.name for p in files], "sha256": file_sha256(files),
-                 "state_sha256": trained, "kept": f"encoder only ({type(encoder.model).__name__})"},
+        weights={"path": str(folder), "files": [Path(p).name for p in reloaded.provenance["weights_files"]],
+                 "sha256": reloaded.provenance["weights_sha256"], "state_sha256": trained,
+                 "kept": f"encoder only ({type(encoder.model).__name__})"},
     )
     _write_json(folder / RECORD, record)
     _plot(folder, record)

@@ -18,9 +18,11 @@ DEFAULT_WORKERS = min(2, os.cpu_count() or 1)
 
 
 @click.command()
-@click.option("--dataset", required=True, help="Prepared dataset name (ROOT/datasets/NAME; see `featurestore dataset`).")
+@click.option("--dataset", required=True,
+              help="Prepared dataset name (ROOT/datasets/NAME; see `featurestore dataset`).")
 @click.option("--encoder", required=True,
-              help="Encoder name, e.g. efficientnet-lite0, minilm-l6, swin-b, bert-base (list: `featurestore encoders`).")
+              help="Encoder name, e.g. efficientnet-lite0, minilm-l6, swin-b, bert-base "
+                   "(list: `featurestore encoders`).")
 @click.option("--modality", type=click.Choice(["image", "text"]), default=None,
               help="Item content to encode [default: the encoder's own; must match it].")
 @click.option("--pooling", type=click.Choice(["cls", "mean", "pooled"]), default=None,

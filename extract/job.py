@@ -41,6 +41,7 @@ from featurestore.store import (
     STATUS_COMPLETE,
     FeatureGroup,
     FeatureStore,
+    GroupLock,
     extract_command,
     group_name,
 )
@@ -303,7 +304,7 @@ def _open_or_create(store: FeatureStore, name: str, dataset: PreparedDataset, jo
 
 
 def _finalise(group: FeatureGroup, dataset: PreparedDataset, encoder: Encoder, bad_seen: list[dict],
-              timings: dict) -> list[dict]:
+              timings: dict) -> None:
     """Rank 0, all chunks done: record bad items, write the flat copy, mark complete."""
     present = group.present()
     known = {record["id"]: record for record in bad_seen}
@@ -320,7 +321,6 @@ def _finalise(group: FeatureGroup, dataset: PreparedDataset, encoder: Encoder, b
     group.write_flat()
     group.update_attrs(status=STATUS_COMPLETE, bad_items=bad, n_bad=len(bad), timings=timings,
                        completed=time.strftime("%Y-%m-%d %H:%M:%S"))
-    return bad
 
 
 def _versions() -> dict:
@@ -345,73 +345,87 @@ def run_extraction(ws: Workspace, opts: ExtractOptions) -> ExtractResult:
         dist.close()
 
 
-def _run(ws: Workspace, opts: ExtractOptions, dist: Dist) -> ExtractResult:
-    started = time.perf_counter()
-    if opts.on_bad_item not in ("skip", "fail"):
-        raise UserError(f"--on-bad-item {opts.on_bad_item}: choose skip or fail")
-    config = get_encoder_config(opts.encoder)
-    modality = opts.modality or config.modality
-    if modality != config.modality:
-        raise UserError(f"encoder {config.name} reads {config.modality}, not {modality}; drop --modality "
-                        f"or pick a {modality} encoder ({', '.join(_names(modality))})")
-    dataset = PreparedDataset.load(ws.dataset_dir(opts.dataset))
-    name = group_name(dataset.name, modality, config.name, opts.variant)
-    encoder = create_encoder(config.name, weights=opts.weights, random_init=opts.random_init,
-                             pooling=opts.pooling, seed=opts.seed, max_text_tokens=opts.max_text_tokens)
-    forward = Forward(encoder, resolve_device(opts.device, dist), opts.dtype)
-    loaded = time.perf_counter()
+def _job_attrs(name: str, dataset: PreparedDataset, encoder: Encoder, forward: Forward,
+               opts: ExtractOptions) -> dict:
+    """The group's provenance, as this job would write it."""
     provenance = encoder.provenance
-    job_attrs = {
+    return {
         "group": name, "dataset": dataset.name, "dataset_fingerprint": dataset.fingerprint,
-        "n_items": dataset.n_items, "modality": modality, "encoder": config.name, "variant": opts.variant,
-        "pooling": encoder.pooling, "weights": provenance["weights"],
+        "n_items": dataset.n_items, "modality": encoder.config.modality, "encoder": encoder.name,
+        "variant": opts.variant, "pooling": encoder.pooling, "weights": provenance["weights"],
         "weights_sha256": provenance["weights_sha256"], "state_sha256": provenance["state_sha256"],
         "preprocessing": provenance["preprocessing"], "dtype": opts.dtype,
         "autocast": str(forward.amp).removeprefix("torch.") if forward.amp else None,
         "provenance": provenance, "versions": _versions(), "command": opts.command(),
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+
+
+def _claim(store: FeatureStore, lock: GroupLock, dataset: PreparedDataset, job_attrs: dict,
+           opts: ExtractOptions, dim: int, dist: Dist) -> list[int]:
+    """Rank 0 takes the lock, checks or creates the group and lists the chunks left; every rank gets the list.
+
+    Rank 0's UserError (lock held, fingerprint, settings) is sent to the other ranks so
+    that all of them stop with the same message.
+    """
+    name = lock.name
+    todo: list[int] | UserError = []
+    if dist.main:
+        try:
+            lock.acquire(command=opts.command())
+            group = _open_or_create(store, name, dataset, job_attrs, opts, dim)
+            todo = [int(c) for c in np.flatnonzero(~group.done_chunks())]
+            if todo:
+                group.drop_flat()
+                group.update_attrs(status="partial", versions=job_attrs["versions"])
+        except UserError as err:
+            todo = err
+    todo = dist.broadcast(todo)
+    if isinstance(todo, UserError):
+        raise todo
+    return todo
+
+
+def _run(ws: Workspace, opts: ExtractOptions, dist: Dist) -> ExtractResult:
+    started = time.perf_counter()
+    if opts.on_bad_item not in ("skip", "fail"):
+        raise UserError(f"--on-bad-item {opts.on_bad_item}: choose skip or fail")
+    config = get_encoder_config(opts.encoder)
+    if opts.modality and opts.modality != config.modality:
+        raise UserError(f"encoder {config.name} reads {config.modality}, not {opts.modality}; drop --modality "
+                        f"or pick a {opts.modality} encoder ({', '.join(_names(opts.modality))})")
+    dataset = PreparedDataset.load(ws.dataset_dir(opts.dataset))
+    name = group_name(dataset.name, config.modality, config.name, opts.variant)
+    encoder = create_encoder(config.name, weights=opts.weights, random_init=opts.random_init,
+                             pooling=opts.pooling, seed=opts.seed, max_text_tokens=opts.max_text_tokens)
+    forward = Forward(encoder, resolve_device(opts.device, dist), opts.dtype)
+    loaded = time.perf_counter()
+    job_attrs = _job_attrs(name, dataset, encoder, forward, opts)
     store = FeatureStore(ws.store)
     lock = store.lock(name)
     try:
-        todo: Any = None
-        if dist.main:
-            try:
-                lock.acquire(command=opts.command())
-                group = _open_or_create(store, name, dataset, job_attrs, opts, encoder.width)
-                todo = [int(c) for c in np.flatnonzero(~group.done_chunks())]
-                if todo:
-                    group.drop_flat()
-                    group.update_attrs(status="partial", versions=job_attrs["versions"])
-            except UserError as err:
-                todo = err
-        todo = dist.broadcast(todo)
-        if isinstance(todo, UserError):
-            raise todo
+        todo = _claim(store, lock, dataset, job_attrs, opts, encoder.width, dist)
         group = store.open(name)
         mine = todo[dist.rank :: dist.world]
         counts = _run_chunks(group, dataset, encoder, forward, mine, opts, dist) if mine else {"items": 0, "bad": []}
-        everyone = dist.gather(counts)
+        everyone = dist.gather(counts)  # also the barrier: every rank's chunks are written
         seconds = time.perf_counter() - loaded
         computed = sum(c["items"] for c in everyone)
+        rate = round(computed / seconds, 2) if seconds > 0 else 0.0
         timings = {"model_load_s": round(loaded - started, 3), "extract_s": round(seconds, 3),
-                   "items_per_s": round(computed / seconds, 2) if seconds > 0 else None,
-                   "world_size": dist.world, "batch_size": opts.batch_size, "workers": opts.workers,
-                   "device": str(forward.device), "computed_items": computed}
-        bad = group.attrs.get("bad_items", [])
-        if dist.main:
-            group.refresh()
-            # also after a kill between the last chunk and the final attributes: nothing left to
-            # compute, but the group still says partial
-            if group.status != STATUS_COMPLETE and group.done_chunks().all():
-                bad = _finalise(group, dataset, encoder, [r for c in everyone for r in c["bad"]], timings)
-        present = group.present()
+                   "items_per_s": rate, "world_size": dist.world, "batch_size": opts.batch_size,
+                   "workers": opts.workers, "device": str(forward.device), "computed_items": computed}
+        # also after a kill between the last chunk and the final attributes: nothing is left
+        # to compute, but the group still says partial
+        if dist.main and group.refresh().status != STATUS_COMPLETE and group.done_chunks().all():
+            _finalise(group, dataset, encoder, [r for c in everyone for r in c["bad"]], timings)
+        group.refresh()
+        embedded = int(group.present()[1:].sum())
         return ExtractResult(
-            group=name, path=str(group.path), status=group.refresh().status, items=dataset.n_items,
-            embedded=int(present[1:].sum()), bad=dataset.n_items - int(present[1:].sum()),
-            computed_chunks=len(todo), resumed_chunks=group.n_chunks - len(todo), seconds=round(seconds, 3),
-            items_per_second=round(computed / seconds, 2) if seconds > 0 else 0.0, world_size=dist.world,
-            bad_items=bad,
+            group=name, path=str(group.path), status=group.status, items=dataset.n_items, embedded=embedded,
+            bad=dataset.n_items - embedded, computed_chunks=len(todo), resumed_chunks=group.n_chunks - len(todo),
+            seconds=round(seconds, 3), items_per_second=rate, world_size=dist.world,
+            bad_items=group.attrs.get("bad_items", []),
         )
     finally:
         lock.release()

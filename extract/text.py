@@ -84,7 +84,8 @@ def _quiet_transformers() -> None:
     logging.disable_progress_bar()
 
 
-def _text_model(config: EncoderConfig, spec: WeightsSpec | None, meta: bool) -> tuple[nn.Module, list[Path], Path | None]:
+def _text_model(config: EncoderConfig, spec: WeightsSpec | None,
+                meta: bool) -> tuple[nn.Module, list[Path], Path | None]:
     """(model without pooler, weight files, local model folder if any)."""
     from transformers import AutoConfig, AutoModel
 
@@ -109,7 +110,8 @@ def _text_model(config: EncoderConfig, spec: WeightsSpec | None, meta: bool) -> 
     except (OSError, ValueError) as err:
         raise hub_error(source, err) from err
     if model.config.model_type != config.architecture:
-        raise UserError(f"--weights {source} is a {model.config.model_type} model; {config.name} needs {config.architecture}")
+        raise UserError(f"--weights {source} is a {model.config.model_type} model; "
+                        f"{config.name} needs {config.architecture}")
     local = location if spec.kind != "hub" else None
     return model, weight_files(local) if local else [], local
 

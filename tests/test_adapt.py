@@ -34,6 +34,15 @@ TINY_BERT = dict(encoder="bert-tiny", objective="mlm", epochs=3, lr=1e-3, batch_
                  random_init=True, probe_items=32, progress=False)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread, and OpenMP threads spin badly on a busy 2-core box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def ws(synth_ws, tmp_path_factory) -> Workspace:
     """A private workspace holding a copy of the synthetic dataset (the store here is ours alone)."""
@@ -187,7 +196,7 @@ def test_completed_run_is_not_redone_and_cli_prints_one_json_object(mae_run, ws)
 
 
 def test_rerun_with_other_settings_is_refused(mae_run, ws):
-    with pytest.raises(UserError, match=r"started with other settings \(settings"):
+    with pytest.raises(UserError, match=r"started with other settings \(lr: recorded 0.001 vs now 0.0005\)"):
         run_adaptation(ws, AdaptOptions(dataset="synth", **{**MAE, "lr": 5e-4}))
 
 

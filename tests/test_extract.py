@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from extract import create_encoder
 from extract.cli import extract
-from extract.job import ExtractOptions, run_extraction
+from extract.job import ExtractOptions, ExtractResult, run_extraction
 from extract_helpers import copy_dataset, image_dataset, single_thread, titles, write_dataset  # noqa: F401
 from featurestore.cliutil import UserError
 from featurestore.store import FeatureStore
@@ -47,7 +47,7 @@ def ws(tmp_path, source_ws) -> Workspace:
     return ws
 
 
-def job(ws: Workspace, **options) -> "ExtractResult":  # noqa: F821
+def job(ws: Workspace, **options) -> ExtractResult:
     options = {"batch_size": 4, "workers": 0, "chunk_rows": 4, "progress": False, **options}
     return run_extraction(ws, ExtractOptions(**options))
 

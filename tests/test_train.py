@@ -205,7 +205,7 @@ def text_group(synth_ws) -> str:
     return result.group
 
 
-def write_group(ws, dataset, name: str, rows: np.ndarray, present: np.ndarray, fingerprint: str) -> None:
+def write_group(ws, name: str, rows: np.ndarray, present: np.ndarray, fingerprint: str) -> None:
     """Write a complete group through the store API, as an import would."""
     group = FeatureStore(ws.store).create(name, rows=rows.shape[0], dim=rows.shape[1], dtype="float32",
                                           chunk_rows=64, attrs={"dataset_fingerprint": fingerprint,
@@ -232,7 +232,7 @@ def pixel_group(synth_ws, synth_dataset) -> str:
             except OSError:
                 pass
     assert not present[1:].all()  # the synthetic catalogue has items with no picture
-    write_group(ws, synth_dataset, PIXELS, rows, present, synth_dataset.fingerprint)
+    write_group(ws, PIXELS, rows, present, synth_dataset.fingerprint)
     return PIXELS
 
 
@@ -278,7 +278,7 @@ def test_text_image_fusion_trains(synth_ws, synth_dataset, text_group, pixel_gro
 def test_group_for_another_dataset_version_is_refused(synth_ws, synth_dataset):
     ws, _ = synth_ws
     rows = np.ones((synth_dataset.n_items + 1, 4), dtype=np.float32)
-    write_group(ws, synth_dataset, "synth/image/stale@rectest", rows,
+    write_group(ws, "synth/image/stale@rectest", rows,
                 np.ones(len(rows), dtype=bool), fingerprint="0123456789abcdef")
     with pytest.raises(UserError, match="built for dataset fingerprint 0123456789abcdef"):
         run(ws, mode="ts", features=["synth/image/stale@rectest"], epochs=1)

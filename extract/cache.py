@@ -1,0 +1,299 @@
+"""Cached activations: per item, the hidden states that enter the top K encoder blocks.
+
+Why: end-to-end training that fine-tunes only the top K blocks (PMMRec and MMSR tune
+the top 2) recomputes at every step the part that never changes: decoding the image
+or tokenising the text, then the frozen stem and bottom blocks. Those produce the
+same states every epoch, so ``featurestore extract --cache-layer K`` stores them
+once, beside the group's pooled embeddings, and ``recommend train --mode e2e
+--cached --top-k K`` trains the top K blocks from them. It is the same function of
+the same inputs as the naive path, so loss and gradients agree up to the stored
+precision (float32 for an exact check, float16 by default to halve the disk).
+
+Layout inside the group ``DATASET/MODALITY/ENCODER[@VARIANT]``:
+
+- ``cache``: ``(N + 1, *state_shape)``, row = item id, chunked by the group's row
+  chunks and uncompressed: every chunk file is the raw little-endian array, so a
+  reader memory-maps it and gathers a batch of random items without decompressing
+  whole chunks (activations barely compress anyway). Written with its chunk, before
+  the chunk is marked done, so a resumed job never has rows without states.
+- ``cache_tokens``: ``(N + 1,)`` int16, text only: the real token count of each item;
+  its states are right-padded with zeros to ``max_tokens``.
+- attributes: ``cache_layer`` (the K it was made for), ``cache_block`` (index of the
+  first block fed from the cache), ``cache_shape``, ``cache_dtype``, ``cache_layout``.
+
+The state layout is the library's own between blocks: ``tokens x width`` for
+Transformers (BERT, ViT, MAE), ``height x width x channels`` for Swin,
+``channels x height x width`` for ResNet / EfficientNet stages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import zarr
+from zarr.storage import LocalStore
+
+from extract.encoder import Encoder, Hidden, move_inputs
+from featurestore.cliutil import UserError
+from featurestore.store import STATUS_COMPLETE, FeatureGroup, FeatureStore, group_extract_command
+
+if TYPE_CHECKING:
+    from extract.job import Forward
+
+CACHE_DTYPES = ("float16", "float32")
+LAYOUTS = {"bert": "tokens,width", "roberta": "tokens,width", "vit": "tokens,width", "mae": "tokens,width",
+           "swin": "height,width,channels", "resnet": "channels,height,width",
+           "efficientnet": "channels,height,width"}
+
+
+@dataclass(frozen=True)
+class CachePlan:
+    """What to cache for one encoder: the input of its top ``top_k`` blocks."""
+
+    top_k: int
+    first_block: int
+    shape: tuple[int, ...]
+    dtype: str
+    layout: str
+    text: bool
+
+    def attrs(self) -> dict:
+        """The group attributes recording which layer was cached (part of the job's signature)."""
+        return {"cache_layer": self.top_k, "cache_block": self.first_block, "cache_shape": list(self.shape),
+                "cache_dtype": self.dtype, "cache_layout": self.layout}
+
+
+def check_top_k(encoder_name: str, depth: int, top_k: int, flag: str) -> None:
+    """Refuse a K the encoder cannot have: at least 1, at most its number of blocks."""
+    if not 1 <= top_k <= depth:
+        raise UserError(f"{flag} {top_k}: encoder {encoder_name} has {depth} blocks; choose 1..{depth} "
+                        "(K counts blocks from the top)")
+
+
+def plan_cache(encoder: Encoder, top_k: int, dtype: str = "float16") -> CachePlan:
+    """Where the cache cuts ``encoder`` and the per-item state shape there.
+
+    Image shapes come from one dry run on a blank input of the model's input size;
+    text states are padded to the preprocessor's ``max_tokens``.
+    """
+    check_top_k(encoder.name, encoder.depth, top_k, "--cache-layer")
+    if dtype not in CACHE_DTYPES:
+        raise UserError(f"--cache-dtype {dtype}: choose one of {', '.join(CACHE_DTYPES)}")
+    first = encoder.depth - top_k
+    text = encoder.config.modality == "text"
+    if text:
+        shape: tuple[int, ...] = (encoder.preprocessor.max_tokens, int(encoder.model.config.hidden_size))
+    else:
+        size = tuple(encoder.preprocessor.data_config["input_size"])
+        device = next(encoder.model.parameters()).device
+        with torch.inference_mode():
+            states = encoder.run_blocks(encoder.stem(torch.zeros(1, *size, device=device)), 0, first).states
+        shape = tuple(states.shape[1:])
+    return CachePlan(top_k, first, shape, dtype, LAYOUTS.get(encoder.config.family, "library"), text)
+
+
+def _zarr_group(group: FeatureGroup) -> zarr.Group:
+    return zarr.open_group(LocalStore(group.store.path), path=group.name, mode="r+")
+
+
+def ensure_cache_arrays(group: FeatureGroup) -> None:
+    """Add the ``cache`` (and, for text, ``cache_tokens``) arrays a group's attributes call for.
+
+    A no-op for a group extracted without ``--cache-layer``, and for one that has them.
+    """
+    if group.attrs.get("cache_layer") is None:
+        return
+    zgroup = _zarr_group(group)
+    shape = tuple(group.attrs["cache_shape"])
+    if "cache" not in zgroup:
+        zgroup.create_array("cache", shape=(group.rows, *shape), chunks=(group.chunk_rows, *shape),
+                            dtype=group.attrs["cache_dtype"], compressors=None, filters=None, fill_value=0)
+    if group.attrs.get("modality") == "text" and "cache_tokens" not in zgroup:
+        zgroup.create_array("cache_tokens", shape=(group.rows,), chunks=(group.chunk_rows,), dtype="int16",
+                            fill_value=0)
+
+
+class CachingForward:
+    """The job's batched inference, also keeping what enters the top K blocks.
+
+    Wraps the job's :class:`extract.job.Forward` (same device, autocast and output
+    dtype): one pass computes the bottom once, keeps its states, and finishes the
+    top and pooling for the embeddings, so caching costs no second forward.
+    """
+
+    def __init__(self, forward: "Forward", plan: CachePlan) -> None:
+        self.forward = forward
+        self.encoder = forward.encoder
+        self.device = forward.device
+        self.amp = forward.amp
+        self.dtype = forward.dtype
+        self.plan = plan
+        self.last: tuple[np.ndarray, np.ndarray | None] | None = None
+
+    def __call__(self, inputs: Any) -> np.ndarray:
+        amp = torch.autocast(self.device.type, dtype=self.amp) if self.amp else contextlib.nullcontext()
+        with torch.inference_mode(), amp:
+            hidden = self.encoder.run_blocks(self.encoder.stem(move_inputs(inputs, self.device)),
+                                             0, self.plan.first_block)
+            out = self.encoder.pool(self.encoder.run_blocks(hidden, self.plan.first_block))
+        self.last = _to_rows(hidden, self.plan)
+        return out.float().cpu().numpy().astype(self.dtype)
+
+    def chunk(self, start: int, stop: int) -> "StateChunk":
+        return StateChunk(self, start, stop)
+
+
+def _to_rows(hidden: Hidden, plan: CachePlan) -> tuple[np.ndarray, np.ndarray | None]:
+    """(states in the stored dtype, padded to the cached shape; token counts for text)."""
+    states = hidden.states.float().cpu().numpy()
+    if not plan.text:
+        return states.astype(plan.dtype), None
+    rows = np.zeros((len(states), *plan.shape), dtype=plan.dtype)
+    rows[:, : states.shape[1]] = states
+    return rows, hidden.token_mask.sum(1).cpu().numpy().astype(np.int16)
+
+
+class StateChunk:
+    """The cached states of one row chunk, filled batch by batch, written with the chunk."""
+
+    def __init__(self, forward: CachingForward, start: int, stop: int) -> None:
+        self.forward = forward
+        self.start, self.stop = start, stop
+        plan = forward.plan
+        self.states = np.zeros((stop - start, *plan.shape), dtype=plan.dtype)
+        self.tokens = np.zeros(stop - start, dtype=np.int16) if plan.text else None
+
+    def put(self, ids: list[int]) -> None:
+        """Keep the states of the last forward pass, whose rows are items ``ids``."""
+        states, tokens = self.forward.last
+        if not np.isfinite(states).all():
+            raise UserError(f"cached states of items {ids[:5]}... overflow {self.forward.plan.dtype}; "
+                            "extract with --cache-dtype float32")
+        rows = np.asarray(ids) - self.start
+        self.states[rows] = states
+        if self.tokens is not None:
+            self.tokens[rows] = tokens
+
+    def write(self, group: FeatureGroup) -> None:
+        zgroup = _zarr_group(group)
+        zgroup["cache"][self.start : self.stop] = self.states
+        if self.tokens is not None:
+            zgroup["cache_tokens"][self.start : self.stop] = self.tokens
+
+
+class StateCache:
+    """Reads the cached states of a complete group, for training the top K blocks.
+
+    Every chunk file of the uncompressed ``cache`` array is memory-mapped; a batch
+    gathers its rows from the maps (the OS pages in only what is read).
+
+    Attributes:
+        group: the group name.
+        attrs: the group's attributes (provenance of the encoder that made the states).
+        present: bool (N + 1,), false where the item had no readable content.
+    """
+
+    def __init__(self, group: FeatureGroup) -> None:
+        self.group = group.name
+        self.attrs = dict(group.attrs)
+        self.fingerprint = group.fingerprint
+        self.present = np.asarray(group.present(), dtype=bool).copy()
+        self.present[0] = False
+        zgroup = _zarr_group(group)
+        array = zgroup["cache"]
+        self.rows = int(array.shape[0])
+        self.shape = tuple(int(s) for s in array.shape[1:])
+        self.chunk_rows = int(array.chunks[0])
+        self.dtype = np.dtype(str(array.dtype)).newbyteorder("<")
+        self._folder = Path(group.path) / "cache"
+        self._keys = [array.metadata.encode_chunk_key((c,) + (0,) * len(self.shape))
+                      for c in range(-(-self.rows // self.chunk_rows))]
+        self._maps: dict[int, np.ndarray | None] = {}
+        self.tokens = (np.asarray(zgroup["cache_tokens"][:], dtype=np.int64)
+                       if "cache_tokens" in zgroup else None)
+
+    @property
+    def top_k(self) -> int:
+        return int(self.attrs["cache_layer"])
+
+    def _map(self, chunk: int) -> np.ndarray | None:
+        if chunk not in self._maps:
+            path = self._folder / self._keys[chunk]
+            # zarr leaves a chunk that is all fill value (no item had content) unwritten
+            self._maps[chunk] = (np.memmap(path, dtype=self.dtype, mode="r",
+                                           shape=(self.chunk_rows, *self.shape)) if path.exists() else None)
+        return self._maps[chunk]
+
+    def gather(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """float32 states ``(len(ids), *shape)`` and, for text, token counts, in ``ids`` order."""
+        ids = np.asarray(ids, dtype=np.int64)
+        out = np.zeros((len(ids), *self.shape), dtype=np.float32)
+        chunks = ids // self.chunk_rows
+        for chunk in np.unique(chunks):
+            where = np.flatnonzero(chunks == chunk)
+            mapped = self._map(int(chunk))
+            if mapped is not None:
+                out[where] = mapped[ids[where] - chunk * self.chunk_rows]
+        return out, (self.tokens[ids] if self.tokens is not None else None)
+
+    def encoder_options(self) -> dict:
+        """``create_encoder`` keyword arguments rebuilding the encoder that made the states."""
+        prov = self.attrs["provenance"]
+        kind = prov["weights_kind"]
+        return {"weights": prov["weights_location"] if kind in ("file", "hub") else None,
+                "random_init": kind == "random-init", "seed": prov.get("weights_seed") or 0,
+                "pooling": self.attrs["pooling"],
+                "max_text_tokens": self.attrs["preprocessing"].get("max_tokens", 30)}
+
+    def record(self) -> dict:
+        """What a run's config.json keeps about the cache: enough to find and check it."""
+        keep = ("encoder", "modality", "variant", "pooling", "weights", "weights_sha256", "state_sha256",
+                "cache_layer", "cache_block", "cache_shape", "cache_dtype", "cache_layout", "command")
+        return {"group": self.group, "fingerprint": self.fingerprint, "kind": "cache",
+                "missing": int((~self.present[1:]).sum()),
+                "provenance": {k: self.attrs[k] for k in keep if k in self.attrs}}
+
+
+def open_state_cache(store_path: Path, group: str, top_k: int, fingerprint: str, n_items: int) -> StateCache:
+    """Open the cached states of ``group`` for ``--top-k top_k``; refuse any mismatch with the fix."""
+    fg = FeatureStore(store_path).open(group, complete=True)
+    command = group_extract_command(fg.name)
+    cached = fg.attrs.get("cache_layer")
+    if cached is None:
+        raise UserError(f"store group {fg.name} holds no cached states (extracted without --cache-layer); "
+                        f"write them with `{command} --cache-layer {top_k} --variant top{top_k}` and train "
+                        f"with --encoder {fg.name.split('/')[-1].split('@')[0]}@top{top_k}")
+    if int(cached) != top_k:
+        raise UserError(f"store group {fg.name} caches the input of the top {cached} blocks, but this run "
+                        f"asks --top-k {top_k}; train with --top-k {cached}, or extract another variant: "
+                        f"`{command} --cache-layer {top_k} --variant top{top_k}`")
+    if fg.fingerprint != fingerprint:
+        raise UserError(f"store group {fg.name} was built for dataset fingerprint {fg.fingerprint or 'unknown'}, "
+                        f"but the prepared dataset has {fingerprint}; re-extract it "
+                        f"(`featurestore rm {fg.name}`, then `{command} --cache-layer {top_k}`)")
+    if fg.rows != n_items + 1 or fg.status != STATUS_COMPLETE:
+        raise UserError(f"store group {fg.name} has {fg.rows} rows, the dataset needs {n_items + 1}; "
+                        f"re-extract it: `{command} --cache-layer {top_k}`")
+    return StateCache(fg)
+
+
+def restore_hidden(encoder: Encoder, states: torch.Tensor, tokens: torch.Tensor | None) -> Hidden:
+    """The :class:`Hidden` the bottom blocks would hand to the top, rebuilt from cached states.
+
+    Text states are cut to the longest item of the batch (the naive path pads a batch
+    the same way) and get back the token mask and the attention mask the stem builds.
+    """
+    if tokens is None:
+        return Hidden(states)
+    length = max(int(tokens.max()), 1)
+    states = states[:, :length]
+    mask = (torch.arange(length, device=states.device)[None, :] < tokens[:, None]).long()
+    from transformers.masking_utils import create_bidirectional_mask
+
+    attn = create_bidirectional_mask(config=encoder.model.config, inputs_embeds=states, attention_mask=mask)
+    return Hidden(states, token_mask=mask, attn_mask=attn)

@@ -1,0 +1,176 @@
+"""Adapter tuning (paper 004): Houlsby bottleneck adapters, everything else frozen.
+
+``Adapter(y) = y + up(ReLU(down(y)))`` (004 Eq. 4), inserted after BOTH sub-layers of
+every Transformer block, multi-head attention and feed-forward (Houlsby; 004 Table 5
+finds that both positions are needed), before the block adds its residual. With
+``--adapter-in item|user|both`` they go into the item encoder, the user encoder
+(SASRec) or both (004's best: both, Table 4). The encoder's own weights are frozen;
+what trains is the adapters, the DT layer, and the user encoder when it carries no
+adapters (it is new to the run). The trainable share is recorded in the run config.
+
+Adapters are attached with forward hooks on the module that ends each sub-layer, and
+live as that module's child ``adapter``: the library's parameter names stay as they
+are, and PyTorch's fused fast path of ``nn.TransformerEncoderLayer`` (which would skip
+a hook) turns itself off for a layer with hooks. Weights start near zero, so a fresh
+adapter is close to the identity and training starts from the pretrained function.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from extract.encoder import Encoder
+from extract.registry import EncoderConfig
+from featurestore.cliutil import UserError
+from recommend.e2e import LiveEncoderTower, _live_input, build_live_encoder, tower_options
+from recommend.item_towers import ITEM_TOWERS, ItemTower
+from recommend.user_encoders import SASRec
+
+ADAPTER_PLACES = ("item", "user", "both")
+DEFAULT_ADAPTER_DIM = 64
+DEFAULT_ADAPTER_IN = "both"
+ADAPTER_ONLY = {"adapter_dim": "--adapter-dim", "adapter_in": "--adapter-in"}
+INIT_STD = 1e-2  # Houlsby's near-identity initialisation
+
+
+class Adapter(nn.Module):
+    """Houlsby bottleneck: ``y + up(ReLU(down(y)))`` over the last dimension."""
+
+    def __init__(self, width: int, bottleneck: int) -> None:
+        super().__init__()
+        self.down = nn.Linear(width, bottleneck)
+        self.up = nn.Linear(bottleneck, width)
+        for linear in (self.down, self.up):
+            nn.init.trunc_normal_(linear.weight, std=INIT_STD, a=-2 * INIT_STD, b=2 * INIT_STD)
+            nn.init.zeros_(linear.bias)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return y + self.up(torch.relu(self.down(y)))
+
+
+def _run_adapter(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+    return module.adapter(output)
+
+
+def attach_adapter(module: nn.Module, width: int, bottleneck: int) -> Adapter:
+    """Make ``module``'s output pass through a new adapter (its child ``adapter``)."""
+    if hasattr(module, "adapter"):
+        raise ValueError(f"{type(module).__name__} already carries an adapter")
+    adapter = Adapter(width, bottleneck)
+    module.add_module("adapter", adapter)
+    module.register_forward_hook(_run_adapter)
+    return adapter
+
+
+# --- where the sub-layers end, per architecture: (module, width) for MHA, then FFN -------
+
+Sites = Iterator[tuple[nn.Module, int]]
+
+
+def _bert_sites(model: nn.Module) -> Sites:
+    """BertSelfOutput / BertOutput: dense -> dropout -> [adapter] -> LayerNorm(x + residual)."""
+    width = model.config.hidden_size
+    for layer in model.encoder.layer:
+        yield layer.attention.output.dropout, width
+        yield layer.output.dropout, width
+
+
+def _timm_block_sites(blocks: list[nn.Module]) -> Sites:
+    """timm ViT / Swin blocks: attn.proj -> proj_drop -> [adapter]; mlp.fc2 -> drop2 -> [adapter]."""
+    for block in blocks:
+        yield block.attn.proj_drop, block.attn.proj.out_features
+        yield block.mlp.drop2, block.mlp.fc2.out_features
+
+
+def _mae_sites(model: nn.Module) -> Sites:
+    """ViTMAELayer shares one dropout between its sub-layers: adapt after o_proj and fc2."""
+    for layer in model.layers:
+        yield layer.attention.o_proj, layer.attention.o_proj.out_features
+        yield layer.mlp.fc2, layer.mlp.fc2.out_features
+
+
+ITEM_SITES: dict[str, Callable[[nn.Module], Sites]] = {
+    "bert": _bert_sites,
+    "roberta": _bert_sites,
+    "vit": lambda model: _timm_block_sites(list(model.blocks)),
+    "swin": lambda model: _timm_block_sites([b for stage in model.layers for b in stage.blocks]),
+    "mae": _mae_sites,
+}
+
+
+def add_item_adapters(encoder: Encoder, bottleneck: int) -> list[Adapter]:
+    """Two adapters per block of the item encoder (after MHA and after FFN)."""
+    sites = ITEM_SITES.get(encoder.config.family)
+    if sites is None:
+        raise UserError(_no_sites(encoder.config))
+    return [attach_adapter(module, width, bottleneck) for module, width in sites(encoder.model)]
+
+
+def add_user_adapters(user_encoder: nn.Module, bottleneck: int) -> list[Adapter]:
+    """Two adapters per SASRec block: nn.TransformerEncoderLayer's dropout1 (MHA) and dropout2 (FFN)."""
+    if not isinstance(user_encoder, SASRec):
+        raise UserError("--adapter-in user/both puts adapters into the user encoder's Transformer blocks; "
+                        "that needs --backbone sasrec (or use --adapter-in item)")
+    adapters = []
+    for layer in user_encoder.blocks.layers:
+        width = layer.self_attn.embed_dim
+        adapters += [attach_adapter(layer.dropout1, width, bottleneck),
+                     attach_adapter(layer.dropout2, width, bottleneck)]
+    return adapters
+
+
+def _no_sites(config: EncoderConfig) -> str:
+    return (f"adapters go after the attention and feed-forward sub-layers of Transformer blocks; encoder "
+            f"{config.name} ({config.family}) has none. Pick one of the families "
+            f"{', '.join(sorted(ITEM_SITES))}, or tune its top stages with --mode e2e --top-k K")
+
+
+def adapter_places(where: str) -> tuple[bool, bool]:
+    """(adapters in the item encoder, adapters in the user encoder)."""
+    return where in ("item", "both"), where in ("user", "both")
+
+
+@ITEM_TOWERS.register("adapter")
+def _adapter_tower(spec: dict, sources: list, fit: bool) -> ItemTower:
+    """The live encoder, every weight frozen; with item adapters every block runs with gradients."""
+    live = _live_input(spec, sources)
+    if live.cache is not None:
+        raise UserError("adapters sit in every block, so there is no frozen bottom to cache; drop --cached")
+    encoder = build_live_encoder(spec, live)
+    in_item, _ = adapter_places(spec["adapter_in"])
+    tower = LiveEncoderTower(encoder, live, spec["n_items"], spec["dim"],
+                             first_block=0 if in_item else encoder.depth, tune_top=False, **tower_options(spec))
+    if in_item:
+        add_item_adapters(encoder, int(spec["adapter_dim"]))
+    return tower
+
+
+def apply_user_adapters(model: nn.Module, spec: dict) -> None:
+    """For an adapter run with ``adapter_in`` user/both: freeze the user encoder and add its adapters.
+
+    Called by ``build_recommender`` (training and ``load_run`` alike) once the model exists.
+    """
+    tower = spec["item_tower"]
+    if tower.get("name") != "adapter" or not adapter_places(tower["adapter_in"])[1]:
+        return
+    model.user_encoder.requires_grad_(False)
+    add_user_adapters(model.user_encoder, int(tower["adapter_dim"]))
+
+
+def check_adapter_options(opts: Any, config: EncoderConfig) -> None:
+    """Fill adapter defaults and refuse what cannot carry adapters (checked before anything loads)."""
+    opts.adapter_dim = DEFAULT_ADAPTER_DIM if opts.adapter_dim is None else opts.adapter_dim
+    opts.adapter_in = DEFAULT_ADAPTER_IN if opts.adapter_in is None else opts.adapter_in
+    if opts.adapter_dim < 1:
+        raise UserError(f"--adapter-dim must be >= 1, got {opts.adapter_dim}")
+    if opts.adapter_in not in ADAPTER_PLACES:
+        raise UserError(f"--adapter-in {opts.adapter_in}: choose one of {', '.join(ADAPTER_PLACES)}")
+    in_item, in_user = adapter_places(opts.adapter_in)
+    if in_item and config.family not in ITEM_SITES:
+        raise UserError(_no_sites(config))
+    if in_user and opts.backbone != "sasrec":
+        raise UserError(f"--adapter-in {opts.adapter_in} puts adapters into the user encoder's Transformer "
+                        f"blocks; --backbone {opts.backbone} has none: use --backbone sasrec or --adapter-in item")

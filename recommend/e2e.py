@@ -1,0 +1,405 @@
+"""End-to-end item towers: the encoder runs live and its top K blocks train with the recommender.
+
+Paper 001 (E2E) fine-tunes the item encoder jointly with the recommender; PMMRec and
+MMSR tune only its top 2 blocks. ``--mode e2e --top-k K`` does that: the stem and
+blocks ``[0, depth - K)`` are frozen, run under ``torch.no_grad`` and stay in eval
+mode (no dropout, BatchNorm statistics untouched); blocks ``[depth - K, depth)`` and
+the pooling head train, followed by the DT layer ``Linear(width -> d)``. The frozen
+part is the BOTTOM: one public implementation flipped the comparison and trained the
+bottom blocks instead; ``tests/test_e2e.py`` checks which parameters get gradients.
+
+One tower, two inputs:
+
+- naive (the papers): each step decodes the pictures / tokenises the titles of its
+  distinct items with the encoder's own preprocessing (a few threads), then runs the
+  stem and the frozen bottom, then the top with gradients;
+- cached (``--cached``): the states entering the top K blocks come from the store
+  (``featurestore extract --cache-layer K``, see :mod:`extract.cache`), so decoding
+  and the bottom are skipped. Same function of the same inputs: same loss, same
+  gradients, up to the stored precision.
+
+Items without content (no image, empty text) get ``missing``, a learned vector in
+the encoder's output space, as the TS towers do.
+
+A checkpoint holds only what training changes (top blocks, head, DT layer, ...); the
+frozen part is rebuilt from the registry and the recorded weights source, and its
+``state_sha256`` must match the one recorded at training time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from data.dataset import Item, PreparedDataset
+from extract.cache import StateCache, check_top_k, open_state_cache, restore_hidden
+from extract.encoder import BadItem, Encoder, Hidden, move_inputs
+from extract.registry import create_encoder, get_encoder_config, resolve_weights
+from featurestore.cliutil import UserError
+from featurestore.workspace import Workspace
+from recommend.item_towers import ITEM_TOWERS, ItemTower, dt_layer
+
+LIVE_MODES = ("e2e", "adapter")
+DEFAULT_TOP_K = 2  # PMMRec / MMSR tune the top 2 blocks
+ENCODER_LR_FACTOR = 0.1  # default --encoder-lr = --lr / 10 (equal rates can collapse, 001 Fig. 5)
+ITEM_BATCH = 256  # items per encoder call when listing the catalogue
+LOADER_THREADS = min(4, os.cpu_count() or 1)
+
+
+@dataclass
+class LiveInput:
+    """What a live-encoder tower reads: the dataset's items (naive) or cached states."""
+
+    dataset: str
+    fingerprint: str
+    items: list[Item] | None = None
+    cache: StateCache | None = None
+
+
+class LiveEncoderTower(ItemTower):
+    """Item ids -> encoder (frozen bottom, tuned top) -> pooled vector -> DT layer.
+
+    Args:
+        encoder: a registry encoder (stem / blocks / pool).
+        live: the items to preprocess, or the cache of states entering ``first_block``.
+        first_block: blocks before it are frozen and run without gradients.
+        tune_top: train blocks ``[first_block:]`` and the pooling head (e2e); False
+            leaves every encoder weight frozen (adapter mode adds its own modules).
+        grad_checkpointing: recompute the top blocks' activations in backward.
+        amp: run the encoder under bfloat16 autocast.
+        item_batch: items per encoder call when listing the whole catalogue.
+    """
+
+    def __init__(self, encoder: Encoder, live: LiveInput, n_items: int, dim: int, *, first_block: int,
+                 tune_top: bool, grad_checkpointing: bool = False, amp: bool = False,
+                 item_batch: int = ITEM_BATCH) -> None:
+        super().__init__()
+        self.n_items, self.dim = n_items, dim
+        self.encoder = encoder
+        self.live = live
+        self.first_block = first_block
+        self.tune_top = tune_top
+        self.grad_checkpointing = grad_checkpointing
+        self.amp = amp
+        self.item_batch = item_batch
+        self.missing = nn.Parameter(torch.zeros(encoder.width))
+        self.project = dt_layer(encoder.width, dim)
+        nn.init.xavier_normal_(self.project[0].weight)
+        nn.init.zeros_(self.project[0].bias)
+        encoder.requires_grad_(False)
+        self._tuned = tuple([*encoder.blocks[first_block:], encoder.pool] if tune_top else [])
+        for module in self._tuned:
+            module.requires_grad_(True)
+        self._frozen_keys = frozen_state_keys(encoder, self._tuned)
+        self.register_state_dict_post_hook(_drop_frozen)
+        self.register_load_state_dict_pre_hook(_fill_frozen)
+        self._threads: ThreadPoolExecutor | None = None
+        self.train()
+
+    def pretrained_parameters(self) -> Iterator[nn.Parameter]:
+        """The pretrained encoder weights being fine-tuned (they get ``--encoder-lr``)."""
+        for module in self._tuned:
+            yield from module.parameters()
+
+    def train(self, mode: bool = True) -> "LiveEncoderTower":
+        super().train(mode)
+        self.encoder.stem.eval()
+        for block in self.encoder.blocks[: self.first_block]:
+            block.eval()
+        if not self.tune_top:
+            self.encoder.pool.eval()
+        return self
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        unique, inverse = torch.unique(ids.reshape(-1), return_inverse=True)
+        vectors = self.project(self.content(unique))
+        return vectors[inverse].reshape(*ids.shape, self.dim)
+
+    def all_vectors(self, batch_size: int = 4096) -> torch.Tensor:
+        step = max(1, min(batch_size, self.item_batch))
+        device = self.missing.device
+        return torch.cat([self(torch.arange(start, min(start + step, self.n_items + 1), device=device))
+                          for start in range(0, self.n_items + 1, step)])
+
+    def content(self, ids: torch.Tensor) -> torch.Tensor:
+        """``(P, width)`` pooled encoder output for distinct item ids (``missing`` where no content)."""
+        present, hidden = self._bottom(ids.cpu().numpy())
+        present = torch.from_numpy(present).to(self.missing.device)
+        out = torch.zeros(len(ids), self.encoder.width, device=self.missing.device)
+        if hidden is not None:
+            out = out.index_copy(0, present.nonzero().squeeze(1), self._top(hidden))
+        return torch.where(present.unsqueeze(1), out, self.missing)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if not self.amp:
+            return contextlib.nullcontext()
+        device = self.missing.device
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise UserError("--amp runs the encoder in bfloat16, which this GPU lacks; drop --amp")
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+
+    def _bottom(self, ids: np.ndarray) -> tuple[np.ndarray, Hidden | None]:
+        """(which ids have content, the states entering ``first_block`` for those)."""
+        device = self.missing.device
+        if self.live.cache is not None:
+            present = self.live.cache.present[ids]
+            if not present.any():
+                return present, None
+            states, tokens = self.live.cache.gather(ids[present])
+            return present, restore_hidden(self.encoder, torch.from_numpy(states).to(device),
+                                           None if tokens is None else torch.from_numpy(tokens).to(device))
+        samples = self._load(ids)
+        present = np.array([s is not None for s in samples], dtype=bool)
+        if not present.any():
+            return present, None
+        inputs = self.encoder.preprocessor.collate([s for s in samples if s is not None])
+        with torch.no_grad(), self._autocast():
+            hidden = self.encoder.stem(move_inputs(inputs, device))
+            return present, self.encoder.run_blocks(hidden, 0, self.first_block)
+
+    def _load(self, ids: np.ndarray) -> list[Any]:
+        """Preprocessed samples (None for padding and unreadable items), decoded in threads."""
+        if self._threads is None:
+            self._threads = ThreadPoolExecutor(LOADER_THREADS, thread_name_prefix="e2e-load")
+        return list(self._threads.map(self._load_one, ids.tolist()))
+
+    def _load_one(self, item_id: int) -> Any:
+        if item_id <= 0:
+            return None
+        try:
+            return self.encoder.preprocessor.load(self.live.items[item_id - 1])
+        except BadItem:
+            return None
+
+    def _top(self, hidden: Hidden) -> torch.Tensor:
+        """Blocks ``[first_block:]`` and the pooling head; gradients only where something trains."""
+        top = [*self.encoder.blocks[self.first_block:], self.encoder.pool]
+        trains = torch.is_grad_enabled() and any(p.requires_grad for m in top for p in m.parameters())
+        with torch.set_grad_enabled(trains), self._autocast():
+            for block in self.encoder.blocks[self.first_block:]:
+                if trains and self.grad_checkpointing and self.training:
+                    hidden = checkpoint(block, hidden, use_reentrant=False)
+                else:
+                    hidden = block(hidden)
+            return self.encoder.pool(hidden).float()
+
+
+def frozen_state_keys(encoder: Encoder, tuned: Sequence[nn.Module]) -> frozenset[str]:
+    """State-dict keys (relative to the tower) of every encoder tensor outside ``tuned``."""
+    keep = {id(t) for m in tuned for t in itertools.chain(m.parameters(), m.buffers())}
+    return frozenset(f"encoder.{k}" for k, t in encoder.state_dict(keep_vars=True).items() if id(t) not in keep)
+
+
+def _drop_frozen(module: LiveEncoderTower, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    for key in module._frozen_keys:
+        state_dict.pop(prefix + key, None)
+
+
+def _fill_frozen(module: LiveEncoderTower, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                 missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+    """Loading a checkpoint: the frozen tensors are the ones rebuilt from the registry."""
+    for key, tensor in module.encoder.state_dict().items():
+        full = f"{prefix}encoder.{key}"
+        if f"encoder.{key}" in module._frozen_keys and full not in state_dict:
+            state_dict[full] = tensor
+
+
+def live_towers(model: nn.Module) -> list[LiveEncoderTower]:
+    return [m for m in model.modules() if isinstance(m, LiveEncoderTower)]
+
+
+# --- building: registry entry, options, run folders ----------------------------------
+
+
+def _live_input(spec: dict, sources: Sequence[Any]) -> LiveInput:
+    if len(sources) != 1 or not isinstance(sources[0], LiveInput):
+        raise UserError(f"--mode {spec['name']} runs the encoder itself: name it with --encoder ENC "
+                        "(not --features)")
+    return sources[0]
+
+
+def build_live_encoder(spec: dict, live: LiveInput) -> Encoder:
+    """The encoder a live tower runs: the run's weights, or those the cache was made with.
+
+    Refuses weights that differ from the ones recorded at training time (``state_sha256``).
+    """
+    if live.cache is not None:
+        encoder = create_encoder(spec["encoder"], **live.cache.encoder_options())
+        if encoder.provenance["state_sha256"] != live.cache.attrs.get("state_sha256"):
+            raise UserError(f"the weights of {spec['encoder']} ({encoder.provenance['weights']}) are not the ones "
+                            f"store group {live.cache.group} was extracted with; re-extract it")
+    else:
+        encoder = create_encoder(spec["encoder"], weights=spec.get("weights"),
+                                 random_init=spec.get("random_init", False), seed=spec.get("encoder_seed", 0),
+                                 pooling=spec.get("pooling"), max_text_tokens=spec.get("max_text_tokens", 30))
+    expected = spec.get("state_sha256")
+    if expected and encoder.provenance["state_sha256"] != expected:
+        raise UserError(f"the frozen weights of {spec['encoder']} ({encoder.provenance['weights']}) differ from "
+                        "the ones this run was trained with (state sha256 mismatch); restore those weights "
+                        "or retrain the run")
+    return encoder
+
+
+def tower_options(spec: dict) -> dict:
+    return {"grad_checkpointing": bool(spec.get("grad_checkpointing")), "amp": bool(spec.get("amp")),
+            "item_batch": int(spec.get("item_batch", ITEM_BATCH))}
+
+
+@ITEM_TOWERS.register("e2e")
+def _e2e_tower(spec: dict, sources: Sequence[Any], fit: bool) -> ItemTower:
+    live = _live_input(spec, sources)
+    encoder = build_live_encoder(spec, live)
+    top_k = int(spec["top_k"])
+    check_top_k(encoder.name, encoder.depth, top_k, "--top-k")
+    return LiveEncoderTower(encoder, live, spec["n_items"], spec["dim"], first_block=encoder.depth - top_k,
+                            tune_top=True, **tower_options(spec))
+
+
+_E2E_ONLY = {"top_k": "--top-k", "encoder_lr": "--encoder-lr", "cached": "--cached"}
+_LIVE_ONLY = {"grad_checkpointing": "--grad-checkpointing", "amp": "--amp", "random_init": "--random-init",
+              "weights": "--weights", "pooling": "--pooling"}
+
+
+def _given(value: Any) -> bool:
+    return value is not None and value is not False
+
+
+def check_live_options(opts: Any) -> None:
+    """Refuse live-encoder options outside their modes; fill the e2e defaults.
+
+    ``opts`` is the trainer's ``TrainOptions`` (checked in place, like ``check_options``).
+    """
+    from recommend.adapters import ADAPTER_ONLY, check_adapter_options
+
+    if opts.mode not in LIVE_MODES:
+        for field, flag in {**_E2E_ONLY, **_LIVE_ONLY, **ADAPTER_ONLY}.items():
+            if _given(getattr(opts, field)):
+                raise UserError(f"{flag} belongs to the live-encoder modes (--mode e2e or adapter), "
+                                f"not --mode {opts.mode}")
+        return
+    if len(opts.encoders) != 1 or opts.features:
+        raise UserError(f"--mode {opts.mode} runs one encoder itself: name it with --encoder ENC "
+                        "(e.g. --encoder minilm-l6); --features and two encoders are for ts/ts-dnn")
+    if opts.whiten or opts.fusion:
+        raise UserError(f"--whiten and --fusion transform stored vectors; --mode {opts.mode} has none")
+    name, _, variant = opts.encoders[0].partition("@")
+    config = get_encoder_config(name)
+    if variant and not opts.cached:
+        raise UserError(f"--encoder {opts.encoders[0]}: a @VARIANT names a store group, read only with --cached; "
+                        "for the naive path pass the variant's weights with --weights")
+    if not opts.cached:
+        resolve_weights(config, opts.weights, opts.random_init, opts.encoder_seed)  # refuses missing weights now
+    if opts.mode == "adapter":
+        for field, flag in _E2E_ONLY.items():
+            if _given(getattr(opts, field)):
+                raise UserError(f"{flag} is for --mode e2e; adapter mode freezes every encoder weight")
+        check_adapter_options(opts, config)
+        return
+    for field, flag in ADAPTER_ONLY.items():
+        if _given(getattr(opts, field)):
+            raise UserError(f"{flag} is for --mode adapter, not e2e")
+    opts.top_k = DEFAULT_TOP_K if opts.top_k is None else opts.top_k
+    check_top_k(name, config.depth, opts.top_k, "--top-k")
+    opts.encoder_lr = opts.lr * ENCODER_LR_FACTOR if opts.encoder_lr is None else opts.encoder_lr
+    if not opts.encoder_lr > 0:
+        raise UserError(f"--encoder-lr must be > 0, got {opts.encoder_lr}")
+
+
+def cache_group(dataset: str, encoder: str) -> str:
+    """The store group ``--cached --encoder ENC[@VARIANT]`` reads."""
+    from featurestore.store import group_name
+
+    name, _, variant = encoder.partition("@")
+    return group_name(dataset, get_encoder_config(name).modality, name, variant or None)
+
+
+def live_tower_spec(opts: Any, dataset: str) -> dict:
+    """The item-tower settings of a live run (plain data; ``load_run`` rebuilds from it)."""
+    name = opts.encoders[0].partition("@")[0]
+    spec = {"encoder": name, "weights": opts.weights, "random_init": opts.random_init,
+            "encoder_seed": opts.encoder_seed, "pooling": opts.pooling, "max_text_tokens": 30,
+            "grad_checkpointing": opts.grad_checkpointing, "amp": opts.amp, "item_batch": ITEM_BATCH}
+    if opts.mode == "e2e":
+        spec.update(top_k=opts.top_k, cached=opts.cached,
+                    group=cache_group(dataset, opts.encoders[0]) if opts.cached else None)
+    else:
+        spec.update(adapter_dim=opts.adapter_dim, adapter_in=opts.adapter_in)
+    return spec
+
+
+def _check_cache_weights(opts: Any, cache: StateCache) -> None:
+    """``--weights`` / ``--random-init`` with ``--cached`` must name what the cache was made with."""
+    kind = cache.attrs["provenance"]["weights_kind"]
+    if opts.random_init and kind != "random-init":
+        raise UserError(f"--random-init, but store group {cache.group} was extracted with "
+                        f"{cache.attrs.get('weights')}; --cached uses the group's weights: drop --random-init")
+    if opts.weights and cache.attrs["provenance"].get("weights_location") not in (opts.weights, None):
+        raise UserError(f"--weights {opts.weights}, but store group {cache.group} was extracted with "
+                        f"{cache.attrs.get('weights')}; --cached uses the group's weights: drop --weights")
+
+
+def open_live_inputs(ws: Workspace, opts: Any, dataset: PreparedDataset) -> list[LiveInput]:
+    """The trainer's sources for a live mode: the dataset's items, or the checked cache."""
+    if getattr(opts, "cached", False):
+        cache = open_state_cache(ws.store, cache_group(dataset.name, opts.encoders[0]), opts.top_k,
+                                 dataset.fingerprint, dataset.n_items)
+        _check_cache_weights(opts, cache)
+        return [LiveInput(dataset.name, dataset.fingerprint, cache=cache)]
+    return [LiveInput(dataset.name, dataset.fingerprint, items=dataset.items)]
+
+
+def reopen_live_inputs(ws: Workspace, config: dict) -> list[LiveInput]:
+    """``load_run``'s sources for a live run, checked against the recorded dataset fingerprint."""
+    spec, wanted = config["model"]["item_tower"], config["dataset"]
+    if spec.get("cached"):
+        cache = open_state_cache(ws.store, spec["group"], int(spec["top_k"]), wanted["fingerprint"],
+                                 config["model"]["n_items"])
+        return [LiveInput(wanted["name"], wanted["fingerprint"], cache=cache)]
+    dataset = PreparedDataset.load(ws.dataset_dir(wanted["name"]))
+    if dataset.fingerprint != wanted["fingerprint"]:
+        raise UserError(f"dataset {wanted['name']} has item fingerprint {dataset.fingerprint}, but the run was "
+                        f"trained on {wanted['fingerprint']}; its encoder reads the items themselves, so "
+                        "re-prepare the dataset it was trained on or retrain the run")
+    return [LiveInput(wanted["name"], wanted["fingerprint"], items=dataset.items)]
+
+
+def live_config(config: dict, model: nn.Module) -> None:
+    """Record a live run's encoder in its config: label, provenance, weights identity, cache group."""
+    towers = live_towers(model)
+    if not towers:
+        return
+    tower = towers[0]
+    prov = tower.encoder.provenance
+    config["model"]["item_tower"]["state_sha256"] = prov["state_sha256"]
+    config["encoder"] = tower.encoder.name
+    config["item_encoder"] = {
+        "encoder": tower.encoder.name, "depth": tower.encoder.depth, "width": tower.encoder.width,
+        "first_tuned_block": tower.first_block if tower.tune_top else None,
+        "input": "cached states" if tower.live.cache is not None else "raw items",
+        **{k: prov.get(k) for k in ("pooling", "weights", "weights_sha256", "state_sha256", "preprocessing")},
+    }
+    config["features"] = [tower.live.cache.record()] if tower.live.cache is not None else []
+
+
+def optimizer_groups(model: nn.Module, lr: float, encoder_lr: float | None) -> list[dict]:
+    """AdamW parameter groups: the recommender (and new modules) at ``lr``, tuned encoder weights at ``encoder_lr``.
+
+    Frozen parameters are left out, so the optimiser neither stores state for them
+    nor applies weight decay to them.
+    """
+    pretrained = {id(p) for tower in live_towers(model) for p in tower.pretrained_parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"name": "recommender", "params": [p for p in trainable if id(p) not in pretrained], "lr": lr}]
+    encoder = [p for p in trainable if id(p) in pretrained]
+    if encoder:
+        groups.append({"name": "encoder", "params": encoder, "lr": encoder_lr or lr})
+    return groups
