@@ -41,6 +41,7 @@ from PIL import Image  # noqa: E402
 from data.dataset import PreparedDataset  # noqa: E402
 from data.prepare import prepare_dataset, synthetic_dataset  # noqa: E402
 from extract import create_encoder  # noqa: E402
+from extract.cli import DEFAULT_WORKERS  # noqa: E402
 from extract.job import ExtractOptions, Forward, ItemDataset, run_extraction  # noqa: E402
 from featurestore.workspace import Workspace  # noqa: E402
 
@@ -106,7 +107,7 @@ def time_job(ws: Workspace, encoder: str, opts: dict, round_: int) -> tuple[floa
               help="Comma-separated encoder names (with weights available here).")
 @click.option("--items", default=512, show_default=True, help="Catalogue size.")
 @click.option("--batch-size", default=32, show_default=True, help="Batch size of both (a) and (b).")
-@click.option("--workers", default=2, show_default=True, help="DataLoader workers of the job.")
+@click.option("--workers", default=DEFAULT_WORKERS, show_default=True, help="DataLoader workers of the job.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Where both run (cuda: bf16/fp16 autocast in both).")
 @click.option("--rounds", default=3, show_default=True,

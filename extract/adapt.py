@@ -28,7 +28,11 @@ Resumable: after every epoch the whole training state (model with head, optimise
 loss curve) is written atomically to ``checkpoint/last.safetensors``; rerunning the
 same command continues after the last finished epoch, and since every epoch reseeds
 its shuffling, masking and dropout from (seed, epoch), a resumed run ends with the
-same weights as an uninterrupted one. A completed run is not redone.
+same weights as an uninterrupted one on the same device. A completed run is not redone.
+
+Extraction: :func:`resolve_adapted` gives ``featurestore extract`` the weights folder,
+the base encoder and the store variant tag (the objective, e.g. ``HM/text/bert-base@mlm``,
+for a default-named run; NAME otherwise) plus the provenance to record.
 """
 
 from __future__ import annotations
@@ -777,6 +781,9 @@ def _train(opts: AdaptOptions, objective: Objective, config: EncoderConfig, data
 
 def _finish(encoder: Encoder, objective: Objective, model: nn.Module, folder: Path, record: dict) -> None:
     """Keep the encoder part only, prove the registry loads it back, then mark the run complete."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # "Writing model shards" would interleave with our own output
     base = getattr(model, model.base_model_prefix)
     encoder.model.load_state_dict({k: v.detach().cpu() for k, v in base.state_dict().items()})
     encoder.model.save_pretrained(str(folder))

@@ -14,7 +14,9 @@ from featurestore.cliutil import emit, json_option, root_option
 from featurestore.store import DEFAULT_CHUNK_ROWS
 from featurestore.workspace import Workspace
 
-DEFAULT_WORKERS = min(2, os.cpu_count() or 1)
+# Half the cores decode/tokenise, the rest feed the model: on a 2-core machine one
+# worker, since a second would only take CPU from the forward it is waiting for.
+DEFAULT_WORKERS = max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
 @click.command()
@@ -51,6 +53,11 @@ DEFAULT_WORKERS = min(2, os.cpu_count() or 1)
               help="Cut texts to this many tokens, special tokens included (the papers use 30).")
 @click.option("--chunk-rows", type=click.IntRange(min=1), default=DEFAULT_CHUNK_ROWS, show_default=True,
               help="Rows per store chunk: the unit of resuming and of work split across torchrun ranks.")
+@click.option("--cache-layer", type=click.IntRange(min=1), default=None, metavar="K",
+              help="Also store, per item, the hidden states entering the encoder's top K blocks (tokens or "
+                   "patches x width), for `recommend train --mode e2e --cached --top-k K`.")
+@click.option("--cache-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
+              help="Stored dtype of the --cache-layer states (float32 for bit-level comparisons).")
 @root_option
 @json_option
 def extract(ws: Workspace, as_json: bool, **options: object) -> None:

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 import featurestore
 from data.dataset import Item, PreparedDataset
+from extract.cache import CachingForward, ensure_cache_arrays, plan_cache
 from extract.encoder import BadItem, Encoder, move_inputs
 from extract.registry import create_encoder, get_encoder_config
 from featurestore.cliutil import UserError
@@ -49,7 +50,8 @@ from featurestore.workspace import Workspace
 
 # Settings that change the numbers in a row: a resumed or repeated job must match
 # the group on all of them, or it would mix rows from two different setups.
-SIGNATURE_KEYS = ("encoder", "pooling", "state_sha256", "preprocessing", "dtype", "autocast")
+SIGNATURE_KEYS = ("encoder", "pooling", "state_sha256", "preprocessing", "dtype", "autocast", "cache_layer",
+                  "cache_dtype")
 
 
 @dataclass
@@ -61,7 +63,7 @@ class ExtractOptions:
     modality: str | None = None
     pooling: str | None = None
     batch_size: int = 64
-    workers: int = 2
+    workers: int = 1
     device: str = "auto"
     dtype: str = "float32"
     weights: str | None = None
@@ -72,6 +74,8 @@ class ExtractOptions:
     max_text_tokens: int = 30
     chunk_rows: int = DEFAULT_CHUNK_ROWS
     progress: bool = True
+    cache_layer: int | None = None
+    cache_dtype: str = "float16"
 
     def command(self, root: Path | None = None) -> str:
         """The command line that reproduces this job (stored in the provenance)."""
@@ -79,7 +83,10 @@ class ExtractOptions:
                                  root=root)]
         for flag, value in (("--pooling", self.pooling), ("--weights", self.weights),
                             ("--dtype", self.dtype if self.dtype != "float32" else None),
-                            ("--max-text-tokens", self.max_text_tokens if self.max_text_tokens != 30 else None)):
+                            ("--max-text-tokens", self.max_text_tokens if self.max_text_tokens != 30 else None),
+                            ("--cache-layer", self.cache_layer),
+                            ("--cache-dtype", self.cache_dtype if self.cache_layer and self.cache_dtype != "float16"
+                             else None)):
             if value is not None:
                 words.append(f"{flag} {value}")
         if self.random_init:
@@ -253,6 +260,7 @@ def _run_chunks(group: FeatureGroup, dataset: PreparedDataset, encoder: Encoder,
             start, stop = group.chunk_bounds(chunk)
             rows = np.zeros((stop - start, group.dim), dtype=forward.dtype)
             present = np.zeros(stop - start, dtype=bool)
+            states = forward.chunk(start, stop) if isinstance(forward, CachingForward) else None
             for _ in chunk_batches:
                 batch = next(batches)
                 for item_id, reason, file in batch.bad:
@@ -270,7 +278,11 @@ def _run_chunks(group: FeatureGroup, dataset: PreparedDataset, encoder: Encoder,
                                         "the weights may be broken (try --dtype float32 or other --weights)")
                     rows[np.asarray(batch.ids) - start] = out
                     present[np.asarray(batch.ids) - start] = True
+                    if states is not None:
+                        states.put(batch.ids)
                 bar.update(len(batch))
+            if states is not None:
+                states.write(group)  # before the chunk is marked done: no done rows without states
             group.write_chunk(chunk, rows, present)
     return {"items": total, "bad": bad}
 
@@ -324,12 +336,11 @@ def _finalise(group: FeatureGroup, dataset: PreparedDataset, encoder: Encoder, b
 
 
 def _versions() -> dict:
-    import timm
-    import transformers
-    import zarr
+    """Package versions behind the numbers (read from metadata: no library import)."""
+    from importlib.metadata import version
 
-    return {"morec_store": featurestore.__version__, "torch": torch.__version__, "timm": timm.__version__,
-            "transformers": transformers.__version__, "zarr": zarr.__version__, "numpy": np.__version__}
+    return {"morec_store": featurestore.__version__,
+            **{name: version(name) for name in ("torch", "timm", "transformers", "zarr", "numpy", "pillow")}}
 
 
 def run_extraction(ws: Workspace, opts: ExtractOptions) -> ExtractResult:
@@ -374,6 +385,7 @@ def _claim(store: FeatureStore, lock: GroupLock, dataset: PreparedDataset, job_a
         try:
             lock.acquire(command=opts.command())
             group = _open_or_create(store, name, dataset, job_attrs, opts, dim)
+            ensure_cache_arrays(group)
             todo = [int(c) for c in np.flatnonzero(~group.done_chunks())]
             if todo:
                 group.drop_flat()
@@ -399,8 +411,11 @@ def _run(ws: Workspace, opts: ExtractOptions, dist: Dist) -> ExtractResult:
     encoder = create_encoder(config.name, weights=opts.weights, random_init=opts.random_init,
                              pooling=opts.pooling, seed=opts.seed, max_text_tokens=opts.max_text_tokens)
     forward = Forward(encoder, resolve_device(opts.device, dist), opts.dtype)
+    if opts.cache_layer is not None:
+        forward = CachingForward(forward, plan_cache(encoder, opts.cache_layer, opts.cache_dtype))
     loaded = time.perf_counter()
     job_attrs = _job_attrs(name, dataset, encoder, forward, opts)
+    job_attrs.update(forward.plan.attrs() if isinstance(forward, CachingForward) else {})
     store = FeatureStore(ws.store)
     lock = store.lock(name)
     try:

@@ -39,13 +39,16 @@ def cli() -> None:
 @click.option("--dataset", required=True, help="Prepared dataset name (under ROOT/datasets).")
 @click.option("--mode", type=click.Choice(list_item_towers()), default="id", show_default=True,
               help="Item tower: id = IDRec embedding table; ts = stored vectors through the DT "
-                   "layer Linear(feat->d); ts-dnn = stored vectors through TS-DNN-N.")
+                   "layer Linear(feat->d); ts-dnn = stored vectors through TS-DNN-N; e2e = the "
+                   "encoder runs live, its top K blocks fine-tuned with the recommender; adapter = "
+                   "the encoder runs live, frozen, with Houlsby adapters trained.")
 @click.option("--layers", type=int, default=None,
               help=f"TS-DNN depth N: Linear(feat->d)+GELU, then N x [Dropout, Linear(d,d), GELU] "
                    f"(--mode ts-dnn only) [default: {DEFAULT_TS_DNN_LAYERS}].")
 @click.option("--encoder", default=None, metavar="ENC[,ENC]",
               help="Use the store group DATASET/<modality>/ENC written by `featurestore extract "
-                   "--encoder ENC` (ENC@VARIANT for a variant); two names = text + image.")
+                   "--encoder ENC` (ENC@VARIANT for a variant); two names = text + image. "
+                   "e2e/adapter: the encoder to run live.")
 @click.option("--features", default=None, metavar="GROUP[,GROUP]",
               help="Store groups by full name DATASET/MODALITY/ENCODER[@VARIANT]; two = fused.")
 @click.option("--fusion", type=click.Choice(list_fusions()), default=None,
@@ -81,12 +84,45 @@ def cli() -> None:
                    "with `torchrun --nproc-per-node N $(which recommend) train ...`.")
 @click.option("--run-name", default=None,
               help="Run folder name under ROOT/runs [default: DATASET-MODE-BACKBONE-LOSS-TIME].")
+@click.option("--top-k", type=int, default=None,
+              help="e2e: fine-tune the top K encoder blocks (Transformer blocks, or ResNet/EfficientNet "
+                   "stages) and the pooling head; everything below stays frozen and runs without "
+                   "gradients [default: 2, as PMMRec/MMSR].")
+@click.option("--encoder-lr", type=float, default=None,
+              help="e2e: AdamW learning rate of the fine-tuned encoder weights, a separate parameter "
+                   "group (equal rates can collapse training, 001 Fig. 5); new modules (DT layer, "
+                   "adapters, user encoder) use --lr [default: --lr / 10].")
+@click.option("--cached", is_flag=True,
+              help="e2e: train the top K blocks from the states cached by `featurestore extract "
+                   "--cache-layer K` (store group DATASET/MODALITY/ENC[@VARIANT]), skipping decoding and "
+                   "the frozen bottom; same loss and gradients as the naive path.")
+@click.option("--grad-checkpointing", is_flag=True,
+              help="e2e/adapter: recompute the trained blocks' activations during backward (less memory, "
+                   "about one more forward pass of those blocks).")
+@click.option("--amp", is_flag=True,
+              help="e2e/adapter: run the encoder under bfloat16 autocast (CPU, or GPUs with bf16).")
+@click.option("--adapter-dim", type=int, default=None,
+              help="adapter: bottleneck width k of each Houlsby adapter [default: 64].")
+@click.option("--adapter-in", type=click.Choice(["item", "user", "both"]), default=None,
+              help="adapter: put adapters into the item encoder, the user encoder (sasrec) or both; "
+                   "the adapted encoders are frozen [default: both, as paper 004].")
+@click.option("--weights", default=None, metavar="PATH_OR_HUB_ID",
+              help="e2e/adapter: encoder weights file/folder or hub id [default: the weights bundled "
+                   "with the encoder, if any; with --cached: the store group's].")
+@click.option("--random-init", is_flag=True,
+              help="e2e/adapter: start from an untrained, seeded encoder (tests, ablations); paper "
+                   "encoders have no local weights and are refused without this or --weights.")
+@click.option("--encoder-seed", type=int, default=0, show_default=True,
+              help="Seed of --random-init (the same as `featurestore extract --seed`).")
+@click.option("--pooling", type=click.Choice(["cls", "mean", "pooled"]), default=None,
+              help="e2e/adapter: pooling of the live encoder [default: the encoder's own; with "
+                   "--cached: the store group's].")
 @click.option("--quiet", is_flag=True, help="No progress bar or per-epoch log lines on stderr.")
 @root_option
 @json_option
 def train_command(ws: Workspace, as_json: bool, encoder: str | None, features: str | None,
                   quiet: bool, **options) -> None:
-    """Train a recommender (IDRec, TS, TS-DNN) into ROOT/runs/RUN.
+    """Train a recommender (IDRec, TS, TS-DNN, E2E, adapters) into ROOT/runs/RUN.
 
     Validates on the full item pool every epoch (HR@10/NDCG@10, the same scoring as
     `eval rank`), keeps the best checkpoint, stops early, and stops on collapse.

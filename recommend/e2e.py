@@ -64,6 +64,12 @@ class LiveInput:
     items: list[Item] | None = None
     cache: StateCache | None = None
 
+    def record(self) -> dict:
+        """The run config's record of this input (a store group only when cached)."""
+        if self.cache is not None:
+            return self.cache.record()
+        return {"content": "raw items", "dataset": self.dataset, "fingerprint": self.fingerprint}
+
 
 class LiveEncoderTower(ItemTower):
     """Item ids -> encoder (frozen bottom, tuned top) -> pooled vector -> DT layer.
@@ -104,6 +110,9 @@ class LiveEncoderTower(ItemTower):
         self.register_load_state_dict_pre_hook(_fill_frozen)
         self._threads: ThreadPoolExecutor | None = None
         self.train()
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "_threads": None}  # a thread pool does not copy or pickle
 
     def pretrained_parameters(self) -> Iterator[nn.Parameter]:
         """The pretrained encoder weights being fine-tuned (they get ``--encoder-lr``)."""

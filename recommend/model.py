@@ -14,6 +14,7 @@ from torch import nn
 
 from recommend.features import FeatureSource
 from recommend.item_towers import ItemTower, create_item_tower
+from recommend import adapters, e2e  # noqa: F401  (register the live-encoder towers: e2e, adapter)
 from recommend.user_encoders import EncoderConfig, UserEncoder, create_user_encoder
 
 
@@ -80,4 +81,6 @@ def build_recommender(spec: dict, sources: Sequence[FeatureSource] = (), fit: bo
     enc = dict(spec["user_encoder"])
     cfg = EncoderConfig(dim=spec["dim"], max_seq_len=spec["max_seq_len"],
                         **{k: v for k, v in enc.items() if k != "name"})
-    return Recommender(tower, create_user_encoder(enc["name"], cfg), spec["max_seq_len"])
+    model = Recommender(tower, create_user_encoder(enc["name"], cfg), spec["max_seq_len"])
+    adapters.apply_user_adapters(model, spec)  # adapter runs: a frozen user encoder carrying adapters
+    return model

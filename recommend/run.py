@@ -16,10 +16,12 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from featurestore.cliutil import UserError
 from featurestore.workspace import Workspace
+from recommend.e2e import LIVE_MODES, reopen_live_inputs
 from recommend.features import open_source
 from recommend.model import Recommender, build_recommender
 
@@ -28,6 +30,8 @@ CHECKPOINT = "model.safetensors"
 METRICS = "metrics.jsonl"
 BEST = "best.json"
 LOG = "train.log"
+LAST = "last.safetensors"
+FINISHED = ("completed", "early_stopped", "collapsed")  # best.json statuses of a run that is done
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]*$")
 
@@ -41,8 +45,13 @@ def default_run_name(config: dict) -> str:
             f"{config['training']['loss']}-{stamp}")
 
 
-def create_run(ws: Workspace, name: str, config: dict) -> Path:
-    """Make ``ROOT/runs/NAME`` (it must not exist) and write its ``config.json``."""
+def open_run(ws: Workspace, name: str, config: dict) -> Path:
+    """Make ``ROOT/runs/NAME`` with its ``config.json``, or reopen it to resume.
+
+    An existing folder is reopened only when its config describes the same training
+    (:func:`setup_differences` is empty); then the trainer resumes from its
+    ``last.safetensors`` or, if the run had finished, does nothing.
+    """
     if not _NAME.match(name):
         raise UserError(f"bad run name {name!r}; use letters, digits and . _ @ + -")
     run_dir = ws.run_dir(name)
@@ -50,10 +59,38 @@ def create_run(ws: Workspace, name: str, config: dict) -> Path:
     try:
         run_dir.mkdir()
     except FileExistsError:
-        raise UserError(f"run {name} already exists at {run_dir}; pick another --run-name "
-                        "or remove the old folder") from None
+        if not (run_dir / CONFIG).exists():
+            write_json(run_dir / CONFIG, config)  # killed between mkdir and config: nothing trained yet
+            return run_dir
+        differ = setup_differences(read_config(run_dir), config)
+        if differ:
+            raise UserError(f"run {name} already exists at {run_dir} with other settings "
+                            f"({', '.join(differ[:4])}); pick another --run-name or remove the old "
+                            "folder") from None
+        return run_dir
     write_json(run_dir / CONFIG, config)
     return run_dir
+
+
+# Config entries that may change between a run and its resumption without changing what it trains.
+_VOLATILE = {"created", "command", "package_version", "training.device", "training.world_size",
+             "options.device"}
+
+
+def setup_differences(stored: dict, wanted: dict) -> list[str]:
+    """Config keys (``section.key``) whose values differ, times/command line/device excluded."""
+    def entries(config: dict) -> dict:
+        config = json.loads(json.dumps(config))  # tuples -> lists, as stored
+        out = {}
+        for key, value in config.items():
+            if isinstance(value, dict):
+                out.update({f"{key}.{k}": v for k, v in value.items()})
+            else:
+                out[key] = value
+        return out
+
+    a, b = entries(stored), entries(wanted)
+    return sorted(k for k in a.keys() | b.keys() if k not in _VOLATILE and a.get(k) != b.get(k))
 
 
 def write_json(path: Path, obj: dict) -> None:
@@ -65,10 +102,72 @@ def write_json(path: Path, obj: dict) -> None:
 
 def save_checkpoint(run_dir: Path, model: Recommender) -> None:
     """The model's state as safetensors, replaced atomically."""
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     tmp = Path(run_dir) / f".{CHECKPOINT}.tmp"
-    save_file(state, str(tmp))
+    save_file(_cpu_state(model), str(tmp))
     os.replace(tmp, Path(run_dir) / CHECKPOINT)
+
+
+def _cpu_state(model: Recommender) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+
+
+def save_training_state(run_dir: Path, model: Recommender, optimizer: torch.optim.Optimizer,
+                        state: dict) -> None:
+    """Everything needed to continue after epoch ``state["epoch"]``, in ``last.safetensors``.
+
+    The model's current weights, the optimizer's moments and the epoch bookkeeping
+    (``state``: JSON in the file's metadata) go into one file replaced atomically, so a
+    kill leaves either the previous epoch's state or this one's, never a mix.
+    """
+    tensors = {f"model.{k}": v for k, v in _cpu_state(model).items()}
+    saved = optimizer.state_dict()
+    scalars = {}
+    for index, slots in saved["state"].items():
+        for key, value in slots.items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer.{index}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{index}.{key}"] = value
+    metadata = {"state": json.dumps(state), "param_groups": json.dumps(saved["param_groups"]),
+                "scalars": json.dumps(scalars)}
+    tmp = Path(run_dir) / f".{LAST}.tmp"
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, Path(run_dir) / LAST)
+
+
+def load_training_state(run_dir: Path, model: Recommender,
+                        optimizer: torch.optim.Optimizer) -> dict | None:
+    """Restore ``model`` and ``optimizer`` from ``last.safetensors``; its ``state``, or None."""
+    path = Path(run_dir) / LAST
+    if not path.exists():
+        return None
+    with safe_open(str(path), "pt") as fh:
+        metadata = fh.metadata()
+    tensors = load_file(str(path))
+    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    slots: dict[int, dict] = {}
+    for name, value in tensors.items():
+        if name.startswith("optimizer."):
+            _, index, key = name.split(".", 2)
+            slots.setdefault(int(index), {})[key] = value
+    for name, value in json.loads(metadata["scalars"]).items():
+        index, key = name.split(".", 1)
+        slots.setdefault(int(index), {})[key] = value
+    groups = json.loads(metadata["param_groups"])
+    for group, current in zip(groups, optimizer.param_groups):  # JSON turned tuples (betas) into lists
+        for key, value in group.items():
+            if isinstance(current.get(key), tuple):
+                group[key] = tuple(value)
+    optimizer.load_state_dict({"state": slots, "param_groups": groups})
+    return json.loads(metadata["state"])
+
+
+def rewrite_metrics(run_dir: Path, records: list[dict]) -> None:
+    """Replace ``metrics.jsonl`` by ``records`` atomically (resuming drops epochs not kept)."""
+    path = Path(run_dir) / METRICS
+    tmp = path.with_name(f".{METRICS}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    os.replace(tmp, path)
 
 
 def append_metrics(run_dir: Path, record: dict) -> None:
@@ -114,8 +213,11 @@ def load_run(run_dir: Path | str, device: str | torch.device = "cpu",
                         "train it again or wait for its first validation")
     ws = ws or Workspace(run_dir.resolve().parent.parent)
     spec = config["model"]
-    sources = [open_source(ws, f["group"], config["dataset"]["fingerprint"], spec["n_items"])
-               for f in config.get("features", [])]
+    if spec["item_tower"]["name"] in LIVE_MODES:
+        sources = reopen_live_inputs(ws, config)
+    else:
+        sources = [open_source(ws, f["group"], config["dataset"]["fingerprint"], spec["n_items"])
+                   for f in config.get("features", [])]
     model = build_recommender(spec, sources, fit=False)
     model.load_state_dict(load_file(str(run_dir / CHECKPOINT)))
     return model.to(device).eval(), config

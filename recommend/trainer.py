@@ -38,12 +38,16 @@ from featurestore.cliutil import UserError
 from featurestore.workspace import Workspace
 from recommend import __version__
 from recommend.batches import SequenceBatches, model_seq_len, training_rows
+from recommend.cost import parameter_breakdown
+from recommend.e2e import (LIVE_MODES, check_live_options, live_config, live_tower_spec, open_live_inputs,
+                           optimizer_groups)
 from recommend.features import open_source, resolve_groups
 from recommend.item_towers import ITEM_TOWERS, FUSIONS, WITH_ID_MODES
 from recommend.losses import LOSSES, Loss, LossContext, create_loss
 from recommend.model import Recommender, build_recommender
-from recommend.run import (BEST, CHECKPOINT, LOG, append_metrics, create_run, default_run_name,
-                           save_checkpoint, write_json)
+from recommend.run import (BEST, CHECKPOINT, FINISHED, LAST, LOG, append_metrics, default_run_name,
+                           load_training_state, open_run, read_metrics, rewrite_metrics,
+                           save_checkpoint, save_training_state, write_json)
 from recommend.user_encoders import USER_ENCODERS
 
 MONITOR = ("HR@10", "NDCG@10")  # early stopping: best HR@10, ties broken by NDCG@10
@@ -78,6 +82,18 @@ class TrainOptions:
     seed: int = 42
     device: str = "auto"
     run_name: str | None = None
+    # live-encoder modes (e2e, adapter): see recommend.e2e and recommend.adapters
+    top_k: int | None = None
+    encoder_lr: float | None = None
+    grad_checkpointing: bool = False
+    amp: bool = False
+    cached: bool = False
+    adapter_dim: int | None = None
+    adapter_in: str | None = None
+    random_init: bool = False
+    weights: str | None = None
+    encoder_seed: int = 0
+    pooling: str | None = None
 
 
 class Objective(nn.Module):
@@ -183,6 +199,7 @@ def check_options(opts: TrainOptions) -> TrainOptions:
         raise UserError(f"--dropout must be in [0, 1), got {opts.dropout}")
     if not opts.lr > 0:
         raise UserError(f"--lr must be > 0, got {opts.lr}")
+    check_live_options(opts)
     return opts
 
 
@@ -195,6 +212,8 @@ def model_spec(opts: TrainOptions, dataset: PreparedDataset) -> dict:
         tower["fusion"] = opts.fusion
     if opts.with_id:
         tower["with_id"] = opts.with_id
+    if opts.mode in LIVE_MODES:
+        tower.update(live_tower_spec(opts, dataset.name))
     return {
         "n_items": dataset.n_items,
         "dim": opts.dim,
@@ -316,8 +335,11 @@ def train(ws: Workspace, opts: TrainOptions, progress: bool = True, echo: bool =
 def _train(ws: Workspace, opts: TrainOptions, procs: Processes, device: torch.device,
            progress: bool, echo: bool) -> dict:
     dataset = PreparedDataset.load(ws.dataset_dir(opts.dataset))
-    groups = resolve_groups(dataset.name, opts.encoders, opts.features)
-    sources = [open_source(ws, g, dataset.fingerprint, dataset.n_items) for g in groups]
+    if opts.mode in LIVE_MODES:
+        sources = open_live_inputs(ws, opts, dataset)
+    else:
+        groups = resolve_groups(dataset.name, opts.encoders, opts.features)
+        sources = [open_source(ws, g, dataset.fingerprint, dataset.n_items) for g in groups]
     spec = model_spec(opts, dataset)
     rows = training_rows(dataset, spec["max_seq_len"])
     if len(rows) == 0:
@@ -334,21 +356,30 @@ def _train(ws: Workspace, opts: TrainOptions, procs: Processes, device: torch.de
     if procs.world_size > 1:
         objective = DistributedDataParallel(
             objective, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
+    optimizer = torch.optim.AdamW(optimizer_groups(model, opts.lr, opts.encoder_lr), lr=opts.lr,
+                                  weight_decay=opts.weight_decay)
     batches = SequenceBatches(rows, opts.batch_size, opts.seed, procs.rank, procs.world_size)
-    torch.manual_seed(opts.seed + procs.rank)  # each process draws its own negatives/dropout
 
     config = build_config(opts, dataset, sources, spec, model, len(rows), procs, device)
+    config["parameters"] = parameter_breakdown(model)
+    live_config(config, model)
     name = procs.broadcast(_run_name(ws, opts, config) if procs.main else None)
-    run_dir = create_run(ws, name, config) if procs.main else ws.run_dir(name)
+    run_dir = open_run(ws, name, config) if procs.main else ws.run_dir(name)
+    finished = procs.broadcast(_finished(run_dir) if procs.main else None)
+    if finished is not None:
+        return {"run": name, "run_dir": str(run_dir), **finished}
+    resume = load_training_state(run_dir, model, optimizer)  # every process: same weights
 
     with _run_logger(run_dir, procs.main, echo) as log:
         log.info("run %s: %s on %s, %d training sequences, %d items, %s trainable parameters, "
                  "device %s x%d", name, opts.mode, dataset.name, len(rows), dataset.n_items,
                  f"{config['cost']['trainable_params']:,}", device, procs.world_size)
+        if resume is not None and procs.main:
+            _restore_run_files(run_dir, model, resume)
+            log.info("resuming after epoch %d (from %s)", resume["epoch"], LAST)
         try:
             outcome = _epochs(objective, model, optimizer, batches, dataset, opts, procs, device,
-                              run_dir, progress, log)
+                              run_dir, progress, log, resume)
         except KeyboardInterrupt:
             if procs.main:
                 _mark_interrupted(run_dir)
@@ -357,16 +388,24 @@ def _train(ws: Workspace, opts: TrainOptions, procs: Processes, device: torch.de
         if procs.main:
             write_json(run_dir / BEST, {"epoch": outcome["best_epoch"], "metrics": outcome["best"],
                                         "status": outcome["status"], "message": outcome["message"]})
+            (run_dir / LAST).unlink(missing_ok=True)  # finished: nothing left to resume
         log.info("%s", outcome["message"])
     return {"run": name, "run_dir": str(run_dir), **outcome}
 
 
 def _epochs(objective, model: Recommender, optimizer, batches: SequenceBatches,
             dataset: PreparedDataset, opts: TrainOptions, procs: Processes,
-            device: torch.device, run_dir, progress: bool, log: logging.Logger) -> dict:
-    best, best_epoch, since_best = None, None, 0
-    status, message = "completed", ""
-    for epoch in range(1, opts.epochs + 1):
+            device: torch.device, run_dir, progress: bool, log: logging.Logger,
+            resume: dict | None = None) -> dict:
+    state = resume or {"epoch": 0, "best": None, "best_epoch": None, "since_best": 0,
+                       "stopped": None, "records": []}
+    best, best_epoch, since_best = state["best"], state["best_epoch"], state["since_best"]
+    records = list(state["records"])
+    status, message = state["stopped"] or ("completed", "")
+    epoch = state["epoch"]
+    first = opts.epochs + 1 if state["stopped"] else epoch + 1
+    for epoch in range(first, opts.epochs + 1):
+        torch.manual_seed(epoch_seed(opts.seed, procs.rank, epoch))  # negatives, dropout
         batches.set_epoch(epoch)
         objective.train()
         if device.type == "cuda":
@@ -409,7 +448,6 @@ def _epochs(objective, model: Recommender, optimizer, batches: SequenceBatches,
                 "peak_gpu_mb": (torch.cuda.max_memory_allocated(device) / 2**20
                                 if device.type == "cuda" else None),
             }
-            append_metrics(run_dir, record)
             log.info("epoch %d: loss %.4f, valid %s, %.1fs (%.1f seq/s)", epoch, mean_loss,
                      ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), seconds,
                      record["sequences_per_sec"])
@@ -421,14 +459,22 @@ def _epochs(objective, model: Recommender, optimizer, batches: SequenceBatches,
                             f"{opts.lr:g}; try {opts.lr / 10:g}).")
             elif _better(metrics, best):
                 best, best_epoch, since_best = metrics, epoch, 0
-                save_checkpoint(run_dir, model)
-                write_json(run_dir / BEST, {"epoch": epoch, "metrics": metrics, "status": "running"})
             else:
                 since_best += 1
                 if since_best >= opts.patience:
                     decision = ("early_stopped",
                                 f"early stop at epoch {epoch}: no better validation "
                                 f"{MONITOR[0]} for {opts.patience} epochs.")
+            records.append(record)
+            # resumable state first; the best checkpoint is only ever written after a state
+            # that names it (see _restore_run_files), and metrics.jsonl is rebuilt on resume
+            save_training_state(run_dir, model, optimizer, {
+                "epoch": epoch, "best": best, "best_epoch": best_epoch, "since_best": since_best,
+                "stopped": decision, "records": records})
+            if best_epoch == epoch:
+                save_checkpoint(run_dir, model)
+                write_json(run_dir / BEST, {"epoch": epoch, "metrics": metrics, "status": "running"})
+            append_metrics(run_dir, record)
         decision = procs.broadcast(decision)
         if decision is not None:
             status, message = decision
@@ -440,6 +486,38 @@ def _epochs(objective, model: Recommender, optimizer, batches: SequenceBatches,
                f"{best_epoch}" if best else "no epoch was validated")
     return {"status": status, "best_epoch": best_epoch, "best": best or {}, "epochs": epoch,
             "message": f"{message} {summary}; checkpoint {CHECKPOINT if best else 'none'}."}
+
+
+def epoch_seed(seed: int, rank: int, epoch: int) -> int:
+    """The torch seed of one process's epoch: negatives and dropout depend on (seed, rank,
+    epoch) only, so a run resumed at any epoch draws exactly what an uninterrupted one does."""
+    return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0])
+
+
+def _finished(run_dir) -> dict | None:
+    """The outcome of a run that already ended (best.json says so), else None."""
+    path = run_dir / BEST
+    best = json.loads(path.read_text()) if path.exists() else {}
+    if best.get("status") not in FINISHED:
+        return None
+    return {"status": best["status"], "best_epoch": best.get("epoch"), "best": best.get("metrics", {}),
+            "epochs": len(read_metrics(run_dir)),
+            "message": f"already finished, nothing to do: {best.get('message', '')}".strip()}
+
+
+def _restore_run_files(run_dir, model: Recommender, state: dict) -> None:
+    """Make the run folder agree with the resumed state after a kill at any point of an epoch.
+
+    ``metrics.jsonl`` keeps the resumed epochs only; when the state's own epoch was the best,
+    the kill may have come between the state and the checkpoint, so the checkpoint is
+    rewritten from the restored weights (an older best was written before its successor state).
+    """
+    rewrite_metrics(run_dir, state["records"])
+    if state["best_epoch"] is not None:
+        if state["best_epoch"] == state["epoch"]:
+            save_checkpoint(run_dir, model)
+        write_json(run_dir / BEST, {"epoch": state["best_epoch"], "metrics": state["best"],
+                                    "status": "running"})
 
 
 def _mark_interrupted(run_dir) -> None:

@@ -35,7 +35,7 @@ def source_ws(tmp_path_factory) -> Workspace:
     texts = titles(20)
     texts[6] = "   "  # an empty title
     write_dataset(ws, "texts", texts, [None] * 20)
-    write_dataset(ws, "long", titles(96), [None] * 96)
+    write_dataset(ws, "long", titles(128), [None] * 128)
     return ws
 
 
@@ -128,7 +128,7 @@ def test_resume_after_sigkill_is_bit_identical(ws, tmp_path):
     done_file = ws.store / "long/text/bert-small/chunks_done/c"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if done_file.exists() and len(list(done_file.iterdir())) >= 3:
+        if done_file.exists() and len(list(done_file.iterdir())) >= 2:
             break
         time.sleep(0.02)
     assert proc.poll() is None, f"the job ended before it could be killed: {proc.stderr.read().decode()[-500:]}"
@@ -137,7 +137,7 @@ def test_resume_after_sigkill_is_bit_identical(ws, tmp_path):
     proc.stderr.close()
     fg = FeatureStore(ws.store).open("long/text/bert-small")
     killed_done = int(fg.done_chunks().sum())
-    assert fg.status == "partial" and 3 <= killed_done < fg.n_chunks
+    assert fg.status == "partial" and 2 <= killed_done < fg.n_chunks
 
     resumed = job(ws, dataset="long", encoder="bert-small", random_init=True, chunk_rows=8)
     assert resumed.status == "complete"

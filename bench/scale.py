@@ -1,0 +1,160 @@
+"""The whole pipeline at the papers' HM scale on this machine, stage by stage.
+
+A synthetic H&M (001: 500K users, 87K items, the 13 most recent items each) goes
+through the commands a user runs, each in its own process so its peak RSS is its
+own (``os.wait4``):
+
+  1. ``featurestore dataset synth``    raw CSVs (+ one JPEG per item, streamed to disk)
+  2. ``featurestore dataset prepare``  streaming CSV -> sequences, sampled to --users
+  3. ``featurestore extract``          a small real encoder over the whole catalogue
+                                       (EfficientNet-Lite0 on pictures; MiniLM-L6 on
+                                       texts with --no-images); a chunk in memory at a time
+  4. ``recommend train``               TS-DNN-8 for one epoch (+ its full-pool validation)
+  5. ``recommend eval rank``           full-pool HR/NDCG@10 on the whole test split
+
+Training deviates from the paper's d = 512 / batch 64 so one epoch fits in minutes on
+2 cores: ``--dim 64 --batch-size 512`` by default (both flags). The ratio printed at the
+end is training one TS-DNN epoch against extracting once: the two-stage path pays the
+encoder once, then every recommender costs only its own epochs.
+
+Resumable like the tools it drives: stage results are kept in ``stages.json`` in the
+work folder and a rerun skips recorded stages (``--fresh`` starts over).
+
+    python bench/scale.py                               # full scale (~30-60 min here)
+    python bench/scale.py --users 20000 --items 5000    # a quick look
+    python bench/scale.py --no-images --json            # texts + MiniLM-L6
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+
+OUT = Path(__file__).resolve().parent / "out"
+RUN_NAME = "scale-ts-dnn8"
+STAGES = ("synth", "prepare", "extract", "train", "rank")
+
+
+def run_stage(name: str, argv: list[str], log: Path) -> dict:
+    """Run one command to completion; wall time and that process tree's peak RSS."""
+    start = time.perf_counter()
+    with open(log, "a") as fh:
+        fh.write(f"\n$ {' '.join(argv)}\n")
+        fh.flush()
+        proc = subprocess.Popen(argv, stdout=fh, stderr=fh)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise click.ClickException(f"stage {name} failed (exit {proc.returncode}); see {log}")
+    # wait4's ru_maxrss: the largest single process of the tree (DataLoader workers
+    # included), not their sum
+    return {"stage": name, "seconds": round(seconds, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+            "command": " ".join(argv[2:] if argv[1] == "-m" else argv)}
+
+
+def tool(module: str, *args: object) -> list[str]:
+    return [sys.executable, "-m", module, *(str(a) for a in args)]
+
+
+def stage_commands(work: Path, users: int, items: int, images: bool, encoder: str, dim: int,
+                   batch_size: int, seed: int) -> dict[str, list[str]]:
+    root, raw = work / "root", work / "raw"
+    synth_users = int(users * 1.3) + 100  # about 21% fall under the 5-interaction filter
+    return {
+        "synth": tool("featurestore.cli", "dataset", "synth", "--format", "hm", "--out", raw,
+                      "--users", synth_users, "--items", items, "--seed", seed,
+                      "--images" if images else "--no-images", "--root", root),
+        "prepare": tool("featurestore.cli", "dataset", "prepare", "--format", "hm", "--source", raw,
+                        "--name", "scale", "--users", users, "--seed", seed, "--root", root, "--json"),
+        "extract": tool("featurestore.cli", "extract", "--dataset", "scale", "--encoder", encoder,
+                        "--batch-size", 64, "--root", root, "--json"),
+        "train": tool("recommend.cli", "train", "--dataset", "scale", "--mode", "ts-dnn", "--layers", 8,
+                      "--encoder", encoder, "--dim", dim, "--batch-size", batch_size, "--epochs", 1,
+                      "--run-name", RUN_NAME, "--device", "cpu", "--quiet", "--root", root, "--json"),
+        "rank": tool("eval.cli", "rank", "--run", RUN_NAME, "--split", "test", "--k", "10",
+                     "--device", "cpu", "--root", root, "--json"),
+    }
+
+
+def stage_details(work: Path) -> dict:
+    """What the stages produced: sizes, training epoch figures, test metrics."""
+    root = work / "root"
+    details: dict = {}
+    manifest = root / "datasets" / "scale" / "manifest.json"
+    if manifest.exists():
+        counts = json.loads(manifest.read_text())["counts"]
+        details["dataset"] = {k: counts[k] for k in ("users", "items", "interactions", "train")}
+    metrics = root / "runs" / RUN_NAME / "metrics.jsonl"
+    if metrics.exists():
+        epoch = json.loads(metrics.read_text().splitlines()[0])
+        details["epoch"] = {k: epoch.get(k) for k in ("seconds", "eval_seconds", "sequences_per_sec",
+                                                      "peak_rss_mb", "valid")}
+    eval_json = root / "runs" / RUN_NAME / "eval.json"
+    if eval_json.exists():
+        result = next(iter(json.loads(eval_json.read_text()).values()))
+        details["test"] = {k: result[k] for k in ("HR@10", "NDCG@10", "users")}
+    return details
+
+
+@click.command()
+@click.option("--users", type=click.IntRange(min=100), default=500_000, show_default=True,
+              help="Users after preparation (about 1.3x as many are synthesized, then sampled).")
+@click.option("--items", type=click.IntRange(min=100), default=87_000, show_default=True,
+              help="Catalogue size.")
+@click.option("--images/--no-images", default=True, show_default=True,
+              help="Pictures + EfficientNet-Lite0, or texts + MiniLM-L6 (faster on a busy CPU).")
+@click.option("--dim", type=int, default=64, show_default=True,
+              help="Recommender width d (the paper's 512 takes hours per epoch on 2 cores).")
+@click.option("--batch-size", type=int, default=512, show_default=True, help="Training users per step.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the synthetic data.")
+@click.option("--work", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Work folder [default: bench/out/scale-<users>u-<items>i-<images|texts>].")
+@click.option("--fresh", is_flag=True, help="Delete the work folder first instead of resuming.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def main(users: int, items: int, images: bool, dim: int, batch_size: int, seed: int, work: Path | None,
+         fresh: bool, as_json: bool) -> None:
+    """Synthesize, prepare, extract, train one TS-DNN epoch and rank at HM scale; time and memory per stage."""
+    encoder = "efficientnet-lite0" if images else "minilm-l6"
+    work = work or OUT / f"scale-{users}u-{items}i-{'images' if images else 'texts'}"
+    if fresh and work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    record_path, log = work / "stages.json", work / "stages.log"
+    done = json.loads(record_path.read_text()) if record_path.exists() else {}
+    commands = stage_commands(work, users, items, images, encoder, dim, batch_size, seed)
+    for name in STAGES:
+        if name in done:
+            click.echo(f"{name}: recorded earlier ({done[name]['seconds']} s), skipped", err=True)
+            continue
+        click.echo(f"{name}: running (log: {log})", err=True)
+        done[name] = run_stage(name, commands[name], log)
+        record_path.write_text(json.dumps(done, indent=2))
+        click.echo(f"{name}: {done[name]['seconds']} s, peak RSS {done[name]['peak_rss_mb']} MB", err=True)
+
+    details = stage_details(work)
+    ratio = done["train"]["seconds"] / done["extract"]["seconds"]
+    result = {"users": users, "items": items, "encoder": encoder, "dim": dim, "batch_size": batch_size,
+              "stages": [done[name] for name in STAGES], "details": details,
+              "train_epoch_over_extract": round(ratio, 3), "work": str(work)}
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    click.echo(f"HM-scale pipeline: {users} users, {items} items, encoder {encoder}, TS-DNN-8 d={dim} "
+               f"batch {batch_size}")
+    click.echo(f"{'stage':10}{'seconds':>10}{'peak RSS MB':>14}")
+    for name in STAGES:
+        click.echo(f"{name:10}{done[name]['seconds']:>10.1f}{done[name]['peak_rss_mb']:>14.0f}")
+    click.echo(f"details: {json.dumps(details)}")
+    click.echo(f"one TS-DNN epoch (train stage, incl. validation) / one extraction: {ratio:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
