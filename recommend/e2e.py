@@ -133,14 +133,14 @@ class LiveEncoderTower(ItemTower):
         vectors = self.project(self.content(unique))
         return vectors[inverse].reshape(*ids.shape, self.dim)
 
-    def all_vectors(self, batch_size: int = 4096) -> torch.Tensor:
-        step = max(1, min(batch_size, self.item_batch))
-        device = self.missing.device
-        return torch.cat([self(torch.arange(start, min(start + step, self.n_items + 1), device=device))
-                          for start in range(0, self.n_items + 1, step)])
-
     def content(self, ids: torch.Tensor) -> torch.Tensor:
-        """``(P, width)`` pooled encoder output for distinct item ids (``missing`` where no content)."""
+        """``(P, width)`` pooled encoder output for distinct item ids (``missing`` where no content).
+
+        Without gradients (listing the catalogue, also through a wrapper such as
+        ``--with-id``) the encoder sees at most ``item_batch`` items at a time.
+        """
+        if not torch.is_grad_enabled() and len(ids) > self.item_batch:
+            return torch.cat([self.content(part) for part in ids.split(self.item_batch)])
         present, hidden = self._bottom(ids.cpu().numpy())
         present = torch.from_numpy(present).to(self.missing.device)
         out = torch.zeros(len(ids), self.encoder.width, device=self.missing.device)

@@ -128,6 +128,19 @@ def test_cached_and_naive_paths_give_the_same_loss_and_gradients(ws, synth_datas
         torch.testing.assert_close(grads_c[name], grad, rtol=1e-4, atol=1e-4 * scale, msg=name)
 
 
+def test_catalogue_is_listed_in_encoder_sized_chunks(ws, synth_dataset):
+    whole, opts = build(ws, synth_dataset, **TEXT, with_id="add")
+    spec = model_spec(opts, synth_dataset)
+    spec["item_tower"]["item_batch"] = 16
+    torch.manual_seed(0)
+    chunked = build_recommender(spec, open_live_inputs(ws, opts, synth_dataset))
+    calls = []
+    chunked.item_tower.content.encoder.stem.register_forward_hook(lambda m, i, o: calls.append(len(o.states)))
+    expected, got = whole.eval().item_vectors(), chunked.eval().item_vectors()
+    assert max(calls) <= 16 and sum(calls) == synth_dataset.n_items
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_cache_holds_the_states_entering_the_top_blocks(ws, synth_dataset):
     group = FeatureStore(ws.store).open("synth/image/efficientnet-lite0")
     assert group.attrs["cache_layer"] == 2 and group.attrs["cache_block"] == 5
