@@ -101,7 +101,7 @@ def main(encoder: str, top_k: int, random_init: bool, users: int, items: int, la
         stamp = time.strftime("%H%M%S")
         runs = []
         for name, options in ((f"ts-dnn-{layers}", dict(mode="ts-dnn", layers=layers)),
-                              ("e2e cached", dict(**live, cached=True, random_init=False)),
+                              ("e2e cached", {**live, "cached": True, "random_init": False}),
                               ("e2e naive", live)):
             opts = TrainOptions(run_name=f"bench-{name.replace(' ', '-')}-{stamp}", **options, **common)
             runs.append(timed_run(ws, name, opts))

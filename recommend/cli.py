@@ -6,14 +6,18 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import click
 
 from eval.cli import cli as eval_cli
-from featurestore.cliutil import emit, json_option, root_option, run_cli
+from featurestore.cliutil import UserError, emit, json_option, root_option, run_cli
 from featurestore.workspace import Workspace
 from recommend.item_towers import WITH_ID_MODES, list_fusions, list_item_towers
 from recommend.losses import list_losses
 from recommend.run import list_runs
+from recommend.study import DEFAULT_LAYERS, STUDY_MODES, StudyOptions, run_study
 from recommend.trainer import DEFAULT_TS_DNN_LAYERS, Processes, TrainOptions, train
 from recommend.user_encoders import list_user_encoders
 
@@ -31,6 +35,7 @@ def cli() -> None:
     recommend train --dataset HM --mode id
     recommend train --dataset HM --mode ts-dnn --layers 8 --encoder efficientnet-lite0
     recommend runs
+    recommend study --dataset HM --encoder efficientnet-lite0 --layers 2,8 --modes id,ts,ts-dnn
     recommend eval rank --run RUN --full-pool
     """
 
@@ -152,6 +157,63 @@ def runs_command(ws: Workspace, as_json: bool) -> None:
         lines.append(f"{r['run']:40} {mode:14} {r['backbone']:9} {r['loss']:7} {r['epochs']:>6} "
                      f"{_fmt(hr):>7} {_fmt(ndcg):>7}  {r['status']}")
     emit({"runs": runs}, as_json, "\n".join(lines) if runs else f"no runs under {ws.runs}")
+
+
+@cli.command("study")
+@click.option("--dataset", required=True, help="Prepared dataset name (under ROOT/datasets).")
+@click.option("--encoder", required=True,
+              help="Item encoder for the content modes: its store group is extracted if missing "
+                   "(ts, ts-dnn) and it runs live in e2e/adapter (list: `featurestore encoders`).")
+@click.option("--layers", default=",".join(map(str, DEFAULT_LAYERS)), show_default=True,
+              help="TS-DNN depths N to train, comma-separated (one run each).")
+@click.option("--modes", default=",".join(STUDY_MODES), show_default=True,
+              help="Item towers to compare: id (IDRec), ts, ts-dnn, e2e, adapter. A mode this "
+                   "installation lacks is listed as unavailable in the report.")
+@click.option("--top-k", type=int, default=2, show_default=True,
+              help="e2e: fine-tune the top K encoder blocks.")
+@click.option("--epochs", type=int, default=20, show_default=True,
+              help="Most epochs per run (early stopping on validation HR@10 may end a run sooner).")
+@click.option("--dim", type=int, default=64, show_default=True,
+              help="Hidden width d of every run (the papers use 512; 64 keeps a CPU study to minutes).")
+@click.option("--batch-size", type=int, default=64, show_default=True, help="Users per training step.")
+@click.option("--lr", type=float, default=1e-3, show_default=True,
+              help="AdamW learning rate of every run (e2e encoder blocks: --lr / 10).")
+@click.option("--patience", type=int, default=10, show_default=True,
+              help="Stop a run after this many epochs without a better validation HR@10.")
+@click.option("--seed", type=int, default=42, show_default=True, help="Seed of every run.")
+@click.option("--random-init", is_flag=True,
+              help="Use an untrained, seeded encoder (for encoders without local weights: tests, "
+                   "ablations); recorded in the store group and the runs.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for report.md, study.json and the PNG plots "
+                   "[default: ROOT/studies/DATASET-ENCODER].")
+@root_option
+@json_option
+def study_command(ws: Workspace, as_json: bool, layers: str, modes: str, **options) -> None:
+    """Compare IDRec, TS, TS-DNN-N, E2E and adapters on one dataset (001 Tables 5 and 6).
+
+    Extracts the encoder's store group if missing, trains every configuration (runs
+    named by a hash of their settings; finished ones are skipped, killed ones resume),
+    ranks each on the full item pool (test split), and writes report.md with HR@10 /
+    NDCG@10, trainable parameters, seconds per epoch and peak memory, next to the
+    popularity baseline, plus the PNG plots of `eval compare`. Killed and started
+    again with the same command, it continues where it stopped.
+
+    \b
+    recommend study --dataset demo --encoder efficientnet-lite0 --layers 2,8 --modes id,ts,ts-dnn
+    """
+    try:
+        depths = [int(n) for n in _names(layers)]
+    except ValueError:
+        raise UserError(f"--layers {layers}: give whole numbers, e.g. --layers 2,6,8") from None
+    opts = StudyOptions(layers=depths, modes=_names(modes), **options)
+    result = run_study(ws, opts, progress=not as_json, command=" ".join(["recommend", *sys.argv[1:]]))
+    emit(result, as_json, f"{result['table'].rstrip()}\nreport: {result['report']}")
+    failed = [c for c in result["configurations"] if c["status"] == "failed"]
+    if failed:
+        raise UserError(f"{len(failed)} configuration(s) failed ({failed[0]['label']}: {failed[0]['reason']}); "
+                        f"the others are in {result['report']}")
 
 
 def _fmt(value: float | None) -> str:

@@ -1,0 +1,349 @@
+"""``recommend study``: which item tower is worth its cost on one dataset (001 Tables 5 and 6).
+
+One command runs the papers' comparison: IDRec, TS, TS-DNN-N for each depth N, E2E
+(top-K blocks fine-tuned) and adapters, all on the same dataset, backbone, loss and
+budget, each ranked against the full item pool on the test split, next to the
+popularity baseline, with what each cost (trainable parameters, seconds per epoch,
+peak memory).
+
+Why it is built from the pieces a user would run by hand: every step is already
+resumable on its own, so the study is too. Extraction resumes from its finished
+chunks; each configuration trains into a run folder whose name is derived from a
+hash of its settings (the same study finds the same runs again), resumes from
+``last.safetensors`` and is skipped once finished; a run's test result is kept in its
+``eval.json``. Killed and started again, the study redoes at most one epoch.
+
+The report reuses :mod:`eval.compare` (the table) and :mod:`eval.plots` (the PNGs of
+``eval compare``), so a study and a hand-made comparison read the same way.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import datetime as dt
+import hashlib
+import json
+import multiprocessing
+import os
+import signal
+import traceback
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import click
+
+from data.dataset import PreparedDataset
+from eval.cli import load_run_and_dataset, record_result, result_key
+from eval.compare import RunSummary, markdown_table, summarize_run
+from eval.evaluate import evaluate, popularity_metrics
+from eval.ranking import TIES_RULE
+from featurestore.cliutil import UserError
+from featurestore.workspace import Workspace
+from recommend.item_towers import list_item_towers
+from recommend.run import BEST, CHECKPOINT, FINISHED
+from recommend.trainer import TrainOptions, train
+
+STUDY_MODES = ("id", "ts", "ts-dnn", "e2e", "adapter")
+DEFAULT_LAYERS = (2, 6, 8, 10, 12)
+STORE_MODES = ("ts", "ts-dnn")  # the modes that read the store group
+KS = (10,)  # 001 Table 5 reports HR@10 and NDCG@10
+REPORT = "report.md"
+SUMMARY = "study.json"
+PLOTS = {"HR@10": "compare-hr10.png", "NDCG@10": "compare-ndcg10.png"}
+PR_SET_PDEATHSIG = 1  # prctl(2)
+
+
+@dataclass
+class StudyOptions:
+    """Everything ``recommend study`` takes (see its ``--help``)."""
+
+    dataset: str
+    encoder: str
+    layers: list[int] = field(default_factory=lambda: list(DEFAULT_LAYERS))
+    modes: list[str] = field(default_factory=lambda: list(STUDY_MODES))
+    top_k: int = 2
+    epochs: int = 20
+    dim: int = 64
+    batch_size: int = 64
+    lr: float = 1e-3
+    patience: int = 10
+    seed: int = 42
+    random_init: bool = False
+    device: str = "auto"
+    out: Path | None = None
+
+
+@dataclass
+class Configuration:
+    """One row of the study: a mode (and depth or top-K) and what became of it."""
+
+    label: str
+    mode: str
+    options: TrainOptions | None = None
+    run: str | None = None
+    status: str = "planned"  # planned, trained, finished earlier, failed, unavailable
+    reason: str | None = None
+    test: dict | None = None
+
+    def to_dict(self) -> dict:
+        return {"label": self.label, "mode": self.mode, "run": self.run, "status": self.status,
+                "reason": self.reason, "test": self.test}
+
+
+def check_options(opts: StudyOptions) -> StudyOptions:
+    unknown = [m for m in opts.modes if m not in STUDY_MODES]
+    if unknown or not opts.modes:
+        raise UserError(f"--modes {','.join(opts.modes) or '(empty)'}: choose from {','.join(STUDY_MODES)}")
+    if "ts-dnn" in opts.modes and not opts.layers:
+        raise UserError("--modes has ts-dnn but --layers is empty; give depths, e.g. --layers 2,8")
+    if any(n < 0 for n in opts.layers):
+        raise UserError(f"--layers must be >= 0, got {','.join(map(str, opts.layers))}")
+    return opts
+
+
+def run_name(dataset: PreparedDataset, label: str, options: TrainOptions) -> str:
+    """``DATASET-LABEL[-ENCODER]-HASH``: the same settings on the same data, the same name.
+
+    The hash covers every training option (but where it runs) and the dataset
+    fingerprint, so a rerun finds its runs, and a changed setting or dataset gets new ones.
+    An ID run names no encoder: studies of several encoders share it.
+    """
+    settings = {k: v for k, v in asdict(options).items() if k not in ("run_name", "device")}
+    digest = hashlib.sha256(json.dumps({"options": settings, "dataset": dataset.fingerprint},
+                                       sort_keys=True).encode()).hexdigest()[:8]
+    encoder = "-" + options.encoders[0] if options.encoders else ""
+    return f"{dataset.name}-{label}{encoder}-{digest}"
+
+
+def plan(opts: StudyOptions, dataset: PreparedDataset) -> list[Configuration]:
+    """The configurations in report order; modes this installation lacks are marked unavailable."""
+    registered = set(list_item_towers())
+    common = TrainOptions(dataset=opts.dataset, dim=opts.dim, batch_size=opts.batch_size,
+                          epochs=opts.epochs, patience=opts.patience, lr=opts.lr, seed=opts.seed,
+                          device=opts.device)
+    rows: list[tuple[str, str, dict]] = []
+    for mode in STUDY_MODES:
+        if mode not in opts.modes:
+            continue
+        if mode == "id":
+            rows.append(("id", mode, {}))
+        elif mode == "ts":
+            rows.append(("ts", mode, {"encoders": [opts.encoder]}))
+        elif mode == "ts-dnn":
+            rows += [(f"ts-dnn{n}", mode, {"encoders": [opts.encoder], "layers": n})
+                     for n in sorted(set(opts.layers))]
+        elif mode == "e2e":
+            rows.append((f"e2e-top{opts.top_k}", mode, {"encoders": [opts.encoder], "top_k": opts.top_k,
+                                                          "random_init": opts.random_init}))
+        else:
+            rows.append(("adapter", mode, {"encoders": [opts.encoder], "random_init": opts.random_init}))
+    configs = []
+    for label, mode, settings in rows:
+        if mode not in registered:
+            configs.append(Configuration(label, mode, status="unavailable",
+                                         reason=f"`recommend train --mode {mode}` is not available in this "
+                                                "installation"))
+            continue
+        options = replace(common, mode=mode, **settings)
+        options.run_name = run_name(dataset, label, options)
+        configs.append(Configuration(label, mode, options=options, run=options.run_name))
+    return configs
+
+
+def ensure_features(ws: Workspace, opts: StudyOptions, progress: bool) -> dict:
+    """Extract the encoder's store group if it is missing or unfinished (resumes a killed job).
+
+    Always goes through the extraction job, which checks that an existing group was
+    written with the same weights and settings (so a random-init group is never
+    mistaken for a pretrained one) and returns at once when the group is complete.
+    """
+    from extract.job import ExtractOptions, run_extraction
+
+    result = run_extraction(ws, ExtractOptions(dataset=opts.dataset, encoder=opts.encoder,
+                                               random_init=opts.random_init, progress=progress))
+    return result.to_dict()
+
+
+def rank_on_test(ws: Workspace, run_dir: Path) -> dict:
+    """Full-pool test metrics of a finished run, as ``eval rank`` computes and stores them.
+
+    Reuses the run's ``eval.json`` entry when one exists for these options.
+    """
+    key = result_key({"split": "test", "subset": "all", "exclude_history": True, "ks": list(KS)})
+    stored = run_dir / "eval.json"
+    if stored.exists():
+        try:
+            previous = json.loads(stored.read_text()).get(key)
+        except json.JSONDecodeError:
+            previous = None  # record_result sets the unreadable file aside
+        if previous is not None:
+            return previous
+    model, _config, dataset = load_run_and_dataset(ws, run_dir)
+    result = evaluate(model, dataset, split="test", ks=KS, exclude_history=True)
+    result["evaluated_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    result["dataset"] = {"name": dataset.name, "fingerprint": dataset.fingerprint}
+    record_result(run_dir, result)
+    return result
+
+
+def _die_with_parent() -> None:
+    """Linux: get SIGKILL when the study dies, so a killed study leaves no trainer running
+    on into the folder its restart will resume."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
+def _train_child(conn, root: Path, options: TrainOptions, progress: bool) -> None:
+    _die_with_parent()
+    try:
+        conn.send(("ok", train(Workspace(root), options, progress=progress, echo=False)))
+    except (UserError, OSError) as err:
+        conn.send(("error", err))
+    except BaseException:  # a bug: keep its traceback for the study's error
+        conn.send(("bug", traceback.format_exc()))
+
+
+def train_in_child(ws: Workspace, options: TrainOptions, progress: bool) -> dict:
+    """:func:`recommend.trainer.train` in a fresh process: each run's peak memory (Table 6)
+    is its own, as with ``recommend train``, not the study's high-water mark so far."""
+    ctx = multiprocessing.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_train_child, args=(send, ws.root, options, progress))
+    child.start()
+    send.close()
+    try:
+        kind, value = receive.recv()
+    except EOFError:
+        child.join()
+        raise UserError(f"training run {options.run_name} ended without a result (exit code "
+                        f"{child.exitcode}); run the study again to resume it") from None
+    child.join()
+    if kind == "bug":
+        raise RuntimeError(f"training run {options.run_name} failed:\n{value}")
+    if kind == "error":
+        raise value
+    return value
+
+
+def _train_and_rank(ws: Workspace, config: Configuration, progress: bool) -> None:
+    run_dir = ws.run_dir(config.run)
+    best_path = run_dir / BEST
+    earlier = best_path.exists() and json.loads(best_path.read_text()).get("status") in FINISHED
+    outcome = train_in_child(ws, config.options, progress)
+    config.status = "finished earlier" if earlier else "trained"
+    if not (run_dir / CHECKPOINT).exists():
+        config.status, config.reason = "failed", f"no checkpoint: {outcome['message']}"
+        return
+    config.test = {k: v for k, v in rank_on_test(ws, run_dir).items() if k.startswith(("HR@", "NDCG@"))}
+
+
+def popularity_row(dataset: PreparedDataset) -> RunSummary:
+    """The popularity baseline as a table row (no parameters, no training)."""
+    metrics = popularity_metrics(dataset, split="test", ks=KS, exclude_history=True)
+    return RunSummary(name="popularity", mode="popularity", encoder="-", layers=None, trainable_params=0,
+                      total_params=0, epochs=0, sec_per_epoch=None, peak_rss_mb=None, peak_gpu_mb=None,
+                      metrics={k: v for k, v in metrics.items() if k.startswith(("HR@", "NDCG@"))},
+                      source="test (history excluded)")
+
+
+def default_out(ws: Workspace, opts: StudyOptions) -> Path:
+    return opts.out or ws.studies / f"{opts.dataset}-{opts.encoder}"
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_report(out: Path, opts: StudyOptions, dataset: PreparedDataset, configs: list[Configuration],
+                 table: str, features: dict | None, command: str) -> Path:
+    """``report.md``: setup, the accuracy/cost table, what was not run and why, figures."""
+    lines = [
+        f"# Study: {dataset.name} with {opts.encoder}",
+        "",
+        "Which item tower is worth its cost on this dataset: IDRec, TS (stored vectors + DT layer), "
+        "TS-DNN-N (stored vectors + N dense layers), E2E (top-K encoder blocks fine-tuned) and "
+        "adapters, against the popularity baseline (001 Tables 5 and 6).",
+        "",
+        f"- dataset: `{dataset.name}`, {dataset.n_users} users, {dataset.n_items} items, "
+        f"fingerprint `{dataset.fingerprint}`",
+    ]
+    if features:
+        lines.append(f"- features: store group `{features['group']}` ({features['status']}, "
+                     f"{features['embedded']}/{features['items']} items embedded)")
+    lines += [
+        f"- training: SASRec, BCE with one sampled negative, d = {opts.dim}, batch {opts.batch_size}, "
+        f"lr {opts.lr:g}, at most {opts.epochs} epochs, early stopping after {opts.patience} epochs "
+        f"without a better validation HR@10, seed {opts.seed}",
+        f"- evaluation: test split (last item), ranked against all {dataset.n_items} items, the user's "
+        f"history excluded, ties rank the target last ({TIES_RULE}); metrics in percent",
+        f"- command: `{command}`",
+        "",
+        "## Accuracy and cost",
+        "",
+        table.rstrip("\n"),
+        "",
+        "`s/epoch` is training time per epoch without validation; `peak RSS MB` the largest resident "
+        "memory of the training process; `source` says where the metrics come from.",
+        "",
+    ]
+    missing = [c for c in configs if c.status in ("unavailable", "failed")]
+    if missing:
+        lines += ["## Not run", ""]
+        lines += [f"- {c.label}: {c.status}: {c.reason}" for c in missing]
+        lines.append("")
+    lines += ["## Figures", ""]
+    lines += [f"![{metric} against TS-DNN depth and training cost]({name})" for metric, name in PLOTS.items()]
+    lines.append("")
+    path = out / REPORT
+    _write_text(path, "\n".join(lines))
+    return path
+
+
+def run_study(ws: Workspace, opts: StudyOptions, progress: bool = True,
+              command: str = "recommend study") -> dict:
+    """Extract, train, rank and report; every step resumes or is skipped when done.
+
+    Returns:
+        ``{"report", "out", "table", "popularity", "configurations": [...], "features"}``.
+
+    Example:
+        >>> run_study(ws, StudyOptions(dataset="demo", encoder="efficientnet-lite0",
+        ...                            layers=[2, 8], modes=["id", "ts", "ts-dnn"]))["report"]
+    """
+    from eval.plots import plot_compare
+
+    opts = check_options(opts)
+    dataset = PreparedDataset.load(ws.dataset_dir(opts.dataset))
+    out = default_out(ws, opts)
+    out.mkdir(parents=True, exist_ok=True)
+    configs = plan(opts, dataset)
+    say = (lambda text: click.echo(text, err=True)) if progress else (lambda text: None)
+
+    features = None
+    if any(c.mode in STORE_MODES and c.options for c in configs):
+        say(f"study: features {opts.dataset}/{opts.encoder}")
+        features = ensure_features(ws, opts, progress)
+    todo = [c for c in configs if c.options is not None]
+    for number, config in enumerate(todo, 1):
+        say(f"study: [{number}/{len(todo)}] {config.label}: run {config.run}")
+        try:
+            _train_and_rank(ws, config, progress)
+        except UserError as err:  # this configuration cannot run here; the others still can
+            config.status, config.reason = "failed", str(err)
+            say(f"study: {config.label} failed: {err}")
+
+    summaries = [popularity_row(dataset)]
+    summaries += [summarize_run(ws.run_dir(c.run)) for c in configs if c.test is not None]
+    table = markdown_table(summaries)
+    for metric, name in PLOTS.items():
+        plot_compare(summaries, out / name, metric=metric)
+    report = write_report(out, opts, dataset, configs, table, features, command)
+    result = {"report": str(report), "out": str(out), "table": table,
+              "popularity": summaries[0].metrics, "configurations": [c.to_dict() for c in configs],
+              "features": features, "plots": [str(out / name) for name in PLOTS.values()]}
+    _write_text(out / SUMMARY, json.dumps(result, indent=2, default=str) + "\n")
+    return result
