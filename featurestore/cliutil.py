@@ -7,6 +7,7 @@ to fix, and the message says how.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import sys
@@ -66,12 +67,38 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+# A full disk or a root that cannot be written is the user's to fix, like bad input.
+_OS_PROBLEMS = {
+    errno.ENOSPC: ("no space left on the device", "free some space and run the same command again"),
+    errno.EDQUOT: ("disk quota exceeded", "free some space and run the same command again"),
+    errno.EACCES: ("permission denied", "make it writable or choose another --root"),
+    errno.EPERM: ("operation not permitted", "make it writable or choose another --root"),
+    errno.EROFS: ("read-only file system", "choose another --root"),
+    errno.ENOTDIR: ("part of the path is a file, not a folder", "choose another --root"),
+}
+
+
+def os_error_message(err: OSError) -> str | None:
+    """One line naming the path, the problem and the fix, for the OS errors in ``_OS_PROBLEMS``."""
+    if err.errno not in _OS_PROBLEMS:
+        return None
+    problem, fix = _OS_PROBLEMS[err.errno]
+    return f"{err.filename or 'a file'}: {problem}; {fix} (finished results are kept)"
+
+
 def run_cli(group: click.Group, prog_name: str) -> None:
-    """Run a click group, turning :class:`UserError` into one line and exit 2."""
+    """Run a click group, turning :class:`UserError` (and a full disk or an unwritable
+    root) into one line and exit 2."""
     try:
         group.main(prog_name=prog_name, standalone_mode=False)
     except UserError as err:
         click.echo(f"error: {err}", err=True)
+        sys.exit(2)
+    except OSError as err:
+        message = os_error_message(err)
+        if message is None:
+            raise
+        click.echo(f"error: {message}", err=True)
         sys.exit(2)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 from featurestore.cliutil import UserError
 from featurestore.workspace import Workspace
@@ -102,9 +103,19 @@ def write_json(path: Path, obj: dict) -> None:
 
 def save_checkpoint(run_dir: Path, model: Recommender) -> None:
     """The model's state as safetensors, replaced atomically."""
-    tmp = Path(run_dir) / f".{CHECKPOINT}.tmp"
-    save_file(_cpu_state(model), str(tmp))
-    os.replace(tmp, Path(run_dir) / CHECKPOINT)
+    _write_safetensors(Path(run_dir) / CHECKPOINT, _cpu_state(model))
+
+
+def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+    """Serialise in memory, write a temporary file, rename: a full disk raises OSError naming
+    the file (safetensors' own writer hides it) and leaves the previous file in place."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_bytes(safetensors_bytes(tensors, metadata=metadata))
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
 
 
 def _cpu_state(model: Recommender) -> dict[str, torch.Tensor]:
@@ -130,9 +141,7 @@ def save_training_state(run_dir: Path, model: Recommender, optimizer: torch.opti
                 scalars[f"{index}.{key}"] = value
     metadata = {"state": json.dumps(state), "param_groups": json.dumps(saved["param_groups"]),
                 "scalars": json.dumps(scalars)}
-    tmp = Path(run_dir) / f".{LAST}.tmp"
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, Path(run_dir) / LAST)
+    _write_safetensors(Path(run_dir) / LAST, tensors, metadata)
 
 
 def load_training_state(run_dir: Path, model: Recommender,

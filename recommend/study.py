@@ -101,22 +101,27 @@ def check_options(opts: StudyOptions) -> StudyOptions:
     return opts
 
 
-def run_name(dataset: PreparedDataset, label: str, options: TrainOptions) -> str:
+def run_name(dataset: PreparedDataset, label: str, options: TrainOptions,
+             features: dict | None = None) -> str:
     """``DATASET-LABEL[-ENCODER]-HASH``: the same settings on the same data, the same name.
 
-    The hash covers every training option (but where it runs) and the dataset
-    fingerprint, so a rerun finds its runs, and a changed setting or dataset gets new ones.
-    An ID run names no encoder: studies of several encoders share it.
+    The hash covers every training option (but where it runs), the dataset fingerprint
+    and, for runs on stored vectors, how the store group was made (``features``: its
+    signature), so a rerun finds its runs and a changed setting, dataset or re-extracted
+    group gets new ones. An ID run names no encoder: studies of several encoders share it.
     """
     settings = {k: v for k, v in asdict(options).items() if k not in ("run_name", "device")}
-    digest = hashlib.sha256(json.dumps({"options": settings, "dataset": dataset.fingerprint},
-                                       sort_keys=True).encode()).hexdigest()[:8]
+    identity = {"options": settings, "dataset": dataset.fingerprint, "features": features}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
     encoder = "-" + options.encoders[0] if options.encoders else ""
     return f"{dataset.name}-{label}{encoder}-{digest}"
 
 
-def plan(opts: StudyOptions, dataset: PreparedDataset) -> list[Configuration]:
-    """The configurations in report order; modes this installation lacks are marked unavailable."""
+def plan(opts: StudyOptions, dataset: PreparedDataset, features: dict | None = None) -> list[Configuration]:
+    """The configurations in report order; modes this installation lacks are marked unavailable.
+
+    ``features`` is the store group's signature (see :func:`run_name`), for ts / ts-dnn.
+    """
     registered = set(list_item_towers())
     common = TrainOptions(dataset=opts.dataset, dim=opts.dim, batch_size=opts.batch_size,
                           epochs=opts.epochs, patience=opts.patience, lr=opts.lr, seed=opts.seed,
@@ -145,23 +150,28 @@ def plan(opts: StudyOptions, dataset: PreparedDataset) -> list[Configuration]:
                                                 "installation"))
             continue
         options = replace(common, mode=mode, **settings)
-        options.run_name = run_name(dataset, label, options)
+        options.run_name = run_name(dataset, label, options, features if mode in STORE_MODES else None)
         configs.append(Configuration(label, mode, options=options, run=options.run_name))
     return configs
 
 
-def ensure_features(ws: Workspace, opts: StudyOptions, progress: bool) -> dict:
+def ensure_features(ws: Workspace, opts: StudyOptions, progress: bool) -> tuple[dict, dict]:
     """Extract the encoder's store group if it is missing or unfinished (resumes a killed job).
 
     Always goes through the extraction job, which checks that an existing group was
     written with the same weights and settings (so a random-init group is never
     mistaken for a pretrained one) and returns at once when the group is complete.
+
+    Returns:
+        ``(the job's summary, the group's signature: encoder, pooling, weights hash, ...)``.
     """
-    from extract.job import ExtractOptions, run_extraction
+    from extract.job import SIGNATURE_KEYS, ExtractOptions, run_extraction
+    from featurestore.store import FeatureStore
 
     result = run_extraction(ws, ExtractOptions(dataset=opts.dataset, encoder=opts.encoder,
                                                random_init=opts.random_init, progress=progress))
-    return result.to_dict()
+    attrs = FeatureStore(ws.store).open(result.group).attrs
+    return result.to_dict(), {key: attrs.get(key) for key in SIGNATURE_KEYS}
 
 
 def rank_on_test(ws: Workspace, run_dir: Path) -> dict:
@@ -227,14 +237,25 @@ def train_in_child(ws: Workspace, options: TrainOptions, progress: bool) -> dict
     return value
 
 
+def _finished_message(run_dir: Path) -> str | None:
+    """best.json's message when the run has ended (its name pins its settings), else None."""
+    path = run_dir / BEST
+    if not path.exists():
+        return None
+    best = json.loads(path.read_text())
+    return best.get("message", "") if best.get("status") in FINISHED else None
+
+
 def _train_and_rank(ws: Workspace, config: Configuration, progress: bool) -> None:
     run_dir = ws.run_dir(config.run)
-    best_path = run_dir / BEST
-    earlier = best_path.exists() and json.loads(best_path.read_text()).get("status") in FINISHED
-    outcome = train_in_child(ws, config.options, progress)
-    config.status = "finished earlier" if earlier else "trained"
+    message = _finished_message(run_dir)
+    if message is None:
+        message = train_in_child(ws, config.options, progress)["message"]
+        config.status = "trained"
+    else:
+        config.status = "finished earlier"
     if not (run_dir / CHECKPOINT).exists():
-        config.status, config.reason = "failed", f"no checkpoint: {outcome['message']}"
+        config.status, config.reason = "failed", f"no checkpoint: {message}"
         return
     config.test = {k: v for k, v in rank_on_test(ws, run_dir).items() if k.startswith(("HR@", "NDCG@"))}
 
@@ -320,13 +341,13 @@ def run_study(ws: Workspace, opts: StudyOptions, progress: bool = True,
     dataset = PreparedDataset.load(ws.dataset_dir(opts.dataset))
     out = default_out(ws, opts)
     out.mkdir(parents=True, exist_ok=True)
-    configs = plan(opts, dataset)
     say = (lambda text: click.echo(text, err=True)) if progress else (lambda text: None)
 
-    features = None
-    if any(c.mode in STORE_MODES and c.options for c in configs):
-        say(f"study: features {opts.dataset}/{opts.encoder}")
-        features = ensure_features(ws, opts, progress)
+    features, signature = None, None
+    if any(mode in STORE_MODES and mode in list_item_towers() for mode in opts.modes):
+        say(f"study: features of {opts.dataset} by {opts.encoder}")
+        features, signature = ensure_features(ws, opts, progress)
+    configs = plan(opts, dataset, signature)
     todo = [c for c in configs if c.options is not None]
     for number, config in enumerate(todo, 1):
         say(f"study: [{number}/{len(todo)}] {config.label}: run {config.run}")
