@@ -40,7 +40,7 @@ from zarr.storage import LocalStore
 
 from extract.encoder import Encoder, Hidden, move_inputs
 from featurestore.cliutil import UserError
-from featurestore.store import STATUS_COMPLETE, FeatureGroup, FeatureStore, group_extract_command
+from featurestore.store import FeatureGroup, FeatureStore, group_extract_command
 
 if TYPE_CHECKING:
     from extract.job import Forward
@@ -127,7 +127,6 @@ class CachingForward:
     """
 
     def __init__(self, forward: "Forward", plan: CachePlan) -> None:
-        self.forward = forward
         self.encoder = forward.encoder
         self.device = forward.device
         self.amp = forward.amp
@@ -276,7 +275,7 @@ def open_state_cache(store_path: Path, group: str, top_k: int, fingerprint: str,
         raise UserError(f"store group {fg.name} was built for dataset fingerprint {fg.fingerprint or 'unknown'}, "
                         f"but the prepared dataset has {fingerprint}; re-extract it "
                         f"(`featurestore rm {fg.name}`, then `{command} --cache-layer {top_k}`)")
-    if fg.rows != n_items + 1 or fg.status != STATUS_COMPLETE:
+    if fg.rows != n_items + 1:
         raise UserError(f"store group {fg.name} has {fg.rows} rows, the dataset needs {n_items + 1}; "
                         f"re-extract it: `{command} --cache-layer {top_k}`")
     return StateCache(fg)

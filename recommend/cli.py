@@ -185,6 +185,10 @@ def runs_command(ws: Workspace, as_json: bool) -> None:
               help="Use an untrained, seeded encoder (for encoders without local weights: tests, "
                    "ablations); recorded in the store group and the runs.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--threads", type=int, default=None,
+              help="CPU threads for torch in extraction, training and ranking [default: torch's]. "
+                   "On a small machine shared with other jobs, 1 avoids oversubscription, which "
+                   "can slow small models down many times over.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder for report.md, study.json and the PNG plots "
                    "[default: ROOT/studies/DATASET-ENCODER].")

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import click
+import torch
 
 from data.dataset import PreparedDataset
 from eval.cli import load_run_and_dataset, record_result, result_key
@@ -70,6 +71,7 @@ class StudyOptions:
     seed: int = 42
     random_init: bool = False
     device: str = "auto"
+    threads: int | None = None
     out: Path | None = None
 
 
@@ -96,6 +98,8 @@ def check_options(opts: StudyOptions) -> StudyOptions:
         raise UserError(f"--modes {','.join(opts.modes) or '(empty)'}: choose from {','.join(STUDY_MODES)}")
     if "ts-dnn" in opts.modes and not opts.layers:
         raise UserError("--modes has ts-dnn but --layers is empty; give depths, e.g. --layers 2,8")
+    if opts.threads is not None and opts.threads < 1:
+        raise UserError(f"--threads must be >= 1, got {opts.threads}")
     if any(n < 0 for n in opts.layers):
         raise UserError(f"--layers must be >= 0, got {','.join(map(str, opts.layers))}")
     return opts
@@ -205,8 +209,10 @@ def _die_with_parent() -> None:
         pass
 
 
-def _train_child(conn, root: Path, options: TrainOptions, progress: bool) -> None:
+def _train_child(conn, root: Path, options: TrainOptions, progress: bool, threads: int | None) -> None:
     _die_with_parent()
+    if threads:
+        torch.set_num_threads(threads)
     try:
         conn.send(("ok", train(Workspace(root), options, progress=progress, echo=False)))
     except (UserError, OSError) as err:
@@ -215,12 +221,12 @@ def _train_child(conn, root: Path, options: TrainOptions, progress: bool) -> Non
         conn.send(("bug", traceback.format_exc()))
 
 
-def train_in_child(ws: Workspace, options: TrainOptions, progress: bool) -> dict:
+def train_in_child(ws: Workspace, options: TrainOptions, progress: bool, threads: int | None = None) -> dict:
     """:func:`recommend.trainer.train` in a fresh process: each run's peak memory (Table 6)
     is its own, as with ``recommend train``, not the study's high-water mark so far."""
     ctx = multiprocessing.get_context("spawn")
     receive, send = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_train_child, args=(send, ws.root, options, progress))
+    child = ctx.Process(target=_train_child, args=(send, ws.root, options, progress, threads))
     child.start()
     send.close()
     try:
@@ -246,11 +252,11 @@ def _finished_message(run_dir: Path) -> str | None:
     return best.get("message", "") if best.get("status") in FINISHED else None
 
 
-def _train_and_rank(ws: Workspace, config: Configuration, progress: bool) -> None:
+def _train_and_rank(ws: Workspace, config: Configuration, progress: bool, threads: int | None) -> None:
     run_dir = ws.run_dir(config.run)
     message = _finished_message(run_dir)
     if message is None:
-        message = train_in_child(ws, config.options, progress)["message"]
+        message = train_in_child(ws, config.options, progress, threads)["message"]
         config.status = "trained"
     else:
         config.status = "finished earlier"
@@ -338,6 +344,8 @@ def run_study(ws: Workspace, opts: StudyOptions, progress: bool = True,
     from eval.plots import plot_compare
 
     opts = check_options(opts)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
     dataset = PreparedDataset.load(ws.dataset_dir(opts.dataset))
     out = default_out(ws, opts)
     out.mkdir(parents=True, exist_ok=True)
@@ -352,7 +360,7 @@ def run_study(ws: Workspace, opts: StudyOptions, progress: bool = True,
     for number, config in enumerate(todo, 1):
         say(f"study: [{number}/{len(todo)}] {config.label}: run {config.run}")
         try:
-            _train_and_rank(ws, config, progress)
+            _train_and_rank(ws, config, progress, opts.threads)
         except UserError as err:  # this configuration cannot run here; the others still can
             config.status, config.reason = "failed", str(err)
             say(f"study: {config.label} failed: {err}")

@@ -1,0 +1,160 @@
+"""``recommend study``: the whole comparison in one call, checked against independent numbers.
+
+One small study (bert-tiny, random init, so no weights are needed; every mode) runs
+once for the module on a copy of the session's synthetic dataset; the tests read its
+report, its runs and a second, resumed invocation.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from data.dataset import PreparedDataset
+from featurestore.cliutil import UserError
+from featurestore.workspace import Workspace
+from recommend import study as study_module
+from recommend.run import load_run
+from recommend.study import StudyOptions, plan, run_name, run_study
+from recommend.trainer import TrainOptions
+
+OPTIONS = dict(encoder="bert-tiny", random_init=True, layers=[2], modes=["id", "ts", "ts-dnn", "e2e", "adapter"],
+               top_k=1, epochs=1, dim=16, batch_size=128, threads=1, device="cpu")
+
+
+def copy_dataset(synth_ws, root) -> tuple[Workspace, str]:
+    """A fresh root holding only the session's prepared dataset (its image paths stay valid)."""
+    ws, name = synth_ws
+    mine = Workspace(root)
+    shutil.copytree(ws.dataset_dir(name), mine.dataset_dir(name))
+    return mine, name
+
+
+@pytest.fixture(scope="module")
+def studied(synth_ws, tmp_path_factory):
+    ws, name = copy_dataset(synth_ws, tmp_path_factory.mktemp("study"))
+    opts = StudyOptions(dataset=name, **OPTIONS)
+    return ws, opts, run_study(ws, opts, progress=False)
+
+
+def hr_ndcg_at_10(scores: np.ndarray, targets: np.ndarray, excluded: list[set[int]]) -> tuple[float, float]:
+    """Reference metrics with plain numpy: the target's rank counts every other non-excluded
+    item scoring at least as high (ties rank the target last)."""
+    hits, gains = [], []
+    for row, target, seen in zip(scores, targets, excluded):
+        others = np.ones(len(row), dtype=bool)
+        others[0] = others[target] = False
+        others[list(seen - {target})] = False
+        rank = 1 + int((row[others] >= row[target]).sum())
+        hits.append(rank <= 10)
+        gains.append(1 / np.log2(rank + 1) if rank <= 10 else 0.0)
+    return float(np.mean(hits)), float(np.mean(gains))
+
+
+def test_every_mode_is_trained_ranked_and_reported(studied):
+    ws, opts, result = studied
+    labels = [c["label"] for c in result["configurations"]]
+    assert labels == ["id", "ts", "ts-dnn2", "e2e-top1", "adapter"]
+    assert all(c["status"] == "trained" for c in result["configurations"]), result["configurations"]
+    report = (ws.studies / f"{opts.dataset}-{opts.encoder}" / "report.md").read_text()
+    for c in result["configurations"]:
+        assert f"| {c['run']} | {c['mode']} |" in report
+        assert (ws.run_dir(c["run"]) / "eval.json").exists()
+    assert "| popularity | popularity |" in report
+    for png in result["plots"]:
+        with open(png, "rb") as fh:
+            assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert "## Not run" not in report
+
+
+def test_test_metrics_match_a_numpy_ranking(studied):
+    ws, opts, result = studied
+    dataset = PreparedDataset.load(ws.dataset_dir(opts.dataset))
+    indptr, items = dataset.history("test")
+    targets = dataset.targets("test")
+    excluded = [set(items[indptr[u]:indptr[u + 1]].tolist()) for u in range(dataset.n_users)]
+    for config in result["configurations"]:
+        if config["mode"] not in ("ts-dnn", "e2e"):
+            continue
+        model, _ = load_run(ws.run_dir(config["run"]), ws=ws)
+        length = model.max_seq_len
+        history = torch.zeros((dataset.n_users, length), dtype=torch.long)
+        for u in range(dataset.n_users):
+            seq = items[indptr[u]:indptr[u + 1]][-length:]
+            if len(seq):
+                history[u, length - len(seq):] = torch.from_numpy(seq.astype(np.int64))
+        with torch.no_grad():
+            scores = (model.user_vectors(history) @ model.item_vectors().T).numpy()
+        hr, ndcg = hr_ndcg_at_10(scores, targets, excluded)
+        assert config["test"]["HR@10"] == pytest.approx(hr, abs=1e-6)
+        assert config["test"]["NDCG@10"] == pytest.approx(ndcg, abs=1e-6)
+
+
+def test_popularity_row_matches_counting(studied):
+    ws, opts, result = studied
+    dataset = PreparedDataset.load(ws.dataset_dir(opts.dataset))
+    counts = dataset.train_counts().astype(float)
+    indptr, items = dataset.history("test")
+    excluded = [set(items[indptr[u]:indptr[u + 1]].tolist()) for u in range(dataset.n_users)]
+    hr, ndcg = hr_ndcg_at_10(np.tile(counts, (dataset.n_users, 1)), dataset.targets("test"), excluded)
+    assert result["popularity"]["HR@10"] == pytest.approx(hr)
+    assert result["popularity"]["NDCG@10"] == pytest.approx(ndcg)
+
+
+def test_cost_columns_show_what_each_mode_trains(studied):
+    ws, _, result = studied
+    cost = {c["mode"]: json.loads((ws.run_dir(c["run"]) / "config.json").read_text())["cost"]
+            for c in result["configurations"]}
+    assert cost["ts"]["trainable_params"] == cost["ts"]["total_params"]  # no frozen encoder
+    # live modes carry the whole bert-tiny (4.4M); e2e trains its top block, adapters far less
+    assert cost["e2e"]["total_params"] > 4_000_000 and cost["adapter"]["total_params"] > 4_000_000
+    assert cost["ts"]["trainable_params"] < cost["adapter"]["trainable_params"] < cost["e2e"]["trainable_params"]
+    for c in result["configurations"]:
+        metrics = (ws.run_dir(c["run"]) / "metrics.jsonl").read_text().splitlines()
+        assert len(metrics) == 1 and json.loads(metrics[0])["peak_rss_mb"] > 0
+
+
+def test_second_run_reuses_everything(studied):
+    ws, opts, first = studied
+    stamps = {c["run"]: (ws.run_dir(c["run"]) / "model.safetensors").stat().st_mtime_ns
+              for c in first["configurations"]}
+    again = run_study(ws, opts, progress=False)
+    assert [c["status"] for c in again["configurations"]] == ["finished earlier"] * 5
+    assert [c["test"] for c in again["configurations"]] == [c["test"] for c in first["configurations"]]
+    assert {c["run"]: (ws.run_dir(c["run"]) / "model.safetensors").stat().st_mtime_ns
+            for c in again["configurations"]} == stamps
+    assert sorted(p.name for p in ws.runs.iterdir()) == sorted(stamps)
+
+
+def test_a_missing_mode_is_reported_not_fatal(studied, monkeypatch):
+    ws, opts, _ = studied
+    monkeypatch.setattr(study_module, "list_item_towers", lambda: ["id", "ts", "ts-dnn"])
+    result = run_study(ws, replace(opts, modes=["id", "adapter"]), progress=False)
+    status = {c["label"]: c["status"] for c in result["configurations"]}
+    assert status == {"id": "finished earlier", "adapter": "unavailable"}
+    report = (ws.studies / f"{opts.dataset}-{opts.encoder}" / "report.md").read_text()
+    assert "- adapter: unavailable: `recommend train --mode adapter` is not available" in report
+
+
+def test_run_names_follow_settings_data_and_features(synth_dataset):
+    base = TrainOptions(dataset="synth", mode="ts-dnn", layers=8, encoders=["minilm-l6"], dim=64)
+    name = run_name(synth_dataset, "ts-dnn8", base, {"state_sha256": "a"})
+    assert name == run_name(synth_dataset, "ts-dnn8", replace(base, device="cuda"), {"state_sha256": "a"})
+    assert name.startswith("synth-ts-dnn8-minilm-l6-")
+    assert name != run_name(synth_dataset, "ts-dnn8", replace(base, lr=3e-4), {"state_sha256": "a"})
+    assert name != run_name(synth_dataset, "ts-dnn8", base, {"state_sha256": "b"})
+
+
+def test_plan_and_bad_options(synth_dataset):
+    opts = StudyOptions(dataset="synth", encoder="minilm-l6", layers=[8, 2, 8], modes=["ts-dnn", "id"])
+    assert [c.label for c in plan(opts, synth_dataset)] == ["id", "ts-dnn2", "ts-dnn8"]
+    ws = Workspace(synth_dataset.path.parent.parent)
+    with pytest.raises(UserError, match="--modes"):
+        run_study(ws, replace(opts, modes=["e2e", "bert"]), progress=False)
+    with pytest.raises(UserError, match="--layers"):
+        run_study(ws, replace(opts, modes=["ts-dnn"], layers=[]), progress=False)
