@@ -83,16 +83,7 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 CONTENT_NOTE = ("trained on the content (text or image) of every item, validation/test targets included; "
                 "no interactions are read")
 
-# A small ViT-MAE for tests and demos: mae-b's builder and preprocessing at 64 x 64
-# pixels, 2 blocks of width 64 (random-init only: no such weights exist anywhere).
-_MAE_B = get_encoder_config("mae-b")
-MAE_TINY = register_encoder(dataclasses.replace(
-    _MAE_B, name="mae-tiny", width=64, depth=2, hub_id=None,
-    preprocessing={**_MAE_B.preprocessing, "input_size": (3, 64, 64)},
-    hparams={"image_size": 64, "patch_size": 8, "hidden_size": 64, "num_hidden_layers": 2,
-             "num_attention_heads": 2, "intermediate_size": 128, "decoder_hidden_size": 64,
-             "decoder_num_hidden_layers": 1, "decoder_num_attention_heads": 2, "decoder_intermediate_size": 128},
-))
+MAE_TINY = get_encoder_config("mae-tiny")
 
 
 # --------------------------------------------------------------------------- objectives

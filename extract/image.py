@@ -9,6 +9,7 @@ image processor (resize to 224 x 224, ImageNet statistics).
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,7 +31,7 @@ from extract.encoder import (
     tensor_block,
     weight_files,
 )
-from extract.registry import EncoderConfig, WeightsSpec, register_encoder
+from extract.registry import EncoderConfig, WeightsSpec, get_encoder_config, register_encoder
 from featurestore.cliutil import UserError
 
 
@@ -297,3 +298,15 @@ for _cfg in (
                                  "std": (0.229, 0.224, 0.225)}),
 ):
     register_encoder(_cfg)
+
+# A small ViT-MAE for tests and demos (random-init only: no such weights exist anywhere):
+# mae-b's builder and preprocessing at 64 x 64 pixels, 2 blocks of width 64. Registered
+# here, not beside the MAE objective, so every process knows the name.
+_MAE_B = get_encoder_config("mae-b")
+register_encoder(dataclasses.replace(
+    _MAE_B, name="mae-tiny", width=64, depth=2, hub_id=None,
+    preprocessing={**_MAE_B.preprocessing, "input_size": (3, 64, 64)},
+    hparams={"image_size": 64, "patch_size": 8, "hidden_size": 64, "num_hidden_layers": 2,
+             "num_attention_heads": 2, "intermediate_size": 128, "decoder_hidden_size": 64,
+             "decoder_num_hidden_layers": 1, "decoder_num_attention_heads": 2, "decoder_intermediate_size": 128},
+))

@@ -371,9 +371,10 @@ def _train(ws: Workspace, opts: TrainOptions, procs: Processes, device: torch.de
     resume = load_training_state(run_dir, model, optimizer)  # every process: same weights
 
     with _run_logger(run_dir, procs.main, echo) as log:
-        log.info("run %s: %s on %s, %d training sequences, %d items, %s trainable parameters, "
-                 "device %s x%d", name, opts.mode, dataset.name, len(rows), dataset.n_items,
-                 f"{config['cost']['trainable_params']:,}", device, procs.world_size)
+        log.info("run %s: %s on %s, %d training sequences, %d items, %s trainable parameters "
+                 "(%.2f%% of %s), device %s x%d", name, opts.mode, dataset.name, len(rows), dataset.n_items,
+                 f"{config['cost']['trainable_params']:,}", 100 * config["parameters"]["trainable_share"],
+                 f"{config['cost']['total_params']:,}", device, procs.world_size)
         if resume is not None and procs.main:
             _restore_run_files(run_dir, model, resume)
             log.info("resuming after epoch %d (from %s)", resume["epoch"], LAST)

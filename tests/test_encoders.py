@@ -223,7 +223,7 @@ def test_encoders_command_lists_widths_parameters_and_weights():
     result = CliRunner().invoke(encoders, ["--json", "--pattern", "[em]*"])
     assert result.exit_code == 0, result.output
     rows = {r["name"]: r for r in json.loads(result.output)["encoders"]}
-    assert set(rows) == {"efficientnet-lite0", "mae-b", "minilm-l6"}
+    assert set(rows) == {"efficientnet-lite0", "mae-b", "mae-tiny", "minilm-l6"}
     assert rows["efficientnet-lite0"]["weights_available"] and rows["minilm-l6"]["weights_available"]
     assert not rows["mae-b"]["weights_available"]
     assert (rows["minilm-l6"]["width"], rows["minilm-l6"]["parameters"]) == (384, 22_565_376)
