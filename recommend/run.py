@@ -94,11 +94,25 @@ def setup_differences(stored: dict, wanted: dict) -> list[str]:
     return sorted(k for k in a.keys() | b.keys() if k not in _VOLATILE and a.get(k) != b.get(k))
 
 
-def write_json(path: Path, obj: dict) -> None:
-    """Write JSON atomically (temporary file, then rename): never half a file."""
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write a temporary file, then rename it over ``path``: never half a file.
+
+    A failed write (full disk) removes the temporary file, leaves the previous ``path``
+    in place and raises OSError naming ``path`` (a failing ``write()`` names no file).
+    """
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    try:
+        tmp.write_bytes(data)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise OSError(err.errno, err.strerror, str(path)) from err
     os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: dict) -> None:
+    """Write JSON atomically (see :func:`write_atomic`)."""
+    write_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 def save_checkpoint(run_dir: Path, model: Recommender) -> None:
@@ -107,15 +121,9 @@ def save_checkpoint(run_dir: Path, model: Recommender) -> None:
 
 
 def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
-    """Serialise in memory, write a temporary file, rename: a full disk raises OSError naming
-    the file (safetensors' own writer hides it) and leaves the previous file in place."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_bytes(safetensors_bytes(tensors, metadata=metadata))
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
+    """Serialised in memory, then :func:`write_atomic`: safetensors' own writer turns a full
+    disk into an error that is no OSError and names no file."""
+    write_atomic(path, safetensors_bytes(tensors, metadata=metadata))
 
 
 def _cpu_state(model: Recommender) -> dict[str, torch.Tensor]:
@@ -173,15 +181,16 @@ def load_training_state(run_dir: Path, model: Recommender,
 
 def rewrite_metrics(run_dir: Path, records: list[dict]) -> None:
     """Replace ``metrics.jsonl`` by ``records`` atomically (resuming drops epochs not kept)."""
-    path = Path(run_dir) / METRICS
-    tmp = path.with_name(f".{METRICS}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    os.replace(tmp, path)
+    write_atomic(Path(run_dir) / METRICS, "".join(json.dumps(r) + "\n" for r in records).encode())
 
 
 def append_metrics(run_dir: Path, record: dict) -> None:
-    with open(Path(run_dir) / METRICS, "a") as fh:
-        fh.write(json.dumps(record) + "\n")
+    path = Path(run_dir) / METRICS
+    try:
+        with open(path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+    except OSError as err:
+        raise OSError(err.errno, err.strerror, str(path)) from err
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

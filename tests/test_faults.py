@@ -254,12 +254,12 @@ def read_only(folder: Path):
 
 
 def one_line_error(proc: subprocess.CompletedProcess, *words: str) -> str:
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and proc.stderr.rstrip().endswith(errors[0]), proc.stderr[-2000:]
     for word in words:
-        assert word in lines[0]
-    return lines[0]
+        assert word in errors[0]
+    return errors[0]
 
 
 def test_root_under_a_file_is_a_clear_error(synth_ws, tmp_path):
