@@ -25,6 +25,7 @@ from pathlib import Path
 import click
 import numpy as np
 import pytest
+import torch
 
 from data.dataset import PreparedDataset
 from featurestore.cliutil import UserError, run_cli
@@ -55,6 +56,15 @@ sys.argv = [entry, *args]
 importlib.import_module(entry).main()
 """
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # tiny models: one thread is fastest
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models train fastest on one thread (and far faster on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def command(entry: str, *args: object) -> subprocess.CompletedProcess:

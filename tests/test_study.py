@@ -27,6 +27,15 @@ OPTIONS = dict(encoder="bert-tiny", random_init=True, layers=[2], modes=["id", "
                top_k=1, epochs=1, dim=16, batch_size=128, threads=1, device="cpu")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models train fastest on one thread (and far faster on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def copy_dataset(synth_ws, root) -> tuple[Workspace, str]:
     """A fresh root holding only the session's prepared dataset (its image paths stay valid)."""
     ws, name = synth_ws
