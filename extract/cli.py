@@ -10,7 +10,7 @@ import os
 
 import click
 
-from featurestore.cliutil import emit, json_option, root_option
+from featurestore.cliutil import UserError, emit, json_option, root_option
 from featurestore.store import DEFAULT_CHUNK_ROWS
 from featurestore.workspace import Workspace
 
@@ -46,6 +46,9 @@ DEFAULT_WORKERS = max(1, min(8, (os.cpu_count() or 2) // 2))
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of --random-init.")
 @click.option("--variant", default=None, metavar="TAG",
               help="Write group DATASET/MODALITY/ENCODER@TAG, e.g. for adapted (MLM/MAE) weights.")
+@click.option("--adapted", default=None, metavar="NAME",
+              help="Use the encoder adapted by `featurestore adapt --name NAME` (MLM/MAE on this dataset): "
+                   "sets --weights to ROOT/adapted/NAME and --variant to its objective unless given.")
 @click.option("--on-bad-item", type=click.Choice(["skip", "fail"]), default="skip", show_default=True,
               help="Missing/corrupt image or empty text. skip: leave its row zero, mark it absent and list "
                    "it in the group's attributes; fail: stop, naming the item and file.")
@@ -74,9 +77,26 @@ def extract(ws: Workspace, as_json: bool, **options: object) -> None:
     """
     from extract.job import ExtractOptions, run_extraction
 
+    adapted = options.pop("adapted")
+    if adapted:
+        _use_adapted(ws, adapted, options)
     result = run_extraction(ws, ExtractOptions(**options, progress=not as_json))
     if int(os.environ.get("RANK", "0")) == 0:
         emit(result.to_dict(), as_json, result.summary())
+
+
+def _use_adapted(ws: Workspace, name: str, options: dict) -> None:
+    """Point ``options`` at the adapted weights ``name``; refuse a base-encoder mismatch."""
+    from extract.adapt import resolve_adapted
+
+    adapted = resolve_adapted(ws, name)
+    if adapted["encoder"] != options["encoder"]:
+        raise UserError(f"adapted weights {name!r} were trained from {adapted['encoder']!r}, not "
+                        f"{options['encoder']!r}; pass --encoder {adapted['encoder']}")
+    if options.get("weights"):
+        raise UserError("--adapted already chooses the weights; drop --weights")
+    options["weights"] = str(adapted["weights"])
+    options["variant"] = options.get("variant") or adapted["variant"]
 
 
 @click.command()

@@ -148,6 +148,17 @@ def test_extract_cli_from_adapted_mlm_weights(mlm_run, ws):
     assert np.abs(rows - base).max() > 1e-2, "adapted rows should differ from the base model's"
 
 
+def test_extract_adapted_option_picks_weights_and_variant(mlm_run, ws):
+    result, record = mlm_run
+    args = ["extract", "--root", str(ws.root), "--dataset", "synth", "--adapted", result.name, "--workers", "0"]
+    out = CliRunner().invoke(cli, [*args, "--encoder", "minilm-l6", "--variant", "viaadapted", "--json"])
+    assert out.exit_code == 0, out.output
+    group = FeatureStore(ws.store).open("synth/text/minilm-l6@viaadapted")
+    assert group.attrs["state_sha256"] == record["weights"]["state_sha256"]
+    wrong = CliRunner().invoke(cli, [*args, "--encoder", "bert-tiny", "--random-init"])
+    assert wrong.exit_code != 0 and "minilm-l6" in str(wrong.exception or wrong.output)
+
+
 def test_resolve_adapted_gives_what_extract_needs(mlm_run, mae_run, ws):
     for result, record in (mlm_run, mae_run):
         resolved = resolve_adapted(ws, result.name)
