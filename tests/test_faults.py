@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -31,6 +32,8 @@ from data.dataset import PreparedDataset
 from featurestore.cliutil import UserError, run_cli
 from featurestore.store import FeatureStore
 from featurestore.workspace import Workspace
+from data.prepare import prepare_dataset
+from extract.job import ExtractOptions, run_extraction
 from recommend import run as run_module
 from recommend.study import StudyOptions, run_study
 from recommend.trainer import TrainOptions, train
@@ -101,7 +104,7 @@ def test_prepare_killed_mid_write_then_rerun(synth_ws, tmp_path):
     args = ("dataset", "prepare", "--format", "hm", "--source", raw, "--name", name, "--root", tmp_path)
     killed("featurestore.cli", "numpy:save", 1, *args)  # after the first array of the new folder
     assert not root.dataset_dir(name).exists()  # the half-written folder never took the name
-    assert command("featurestore.cli", *args).returncode == 0
+    prepare_dataset("hm", raw, root.dataset_dir(name), name=name)  # what the command runs
     again = PreparedDataset.load(root.dataset_dir(name))
     reference = PreparedDataset.load(ws.dataset_dir(name))
     assert (again.fingerprint, again.manifest["interactions_fingerprint"]) == \
@@ -120,23 +123,25 @@ def test_extract_killed_between_chunks_then_rerun(synth_ws, tmp_path):
     assert group.status == "partial" and group.done_chunks().sum() == 2
     with pytest.raises(UserError):  # a partial group is refused for training
         train(ws, TrainOptions(dataset=name, mode="ts", encoders=["bert-tiny"], epochs=1, dim=8))
-    resumed = command("featurestore.cli", *args)
-    assert resumed.returncode == 0 and json.loads(resumed.stdout)["resumed_chunks"] == 2
-    reference = command("featurestore.cli", *args[:-3], "--variant", "ref", "--root", tmp_path, "--json")
-    assert reference.returncode == 0
+    job = ExtractOptions(dataset=name, encoder="bert-tiny", random_init=True, chunk_rows=32, workers=0,
+                         progress=False)  # what the command runs
+    assert run_extraction(ws, job).resumed_chunks == 2
+    run_extraction(ws, replace(job, variant="ref"))  # uninterrupted
     store = FeatureStore(ws.store)
     np.testing.assert_array_equal(store.open(f"{name}/text/bert-tiny").read(),
                                   store.open(f"{name}/text/bert-tiny@ref").read())
 
 
 def train_args(root: Path, name: str, run: str) -> tuple:
+    """``recommend train`` arguments matching ``TrainOptions(mode="id", dim=16, epochs=5, lr=1e-3)``."""
     return ("train", "--dataset", name, "--mode", "id", "--dim", 16, "--batch-size", 64, "--epochs", 5,
             "--lr", "1e-3", "--device", "cpu", "--run-name", run, "--quiet", "--root", root, "--json")
 
 
 def test_train_killed_twice_resumes_to_the_same_result(synth_ws, tmp_path):
     ws, name = fresh_root(synth_ws, tmp_path)
-    assert command("recommend.cli", *train_args(tmp_path, name, "whole")).returncode == 0
+    options = TrainOptions(dataset=name, mode="id", dim=16, batch_size=64, epochs=5, lr=1e-3, device="cpu")
+    train(ws, replace(options, run_name="whole"), progress=False, echo=False)  # uninterrupted
     args = train_args(tmp_path, name, "killed")
     # right after epoch 2's resumable state, before its checkpoint and metrics line
     killed("recommend.cli", "recommend.trainer:save_training_state", 2, *args)
@@ -144,8 +149,7 @@ def test_train_killed_twice_resumes_to_the_same_result(synth_ws, tmp_path):
     assert best["status"] == "running"  # not complete, and `recommend runs` says so
     # resumed after epoch 2, killed again after epoch 4's validation (its state not yet saved)
     killed("recommend.cli", "recommend.trainer:validate", 2, *args)
-    done = command("recommend.cli", *args)
-    assert done.returncode == 0, done.stderr
+    train(ws, replace(options, run_name="killed"), progress=False, echo=False)  # what the command runs
     whole, resumed = ws.run_dir("whole"), ws.run_dir("killed")
 
     def epochs(run_dir: Path) -> list:
@@ -156,8 +160,8 @@ def test_train_killed_twice_resumes_to_the_same_result(synth_ws, tmp_path):
     ends = [json.loads((d / "best.json").read_text()) for d in (whole, resumed)]
     assert [(b["status"], b["epoch"], b["metrics"]) for b in ends] == [("completed", ends[0]["epoch"], ends[0]["metrics"])] * 2
     assert not (resumed / "last.safetensors").exists()
-    rerun = command("recommend.cli", *args)  # a finished run is not redone
-    assert "already finished" in json.loads(rerun.stdout)["message"]
+    rerun = train(ws, replace(options, run_name="killed"), progress=False, echo=False)
+    assert rerun["message"].startswith("already finished")  # a finished run is not redone
     assert (resumed / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
 
 
@@ -232,10 +236,7 @@ def test_study_killed_mid_training_then_rerun(synth_ws, tmp_path):
     else:
         pytest.fail("a training process outlived the killed study")
     assert json.loads((ws.run_dir(ts_run) / "best.json").read_text())["status"] == "running"
-    rerun = subprocess.run([sys.executable, "-m", "recommend.cli", *map(str, args)], env=ENV,
-                           capture_output=True, text=True, timeout=600)
-    assert rerun.returncode == 0, rerun.stderr[-2000:]
-    result = json.loads(rerun.stdout)
+    result = run_study(ws, StudyOptions(dataset=name, **settings), progress=False)  # what the command runs
     assert [c["status"] for c in result["configurations"]] == ["finished earlier", "trained"]
     assert [c["test"] for c in result["configurations"]] == [c["test"] for c in reference["configurations"]]
     assert result["popularity"] == reference["popularity"]
