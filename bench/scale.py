@@ -42,13 +42,14 @@ RUN_NAME = "scale-ts-dnn8"
 STAGES = ("synth", "prepare", "extract", "train", "rank")
 
 
-def run_stage(name: str, argv: list[str], log: Path) -> dict:
+def run_stage(name: str, argv: list[str], log: Path, threads: int) -> dict:
     """Run one command to completion; wall time and that process tree's peak RSS."""
     start = time.perf_counter()
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     with open(log, "a") as fh:
-        fh.write(f"\n$ {' '.join(argv)}\n")
+        fh.write(f"\n$ OMP_NUM_THREADS={threads} {' '.join(argv)}\n")
         fh.flush()
-        proc = subprocess.Popen(argv, stdout=fh, stderr=fh)
+        proc = subprocess.Popen(argv, stdout=fh, stderr=fh, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     seconds = time.perf_counter() - start
@@ -57,7 +58,7 @@ def run_stage(name: str, argv: list[str], log: Path) -> dict:
     # wait4's ru_maxrss: the largest single process of the tree (DataLoader workers
     # included), not their sum
     return {"stage": name, "seconds": round(seconds, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
-            "command": " ".join(argv[2:] if argv[1] == "-m" else argv)}
+            "threads": threads, "command": " ".join(argv[2:] if argv[1] == "-m" else argv)}
 
 
 def tool(module: str, *args: object) -> list[str]:
@@ -115,12 +116,15 @@ def stage_details(work: Path) -> dict:
               help="Recommender width d (the paper's 512 takes hours per epoch on 2 cores).")
 @click.option("--batch-size", type=int, default=512, show_default=True, help="Training users per step.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the synthetic data.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="OMP/MKL threads of every stage. On a 2-core machine shared with other jobs, torch's "
+                   "default 2 threads can make small models many times slower (spinning OpenMP threads).")
 @click.option("--work", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Work folder [default: bench/out/scale-<users>u-<items>i-<images|texts>].")
 @click.option("--fresh", is_flag=True, help="Delete the work folder first instead of resuming.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def main(users: int, items: int, images: bool, dim: int, batch_size: int, seed: int, work: Path | None,
-         fresh: bool, as_json: bool) -> None:
+def main(users: int, items: int, images: bool, dim: int, batch_size: int, seed: int, threads: int,
+         work: Path | None, fresh: bool, as_json: bool) -> None:
     """Synthesize, prepare, extract, train one TS-DNN epoch and rank at HM scale; time and memory per stage."""
     encoder = "efficientnet-lite0" if images else "minilm-l6"
     work = work or OUT / f"scale-{users}u-{items}i-{'images' if images else 'texts'}"
@@ -135,7 +139,7 @@ def main(users: int, items: int, images: bool, dim: int, batch_size: int, seed: 
             click.echo(f"{name}: recorded earlier ({done[name]['seconds']} s), skipped", err=True)
             continue
         click.echo(f"{name}: running (log: {log})", err=True)
-        done[name] = run_stage(name, commands[name], log)
+        done[name] = run_stage(name, commands[name], log, threads)
         record_path.write_text(json.dumps(done, indent=2))
         click.echo(f"{name}: {done[name]['seconds']} s, peak RSS {done[name]['peak_rss_mb']} MB", err=True)
 
@@ -149,9 +153,10 @@ def main(users: int, items: int, images: bool, dim: int, batch_size: int, seed: 
         return
     click.echo(f"HM-scale pipeline: {users} users, {items} items, encoder {encoder}, TS-DNN-8 d={dim} "
                f"batch {batch_size}")
-    click.echo(f"{'stage':10}{'seconds':>10}{'peak RSS MB':>14}")
+    click.echo(f"{'stage':10}{'seconds':>10}{'peak RSS MB':>14}{'threads':>9}")
     for name in STAGES:
-        click.echo(f"{name:10}{done[name]['seconds']:>10.1f}{done[name]['peak_rss_mb']:>14.0f}")
+        click.echo(f"{name:10}{done[name]['seconds']:>10.1f}{done[name]['peak_rss_mb']:>14.0f}"
+                   f"{done[name].get('threads', '-'):>9}")
     click.echo(f"details: {json.dumps(details)}")
     click.echo(f"one TS-DNN epoch (train stage, incl. validation) / one extraction: {ratio:.2f}x")
 

@@ -343,7 +343,7 @@ class FeatureStore:
         return sorted(str(p.parent.parent.relative_to(self.path)) for p in found)
 
     def exists(self, name: str) -> bool:
-        return (self.path / parse_group_name(name).__str__() / "embeddings" / "zarr.json").exists()
+        return (self.path / str(parse_group_name(name)) / "embeddings" / "zarr.json").exists()
 
     def open(self, name: str, *, complete: bool = False) -> FeatureGroup:
         """Open a group for reading; ``complete=True`` also refuses a partial one.
