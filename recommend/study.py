@@ -114,7 +114,9 @@ def run_name(dataset: PreparedDataset, label: str, options: TrainOptions,
     signature), so a rerun finds its runs and a changed setting, dataset or re-extracted
     group gets new ones. An ID run names no encoder: studies of several encoders share it.
     """
-    settings = {k: v for k, v in asdict(options).items() if k not in ("run_name", "device")}
+    defaults = asdict(TrainOptions(dataset=options.dataset))  # options added later keep old names
+    settings = {k: v for k, v in asdict(options).items()
+                if k not in ("run_name", "device") and v != defaults[k]}
     identity = {"options": settings, "dataset": dataset.fingerprint, "features": features}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
     encoder = "-" + options.encoders[0] if options.encoders else ""

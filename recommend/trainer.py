@@ -8,6 +8,12 @@ on the full item pool with the same function as ``eval rank``
 on collapse (a non-finite loss, or validation falling to near zero after being
 clearly above it, as 001 Fig. 5 shows for too-high learning rates).
 
+Resumable: every validated epoch ends with ``last.safetensors`` (weights, optimizer
+moments, epoch bookkeeping), replaced atomically; negatives and dropout are seeded
+from (seed, rank, epoch). Killed at any point and started again with the same
+``--run-name``, a run continues after its last saved epoch and ends with the same
+weights and metrics as an uninterrupted one (on the CPU); a finished run is not redone.
+
 Distributed: under ``torchrun`` (``WORLD_SIZE`` > 1) each process trains on its
 shard of users (DistributedSampler) through DDP, NCCL on GPUs and gloo on CPU;
 process 0 validates, writes the run folder and decides when to stop. One process
@@ -254,6 +260,18 @@ def _collapsed(current: dict, best: dict | None) -> bool:
 
 
 def _peak_rss_mb() -> float:
+    """This process's own peak resident memory (Linux: VmHWM).
+
+    ``ru_maxrss`` survives ``exec``: a trainer started by a large process (``recommend
+    study`` runs each configuration in a fresh process) would report its parent's peak.
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
@@ -310,7 +328,7 @@ def build_config(opts: TrainOptions, dataset: PreparedDataset, sources, spec: di
 
 
 def train(ws: Workspace, opts: TrainOptions, progress: bool = True, echo: bool = True) -> dict:
-    """Train one recommender into a new run folder and return its summary.
+    """Train one recommender into its run folder (resuming it, see above) and return its summary.
 
     Returns:
         ``{"run", "run_dir", "status", "best_epoch", "best", "epochs", "message"}``;
