@@ -6,7 +6,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image, ImageDraw
 
 from data.dataset import Item, PreparedDataset, write_prepared
@@ -67,15 +66,3 @@ def image_dataset(ws: Workspace, name: str, n_good: int = 10) -> PreparedDataset
 def copy_dataset(src: Workspace, dst: Workspace, name: str) -> None:
     shutil.copytree(src.dataset_dir(name), dst.dataset_dir(name))
 
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """One torch thread while a test runs: on a shared 2-core machine, OpenMP threads
-    waiting on each other under contention cost far more than they gain, and the
-    bit-for-bit comparisons need the same thread count in every process."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

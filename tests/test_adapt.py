@@ -18,11 +18,12 @@ from extract import adapt
 from extract.adapt import AdaptOptions, get_objective, read_record, resolve_adapted, run_adaptation
 from extract.job import ExtractOptions, run_extraction
 from extract.registry import create_encoder
-from extract_helpers import copy_dataset
 from featurestore.cli import cli
 from featurestore.cliutil import UserError
 from featurestore.store import FeatureStore
 from featurestore.workspace import Workspace
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Small but real: MiniLM's bundled weights on 150 titles cut to 16 tokens (3 steps an epoch: an
 # optimiser step over its 22M parameters costs more than the forward pass), a 2-block ViT-MAE at 64 px.
@@ -34,22 +35,10 @@ TINY_BERT = dict(encoder="bert-tiny", objective="mlm", epochs=3, lr=1e-3, batch_
                  random_init=True, probe_items=32, progress=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and OpenMP threads spin badly on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
-def ws(synth_ws, tmp_path_factory) -> Workspace:
-    """A private workspace holding a copy of the synthetic dataset (the store here is ours alone)."""
-    src, name = synth_ws
-    ws = Workspace(tmp_path_factory.mktemp("adapt_ws"))
-    copy_dataset(src, ws, name)
-    return ws
+def ws(private_ws) -> Workspace:
+    return private_ws("adapt_ws")
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import torch
 from safetensors import safe_open
 
 from extract.registry import create_encoder
-from extract_helpers import copy_dataset
 from featurestore.cliutil import UserError
 from featurestore.workspace import Workspace
 from recommend.adapters import ITEM_SITES, Adapter, attach_adapter
@@ -23,23 +22,15 @@ from recommend.run import load_run
 from recommend.trainer import Objective, TrainOptions, check_options, model_spec, train
 from recommend.user_encoders import EncoderConfig, SASRec
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ADAPTER = {"mode": "adapter", "encoders": ["bert-tiny"], "random_init": True, "adapter_dim": 8, "dim": 32}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
-def ws(synth_ws, tmp_path_factory) -> Workspace:
-    src, name = synth_ws
-    ws = Workspace(tmp_path_factory.mktemp("adapters"))
-    copy_dataset(src, ws, name)
-    return ws
+def ws(private_ws) -> Workspace:
+    return private_ws("adapters")
 
 
 def build(ws, dataset, **options):

@@ -18,7 +18,6 @@ from eval.cli import cli as eval_cli
 from extract.cache import StateCache
 from extract.job import ExtractOptions, run_extraction
 from extract.registry import create_encoder
-from extract_helpers import copy_dataset
 from featurestore.cliutil import UserError
 from featurestore.store import FeatureStore
 from featurestore.workspace import Workspace
@@ -30,26 +29,18 @@ from recommend.model import build_recommender
 from recommend.run import load_run
 from recommend.trainer import Objective, TrainOptions, check_options, model_spec, train
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TEXT = {"encoders": ["bert-tiny"], "random_init": True, "top_k": 1}
 IMAGE = {"encoders": ["efficientnet-lite0"], "top_k": 2}
 USERS = {"bert-tiny": 8, "efficientnet-lite0": 2}  # rows per test batch (224 px images are slow on a CPU)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
-def ws(synth_ws, tmp_path_factory) -> Workspace:
-    """A workspace of our own (store groups and runs), holding a copy of the synthetic dataset,
-    with float32 caches for both encoders."""
-    src, name = synth_ws
-    ws = Workspace(tmp_path_factory.mktemp("e2e"))
-    copy_dataset(src, ws, name)
+def ws(private_ws) -> Workspace:
+    """A workspace of our own with float32 caches for both encoders."""
+    ws, name = private_ws("e2e"), "synth"
     for encoder, top_k, extra in (("bert-tiny", 1, {"random_init": True}), ("efficientnet-lite0", 2, {})):
         run_extraction(ws, ExtractOptions(dataset=name, encoder=encoder, cache_layer=top_k, cache_dtype="float32",
                                           workers=0, progress=False, **extra))

@@ -15,8 +15,10 @@ from PIL import Image
 from data.dataset import Item
 from extract import create_encoder, get_encoder_config, list_encoders, register_encoder
 from extract import registry
-from extract_helpers import photo, single_thread  # noqa: F401 - single_thread: autouse fixture
+from extract_helpers import photo
 from featurestore.cliutil import UserError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 PAPER_NAMES = {"swin-t", "swin-s", "swin-b", "resnet18", "resnet34", "resnet50", "vit-b", "mae-b",
                "efficientnet-lite0", "bert-tiny", "bert-small", "bert-base", "roberta-base", "minilm-l6"}

@@ -18,11 +18,13 @@ from click.testing import CliRunner
 from extract import create_encoder
 from extract.cli import extract
 from extract.job import ExtractOptions, ExtractResult, run_extraction
-from extract_helpers import copy_dataset, image_dataset, single_thread, titles, write_dataset  # noqa: F401
+from extract_helpers import copy_dataset, image_dataset, titles, write_dataset
 from featurestore.cliutil import UserError
 from featurestore.store import FeatureStore
 from featurestore.store_cli import verify
 from featurestore.workspace import Workspace
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 BAD_IDS = [11, 12, 13]  # corrupt JPEG, missing file, no image (see image_dataset)
 
@@ -122,7 +124,7 @@ def test_on_bad_item_fail_names_the_item_and_file_and_leaves_the_group_partial(w
 def test_resume_after_sigkill_is_bit_identical(ws, tmp_path):
     args = ["--dataset", "long", "--encoder", "bert-small", "--random-init", "--batch-size", "4",
             "--chunk-rows", "8", "--workers", "0", "--root", str(ws.root)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same thread count as this process (single_thread)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same thread count as this process (the one_thread fixture)
     proc = subprocess.Popen([sys.executable, "-m", "featurestore.cli", "extract", *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     done_file = ws.store / "long/text/bert-small/chunks_done/c"

@@ -8,11 +8,14 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from extract.job import ExtractOptions, run_extraction
-from extract_helpers import single_thread, titles, write_dataset  # noqa: F401 - single_thread: autouse fixture
+from extract_helpers import titles, write_dataset
 from featurestore.store import FeatureStore
 from featurestore.workspace import Workspace
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 OPTIONS = {"dataset": "texts", "encoder": "bert-tiny", "random_init": True, "batch_size": 3, "chunk_rows": 4,
            "workers": 0}

@@ -26,7 +26,6 @@ from pathlib import Path
 import click
 import numpy as np
 import pytest
-import torch
 
 from data.dataset import PreparedDataset
 from featurestore.cliutil import UserError, run_cli
@@ -37,6 +36,8 @@ from extract.job import ExtractOptions, run_extraction
 from recommend import run as run_module
 from recommend.study import StudyOptions, run_study
 from recommend.trainer import TrainOptions, train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Runs ENTRY (a CLI module) with ARGS, after wrapping MODULE.ATTR so that the process
 # SIGKILLs itself right after the AFTER-th call returns.
@@ -60,14 +61,6 @@ importlib.import_module(entry).main()
 """
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # tiny models: one thread is fastest
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models train fastest on one thread (and far faster on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def command(entry: str, *args: object) -> subprocess.CompletedProcess:

@@ -8,7 +8,6 @@ report, its runs and a second, resumed invocation.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -23,30 +22,16 @@ from recommend.run import load_run
 from recommend.study import StudyOptions, plan, run_name, run_study
 from recommend.trainer import TrainOptions
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 OPTIONS = dict(encoder="bert-tiny", random_init=True, layers=[2], modes=["id", "ts", "ts-dnn", "e2e", "adapter"],
                top_k=1, epochs=1, dim=16, batch_size=128, threads=1, device="cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models train fastest on one thread (and far faster on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def copy_dataset(synth_ws, root) -> tuple[Workspace, str]:
-    """A fresh root holding only the session's prepared dataset (its image paths stay valid)."""
-    ws, name = synth_ws
-    mine = Workspace(root)
-    shutil.copytree(ws.dataset_dir(name), mine.dataset_dir(name))
-    return mine, name
-
 
 @pytest.fixture(scope="module")
-def studied(synth_ws, tmp_path_factory):
-    ws, name = copy_dataset(synth_ws, tmp_path_factory.mktemp("study"))
+def studied(private_ws):
+    ws, name = private_ws("study"), "synth"
     opts = StudyOptions(dataset=name, **OPTIONS)
     return ws, opts, run_study(ws, opts, progress=False)
 

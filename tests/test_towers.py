@@ -15,16 +15,10 @@ from recommend.model import build_recommender
 from recommend.trainer import Objective
 from recommend.user_encoders import EncoderConfig, create_user_encoder, list_user_encoders
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 N_ITEMS, FEAT, DIM = 40, 24, 16
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread than on two contended ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def make_source(group: str = "d/image/e", dim: int = FEAT, seed: int = 0,

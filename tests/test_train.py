@@ -27,16 +27,10 @@ from recommend.losses import SampledBCE
 from recommend.run import load_run
 from recommend.trainer import TrainOptions, train
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 FAST = dict(dim=32, batch_size=32, lr=1e-3, epochs=15, patience=4)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread than on two contended ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
