@@ -72,9 +72,10 @@ def _encoder(config: dict) -> str:
         if isinstance(feature, str):
             names.append(feature.rstrip("/").split("/")[-1])
         elif isinstance(feature, dict):
-            provenance = feature.get("provenance") or {}
+            # the group's last part is ENCODER[@VARIANT]: a domain-adapted variant stays visible
             group = str(feature.get("group", ""))
-            names.append(feature.get("encoder") or provenance.get("encoder") or group.split("/")[-1])
+            names.append(group.split("/")[-1] or feature.get("encoder")
+                         or (feature.get("provenance") or {}).get("encoder"))
     label = "+".join(name for name in names if name)
     return label or ("id" if run_mode(config) == "id" else "-")
 

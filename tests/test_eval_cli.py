@@ -146,7 +146,7 @@ def write_run(root: Path, name: str, mode: str, layers: int | None, encoder: str
     run.mkdir(parents=True)
     tower = {"name": mode, **({"layers": layers} if layers is not None else {})}
     features = [{"group": f"HM/image/{encoder}", "fingerprint": "f", "dim": 768,
-                 "provenance": {"encoder": encoder}}] if encoder else []
+                 "provenance": {"encoder": encoder.split("@")[0]}}] if encoder else []
     config = {"dataset": {"name": "HM", "fingerprint": "f"}, "features": features,
               "model": {"item_tower": tower}, "cost": {"trainable_params": 1000 * (1 + (layers or 0)),
                                                       "total_params": 50_000}}
@@ -170,12 +170,14 @@ def test_compare_hand_written_runs(tmp_path):
     write_run(tmp_path, "ts", "ts", None, "swin-t", [4.0, 4.0], 0.0345)
     write_run(tmp_path, "dnn2", "ts-dnn", 2, "swin-t", [5.0], 0.0450)
     write_run(tmp_path, "dnn8", "ts-dnn", 8, "swin-t", [6.0, 8.0, 7.0], 0.0555, test_hr=0.0560)
+    write_run(tmp_path, "dnn8-mae", "ts-dnn", 8, "swin-t@mae", [6.0], 0.0600)
     ws = Workspace(tmp_path)
     report, plot = tmp_path / "report.md", tmp_path / "report.png"
-    out = invoke(ws, "compare", "idrec", "ts", "dnn2", str(ws.run_dir("dnn8")),
+    out = invoke(ws, "compare", "idrec", "ts", "dnn2", str(ws.run_dir("dnn8")), "dnn8-mae",
                  "--out", str(report), "--plot", str(plot))
     rows = {r["name"]: r for r in out["runs"]}
     assert rows["dnn8"]["layers"] == 8 and rows["dnn8"]["encoder"] == "swin-t"
+    assert rows["dnn8-mae"]["encoder"] == "swin-t@mae"  # a domain-adapted variant stays told apart
     assert rows["dnn8"]["sec_per_epoch"] == pytest.approx(7.0)
     assert rows["dnn8"]["peak_rss_mb"] == pytest.approx(502.0)
     assert rows["idrec"]["metrics"]["HR@10"] == 0.0700  # test result, history excluded
