@@ -20,19 +20,10 @@ from eval.metrics import parse_ks
 from eval.ranking import INDEXES
 from featurestore.cliutil import UserError, emit, json_option, root_option, run_cli
 from featurestore.workspace import Workspace
+from recommend.run import read_config, resolve_run
 
 EVAL_FILE = "eval.json"
-
-
-def resolve_run(ws: Workspace, run: str) -> Path:
-    """A run folder from a name under ``ROOT/runs`` or a path to the folder."""
-    for candidate in (ws.run_dir(run), Path(run)):
-        if (candidate / "config.json").exists():
-            return candidate
-    raise UserError(
-        f"no run {run!r}: neither {ws.run_dir(run)} nor {Path(run)} holds a config.json; "
-        "list runs with `recommend runs` or pass --root"
-    )
+ZERO_SHOT = "zero-shot"  # eval.json section for rankings of other datasets (never read as own results)
 
 
 def load_run_and_dataset(ws: Workspace, run_dir: Path, device: str = "cpu"):
@@ -54,14 +45,24 @@ def load_run_and_dataset(ws: Workspace, run_dir: Path, device: str = "cpu"):
 
 
 def result_key(result: dict) -> str:
-    """The options that change a result: one ``eval.json`` entry per combination."""
+    """The options that change a result: one ``eval.json`` entry per combination.
+
+    A zero-shot result (``result["zero_shot"]``) is keyed by its target dataset and
+    weights (``source`` or ``untrained``) first.
+    """
     history = "exclude-history" if result["exclude_history"] else "keep-history"
     ks = ",".join(str(k) for k in result["ks"])
-    return f"{result['split']}/{result['subset']}/{history}/k={ks}"
+    key = f"{result['split']}/{result['subset']}/{history}/k={ks}"
+    zero_shot = result.get("zero_shot")
+    return f"{zero_shot['target']}/{zero_shot['weights']}/{key}" if zero_shot else key
 
 
 def record_result(run_dir: Path, result: dict) -> Path:
-    """Add ``result`` to the run's ``eval.json`` (replacing the same options), atomically."""
+    """Add ``result`` to the run's ``eval.json`` (replacing the same options), atomically.
+
+    Zero-shot results go into the ``zero-shot`` section, so readers of the run's own
+    results (``eval compare``, ``recommend study``) never take one for its own test score.
+    """
     path = run_dir / EVAL_FILE
     stored = {}
     if path.exists():
@@ -72,7 +73,8 @@ def record_result(run_dir: Path, result: dict) -> Path:
             aside = path.with_name(f"{EVAL_FILE}.unreadable-{int(dt.datetime.now().timestamp())}")
             os.replace(path, aside)
             click.echo(f"warning: {path} was not valid JSON; moved to {aside.name}", err=True)
-    stored[result_key(result)] = result
+    place = stored.setdefault(ZERO_SHOT, {}) if result.get("zero_shot") else stored
+    place[result_key(result)] = result
     tmp = path.with_name(f".{EVAL_FILE}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(stored, indent=2))
     os.replace(tmp, path)
@@ -99,6 +101,12 @@ def cli() -> None:
 
 @cli.command("rank")
 @click.option("--run", "run", required=True, help="Run name under ROOT/runs, or a run folder.")
+@click.option("--dataset", "target", default=None, metavar="TARGET",
+              help="Zero-shot: rank another prepared dataset's users and items with the run's model, "
+                   "untrained on them (needs TARGET's store groups from the run's encoder and variant).")
+@click.option("--untrained", is_flag=True,
+              help="With --dataset: the same architecture freshly initialised (the run's seed), the "
+                   "random baseline of the zero-shot ranking.")
 @click.option("--full-pool", is_flag=True, default=True,
               help="Rank against every item (always on: sampled-negative scoring is not offered).")
 @click.option("--split", type=click.Choice(["test", "valid"]), default="test", show_default=True,
@@ -122,23 +130,36 @@ def cli() -> None:
                    "history_indices.npy here, to recompute the metrics independently.")
 @root_option
 @json_option
-def rank(ws: Workspace, as_json: bool, run: str, full_pool: bool, split: str, ks: str,
+def rank(ws: Workspace, as_json: bool, run: str, target: str | None, untrained: bool, full_pool: bool,
+         split: str, ks: str,
          exclude_history: bool, subset: str, index: str, batch_size: int, device: str | None,
          export_dir: Path | None) -> None:
     """Exact full-pool HR@K / NDCG@K of a trained run; saved in the run's eval.json.
 
-    Ties rank the target below every item with an equal score.
+    Ties rank the target below every item with an equal score. With --dataset TARGET
+    (zero-shot) the result goes into the eval.json section "zero-shot".
     """
     if batch_size < 1:
         raise UserError("--batch-size must be at least 1")
     run_dir = resolve_run(ws, run)
-    model, _config, dataset = load_run_and_dataset(ws, run_dir, device or _default_device())
+    zero_shot = None
+    if target is not None and target != read_config(run_dir)["dataset"]["name"]:
+        from recommend.transfer import zero_shot_model
+
+        model, zero_shot, dataset = zero_shot_model(ws, run_dir, target, untrained, device or _default_device())
+    elif untrained:
+        raise UserError("--untrained is the random baseline of a zero-shot ranking; give --dataset TARGET, "
+                        "a dataset other than the run's own")
+    else:
+        model, _config, dataset = load_run_and_dataset(ws, run_dir, device or _default_device())
     result = evaluate(model, dataset, split=split, ks=parse_ks(ks), exclude_history=exclude_history,
                       subset=subset, batch_size=batch_size, index=index,
                       return_vectors=export_dir is not None, progress=True)
     vectors = result.pop("vectors", None)
     result["evaluated_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     result["dataset"] = {"name": dataset.name, "fingerprint": dataset.fingerprint}
+    if zero_shot is not None:
+        result["zero_shot"] = zero_shot
     eval_path = record_result(run_dir, result)
     out = {"run": run_dir.name, **result, "eval_json": str(eval_path)}
     if vectors is not None:
@@ -150,6 +171,13 @@ def _rank_text(out: dict) -> str:
     history = "excluded" if out["exclude_history"] else "kept"
     lines = [f"run {out['run']}: {out['split']} split, {out['subset']} users ({out['users']}), "
              f"history {history}, full pool"]
+    zero_shot = out.get("zero_shot")
+    if zero_shot:
+        target = zero_shot["target"]
+        lines.insert(0, f"zero-shot baseline on {target}: the run's architecture freshly initialised (seed "
+                        f"{zero_shot['seed']}), trained on nothing" if zero_shot["weights"] == "untrained" else
+                        f"zero-shot on {target}: the run's model as trained on {zero_shot['source_dataset']}, "
+                        f"never trained on {target}")
     for k in out["ks"]:
         hr, ndcg = out[f"HR@{k}"], out[f"NDCG@{k}"]
         lines.append(f"  HR@{k:<3} {'-' if hr is None else f'{hr:.4f}'}   "

@@ -21,9 +21,15 @@ Layout inside the group ``DATASET/MODALITY/ENCODER[@VARIANT]``:
 - attributes: ``cache_layer`` (the K it was made for), ``cache_block`` (index of the
   first block fed from the cache), ``cache_shape``, ``cache_dtype``, ``cache_layout``.
 
+``--cache-layer 0`` keeps the states LEAVING the last block instead (``cache_block``
+= depth: nothing above is fed from them): the token / patch states before pooling
+that token-level fusion (``recommend train --fusion merge-attn``) attends over. Same
+arrays, chunks, resume and gather; only the cut moves to the top.
+
 The state layout is the library's own between blocks: ``tokens x width`` for
 Transformers (BERT, ViT, MAE), ``height x width x channels`` for Swin,
-``channels x height x width`` for ResNet / EfficientNet stages.
+``channels x height x width`` for ResNet / EfficientNet stages;
+:meth:`StateCache.sequence` turns each into ``tokens x width`` with a validity mask.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -40,20 +46,27 @@ from zarr.storage import LocalStore
 
 from extract.encoder import Encoder, Hidden, move_inputs
 from featurestore.cliutil import UserError
-from featurestore.store import FeatureGroup, FeatureStore, group_extract_command
+from featurestore.store import FeatureGroup, FeatureStore, group_extract_command, parse_group_name
 
 if TYPE_CHECKING:
     from extract.job import Forward
 
 CACHE_DTYPES = ("float16", "float32")
+FINAL_LAYER = 0  # --cache-layer 0: the states leaving the last block, before pooling
 LAYOUTS = {"bert": "tokens,width", "roberta": "tokens,width", "vit": "tokens,width", "mae": "tokens,width",
            "swin": "height,width,channels", "resnet": "channels,height,width",
            "efficientnet": "channels,height,width"}
+# cache layout -> (states (B, *shape) -> tokens (B, T, width), axis of the width in the per-item shape)
+SEQUENCES: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], int]] = {
+    "tokens,width": (lambda s: s, -1),
+    "height,width,channels": (lambda s: s.flatten(1, 2), -1),
+    "channels,height,width": (lambda s: s.flatten(2).transpose(1, 2), 0),
+}
 
 
 @dataclass(frozen=True)
 class CachePlan:
-    """What to cache for one encoder: the input of its top ``top_k`` blocks."""
+    """What to cache for one encoder: the input of its top ``top_k`` blocks (0: the last block's output)."""
 
     top_k: int
     first_block: int
@@ -68,20 +81,23 @@ class CachePlan:
                 "cache_dtype": self.dtype, "cache_layout": self.layout}
 
 
-def check_top_k(encoder_name: str, depth: int, top_k: int, flag: str) -> None:
-    """Refuse a K the encoder cannot have: at least 1, at most its number of blocks."""
+def check_top_k(encoder_name: str, depth: int, top_k: int, flag: str, also: str = "") -> None:
+    """Refuse a K the encoder cannot have: at least 1, at most its number of blocks (``also``: other choices)."""
     if not 1 <= top_k <= depth:
         raise UserError(f"{flag} {top_k}: encoder {encoder_name} has {depth} blocks; choose 1..{depth} "
-                        "(K counts blocks from the top)")
+                        f"(K counts blocks from the top){also}")
 
 
 def plan_cache(encoder: Encoder, top_k: int, dtype: str = "float16") -> CachePlan:
     """Where the cache cuts ``encoder`` and the per-item state shape there.
 
     Image shapes come from one dry run on a blank input of the model's input size;
-    text states are padded to the preprocessor's ``max_tokens``.
+    text states are padded to the preprocessor's ``max_tokens``. ``top_k = 0`` cuts
+    after the last block.
     """
-    check_top_k(encoder.name, encoder.depth, top_k, "--cache-layer")
+    if top_k != FINAL_LAYER:
+        check_top_k(encoder.name, encoder.depth, top_k, "--cache-layer",
+                    f", or {FINAL_LAYER} for the states leaving the last block (--fusion merge-attn)")
     if dtype not in CACHE_DTYPES:
         raise UserError(f"--cache-dtype {dtype}: choose one of {', '.join(CACHE_DTYPES)}")
     first = encoder.depth - top_k
@@ -148,13 +164,19 @@ class CachingForward:
 
 
 def _to_rows(hidden: Hidden, plan: CachePlan) -> tuple[np.ndarray, np.ndarray | None]:
-    """(states in the stored dtype, padded to the cached shape; token counts for text)."""
+    """(states in the stored dtype, padded to the cached shape; token counts for text).
+
+    Text rows keep only the item's real tokens: the states the batch computed at its
+    padding positions depend on which items shared the batch, so they are stored as
+    zeros like the rest of the padding (readers mask them anyway).
+    """
     states = hidden.states.float().cpu().numpy()
     if not plan.text:
         return states.astype(plan.dtype), None
+    mask = hidden.token_mask.cpu().numpy().astype(bool)
     rows = np.zeros((len(states), *plan.shape), dtype=plan.dtype)
-    rows[:, : states.shape[1]] = states
-    return rows, hidden.token_mask.sum(1).cpu().numpy().astype(np.int16)
+    rows[:, : states.shape[1]] = np.where(mask[..., None], states, 0.0)
+    return rows, mask.sum(1).astype(np.int16)
 
 
 class StateChunk:
@@ -240,14 +262,45 @@ class StateCache:
                 out[where] = mapped[ids[where] - chunk * self.chunk_rows]
         return out, (self.tokens[ids] if self.tokens is not None else None)
 
+    @property
+    def token_width(self) -> int:
+        """Width of one token / patch state (the channels of a feature map)."""
+        return self.shape[self._sequence_of()[1]]
+
+    def _sequence_of(self) -> tuple[Callable[[torch.Tensor], torch.Tensor], int]:
+        layout = self.attrs.get("cache_layout")
+        if layout not in SEQUENCES:
+            raise UserError(f"store group {self.group} caches states in layout {layout!r}, which has no token "
+                            f"order here (known: {', '.join(SEQUENCES)}); use an encoder of the families "
+                            f"{', '.join(LAYOUTS)}")
+        return SEQUENCES[layout]
+
+    def sequence(self, ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token states ``(len(ids), T, width)`` float32 and their validity mask ``(len(ids), T)`` bool.
+
+        Every layout becomes a token sequence (feature maps: one token per position,
+        row-major). Text is cut to the longest item among ``ids`` and its padding
+        tokens are invalid, so an item's result never depends on the padding stored
+        after its tokens nor on which other items share the batch. Absent items come
+        back as zeros; masking them is the caller's (it knows ``present``).
+        """
+        states, tokens = self.gather(ids)
+        to_tokens, _ = self._sequence_of()
+        seq = to_tokens(torch.from_numpy(states))
+        if tokens is None:
+            return seq, torch.ones(seq.shape[:2], dtype=torch.bool)
+        length = max(int(tokens.max(initial=0)), 1)
+        return seq[:, :length], torch.arange(length)[None, :] < torch.from_numpy(tokens)[:, None]
+
     def encoder_options(self) -> dict:
         """``create_encoder`` keyword arguments rebuilding the encoder that made the states."""
-        prov = self.attrs["provenance"]
-        kind = prov["weights_kind"]
-        return {"weights": prov["weights_location"] if kind in ("file", "hub") else None,
-                "random_init": kind == "random-init", "seed": prov.get("weights_seed") or 0,
-                "pooling": self.attrs["pooling"],
-                "max_text_tokens": self.attrs["preprocessing"].get("max_tokens", 30)}
+        return encoder_options(self.attrs)
+
+    def states_record(self) -> dict:
+        """The state arrays a run reads, as its config.json keeps them beside the group's record."""
+        return {"array": "cache", **{k: self.attrs.get(k) for k in ("cache_layer", "cache_block", "cache_shape",
+                                                                    "cache_dtype", "cache_layout")},
+                "token_counts": "cache_tokens" if self.tokens is not None else None}
 
     def record(self) -> dict:
         """What a run's config.json keeps about the cache: enough to find and check it."""
@@ -258,19 +311,56 @@ class StateCache:
                 "provenance": {k: self.attrs[k] for k in keep if k in self.attrs}}
 
 
+def encoder_options(attrs: dict) -> dict:
+    """``create_encoder`` keyword arguments rebuilding the encoder a group's attributes record."""
+    prov = attrs["provenance"]
+    kind = prov["weights_kind"]
+    return {"weights": prov["weights_location"] if kind in ("file", "hub") else None,
+            "random_init": kind == "random-init", "seed": prov.get("weights_seed") or 0,
+            "pooling": attrs["pooling"],
+            "max_text_tokens": attrs["preprocessing"].get("max_tokens", 30)}
+
+
+def open_final_states(group: FeatureGroup) -> StateCache:
+    """The states leaving the last block of ``group``'s encoder (``--cache-layer 0``).
+
+    A group without them (extracted without ``--cache-layer`` or for another layer)
+    is refused with the command that writes them: the group's own recorded setup
+    (weights, pooling, tokens) re-run into a ``tokens`` variant beside it, since one
+    group holds one cache.
+    """
+    cached = group.attrs.get("cache_layer")
+    if cached == FINAL_LAYER:
+        return StateCache(group)
+    from extract.job import states_command
+
+    parsed = parse_group_name(group.name)
+    variant = f"{parsed.variant}-tokens" if parsed.variant else "tokens"
+    held = ("holds no cached states (extracted without --cache-layer)" if cached is None
+            else f"caches the input of the top {cached} blocks, not the last block's output")
+    raise UserError(f"store group {group.name} {held}; --fusion merge-attn reads the token states leaving the "
+                    f"last block: write them with `{states_command(group, FINAL_LAYER, variant)}` and train on "
+                    f"--encoder {parsed.encoder}@{variant}")
+
+
 def open_state_cache(store_path: Path, group: str, top_k: int, fingerprint: str, n_items: int) -> StateCache:
     """Open the cached states of ``group`` for ``--top-k top_k``; refuse any mismatch with the fix."""
     fg = FeatureStore(store_path).open(group, complete=True)
     command = group_extract_command(fg.name)
     cached = fg.attrs.get("cache_layer")
-    if cached is None:
-        raise UserError(f"store group {fg.name} holds no cached states (extracted without --cache-layer); "
-                        f"write them with `{command} --cache-layer {top_k} --variant top{top_k}` and train "
-                        f"with --encoder {fg.name.split('/')[-1].split('@')[0]}@top{top_k}")
-    if int(cached) != top_k:
-        raise UserError(f"store group {fg.name} caches the input of the top {cached} blocks, but this run "
-                        f"asks --top-k {top_k}; train with --top-k {cached}, or extract another variant: "
-                        f"`{command} --cache-layer {top_k} --variant top{top_k}`")
+    if cached is None or int(cached) != top_k:
+        from extract.job import states_command
+
+        fix = f"`{states_command(fg, top_k, f'top{top_k}')}`"  # the group's own weights and settings
+        if cached is None:
+            raise UserError(f"store group {fg.name} holds no cached states (extracted without --cache-layer); "
+                            f"write them with {fix} and train with "
+                            f"--encoder {parse_group_name(fg.name).encoder}@top{top_k}")
+        final = int(cached) == FINAL_LAYER
+        held = ("holds the states leaving the last block (--cache-layer 0, for --fusion merge-attn)" if final
+                else f"caches the input of the top {cached} blocks")
+        raise UserError(f"store group {fg.name} {held}, but this run asks --top-k {top_k}; "
+                        f"{'' if final else f'train with --top-k {cached}, or '}extract another variant: {fix}")
     if fg.fingerprint != fingerprint:
         raise UserError(f"store group {fg.name} was built for dataset fingerprint {fg.fingerprint or 'unknown'}, "
                         f"but the prepared dataset has {fingerprint}; re-extract it "

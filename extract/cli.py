@@ -56,9 +56,10 @@ DEFAULT_WORKERS = max(1, min(8, (os.cpu_count() or 2) // 2))
               help="Cut texts to this many tokens, special tokens included (the papers use 30).")
 @click.option("--chunk-rows", type=click.IntRange(min=1), default=DEFAULT_CHUNK_ROWS, show_default=True,
               help="Rows per store chunk: the unit of resuming and of work split across torchrun ranks.")
-@click.option("--cache-layer", type=click.IntRange(min=1), default=None, metavar="K",
+@click.option("--cache-layer", type=click.IntRange(min=0), default=None, metavar="K",
               help="Also store, per item, the hidden states entering the encoder's top K blocks (tokens or "
-                   "patches x width), for `recommend train --mode e2e --cached --top-k K`.")
+                   "patches x width), for `recommend train --mode e2e --cached --top-k K`; 0: the states "
+                   "leaving the last block (before pooling), for `recommend train --fusion merge-attn`.")
 @click.option("--cache-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
               help="Stored dtype of the --cache-layer states (float32 for bit-level comparisons).")
 @root_option

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 import featurestore
 from data.dataset import Item, PreparedDataset
-from extract.cache import CachingForward, ensure_cache_arrays, plan_cache
+from extract.cache import CachingForward, encoder_options, ensure_cache_arrays, plan_cache
 from extract.encoder import BadItem, Encoder, move_inputs
 from extract.registry import create_encoder, get_encoder_config
 from featurestore.cliutil import UserError
@@ -45,6 +45,7 @@ from featurestore.store import (
     GroupLock,
     extract_command,
     group_name,
+    parse_group_name,
 )
 from featurestore.workspace import Workspace
 
@@ -85,13 +86,29 @@ class ExtractOptions:
                             ("--dtype", self.dtype if self.dtype != "float32" else None),
                             ("--max-text-tokens", self.max_text_tokens if self.max_text_tokens != 30 else None),
                             ("--cache-layer", self.cache_layer),
-                            ("--cache-dtype", self.cache_dtype if self.cache_layer and self.cache_dtype != "float16"
-                             else None)):
+                            ("--cache-dtype", self.cache_dtype
+                             if self.cache_layer is not None and self.cache_dtype != "float16" else None)):
             if value is not None:
                 words.append(f"{flag} {value}")
         if self.random_init:
             words.append(f"--random-init --seed {self.seed}")
         return " ".join(words)
+
+
+def states_command(group: FeatureGroup, cache_layer: int, variant: str) -> str:
+    """The command caching ``cache_layer`` states with the encoder and settings of ``group``, into ``variant``.
+
+    For refusals that name the fix: a group made without the states a run needs is
+    re-extracted with its own weights, pooling and token limit, so the new group's
+    vectors match the old one's. A group with no extraction provenance (imported)
+    gets the plain command for its encoder.
+    """
+    parsed = parse_group_name(group.name)
+    if "weights_kind" not in group.attrs.get("provenance", {}):
+        return (extract_command(parsed.dataset, parsed.encoder, modality=parsed.modality, variant=variant)
+                + f" --cache-layer {cache_layer}")
+    return ExtractOptions(dataset=parsed.dataset, encoder=parsed.encoder, variant=variant, cache_layer=cache_layer,
+                          dtype=group.attrs.get("dtype", "float32"), **encoder_options(group.attrs)).command()
 
 
 @dataclass

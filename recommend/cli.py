@@ -14,11 +14,13 @@ import click
 from eval.cli import cli as eval_cli
 from featurestore.cliutil import UserError, emit, json_option, root_option, run_cli
 from featurestore.workspace import Workspace
-from recommend.item_towers import WITH_ID_MODES, list_fusions, list_item_towers
+from recommend.item_towers import WITH_ID_MODES, list_fusions, list_item_towers, list_token_fusions
 from recommend.losses import list_losses
+from recommend.objectives import list_objectives
 from recommend.run import list_runs
 from recommend.study import DEFAULT_LAYERS, STUDY_MODES, StudyOptions, run_study
 from recommend.trainer import DEFAULT_TS_DNN_LAYERS, Processes, TrainOptions, train
+from recommend.transfer import list_transfers
 from recommend.user_encoders import list_user_encoders
 
 
@@ -56,10 +58,11 @@ def cli() -> None:
                    "e2e/adapter: the encoder to run live.")
 @click.option("--features", default=None, metavar="GROUP[,GROUP]",
               help="Store groups by full name DATASET/MODALITY/ENCODER[@VARIANT]; two = fused.")
-@click.option("--fusion", type=click.Choice(list_fusions()), default=None,
+@click.option("--fusion", type=click.Choice(list_fusions() + list_token_fusions()), default=None,
               help="How two groups merge after their own projections to d: concat (Linear over "
-                   "[a;b]), sum, gate (sigmoid gate), film (b scales and shifts a) "
-                   "[default with two groups: concat].")
+                   "[a;b]), sum, gate (sigmoid gate), film (b scales and shifts a); merge-attn: one "
+                   "Transformer block over [CLS; text tokens; image patches] (PMMRec), reading the "
+                   "token states of `featurestore extract --cache-layer 0` [default with two groups: concat].")
 @click.option("--with-id", type=click.Choice(WITH_ID_MODES), default=None,
               help="Also learn an ID embedding and add it to the content vector, or concatenate "
                    "and project (001 Table 7).")
@@ -74,7 +77,11 @@ def cli() -> None:
 @click.option("--dim", type=int, default=512, show_default=True, help="Hidden width d.")
 @click.option("--blocks", type=int, default=2, show_default=True,
               help="Backbone depth (Transformer blocks, GRU layers, CNN residual blocks, DNN layers).")
-@click.option("--heads", type=int, default=2, show_default=True, help="Attention heads (sasrec).")
+@click.option("--heads", type=int, default=2, show_default=True,
+              help="Attention heads (sasrec, bert4rec).")
+@click.option("--mask-prob", type=float, default=None,
+              help="bert4rec: share of each sequence's items masked in cloze training "
+                   "[default: 0.2, the BERT4Rec paper's value for MovieLens].")
 @click.option("--dropout", type=float, default=0.1, show_default=True,
               help="Dropout in the backbone and the TS-DNN layers.")
 @click.option("--lr", type=float, default=1e-4, show_default=True, help="AdamW learning rate.")
@@ -122,17 +129,31 @@ def cli() -> None:
 @click.option("--pooling", type=click.Choice(["cls", "mean", "pooled"]), default=None,
               help="e2e/adapter: pooling of the live encoder [default: the encoder's own; with "
                    "--cached: the store group's].")
+@click.option("--init-from", default=None, metavar="SOURCE_RUN",
+              help="Start from a run trained on another dataset (name under ROOT/runs or a folder): "
+                   "the --transfer parts are copied from its best checkpoint, the rest is freshly "
+                   "initialised. ID-free modes only (ts, ts-dnn, e2e, adapter); recorded in config.json.")
+@click.option("--transfer", type=click.Choice(list_transfers()), default=None,
+              help="With --init-from: copy the item tower and user encoder (full), the item tower "
+                   "only (item) or the user encoder only (user) [default: full].")
+@click.option("--objectives", default=None, metavar="NAME[,NAME]",
+              help="PMMRec's auxiliary losses, added to the recommendation loss with weight 1 "
+                   "(002 Eq. 12) and logged per term: nicl = next-item enhanced cross-modal "
+                   "contrastive learning (needs two groups: --encoder TEXT_ENC,IMAGE_ENC), nid = "
+                   "noised item detection, rcl = robustness-aware contrastive learning "
+                   f"(known: {', '.join(list_objectives())}).")
 @click.option("--quiet", is_flag=True, help="No progress bar or per-epoch log lines on stderr.")
 @root_option
 @json_option
 def train_command(ws: Workspace, as_json: bool, encoder: str | None, features: str | None,
-                  quiet: bool, **options) -> None:
+                  objectives: str | None, quiet: bool, **options) -> None:
     """Train a recommender (IDRec, TS, TS-DNN, E2E, adapters) into ROOT/runs/RUN.
 
     Validates on the full item pool every epoch (HR@10/NDCG@10, the same scoring as
     `eval rank`), keeps the best checkpoint, stops early, and stops on collapse.
     """
-    opts = TrainOptions(encoders=_names(encoder), features=_names(features), **options)
+    opts = TrainOptions(encoders=_names(encoder), features=_names(features),
+                        objectives=_names(objectives), **options)
     result = train(ws, opts, progress=not quiet, echo=not quiet)
     if not Processes.from_env().main:
         return  # under torchrun, process 0 reports for all
@@ -171,6 +192,10 @@ def runs_command(ws: Workspace, as_json: bool) -> None:
                    "installation lacks is listed as unavailable in the report.")
 @click.option("--top-k", type=int, default=2, show_default=True,
               help="e2e: fine-tune the top K encoder blocks.")
+@click.option("--cached/--live", default=True, show_default=True,
+              help="e2e: train the top K blocks from states cached once per item (the store variant "
+                   "ENC@topK, extracted if missing; same loss and gradients, about 2x faster), or run "
+                   "the whole encoder live every step.")
 @click.option("--epochs", type=int, default=20, show_default=True,
               help="Most epochs per run (early stopping on validation HR@10 may end a run sooner).")
 @click.option("--dim", type=int, default=64, show_default=True,

@@ -9,12 +9,16 @@ epoch costs what IDRec's costs plus one small tower.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from featurestore.cliutil import UserError
 from featurestore.workspace import Workspace
+
+if TYPE_CHECKING:
+    from extract.cache import StateCache
+    from featurestore.store import FeatureGroup
 
 
 @dataclass
@@ -23,7 +27,8 @@ class FeatureSource:
 
     ``rows`` is the group's memory-mapped ``embeddings`` array (never loaded whole);
     ``present[i]`` is false for items the encoder could not read (no image, empty
-    text), whose stored row is a meaningless zero.
+    text), whose stored row is a meaningless zero. ``handle`` is the open group, from
+    which a token-level fusion reads the per-item token states (:meth:`final_states`).
     """
 
     group: str
@@ -32,6 +37,8 @@ class FeatureSource:
     dim: int
     fingerprint: str
     attrs: dict = field(default_factory=dict)
+    handle: FeatureGroup | None = field(default=None, repr=False)
+    _states: StateCache | None = field(default=None, init=False, repr=False)
 
     def gather(self, ids: np.ndarray) -> np.ndarray:
         """float32 rows for the given item ids (any order, repeats allowed)."""
@@ -48,17 +55,36 @@ class FeatureSource:
         ids = ids[ids > 0]
         return self.gather(ids)
 
+    def final_states(self) -> StateCache:
+        """The group's token / patch states leaving the encoder's last block (an
+        :class:`extract.cache.StateCache`, opened once): what ``--fusion merge-attn``
+        reads instead of the pooled rows. A group extracted without ``--cache-layer 0``
+        raises a UserError with the command that writes them.
+        """
+        if self.handle is None:
+            raise UserError(f"feature rows {self.group} were not read from a store group (open them with "
+                            "open_source); token-level fusion reads the group's stored states")
+        if self._states is None:
+            from extract.cache import open_final_states
+
+            self._states = open_final_states(self.handle)
+        return self._states
+
     def record(self) -> dict:
-        """What a run's config.json keeps about the group: enough to find and check it."""
+        """What a run's config.json keeps about the group: enough to find and check it
+        (and, when a tower read them, which state arrays)."""
         keep = ("encoder", "modality", "variant", "pooling", "weights", "weights_sha256",
                 "state_sha256", "dtype", "command")
-        return {
+        record = {
             "group": self.group,
             "fingerprint": self.fingerprint,
             "dim": self.dim,
             "missing": int((~self.present[1:]).sum()),
             "provenance": {k: self.attrs[k] for k in keep if k in self.attrs},
         }
+        if self._states is not None:
+            record["states"] = self._states.states_record()
+        return record
 
 
 def resolve_groups(dataset: str, encoders: list[str], groups: list[str]) -> list[str]:
@@ -106,7 +132,7 @@ def open_source(ws: Workspace, group: str, dataset_fingerprint: str, n_items: in
     present = np.asarray(fg.present(), dtype=bool).copy()
     present[0] = False
     return FeatureSource(group=fg.name, rows=fg.memmap(), present=present, dim=fg.dim,
-                         fingerprint=fg.fingerprint, attrs=dict(fg.attrs))
+                         fingerprint=fg.fingerprint, attrs=dict(fg.attrs), handle=fg)
 
 
 def fit_whitening(source: FeatureSource, eps: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:

@@ -32,6 +32,8 @@ from recommend.registry import Registry
 
 ITEM_TOWERS: Registry["ItemTower"] = Registry("item tower")
 FUSIONS: Registry[nn.Module] = Registry("fusion")
+# Fusions over the groups' token / patch states instead of their pooled vectors (recommend.merge_attn).
+TOKEN_FUSIONS = ("merge-attn",)
 WITH_ID_MODES = ("add", "concat")
 
 
@@ -159,10 +161,24 @@ class FeatureTower(ItemTower):
         _xavier_init(self)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        unique, inverse = torch.unique(ids.reshape(-1), return_inverse=True)
-        vectors = [proj(inp(unique)) for inp, proj in zip(self.inputs, self.projections)]
+        vectors, inverse = self._distinct_vectors(ids)
         fused = self.fusion(vectors) if self.fusion is not None else vectors[0]
         return fused[inverse].reshape(*ids.shape, self.dim)
+
+    def modality_vectors(self, ids: torch.Tensor) -> list[torch.Tensor]:
+        """Each group's projected vector ``(..., dim)`` before fusion, in group order.
+
+        PMMRec's NICL (paper 002 Eq. 8) contrasts the text and image vectors of an
+        item with each other, so it needs them apart; they are exactly what
+        ``forward`` fuses (same projections, same dropout mode).
+        """
+        vectors, inverse = self._distinct_vectors(ids)
+        return [v[inverse].reshape(*ids.shape, self.dim) for v in vectors]
+
+    def _distinct_vectors(self, ids: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Per group, the projected vectors of the distinct ids; and each id's row in them."""
+        unique, inverse = torch.unique(ids.reshape(-1), return_inverse=True)
+        return [proj(inp(unique)) for inp, proj in zip(self.inputs, self.projections)], inverse
 
 
 class WithId(ItemTower):
@@ -270,6 +286,8 @@ def _id_tower(spec: dict, sources: Sequence[FeatureSource], fit: bool) -> ItemTo
 @ITEM_TOWERS.register("ts")
 def _ts_tower(spec: dict, sources: Sequence[FeatureSource], fit: bool) -> ItemTower:
     _need_sources(spec, sources)
+    if spec.get("fusion") in TOKEN_FUSIONS:
+        return _token_fusion_tower(spec, sources, dt_layer)
     return FeatureTower(sources, spec["n_items"], spec["dim"], dt_layer,
                         spec.get("fusion"), spec.get("whiten", False), fit)
 
@@ -282,8 +300,18 @@ def _ts_dnn_tower(spec: dict, sources: Sequence[FeatureSource], fit: bool) -> It
     def projection(feat_dim: int, dim: int) -> nn.Module:
         return ts_dnn_stack(feat_dim, dim, layers, dropout)
 
+    if spec.get("fusion") in TOKEN_FUSIONS:
+        return _token_fusion_tower(spec, sources, projection)
     return FeatureTower(sources, spec["n_items"], spec["dim"], projection,
                         spec.get("fusion"), spec.get("whiten", False), fit)
+
+
+def _token_fusion_tower(spec: dict, sources: Sequence[FeatureSource],
+                        projection: Callable[[int, int], nn.Module]) -> ItemTower:
+    """The mode's projection applied to every token / patch state, then the token-level fusion."""
+    from recommend.merge_attn import merge_attention_tower  # builds on this module: imported on use
+
+    return merge_attention_tower(spec, sources, projection)
 
 
 def create_item_tower(spec: dict, sources: Sequence[FeatureSource] = (), fit: bool = True) -> ItemTower:
@@ -314,4 +342,9 @@ def list_item_towers(pattern: str = "*") -> list[str]:
 
 
 def list_fusions() -> list[str]:
+    """Fusions of two pooled vectors (see :data:`TOKEN_FUSIONS` for those over token states)."""
     return FUSIONS.names()
+
+
+def list_token_fusions() -> list[str]:
+    return list(TOKEN_FUSIONS)

@@ -25,6 +25,7 @@ from featurestore.workspace import Workspace
 from recommend.e2e import LIVE_MODES, reopen_live_inputs
 from recommend.features import open_source
 from recommend.model import Recommender, build_recommender
+from recommend.objectives import recommender_state
 
 CONFIG = "config.json"
 CHECKPOINT = "model.safetensors"
@@ -200,6 +201,17 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def resolve_run(ws: Workspace, run: str) -> Path:
+    """A run folder from a name under ``ROOT/runs`` or a path to the folder."""
+    for candidate in (ws.run_dir(run), Path(run)):
+        if (candidate / CONFIG).exists():
+            return candidate
+    raise UserError(
+        f"no run {run!r}: neither {ws.run_dir(run)} nor {Path(run)} holds a {CONFIG}; "
+        "list runs with `recommend runs` or pass --root"
+    )
+
+
 def read_config(run_dir: Path) -> dict:
     path = Path(run_dir) / CONFIG
     if not path.exists():
@@ -237,7 +249,7 @@ def load_run(run_dir: Path | str, device: str | torch.device = "cpu",
         sources = [open_source(ws, f["group"], config["dataset"]["fingerprint"], spec["n_items"])
                    for f in config.get("features", [])]
     model = build_recommender(spec, sources, fit=False)
-    model.load_state_dict(load_file(str(run_dir / CHECKPOINT)))
+    model.load_state_dict(recommender_state(load_file(str(run_dir / CHECKPOINT))))  # minus NID's head
     return model.to(device).eval(), config
 
 

@@ -63,6 +63,7 @@ class StudyOptions:
     layers: list[int] = field(default_factory=lambda: list(DEFAULT_LAYERS))
     modes: list[str] = field(default_factory=lambda: list(STUDY_MODES))
     top_k: int = 2
+    cached: bool = True
     epochs: int = 20
     dim: int = 64
     batch_size: int = 64
@@ -123,10 +124,12 @@ def run_name(dataset: PreparedDataset, label: str, options: TrainOptions,
     return f"{dataset.name}-{label}{encoder}-{digest}"
 
 
-def plan(opts: StudyOptions, dataset: PreparedDataset, features: dict | None = None) -> list[Configuration]:
+def plan(opts: StudyOptions, dataset: PreparedDataset, features: dict | None = None,
+         states: dict | None = None) -> list[Configuration]:
     """The configurations in report order; modes this installation lacks are marked unavailable.
 
-    ``features`` is the store group's signature (see :func:`run_name`), for ts / ts-dnn.
+    ``features`` is the store group's signature (see :func:`run_name`), for ts / ts-dnn;
+    ``states`` the signature of the cached-states group a cached e2e run reads.
     """
     registered = set(list_item_towers())
     common = TrainOptions(dataset=opts.dataset, dim=opts.dim, batch_size=opts.batch_size,
@@ -144,8 +147,9 @@ def plan(opts: StudyOptions, dataset: PreparedDataset, features: dict | None = N
             rows += [(f"ts-dnn{n}", mode, {"encoders": [opts.encoder], "layers": n})
                      for n in sorted(set(opts.layers))]
         elif mode == "e2e":
-            rows.append((f"e2e-top{opts.top_k}", mode, {"encoders": [opts.encoder], "top_k": opts.top_k,
-                                                          "random_init": opts.random_init}))
+            encoder = f"{opts.encoder}@{states_variant(opts.top_k)}" if opts.cached else opts.encoder
+            rows.append((f"e2e-top{opts.top_k}", mode, {"encoders": [encoder], "top_k": opts.top_k,
+                                                          "cached": opts.cached, "random_init": opts.random_init}))
         else:
             rows.append(("adapter", mode, {"encoders": [opts.encoder], "random_init": opts.random_init}))
     configs = []
@@ -156,17 +160,27 @@ def plan(opts: StudyOptions, dataset: PreparedDataset, features: dict | None = N
                                                 "installation"))
             continue
         options = replace(common, mode=mode, **settings)
-        options.run_name = run_name(dataset, label, options, features if mode in STORE_MODES else None)
+        group = features if mode in STORE_MODES else states if mode == "e2e" and opts.cached else None
+        options.run_name = run_name(dataset, label, options, group)
         configs.append(Configuration(label, mode, options=options, run=options.run_name))
     return configs
 
 
-def ensure_features(ws: Workspace, opts: StudyOptions, progress: bool) -> tuple[dict, dict]:
+def states_variant(top_k: int) -> str:
+    """The store variant holding the states a cached e2e run of top-K trains from."""
+    return f"top{top_k}"
+
+
+def ensure_features(ws: Workspace, opts: StudyOptions, progress: bool,
+                    cache_layer: int | None = None) -> tuple[dict, dict]:
     """Extract the encoder's store group if it is missing or unfinished (resumes a killed job).
 
     Always goes through the extraction job, which checks that an existing group was
     written with the same weights and settings (so a random-init group is never
     mistaken for a pretrained one) and returns at once when the group is complete.
+    With ``cache_layer`` K it is the variant ``ENC@topK`` that also keeps, per item, the
+    states entering the top K blocks: cached e2e trains from them and gets the same loss
+    and gradients as the live encoder, about twice as fast (BENCHMARKS.md).
 
     Returns:
         ``(the job's summary, the group's signature: encoder, pooling, weights hash, ...)``.
@@ -174,8 +188,9 @@ def ensure_features(ws: Workspace, opts: StudyOptions, progress: bool) -> tuple[
     from extract.job import SIGNATURE_KEYS, ExtractOptions, run_extraction
     from featurestore.store import FeatureStore
 
+    cache = {} if cache_layer is None else {"cache_layer": cache_layer, "variant": states_variant(cache_layer)}
     result = run_extraction(ws, ExtractOptions(dataset=opts.dataset, encoder=opts.encoder,
-                                               random_init=opts.random_init, progress=progress))
+                                               random_init=opts.random_init, progress=progress, **cache))
     attrs = FeatureStore(ws.store).open(result.group).attrs
     return result.to_dict(), {key: attrs.get(key) for key in SIGNATURE_KEYS}
 
@@ -353,11 +368,14 @@ def run_study(ws: Workspace, opts: StudyOptions, progress: bool = True,
     out.mkdir(parents=True, exist_ok=True)
     say = (lambda text: click.echo(text, err=True)) if progress else (lambda text: None)
 
-    features, signature = None, None
+    features, signature, states = None, None, None
     if any(mode in STORE_MODES and mode in list_item_towers() for mode in opts.modes):
         say(f"study: features of {opts.dataset} by {opts.encoder}")
         features, signature = ensure_features(ws, opts, progress)
-    configs = plan(opts, dataset, signature)
+    if "e2e" in opts.modes and opts.cached:
+        say(f"study: states entering the top {opts.top_k} blocks of {opts.encoder}, for cached e2e")
+        _, states = ensure_features(ws, opts, progress, cache_layer=opts.top_k)
+    configs = plan(opts, dataset, signature, states)
     todo = [c for c in configs if c.options is not None]
     for number, config in enumerate(todo, 1):
         say(f"study: [{number}/{len(todo)}] {config.label}: run {config.run}")

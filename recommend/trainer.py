@@ -44,13 +44,16 @@ from featurestore.cliutil import UserError
 from featurestore.workspace import Workspace
 from recommend import __version__
 from recommend.batches import SequenceBatches, model_seq_len, training_rows
+from recommend.cloze import check_cloze_options, cloze_loss
 from recommend.cost import parameter_breakdown
 from recommend.e2e import (LIVE_MODES, check_live_options, live_config, live_tower_spec, open_live_inputs,
                            optimizer_groups)
 from recommend.features import open_source, resolve_groups
-from recommend.item_towers import ITEM_TOWERS, FUSIONS, WITH_ID_MODES
+from recommend.item_towers import ITEM_TOWERS, FUSIONS, TOKEN_FUSIONS, WITH_ID_MODES
 from recommend.losses import LOSSES, Loss, LossContext, create_loss
 from recommend.model import Recommender, build_recommender
+from recommend.objectives import AuxObjectives, Step, attach_objectives, check_objectives
+from recommend.transfer import check_transfer_options, init_from_run
 from recommend.run import (BEST, CHECKPOINT, FINISHED, LAST, LOG, append_metrics, default_run_name,
                            load_training_state, open_run, read_metrics, rewrite_metrics,
                            save_checkpoint, save_training_state, write_json)
@@ -100,23 +103,40 @@ class TrainOptions:
     weights: str | None = None
     encoder_seed: int = 0
     pooling: str | None = None
+    mask_prob: float | None = None  # bert4rec cloze share; recommend.cloze
+    init_from: str | None = None  # cross-dataset transfer; recommend.transfer
+    transfer: str | None = None
+    objectives: list[str] = field(default_factory=list)  # PMMRec's auxiliary terms; recommend.objectives
 
 
 class Objective(nn.Module):
-    """Recommender + loss as one module, so DDP sees the whole step in ``forward``."""
+    """Recommender + loss as one module, so DDP sees the whole step in ``forward``.
 
-    def __init__(self, model: Recommender, loss: Loss) -> None:
+    With auxiliary terms (``--objectives``) the step returns their sum with the
+    recommendation loss (002 Eq. 12, every weight 1) and keeps each term's detached
+    value in ``terms`` (``rec`` = the recommendation loss) for the per-epoch log.
+    """
+
+    def __init__(self, model: Recommender, loss: Loss, aux: AuxObjectives | None = None) -> None:
         super().__init__()
-        self.model, self.loss = model, loss
+        self.model, self.loss, self.aux = model, loss, aux
+        self.terms: dict[str, torch.Tensor] = {}
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        if getattr(self.model.user_encoder, "cloze", False):  # bidirectional: fill in masked items
+            return cloze_loss(self.model, self.loss, rows)
         extra = self.loss.extra_items(rows)
         ids = rows if extra is None else torch.cat([rows, extra], dim=1)
         vectors = self.model.embed(ids)  # one tower call: inputs, targets and negatives
         width = rows.shape[1]
         hidden = self.model.encode(vectors[:, : width - 1], rows[:, :-1] > 0)
         extra_vectors = None if extra is None else vectors[:, width:]
-        return self.loss(hidden, rows, vectors[:, :width], extra, extra_vectors)
+        value = self.loss(hidden, rows, vectors[:, :width], extra, extra_vectors)
+        if self.aux is None:
+            return value
+        parts = {"rec": value, **self.aux(Step(self.model, rows, vectors[:, :width], hidden))}
+        self.terms = {name: part.detach() for name, part in parts.items()}
+        return torch.stack(list(parts.values())).sum()
 
 
 @dataclass(frozen=True)
@@ -185,7 +205,12 @@ def check_options(opts: TrainOptions) -> TrainOptions:
         raise UserError(f"--layers must be >= 0, got {opts.layers}")
     n_groups = len(opts.encoders) + len(opts.features)
     if opts.fusion is not None:
-        FUSIONS.get(opts.fusion)
+        known = (*FUSIONS.names(), *TOKEN_FUSIONS)
+        if opts.fusion not in known:
+            raise UserError(f"unknown fusion {opts.fusion!r}; known: {', '.join(known)}")
+        if opts.fusion in TOKEN_FUSIONS and opts.whiten:
+            raise UserError(f"--whiten transforms pooled vectors, and --fusion {opts.fusion} reads token states; "
+                            "drop --whiten")
         if n_groups != 2:
             raise UserError("--fusion merges two feature groups (text + image); name two with "
                             "--features TEXT_GROUP,IMAGE_GROUP or --encoder TEXT_ENC,IMAGE_ENC")
@@ -196,7 +221,8 @@ def check_options(opts: TrainOptions) -> TrainOptions:
     if opts.whiten and n_groups == 0:
         raise UserError("--whiten transforms stored features; it needs --mode ts/ts-dnn with "
                         "--encoder or --features")
-    if opts.backbone == "sasrec" and opts.dim % opts.heads:
+    check_cloze_options(opts)
+    if opts.backbone in ("sasrec", "bert4rec") and opts.dim % opts.heads:
         raise UserError(f"--dim {opts.dim} must be divisible by --heads {opts.heads}")
     for name in ("dim", "blocks", "heads", "batch_size", "epochs", "patience"):
         if getattr(opts, name) < 1:
@@ -206,6 +232,8 @@ def check_options(opts: TrainOptions) -> TrainOptions:
     if not opts.lr > 0:
         raise UserError(f"--lr must be > 0, got {opts.lr}")
     check_live_options(opts)
+    check_transfer_options(opts)
+    check_objectives(opts)
     return opts
 
 
@@ -226,7 +254,8 @@ def model_spec(opts: TrainOptions, dataset: PreparedDataset) -> dict:
         "max_seq_len": model_seq_len(dataset),
         "item_tower": tower,
         "user_encoder": {"name": opts.backbone, "blocks": opts.blocks, "heads": opts.heads,
-                         "dropout": opts.dropout},
+                         "dropout": opts.dropout,
+                         **({} if opts.mask_prob is None else {"mask_prob": opts.mask_prob})},
     }
 
 
@@ -369,8 +398,10 @@ def _train(ws: Workspace, opts: TrainOptions, procs: Processes, device: torch.de
     torch.manual_seed(opts.seed)  # identical initial weights on every process
     np.random.seed(opts.seed)
     model = build_recommender(spec, sources, fit=True).to(device)
+    transferred = init_from_run(ws, opts, model, spec, sources)  # --init-from: source weights, else None
     loss = create_loss(opts.loss, LossContext(dataset.n_items, dataset.train_counts())).to(device)
-    objective: nn.Module = Objective(model, loss)
+    aux = attach_objectives(model, opts.objectives)  # on the model: NID's head trains and saves with it
+    objective: nn.Module = Objective(model, loss, aux)
     if procs.world_size > 1:
         objective = DistributedDataParallel(
             objective, device_ids=[device.index] if device.type == "cuda" else None)
@@ -381,6 +412,8 @@ def _train(ws: Workspace, opts: TrainOptions, procs: Processes, device: torch.de
     config = build_config(opts, dataset, sources, spec, model, len(rows), procs, device)
     config["parameters"] = parameter_breakdown(model)
     live_config(config, model)
+    if transferred is not None:
+        config["transfer"] = transferred
     name = procs.broadcast(_run_name(ws, opts, config) if procs.main else None)
     run_dir = open_run(ws, name, config) if procs.main else ws.run_dir(name)
     finished = procs.broadcast(_finished(run_dir) if procs.main else None)
@@ -430,6 +463,7 @@ def _epochs(objective, model: Recommender, optimizer, batches: SequenceBatches,
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         start, total, steps = time.perf_counter(), 0.0, 0
+        term_totals: dict[str, float] = {}
         bar = tqdm(total=batches.n_sequences, unit="seq", desc=f"epoch {epoch}", leave=False,
                    disable=not (progress and procs.main), file=sys.stderr)
         finite = True
@@ -442,6 +476,8 @@ def _epochs(objective, model: Recommender, optimizer, batches: SequenceBatches,
             value.backward()
             optimizer.step()
             total, steps = total + float(value.detach()), steps + 1
+            for name, part in _step_terms(objective).items():
+                term_totals[name] = term_totals.get(name, 0.0) + float(part)
             bar.update(len(rows))
             bar.set_postfix(loss=f"{total / steps:.4f}")
         bar.close()
@@ -453,6 +489,7 @@ def _epochs(objective, model: Recommender, optimizer, batches: SequenceBatches,
                        f"{opts.lr / 10:g}) or raise --weight-decay.")
             break
         mean_loss = procs.mean(total / max(steps, 1), device)
+        terms = {name: procs.mean(part / max(steps, 1), device) for name, part in term_totals.items()}
 
         decision = None
         if procs.main:
@@ -467,7 +504,10 @@ def _epochs(objective, model: Recommender, optimizer, batches: SequenceBatches,
                 "peak_gpu_mb": (torch.cuda.max_memory_allocated(device) / 2**20
                                 if device.type == "cuda" else None),
             }
-            log.info("epoch %d: loss %.4f, valid %s, %.1fs (%.1f seq/s)", epoch, mean_loss,
+            if terms:
+                record["terms"] = terms
+            log.info("epoch %d: loss %.4f%s, valid %s, %.1fs (%.1f seq/s)", epoch, mean_loss,
+                     f" ({', '.join(f'{k} {v:.4f}' for k, v in terms.items())})" if terms else "",
                      ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), seconds,
                      record["sequences_per_sec"])
             if _collapsed(metrics, best):
@@ -505,6 +545,11 @@ def _epochs(objective, model: Recommender, optimizer, batches: SequenceBatches,
                f"{best_epoch}" if best else "no epoch was validated")
     return {"status": status, "best_epoch": best_epoch, "best": best or {}, "epochs": epoch,
             "message": f"{message} {summary}; checkpoint {CHECKPOINT if best else 'none'}."}
+
+
+def _step_terms(objective: nn.Module) -> dict[str, torch.Tensor]:
+    """The last step's separate loss terms (empty without ``--objectives``), DDP-wrapped or not."""
+    return (objective.module if isinstance(objective, DistributedDataParallel) else objective).terms
 
 
 def epoch_seed(seed: int, rank: int, epoch: int) -> int:

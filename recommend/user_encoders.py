@@ -13,11 +13,15 @@ training loop.
   mean of the items seen so far; order-free, sequence-to-one.
 - ``gru4rec`` (Hidasi et al. 2016): a GRU over the sequence.
 - ``nextitnet`` (Yuan et al. 2019): a stack of dilated causal residual CNN blocks.
+- ``bert4rec`` (Sun et al. 2019): the one exception to "causal": a bidirectional
+  Transformer trained by cloze (``recommend.cloze``). Its ``forward`` is the inference
+  form: a learned [MASK] vector is appended after the history and the last state is
+  that [MASK]'s output, so the interface (last position = user vector) still holds.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -37,6 +41,7 @@ class EncoderConfig:
     heads: int = 2
     dropout: float = 0.1
     max_seq_len: int = 10
+    mask_prob: float = 0.2  # bert4rec: share of a row's real items masked in cloze training
 
 
 class UserEncoder(nn.Module):
@@ -60,13 +65,26 @@ def causal_attention_mask(mask: torch.Tensor, heads: int) -> torch.Tensor:
     return additive.repeat_interleave(heads, dim=0)
 
 
-@USER_ENCODERS.register("sasrec")
-class SASRec(UserEncoder):
-    """SASRec as in the MoRec code: post-LN Transformer blocks over item + position vectors.
+def bidirectional_attention_mask(mask: torch.Tensor, heads: int) -> torch.Tensor:
+    """Additive attention mask ``(B * heads, L, L)``: every query sees every real key.
+
+    Padding is masked as a key only, so no real state reads padding; each query also
+    sees itself, so an all-padding row stays finite (as in ``causal_attention_mask``).
+    """
+    length = mask.shape[1]
+    allowed = mask[:, None, :].expand(-1, length, -1) | torch.eye(length, dtype=torch.bool,
+                                                                   device=mask.device)
+    additive = torch.zeros(allowed.shape, device=mask.device).masked_fill(~allowed, float("-inf"))
+    return additive.repeat_interleave(heads, dim=0)
+
+
+class _PositionalTransformer(UserEncoder):
+    """Post-LN Transformer blocks over item + learned position vectors (SASRec, BERT4Rec).
 
     Positions count back from the most recent item (0 = the last), so with left
     padding the newest item always carries the same position vector whatever the
-    padded length: the same as SASRec's fixed-length left-padded layout.
+    padded length: the same as SASRec's fixed-length left-padded layout. Subclasses
+    differ only in the attention mask they pass to ``transform``.
     """
 
     def __init__(self, cfg: EncoderConfig) -> None:
@@ -81,11 +99,62 @@ class SASRec(UserEncoder):
         self.blocks = nn.TransformerEncoder(block, cfg.blocks, enable_nested_tensor=False)
         nn.init.xavier_normal_(self.positions.weight)
 
-    def forward(self, items: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def transform(self, items: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        """Hidden states ``(B, L, d)`` of ``items`` under an additive ``attention`` mask."""
         length = items.shape[1]
         back = torch.arange(length - 1, -1, -1, device=items.device)
         hidden = self.dropout(self.norm(items + self.positions(back)))
-        return self.blocks(hidden, mask=causal_attention_mask(mask, self.heads))
+        return self.blocks(hidden, mask=attention)
+
+
+@USER_ENCODERS.register("sasrec")
+class SASRec(_PositionalTransformer):
+    """SASRec as in the MoRec code: causal self-attention, next-item prediction everywhere."""
+
+    def forward(self, items: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.transform(items, causal_attention_mask(mask, self.heads))
+
+
+@USER_ENCODERS.register("bert4rec")
+class BERT4Rec(_PositionalTransformer):
+    """BERT4Rec (Sun et al. 2019): bidirectional blocks, trained to fill in masked items.
+
+    ``cloze = True`` tells the trainer to train it with ``recommend.cloze`` instead of
+    next-item prediction at every position. At inference the [MASK] vector is appended
+    after the history and its output is the user vector, so the position table has
+    ``max_seq_len + 1`` rows: the [MASK] takes position 0 (the newest), exactly where a
+    training row's last item sits when cloze masks it. The output head is BERT's
+    transform (Linear, GELU, LayerNorm) that the paper's code puts before the dot product
+    with the item table; its per-item output bias is left out because ranking scores
+    are plain inner products of user and item vectors.
+    """
+
+    cloze = True
+
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__(replace(cfg, max_seq_len=cfg.max_seq_len + 1))
+        self.mask_prob = cfg.mask_prob
+        self.mask_vector = nn.Parameter(torch.empty(cfg.dim))
+        nn.init.normal_(self.mask_vector, std=0.02)  # BERT's initializer range
+        self.head = nn.Sequential(nn.Linear(cfg.dim, cfg.dim), nn.GELU(), nn.LayerNorm(cfg.dim))
+
+    def forward(self, items: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``(B, L, d)`` states of history + [MASK], first dropped; the last is the [MASK]'s."""
+        batch, _, dim = items.shape
+        items = torch.cat([items, self.mask_vector.expand(batch, 1, dim)], dim=1)
+        mask = nn.functional.pad(mask, (0, 1), value=True)
+        masked = torch.zeros_like(mask)
+        masked[:, -1] = True
+        return self.fill(items, mask, masked)[:, 1:]
+
+    def fill(self, items: torch.Tensor, mask: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+        """States ``(B, L, d)`` with the ``masked`` (B, L) positions' items replaced by [MASK].
+
+        The cloze step and inference share this one path; a masked position's state is
+        what is scored against its true item.
+        """
+        items = torch.where(masked.unsqueeze(-1), self.mask_vector.to(items.dtype), items)
+        return self.head(self.transform(items, bidirectional_attention_mask(mask, self.heads)))
 
 
 @USER_ENCODERS.register("dssm")

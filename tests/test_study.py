@@ -16,6 +16,7 @@ import torch
 
 from data.dataset import PreparedDataset
 from featurestore.cliutil import UserError
+from featurestore.store import FeatureStore
 from featurestore.workspace import Workspace
 from recommend import study as study_module
 from recommend.run import load_run
@@ -64,6 +65,15 @@ def test_every_mode_is_trained_ranked_and_reported(studied):
         with open(png, "rb") as fh:
             assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
     assert "## Not run" not in report
+
+
+def test_e2e_trains_from_states_cached_once(studied):
+    ws, opts, result = studied
+    run = next(c["run"] for c in result["configurations"] if c["mode"] == "e2e")
+    config = json.loads((ws.run_dir(run) / "config.json").read_text())
+    assert config["options"]["cached"] and config["options"]["encoders"] == [f"{opts.encoder}@top1"]
+    group = FeatureStore(ws.store).open(f"{opts.dataset}/text/{opts.encoder}@top1")
+    assert group.status == "complete" and group.attrs["cache_layer"] == 1
 
 
 def test_test_metrics_match_a_numpy_ranking(studied):

@@ -160,7 +160,7 @@ def test_cli_train_json_and_runs_listing(synth_ws):
     (dict(mode="ts-dnn", encoders=["minilm-l6@absent"]),
      r"`featurestore extract --dataset synth --encoder minilm-l6 --modality text --variant absent`"),
     (dict(mode="ts", encoders=["nosuch"]), "unknown encoder 'nosuch'"),
-    (dict(mode="id", backbone="bert4rec"), "unknown backbone 'bert4rec'"),
+    (dict(mode="id", backbone="bert5rec"), "unknown backbone 'bert5rec'"),
     (dict(mode="id", dim=30, heads=4), "divisible by --heads"),
 ])
 def test_bad_options_are_one_line_user_errors(synth_ws, options, message):

@@ -1,0 +1,352 @@
+"""Cross-dataset transfer: start a run from another run's weights, or rank another dataset zero-shot.
+
+NineRec (000) and PMMRec (002) pretrain a modality-based recommender on a large
+source dataset and report, on a small target, training from scratch (NoPT) against
+starting from the source's item tower and/or user encoder (HasPT), plus the source
+model ranking the target without any training (zero-shot). Two entry points:
+
+- :func:`init_from_run` (``recommend train --init-from SOURCE --transfer full|item|user``):
+  the target model is first built exactly as a NoPT run (same seed, same initialiser),
+  then the chosen parts are overwritten by the source checkpoint, so every parameter
+  that is not transferred is what NoPT starts from. ``item`` = ``model.item_tower``
+  (DT / TS-DNN layers, fusion, the learned "missing content" vector, the PCA whitening
+  buffers, the tuned encoder blocks and adapters of e2e/adapter runs), ``user`` =
+  ``model.user_encoder`` (with its adapters), ``full`` = both.
+- :func:`zero_shot_model` (``eval rank --run SOURCE --dataset TARGET``): the source
+  architecture rebuilt over the target's items and store groups, with the source's
+  weights (or, ``untrained``, freshly initialised: the random baseline).
+
+Only ID-free models transfer: a row of an ID table names one of the source's items,
+which the target does not have (why NineRec's IDRec has no HasPT). Everything that shapes a
+transferred tensor must match (width d, tower settings, the encoder, its variant and
+weights, the backbone); each mismatch is refused with its reason. ``--transfer user``
+only needs the backbone and d to match, so a user encoder may move to another item
+tower or modality (PMMRec transfers its components alone and to single-modality targets).
+
+SASRec's ``positions`` table has one row per position counted back from the newest
+item (row 0 = the newest) and is sized by the dataset's ``max_seq_len``: the rows both
+datasets have mean the same positions and are copied, the target's extra rows keep
+their fresh initialisation; the run config records both counts.
+
+e2e/adapter checkpoints hold only trained tensors (``recommend.e2e``): the frozen
+encoder is rebuilt from the registry in both runs, so it is equal when the recorded
+``state_sha256`` (the encoder weights) is, which is checked; the trained tensors are
+copied like any other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import load_file
+
+from data.dataset import PreparedDataset
+from featurestore.cliutil import UserError
+from featurestore.store import parse_group_name
+from featurestore.workspace import Workspace
+from recommend.adapters import adapter_places
+from recommend.e2e import LIVE_MODES, live_towers, reopen_live_inputs
+from recommend.features import open_source
+from recommend.model import Recommender, build_recommender
+from recommend.objectives import recommender_state
+from recommend.registry import Registry
+from recommend.run import CHECKPOINT, read_config, resolve_run
+
+ITEM, USER = "item_tower", "user_encoder"
+DEFAULT_TRANSFER = "full"
+# tensors sized by max_seq_len, row 0 = the newest item: the overlapping rows are copied
+SEQUENCE_SIZED = ("user_encoder.positions.weight",)
+# item-tower settings that change which tensors exist or what they mean
+ITEM_SETTINGS = ("name", "layers", "fusion", "whiten", "encoder", "top_k", "adapter_dim", "adapter_in",
+                 "pooling", "max_text_tokens", "state_sha256")
+USER_SETTINGS = ("name", "blocks", "heads")
+
+TRANSFERS: Registry[tuple[str, ...]] = Registry("transfer")
+
+
+@TRANSFERS.register("full")
+def _full() -> tuple[str, ...]:
+    """Item tower and user encoder: everything an ID-free model has."""
+    return (ITEM, USER)
+
+
+@TRANSFERS.register("item")
+def _item() -> tuple[str, ...]:
+    """The item tower only: how content becomes item vectors."""
+    return (ITEM,)
+
+
+@TRANSFERS.register("user")
+def _user() -> tuple[str, ...]:
+    """The user encoder only: how a sequence of item vectors becomes a user."""
+    return (USER,)
+
+
+def transfer_parts(kind: str) -> tuple[str, ...]:
+    """Model attributes (``item_tower``, ``user_encoder``) a ``--transfer`` kind copies."""
+    return TRANSFERS.create(kind)
+
+
+def list_transfers() -> list[str]:
+    return TRANSFERS.names()
+
+
+def refuse_ids(tower: dict, who: str) -> None:
+    """An ID table cannot move to another dataset: its rows are the source's items."""
+    if tower.get("name") == "id" or tower.get("with_id"):
+        raise UserError(f"{who} uses an item-ID table (--mode id or --with-id), whose rows are one dataset's "
+                        "items; transfer needs an ID-free mode on both sides: ts, ts-dnn, e2e or adapter")
+
+
+def check_transfer_options(opts: Any) -> None:
+    """``check_options``' part for ``--init-from`` / ``--transfer`` (in place; defaults to full).
+
+    Only what the options alone decide; the source run is checked when the model exists
+    (:func:`init_from_run`).
+    """
+    if opts.init_from is None:
+        if opts.transfer is not None:
+            raise UserError("--transfer picks what --init-from copies; give --init-from SOURCE_RUN too")
+        return
+    opts.transfer = DEFAULT_TRANSFER if opts.transfer is None else opts.transfer
+    TRANSFERS.get(opts.transfer)
+    refuse_ids({"name": opts.mode, "with_id": opts.with_id}, f"the target run (--mode {opts.mode})")
+
+
+@dataclass
+class SourceRun:
+    """A finished (or at least once validated) run to transfer from."""
+
+    run_dir: Path
+    config: dict
+    state: dict[str, torch.Tensor]
+    sha256: str
+
+    @property
+    def name(self) -> str:
+        return self.run_dir.name
+
+    def record(self) -> dict:
+        dataset = self.config["dataset"]
+        return {"source_run": self.name, "source_dir": str(self.run_dir.resolve()),
+                "source_dataset": dataset["name"], "source_dataset_fingerprint": dataset["fingerprint"],
+                "source_checkpoint_sha256": self.sha256}
+
+
+def open_source_run(ws: Workspace, run: str) -> SourceRun:
+    """Read a source run (name under ROOT/runs or a folder) and its best checkpoint; refuse ID models."""
+    run_dir = resolve_run(ws, run)
+    config = read_config(run_dir)
+    refuse_ids(config["model"]["item_tower"], f"source run {run_dir.name}")
+    path = run_dir / CHECKPOINT
+    if not path.exists():
+        raise UserError(f"source run {run_dir.name} has no {CHECKPOINT} yet (no epoch finished); "
+                        "train it first")
+    data = path.read_bytes()
+    return SourceRun(run_dir, config, load_safetensors(data), hashlib.sha256(data).hexdigest())
+
+
+def feature_differences(source: Sequence[dict], target: Sequence[dict]) -> list[str]:
+    """Why the target's store groups cannot feed the source's item tower (empty when they can).
+
+    Records are ``FeatureSource.record()``: group name, width, provenance. The group must
+    come from the same encoder and variant (another encoder's space means nothing to the
+    source's DT layer even at equal width), with the same width, pooling and weights.
+    """
+    if len(source) != len(target):
+        return [f"the source reads {len(source)} feature group(s), the target {len(target)}"]
+    out = []
+    for s, t in zip(source, target):
+        a, b = parse_group_name(s["group"]), parse_group_name(t["group"])
+        if (a.modality, a.encoder, a.variant) != (b.modality, b.encoder, b.variant):
+            out.append(f"features {t['group']} are not from the source's encoder ({s['group']})")
+        if s["dim"] != t["dim"]:
+            out.append(f"feature width {t['dim']} of {t['group']} differs from the source's {s['dim']}")
+        for key in ("pooling", "state_sha256"):
+            x, y = s.get("provenance", {}).get(key), t.get("provenance", {}).get(key)
+            if x and y and x != y:
+                out.append(f"{t['group']} was extracted with another {key} ({y}) than {s['group']} ({x})")
+    return out
+
+
+def _setting_differences(source: dict, target: dict, keys: Sequence[str], label: str) -> list[str]:
+    return [f"{label} {key}: source {source.get(key)!r}, target {target.get(key)!r}"
+            for key in keys if source.get(key) != target.get(key)]
+
+
+def compatibility_problems(source: dict, target_spec: dict, target_features: Sequence[dict],
+                           parts: Sequence[str]) -> list[str]:
+    """Everything that stops ``parts`` of the source (its config) from fitting the target model.
+
+    ``target_spec`` is the target's model spec (its live item tower carrying the
+    ``state_sha256`` of the encoder it built); ``target_features`` its store-group records.
+    """
+    model = source["model"]
+    problems = []
+    if model["dim"] != target_spec["dim"]:
+        problems.append(f"width d: source {model['dim']}, target {target_spec['dim']} (--dim)")
+    if ITEM in parts:
+        problems += _setting_differences(model["item_tower"], target_spec["item_tower"], ITEM_SETTINGS,
+                                         "item tower")
+        if target_spec["item_tower"]["name"] not in LIVE_MODES:
+            problems += feature_differences(source.get("features", []), target_features)
+    if USER in parts:
+        problems += _setting_differences(model["user_encoder"], target_spec["user_encoder"], USER_SETTINGS,
+                                         "user encoder")
+        ours, theirs = _user_adapter_dim(model["item_tower"]), _user_adapter_dim(target_spec["item_tower"])
+        if ours != theirs:
+            problems.append(f"user-encoder adapters (width): source {ours or 'none'}, target {theirs or 'none'} "
+                            "(--adapter-in, --adapter-dim)")
+    return problems
+
+
+def _user_adapter_dim(tower: dict) -> int | None:
+    """The bottleneck width of the adapters an adapter run puts into its user encoder, else None."""
+    if tower.get("name") != "adapter" or not adapter_places(tower["adapter_in"])[1]:
+        return None
+    return int(tower["adapter_dim"])
+
+
+def copy_parts(model: Recommender, state: dict[str, torch.Tensor], parts: Sequence[str]) -> dict:
+    """Load the ``parts`` of ``state`` (a source checkpoint) into ``model``; the rest stays as built.
+
+    Every target tensor of a part must exist in the source with the same shape, except
+    :data:`SEQUENCE_SIZED` ones, whose overlapping rows are copied. Returns counts and the
+    partial copies.
+    """
+    prefixes = tuple(f"{part}." for part in parts)
+    current = model.state_dict()  # e2e/adapter: trained tensors only, as in the checkpoint
+    merged = dict(current)
+    problems, partial, copied = [], {}, 0
+    absent = [key for key in current if key.startswith(prefixes) and key not in state]
+    extra = [key for key in state if key.startswith(prefixes) and key not in current]
+    for keys, what in ((absent, "the target has {n} tensor(s) the source lacks, e.g. {key}"),
+                       (extra, "the source has {n} tensor(s) the target lacks, e.g. {key}")):
+        if keys:
+            problems.append(what.format(n=len(keys), key=keys[0]))
+    for key, tensor in current.items():
+        source = state.get(key)
+        if source is None or not key.startswith(prefixes):
+            continue
+        if source.shape == tensor.shape:
+            merged[key] = source
+            copied += source.numel()
+        elif key in SEQUENCE_SIZED and source.shape[1:] == tensor.shape[1:]:
+            rows = min(source.shape[0], tensor.shape[0])
+            merged[key] = tensor.detach().clone()
+            merged[key][:rows] = source[:rows].to(tensor.device, tensor.dtype)
+            partial[key] = {"source_rows": int(source.shape[0]), "target_rows": int(tensor.shape[0]),
+                            "copied_rows": rows, "fresh_rows": int(tensor.shape[0]) - rows,
+                            "why": "row r is the r-th position back from the newest item; rows both "
+                                   "datasets have are copied, the target's extra rows keep their fresh "
+                                   "initialisation"}
+            copied += rows * source[0].numel()
+        else:
+            problems.append(f"{key} has shape {tuple(source.shape)} in the source, {tuple(tensor.shape)} here")
+    if problems:
+        raise UserError(f"the source's {' and '.join(parts)} does not fit this model: {'; '.join(problems[:4])}")
+    model.load_state_dict(merged)
+    return {"params_copied": copied, "partial": partial}
+
+
+def _target_spec_with_weights(spec: dict, model: Recommender) -> dict:
+    """The spec with the live encoder's weights identity, as the source's config records it."""
+    towers = live_towers(model)
+    if not towers:
+        return spec
+    return {**spec, "item_tower": {**spec["item_tower"],
+                                   "state_sha256": towers[0].encoder.provenance["state_sha256"]}}
+
+
+def init_from_run(ws: Workspace, opts: Any, model: Recommender, spec: dict, sources: Sequence[Any]) -> dict | None:
+    """``--init-from``: overwrite the ``--transfer`` parts of a freshly built model with the source's.
+
+    Called by the trainer right after ``build_recommender`` (before the optimiser state,
+    DDP and resumption touch the weights). Returns the run config's ``transfer`` record
+    (None without ``--init-from``); refuses, before any run folder exists, a source whose
+    parts do not fit.
+    """
+    if opts.init_from is None:
+        return None
+    source = open_source_run(ws, opts.init_from)
+    parts = transfer_parts(opts.transfer)
+    problems = compatibility_problems(source.config, _target_spec_with_weights(spec, model),
+                                      [s.record() for s in sources], parts)
+    if problems:
+        raise UserError(f"cannot --init-from {source.name} with --transfer {opts.transfer}: "
+                        f"{'; '.join(problems)}. Train the target with the source's settings (its config.json)"
+                        + ("" if parts == (USER,) else ", or transfer only the user encoder (--transfer user)"))
+    copied = copy_parts(model, source.state, parts)
+    record = {**source.record(), "kind": opts.transfer, "transferred": list(parts),
+              "fresh": [p for p in (ITEM, USER) if p not in parts], **copied}
+    if ITEM in parts and spec["item_tower"].get("whiten"):
+        record["whitening"] = f"the source's (fitted on {source.config['dataset']['name']}'s catalogue)"
+    return record
+
+
+def retarget_group(group: str, dataset: str) -> str:
+    """The same encoder's and variant's store group for another dataset."""
+    return str(replace(parse_group_name(group), dataset=dataset))
+
+
+def zero_shot_model(ws: Workspace, run_dir: Path, target: str, untrained: bool = False,
+                    device: str | torch.device = "cpu") -> tuple[Recommender, dict, PreparedDataset]:
+    """The source run's model over another dataset's items, in eval mode, for ``evaluate``.
+
+    The architecture is the source's (its config's ``model`` section) with the target's
+    ``n_items`` and the target's store groups (same encoder and variant, checked against
+    the source's provenance; e2e/adapter runs read the target's items or its cache).
+    ``max_seq_len`` stays the source's: every position the model uses was trained, and
+    target histories are cut to that many most recent items. ``untrained`` keeps the
+    architecture but not the weights: parameters come from the initialiser seeded with
+    the source's training seed (whitening, if any, fitted on the target), the random
+    baseline zero-shot is measured against.
+
+    Returns:
+        ``(model, record, target dataset)``; ``record`` says what was ranked with what.
+    """
+    config = read_config(run_dir)
+    refuse_ids(config["model"]["item_tower"], f"run {run_dir.name}")
+    own = config["dataset"]["name"]
+    if target == own:
+        raise UserError(f"dataset {target} is run {run_dir.name}'s own; drop --dataset to rank it as usual")
+    dataset = PreparedDataset.load(ws.dataset_dir(target))
+    spec, sources = _target_sources(ws, config, dataset)
+    torch.manual_seed(config["training"]["seed"])
+    model = build_recommender(spec, sources, fit=untrained)
+    if not untrained:
+        path = run_dir / CHECKPOINT
+        if not path.exists():
+            raise UserError(f"run {run_dir.name} has no {CHECKPOINT} yet (no epoch finished); train it first")
+        model.load_state_dict(recommender_state(load_file(str(path))))  # as load_run: minus objective heads
+    record = {"source_run": run_dir.name, "source_dataset": own, "target": dataset.name,
+              "target_fingerprint": dataset.fingerprint,
+              "weights": "untrained" if untrained else "source",
+              "seed": config["training"]["seed"] if untrained else None,
+              "features": [s.record() for s in sources], "max_seq_len": spec["max_seq_len"]}
+    return model.to(device).eval(), record, dataset
+
+
+def _target_sources(ws: Workspace, config: dict, dataset: PreparedDataset) -> tuple[dict, list]:
+    """(model spec over the target's items, the target's opened inputs), checked against the source."""
+    model = config["model"]
+    tower = model["item_tower"]
+    if tower["name"] in LIVE_MODES:
+        if tower.get("group"):
+            tower = {**tower, "group": retarget_group(tower["group"], dataset.name)}
+        moved = {**config, "dataset": {"name": dataset.name, "fingerprint": dataset.fingerprint},
+                 "model": {**model, "n_items": dataset.n_items, "item_tower": tower}}
+        return moved["model"], reopen_live_inputs(ws, moved)
+    features = config.get("features", [])
+    sources = [open_source(ws, retarget_group(f["group"], dataset.name), dataset.fingerprint, dataset.n_items)
+               for f in features]
+    problems = feature_differences(features, [s.record() for s in sources])
+    if problems:
+        raise UserError(f"dataset {dataset.name}'s store groups cannot feed the run's item tower: "
+                        f"{'; '.join(problems)}; extract them with the run's encoder, variant and weights")
+    return {**model, "n_items": dataset.n_items}, sources
