@@ -93,6 +93,10 @@ def stage_details(work: Path) -> dict:
     if manifest.exists():
         counts = json.loads(manifest.read_text())["counts"]
         details["dataset"] = {k: counts[k] for k in ("users", "items", "interactions", "train")}
+    zarr_json = next((root / "store.zarr" / "scale").glob("*/*/zarr.json"), None)
+    if zarr_json is not None:  # the group's own timings: a resumed job computed only what was left
+        timings = json.loads(zarr_json.read_text())["attributes"].get("timings", {})
+        details["extract"] = {k: timings.get(k) for k in ("items_per_s", "computed_items", "extract_s")}
     metrics = root / "runs" / RUN_NAME / "metrics.jsonl"
     if metrics.exists():
         epoch = json.loads(metrics.read_text().splitlines()[0])
@@ -144,7 +148,10 @@ def main(users: int, items: int, images: bool, dim: int, batch_size: int, seed: 
         click.echo(f"{name}: {done[name]['seconds']} s, peak RSS {done[name]['peak_rss_mb']} MB", err=True)
 
     details = stage_details(work)
-    ratio = done["train"]["seconds"] / done["extract"]["seconds"]
+    rate = (details.get("extract") or {}).get("items_per_s")
+    # a resumed extraction stage timed only its remainder: price the whole catalogue at its rate
+    extract_seconds = items / rate if rate else done["extract"]["seconds"]
+    ratio = done["train"]["seconds"] / extract_seconds
     result = {"users": users, "items": items, "encoder": encoder, "dim": dim, "batch_size": batch_size,
               "stages": [done[name] for name in STAGES], "details": details,
               "train_epoch_over_extract": round(ratio, 3), "work": str(work)}
