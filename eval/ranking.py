@@ -196,3 +196,43 @@ def rank_targets(
             )
             bar.update(len(rows))
     return ranks
+
+
+def popularity_ranks(
+    counts: np.ndarray,
+    targets: np.ndarray,
+    hist_indptr: np.ndarray,
+    hist_indices: np.ndarray,
+    exclude_history: bool = True,
+    max_k: int = 50,
+) -> np.ndarray:
+    """What :func:`rank_targets` returns when every user scores item i by ``counts[i]``, by counting.
+
+    The popularity baseline gives every user the same ranking, so no search is needed:
+    the target's rank is one plus the items 1..N other than itself with a count at least
+    its own (ties rank it last, as :data:`TIES_RULE`), found with one binary search on the
+    sorted counts, minus the user's excluded history items among them. Cost O(U log N +
+    history) instead of a U x N search: 500K users x 87K items in seconds, not minutes.
+
+    Args:
+        counts: (N + 1,) score per item id (row 0, padding, never ranked).
+        targets, hist_indptr, hist_indices, exclude_history, max_k: as :func:`rank_targets`.
+
+    Returns:
+        (U,) int64 ranks, those beyond ``max_k`` reported as ``max_k + 1``.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    targets = np.asarray(targets, dtype=np.int64)
+    ordered = np.sort(counts[1:])
+    target_counts = counts[targets]
+    ranks = len(ordered) - np.searchsorted(ordered, target_counts, side="left")  # items >= target's, itself too
+    if exclude_history:
+        lengths = csr_lengths(hist_indptr)
+        user = np.repeat(np.arange(len(targets), dtype=np.int64), lengths)
+        items = np.asarray(hist_indices, dtype=np.int64)
+        # each (user, item) once: an item repeated in a history is removed from the ranking once
+        pairs = np.unique(user * (len(counts) + 1) + items)
+        user, items = pairs // (len(counts) + 1), pairs % (len(counts) + 1)
+        above = (items > 0) & (items != targets[user]) & (counts[items] >= target_counts[user])
+        ranks -= np.bincount(user[above], minlength=len(targets))
+    return np.minimum(ranks, max_k + 1).astype(np.int64)

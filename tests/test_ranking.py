@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from eval.ranking import csr_rows, rank_targets
+from eval.ranking import csr_rows, popularity_ranks, rank_targets
 from featurestore.cliutil import UserError
 
 
@@ -137,3 +137,19 @@ def test_missing_faiss_and_gpu_index_are_user_errors(monkeypatch):
     monkeypatch.setitem(sys.modules, "faiss", None)
     with pytest.raises(UserError, match="morec-store\\[cpu\\]"):
         rank_targets(*args, progress=False)
+
+
+@pytest.mark.parametrize("max_k", [1, 10])
+def test_popularity_ranks_count_what_the_search_finds(max_k):
+    """Counting gives the ranks of the search over one-dimensional vectors (user = 1, item =
+    its count), ties included: few distinct counts make many exact ties."""
+    rng = np.random.default_rng(3)
+    n_items, n_users = 60, 200
+    counts = rng.integers(0, 6, size=n_items + 1).astype(np.float32)
+    indptr, indices = random_histories(rng, n_users, n_items, max_len=15)
+    targets = rng.integers(1, n_items + 1, size=n_users)
+    for exclude in (True, False):
+        got = popularity_ranks(counts, targets, indptr, indices, exclude_history=exclude, max_k=max_k)
+        want = reference_ranks(np.ones((n_users, 1), np.float32), counts[:, None], targets, indptr, indices,
+                               exclude, max_k)
+        np.testing.assert_array_equal(got, want, err_msg=f"exclude_history={exclude}")
