@@ -61,12 +61,7 @@ def plot_compare(summaries: list[RunSummary], out: Path, metric: str = "HR@10") 
     cost_ax.set_ylabel(f"{metric} (%)")
     cost_ax.set_title(f"{metric} against training cost")
 
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def project_2d(vectors: np.ndarray, method: str = "pca", seed: int = 0) -> np.ndarray:
@@ -95,9 +90,14 @@ def plot_item_map(coords: np.ndarray, counts: np.ndarray, out: Path, title: str)
     ax.set_title(title)
     ax.set_xticks([])
     ax.set_yticks([])
+    return _save(fig, out)
+
+
+def _save(fig, out: Path | str) -> Path:
+    """Write ``fig`` as a PNG at ``out`` (making its folder) and free it."""
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
-    plt.close(fig)
+    _pyplot().close(fig)
     return out
