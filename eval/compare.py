@@ -16,6 +16,9 @@ from pathlib import Path
 from featurestore.cliutil import UserError
 
 
+MODE_LABELS = {"id": "IDRec", "ts": "TS", "e2e": "E2E", "adapter": "adapters"}
+
+
 @dataclass
 class RunSummary:
     """What the comparison table and plots show for one run."""
@@ -36,6 +39,13 @@ class RunSummary:
     def metric(self, name: str) -> float | None:
         value = self.metrics.get(name)
         return None if value is None else float(value)
+
+    @property
+    def label(self) -> str:
+        """The papers' name for the configuration: IDRec, TS, TS-DNN-8, E2E, adapters."""
+        if self.mode == "ts-dnn":
+            return f"TS-DNN-{self.layers}"
+        return MODE_LABELS.get(self.mode, self.mode)
 
 
 def _read_json(path: Path) -> dict | None:

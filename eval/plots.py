@@ -39,11 +39,15 @@ def plot_compare(summaries: list[RunSummary], out: Path, metric: str = "HR@10") 
     for encoder, runs in by_encoder.items():
         depth = [0 if s.mode == "ts" else (s.layers or 0) for s in runs]
         depth_ax.plot(depth, [100 * s.metric(metric) for s in runs], marker="o", label=encoder)
-    for s in scored:
-        if s.mode not in ("ts", "ts-dnn"):
-            depth_ax.axhline(100 * s.metric(metric), linestyle="--", linewidth=1, color="grey")
-            depth_ax.annotate(f"{s.mode} ({s.name})", (0, 100 * s.metric(metric)), fontsize=8,
-                              xytext=(2, 2), textcoords="offset points")
+    several = len({s.encoder for s in scored if s.mode not in ("popularity", "id")}) > 1
+    name = (lambda s: f"{s.label} ({s.encoder})") if several else (lambda s: s.label)
+    references = sorted((s for s in scored if s.mode not in ("ts", "ts-dnn")), key=lambda s: s.metric(metric))
+    for number, s in enumerate(references):
+        depth_ax.axhline(100 * s.metric(metric), linestyle="--", linewidth=1, color="grey")
+        side = number % 2  # neighbouring lines labelled at opposite ends, so close values stay legible
+        depth_ax.annotate(name(s), (0.99 if side else 0.01, 100 * s.metric(metric)),
+                          xycoords=("axes fraction", "data"), ha="right" if side else "left", fontsize=8,
+                          xytext=(0, 2), textcoords="offset points")
     depth_ax.set_xlabel("TS-DNN depth (0 = TS)")
     depth_ax.set_ylabel(f"{metric} (%)")
     depth_ax.set_title(f"{metric} against TS-DNN depth")
@@ -53,10 +57,11 @@ def plot_compare(summaries: list[RunSummary], out: Path, metric: str = "HR@10") 
     costed = [s for s in scored if s.sec_per_epoch]
     for s in costed:
         cost_ax.scatter(s.sec_per_epoch, 100 * s.metric(metric))
-        cost_ax.annotate(s.name, (s.sec_per_epoch, 100 * s.metric(metric)), fontsize=8,
+        cost_ax.annotate(name(s), (s.sec_per_epoch, 100 * s.metric(metric)), fontsize=8,
                          xytext=(3, 3), textcoords="offset points")
     if costed:
         cost_ax.set_xscale("log")
+        cost_ax.margins(x=0.2)  # room for the labels of the costliest runs
     cost_ax.set_xlabel("training seconds per epoch (log)")
     cost_ax.set_ylabel(f"{metric} (%)")
     cost_ax.set_title(f"{metric} against training cost")
