@@ -23,23 +23,19 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-# bench/extract.py is named like the package: keep this folder off the import path.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import click
+import torch
 
-import click  # noqa: E402
-import torch  # noqa: E402
-
-from data.dataset import PreparedDataset  # noqa: E402
-from data.prepare import synthetic_dataset  # noqa: E402
-from extract.job import ExtractOptions, run_extraction  # noqa: E402
-from featurestore.workspace import Workspace  # noqa: E402
-from recommend.run import read_metrics  # noqa: E402
-from recommend.trainer import TrainOptions, train  # noqa: E402
+from data.dataset import PreparedDataset
+from data.prepare import synthetic_dataset
+from extract.job import ExtractOptions, run_extraction
+from featurestore.workspace import Workspace
+from recommend.run import read_metrics
+from recommend.trainer import TrainOptions, train
 
 
 def folder_mb(path: Path) -> float:

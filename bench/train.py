@@ -10,12 +10,20 @@ ViT-B) written through the store API: training throughput does not depend on
 what the vectors mean, only on their shape and on reading them from the store.
 
 It prints, per mode, training sequences/s and seconds per epoch (validation
-excluded; medians over rounds that alternate the two modes, so background load on a
-shared machine hits both alike), and the ratio TS-DNN / IDRec.
+excluded; medians over rounds that alternate the modes, so background load on a
+shared machine hits all alike), and the ratio TS-DNN / IDRec.
+
+``--extras`` adds the pieces of the multi-modal and transfer papers, each timed against
+the run it extends (the same data, width and rounds):
+
+- ``fusion``: two store groups (image 768-d + text 384-d) fused by concat, vs TS-DNN-N on one;
+- ``objectives``: that fusion run plus PMMRec's nicl, nid and rcl terms, vs ``fusion``;
+- ``bert4rec``: TS-DNN-N with BERT4Rec's cloze training, vs SASRec's next-item training.
 
     python bench/train.py                          # CPU defaults (a few minutes)
     python bench/train.py --epochs 3 --json        # one JSON object
     python bench/train.py --device cuda --users 100000 --items 20000
+    python bench/train.py --extras fusion,objectives,bert4rec --dim 128 --rounds 2 --threads 1
 """
 
 from __future__ import annotations
@@ -38,9 +46,19 @@ from recommend.run import read_metrics
 from recommend.trainer import TrainOptions, train
 
 
-def write_feature_group(ws: Workspace, dataset: PreparedDataset, dim: int, seed: int) -> str:
+# --extras: name -> (options added to the run it extends, the name of that run)
+EXTRAS = {
+    "fusion": ({"fusion": "concat"}, "ts-dnn"),
+    "objectives": ({"fusion": "concat", "objectives": ["nicl", "nid", "rcl"]}, "fusion"),
+    "bert4rec": ({"backbone": "bert4rec"}, "ts-dnn"),
+}
+TEXT_DIM = 384  # the second group of the fusion runs: MiniLM-L6's width
+
+
+def write_feature_group(ws: Workspace, dataset: PreparedDataset, dim: int, seed: int,
+                        modality: str = "image") -> str:
     """A complete store group of random ``dim``-wide rows for every item (real store path)."""
-    name = f"{dataset.name}/image/random-{dim}@bench"
+    name = f"{dataset.name}/{modality}/random-{dim}@bench"
     store = FeatureStore(ws.store)
     if store.exists(name):
         return name
@@ -96,6 +114,8 @@ def summarise(mode: str, runs: list[dict]) -> dict:
 @click.option("--epochs", default=1, show_default=True, help="Epochs per run.")
 @click.option("--rounds", default=3, show_default=True,
               help="Rounds; each trains IDRec then TS-DNN once; medians over all epochs.")
+@click.option("--extras", default="", show_default=True, metavar="NAME[,NAME]",
+              help=f"Also time these, each against the run it extends: {', '.join(EXTRAS)}.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--threads", type=int, default=None,
               help="torch CPU threads [default: torch's choice]; 1 is steadier on a shared machine.")
@@ -103,7 +123,14 @@ def summarise(mode: str, runs: list[dict]) -> dict:
               help="Workspace to use (kept); default: a temporary folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def main(users: int, items: int, feat_dim: int, layers: int, dim: int, batch_size: int, epochs: int,
-         rounds: int, device: str, threads: int | None, root: Path | None, as_json: bool) -> None:
+         rounds: int, extras: str, device: str, threads: int | None, root: Path | None, as_json: bool) -> None:
+    """Seconds per training epoch of TS-DNN-N against IDRec (and of --extras against their base runs)."""
+    asked = {e.strip() for e in extras.split(",") if e.strip()}
+    unknown = sorted(asked - set(EXTRAS))
+    if unknown:
+        raise click.BadParameter(f"unknown {', '.join(unknown)}; known: {', '.join(EXTRAS)}", param_hint="--extras")
+    asked |= {EXTRAS[e][1] for e in asked if EXTRAS[e][1] in EXTRAS}  # an extra's base run is timed too
+    extras_wanted = [e for e in EXTRAS if e in asked]
     if threads:
         torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
@@ -114,8 +141,14 @@ def main(users: int, items: int, feat_dim: int, layers: int, dim: int, batch_siz
         group = write_feature_group(ws, dataset, feat_dim, seed=0)
         common = dict(dataset="bench", dim=dim, batch_size=batch_size, epochs=epochs,
                       patience=epochs, device=device, seed=0)
-        modes = {"id": dict(mode="id"),
-                 f"ts-dnn-{layers}": dict(mode="ts-dnn", layers=layers, features=[group])}
+        tsdnn = dict(mode="ts-dnn", layers=layers, features=[group])
+        modes = {"id": dict(mode="id"), f"ts-dnn-{layers}": tsdnn}
+        if extras_wanted:
+            text = write_feature_group(ws, dataset, TEXT_DIM, seed=1, modality="text")
+        for extra in extras_wanted:
+            settings = EXTRAS[extra][0]
+            groups = [text, group] if "fusion" in settings else [group]
+            modes[extra] = {**tsdnn, "features": groups, **settings}
         runs: dict[str, list[dict]] = {name: [] for name in modes}
         stamp = time.strftime("%H%M%S")
         for round_ in range(rounds):  # alternate the modes so background load hits both alike
@@ -125,7 +158,12 @@ def main(users: int, items: int, feat_dim: int, layers: int, dim: int, batch_siz
                 click.echo(f"round {round_ + 1}/{rounds} {name}: "
                            f"{runs[name][-1]['epochs'][-1]['seconds']:.1f}s/epoch", err=True)
         results = [summarise(name, runs[name]) for name in modes]
-    idrec, tsdnn = results
+    idrec, tsdnn = results[:2]
+    by_mode = {r["mode"]: r for r in results}
+    bases = {extra: EXTRAS[extra][1] if EXTRAS[extra][1] in EXTRAS else f"ts-dnn-{layers}"
+             for extra in extras_wanted}
+    extra_ratios = {extra: by_mode[extra]["epoch_seconds"] / by_mode[bases[extra]]["epoch_seconds"]
+                    for extra in extras_wanted}
     report = {
         "dataset": {"users": dataset.n_users, "items": dataset.n_items,
                     "train_sequences": int((dataset.lengths() >= 4).sum()),
@@ -136,6 +174,8 @@ def main(users: int, items: int, feat_dim: int, layers: int, dim: int, batch_siz
         "results": results,
         "epoch_time_ratio_tsdnn_vs_id": tsdnn["epoch_seconds"] / idrec["epoch_seconds"],
         "throughput_ratio_tsdnn_vs_id": tsdnn["sequences_per_sec"] / idrec["sequences_per_sec"],
+        "epoch_time_ratio_extras": {extra: {"vs": bases[extra], "ratio": ratio}
+                                    for extra, ratio in extra_ratios.items()},
     }
     if as_json:
         click.echo(json.dumps(report))
@@ -151,6 +191,8 @@ def main(users: int, items: int, feat_dim: int, layers: int, dim: int, batch_siz
                    f"{r['peak_rss_mb']:11.0f}")
     click.echo(f"TS-DNN-{layers} / IDRec: epoch time x{report['epoch_time_ratio_tsdnn_vs_id']:.2f}, "
                f"throughput x{report['throughput_ratio_tsdnn_vs_id']:.2f}")
+    for extra, ratio in extra_ratios.items():
+        click.echo(f"{extra} / {bases[extra]}: epoch time x{ratio:.2f}")
 
 
 if __name__ == "__main__":

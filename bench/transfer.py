@@ -27,26 +27,22 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-# run as a script, bench/ comes first on sys.path and bench/extract.py would shadow the package
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import click
+import torch
 
-import click  # noqa: E402
-import torch  # noqa: E402
-
-from data.dataset import PreparedDataset  # noqa: E402
-from data.prepare import synthetic_dataset  # noqa: E402
-from eval.evaluate import evaluate, popularity_metrics  # noqa: E402
-from extract.job import ExtractOptions, run_extraction  # noqa: E402
-from extract.registry import get_encoder_config  # noqa: E402
-from featurestore.workspace import Workspace  # noqa: E402
-from recommend.run import load_run  # noqa: E402
-from recommend.trainer import TrainOptions, train  # noqa: E402
-from recommend.transfer import list_transfers, zero_shot_model  # noqa: E402
+from data.dataset import PreparedDataset
+from data.prepare import synthetic_dataset
+from eval.evaluate import evaluate, popularity_metrics
+from extract.job import ExtractOptions, run_extraction
+from extract.registry import get_encoder_config
+from featurestore.workspace import Workspace
+from recommend.run import load_run
+from recommend.trainer import TrainOptions, train
+from recommend.transfer import list_transfers, zero_shot_model
 
 KS = (10, 20)
 PRESETS = {  # (source users, source items, target users, target items, epochs)

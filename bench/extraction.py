@@ -19,9 +19,9 @@ that load does not move: the wall-clock ratio an idle CPU-bound machine would sh
 The synthetic pictures are 96 x 96 JPEGs; ``--image-size 600x900`` re-saves them at
 an HM-like photo size to show what decoding costs on a small CPU.
 
-    python bench/extract.py
-    python bench/extract.py --items 1024 --image-size 600x900
-    python bench/extract.py --device cuda --batch-size 256 --workers 8 --items 8192
+    python bench/extraction.py
+    python bench/extraction.py --items 1024 --image-size 600x900
+    python bench/extraction.py --device cuda --batch-size 256 --workers 8 --items 8192
 """
 
 from __future__ import annotations
@@ -29,25 +29,20 @@ from __future__ import annotations
 import json
 import resource
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-# This script is named like the package it measures: keep its own folder off the
-# import path so ``import extract`` finds the package, not this file.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import click
+import torch
+from PIL import Image
 
-import click  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from data.dataset import PreparedDataset  # noqa: E402
-from data.prepare import prepare_dataset, synthetic_dataset  # noqa: E402
-from extract import create_encoder  # noqa: E402
-from extract.cli import DEFAULT_WORKERS  # noqa: E402
-from extract.job import ExtractOptions, Forward, ItemDataset, run_extraction  # noqa: E402
-from featurestore.workspace import Workspace  # noqa: E402
+from data.dataset import PreparedDataset
+from data.prepare import prepare_dataset, synthetic_dataset
+from extract import create_encoder
+from extract.cli import DEFAULT_WORKERS
+from extract.job import ExtractOptions, Forward, ItemDataset, run_extraction
+from featurestore.workspace import Workspace
 
 
 def make_catalogue(root: Path, items: int, image_size: str | None) -> PreparedDataset:
