@@ -345,23 +345,22 @@ class FeatureStore:
     def exists(self, name: str) -> bool:
         return (self.path / str(parse_group_name(name)) / "embeddings" / "zarr.json").exists()
 
-    def open(self, name: str, *, complete: bool = False) -> FeatureGroup:
+    def open(self, name: str, *, complete: bool = False, extract_flags: str = "") -> FeatureGroup:
         """Open a group for reading; ``complete=True`` also refuses a partial one.
 
-        A missing group raises a UserError carrying the command that creates it.
+        A missing group raises a UserError carrying the command that creates it, with
+        ``extract_flags`` appended when the caller needs more than pooled vectors
+        (``--cache-layer 0`` for the token states of merge-attention).
         """
         name = str(parse_group_name(name))
+        command = " ".join(filter(None, [group_extract_command(name), extract_flags]))
         if not self.exists(name):
             known = ", ".join(self.groups()) or "none"
-            raise UserError(
-                f"no store group {name} in {self.path} (groups: {known}); create it with "
-                f"`{group_extract_command(name)}`"
-            )
+            raise UserError(f"no store group {name} in {self.path} (groups: {known}); create it with `{command}`")
         group = FeatureGroup(self, name, zarr.open_group(self._zarr_store(), path=name, mode="r+"))
         if complete and group.status != STATUS_COMPLETE:
             raise UserError(
-                f"store group {name} is {group.status} (an extraction did not finish); "
-                f"resume it with `{group_extract_command(name)}`"
+                f"store group {name} is {group.status} (an extraction did not finish); resume it with `{command}`"
             )
         return group
 

@@ -110,15 +110,17 @@ def resolve_groups(dataset: str, encoders: list[str], groups: list[str]) -> list
     return resolved
 
 
-def open_source(ws: Workspace, group: str, dataset_fingerprint: str, n_items: int) -> FeatureSource:
+def open_source(ws: Workspace, group: str, dataset_fingerprint: str, n_items: int,
+                extract_flags: str = "") -> FeatureSource:
     """Open ``group`` for reading and check it is complete and belongs to this dataset.
 
     A missing or unfinished group raises a UserError carrying the exact
-    ``featurestore extract`` command that writes it.
+    ``featurestore extract`` command that writes it (plus ``extract_flags``, e.g.
+    ``--cache-layer 0`` when the run reads token states).
     """
     from featurestore.store import FeatureStore, group_extract_command
 
-    fg = FeatureStore(ws.store).open(group, complete=True)
+    fg = FeatureStore(ws.store).open(group, complete=True, extract_flags=extract_flags)
     command = group_extract_command(fg.name)
     if fg.fingerprint != dataset_fingerprint:
         raise UserError(

@@ -386,7 +386,8 @@ def _train(ws: Workspace, opts: TrainOptions, procs: Processes, device: torch.de
         sources = open_live_inputs(ws, opts, dataset)
     else:
         groups = resolve_groups(dataset.name, opts.encoders, opts.features)
-        sources = [open_source(ws, g, dataset.fingerprint, dataset.n_items) for g in groups]
+        states = "--cache-layer 0" if opts.fusion in TOKEN_FUSIONS else ""  # a missing group's fix
+        sources = [open_source(ws, g, dataset.fingerprint, dataset.n_items, states) for g in groups]
     spec = model_spec(opts, dataset)
     rows = training_rows(dataset, spec["max_seq_len"])
     if len(rows) == 0:

@@ -222,6 +222,14 @@ def test_missing_states_exit_2_with_the_command_that_writes_them(synth, monkeypa
     assert command.startswith("featurestore extract --dataset synth --encoder bert-tiny")
     assert "--cache-layer 0" in command and "--variant tokens" in command and "--random-init" in command
 
+    # a group that does not exist at all: the command that creates it also stores the states
+    monkeypatch.setattr(sys, "argv", [arg.replace("bert-tiny,", "bert-tiny@absent,") for arg in argv])
+    with pytest.raises(SystemExit) as exit_:
+        recommend_cli.main()
+    error = capsys.readouterr().err
+    assert exit_.value.code == 2 and "no store group synth/text/bert-tiny@absent" in error
+    assert error.split("`")[1].endswith("--variant absent --cache-layer 0")
+
     # e2e --cached reading final states is refused without suggesting --top-k 0
     dataset = PreparedDataset.load(synth.dataset_dir("synth"))
     with pytest.raises(UserError, match="leaving the last block") as refused:
