@@ -69,6 +69,19 @@ def sample_negatives(sequence: torch.Tensor, n_items: int, max_rounds: int = 100
                        f"the catalogue ({n_items} items) is barely larger than a sequence")
 
 
+def in_rows(rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``(B, len(ids))`` bool: which of ``ids`` occur in each row of ``rows`` (B, W)."""
+    return (ids[None, None, :] == rows[:, :, None]).any(1)
+
+
+def first_positions(inverse: torch.Tensor, count: int) -> torch.Tensor:
+    """For ``unique(x, return_inverse=True)``'s ``inverse``: the first index in ``x`` of each
+    of the ``count`` distinct values, so one row per value can be gathered from ``x``'s data."""
+    positions = torch.arange(len(inverse), device=inverse.device)
+    return torch.full((count,), len(inverse), dtype=positions.dtype,
+                      device=inverse.device).scatter_reduce(0, inverse, positions, "amin")
+
+
 @LOSSES.register("bce")
 class SampledBCE(Loss):
     """BCE on (positive, one sampled negative) per position; the two means are summed."""
@@ -108,10 +121,9 @@ class InBatchSoftmax(Loss):
         valid = rows[:, :-1] > 0
         target_ids, target_vectors = rows[:, 1:][valid], vectors[:, 1:][valid]
         candidates, label = torch.unique(target_ids, return_inverse=True)
-        positions = torch.arange(len(label), device=label.device)
-        first = torch.full_like(candidates, len(label)).scatter_reduce(0, label, positions, "amin")
+        first = first_positions(label, len(candidates))
         logits = hidden[valid] @ target_vectors[first].T - self.log_pop[candidates]
-        in_sequence = (candidates[None, None, :] == rows[:, :, None]).any(1)  # (B, C)
+        in_sequence = in_rows(rows, candidates)  # (B, C)
         row = torch.arange(rows.shape[0], device=rows.device)[:, None].expand_as(valid)[valid]
         own = F.one_hot(label, len(candidates)).bool()
         logits = logits.masked_fill(in_sequence[row] & ~own, float("-inf"))

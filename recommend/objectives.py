@@ -39,8 +39,10 @@ from torch.nn import functional as F
 
 from featurestore.cliutil import UserError
 from recommend.item_towers import FUSIONS, TOKEN_FUSIONS, FeatureTower, WithId
+from recommend.losses import first_positions, in_rows
 from recommend.model import Recommender
 from recommend.registry import Registry
+from recommend.user_encoders import USER_ENCODERS
 
 OBJECTIVES: Registry["AuxTerm"] = Registry("objective")
 ATTRIBUTE = "objectives"  # the terms' name on the Recommender while it trains
@@ -87,8 +89,7 @@ def corrupt(inputs: torch.Tensor, pool: torch.Tensor) -> Corruption:
     foreign = _foreign(pool, ids)
     replace &= foreign.any(1, keepdim=True)  # a lone user in the batch has nothing foreign
     source = torch.arange(batch, device=pool.device)[:, None] * width + _derangement(shuffle)
-    first = torch.full_like(ids, flat.numel()).scatter_reduce(
-        0, inverse, torch.arange(flat.numel(), device=pool.device), "amin")  # an id's first position
+    first = first_positions(inverse, len(ids))
     rows = torch.nonzero(replace)[:, 0]
     picks = torch.rand(len(rows), len(ids), device=pool.device).masked_fill(~foreign[rows], -1.0)
     source[replace] = first[picks.argmax(1)]
@@ -127,7 +128,7 @@ def _derangement(shuffle: torch.Tensor) -> torch.Tensor:
 def _foreign(rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """``(B, len(ids))``: which of the (non-padding) ``ids`` are not in each row: in-batch
     negatives in the sense of 002 Eq. 5."""
-    return ~(ids[None, None, :] == rows[:, :, None]).any(1) & (ids > 0)[None, :]
+    return ~in_rows(rows, ids) & (ids > 0)[None, :]
 
 
 @dataclass
@@ -284,8 +285,8 @@ def check_objectives(opts: Any) -> None:
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise UserError(f"--objectives names {', '.join(repeated)} more than once; list each once")
-    if names and opts.backbone == "bert4rec":
-        raise UserError("--objectives extend next-item training of a causal backbone; bert4rec trains "
+    if names and getattr(USER_ENCODERS.get(opts.backbone), "cloze", False):
+        raise UserError(f"--objectives extend next-item training of a causal backbone; {opts.backbone} trains "
                         "by cloze, which they do not extend: drop --objectives or use --backbone sasrec")
     if "nicl" not in names:
         return

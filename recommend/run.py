@@ -219,6 +219,21 @@ def read_config(run_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def best_checkpoint(run_dir: Path, who: str = "run") -> Path:
+    """The run's best checkpoint (``model.safetensors``); a run that has none yet is refused."""
+    path = Path(run_dir) / CHECKPOINT
+    if not path.exists():
+        raise UserError(f"{who} {Path(run_dir).name} has no {CHECKPOINT} yet (no epoch finished); "
+                        "train it first, or wait for its first validation")
+    return path
+
+
+def load_best_weights(model: Recommender, run_dir: Path) -> None:
+    """Load a run's best checkpoint into ``model``, minus the auxiliary objectives' heads
+    (NID's classifier): ranking needs only the recommender."""
+    model.load_state_dict(recommender_state(load_file(str(best_checkpoint(run_dir)))))
+
+
 def load_run(run_dir: Path | str, device: str | torch.device = "cpu",
              ws: Workspace | None = None) -> tuple[Recommender, dict]:
     """Rebuild a trained Recommender from its run folder, in eval mode.
@@ -238,9 +253,7 @@ def load_run(run_dir: Path | str, device: str | torch.device = "cpu",
     """
     run_dir = Path(run_dir)
     config = read_config(run_dir)
-    if not (run_dir / CHECKPOINT).exists():
-        raise UserError(f"run {run_dir.name} has no {CHECKPOINT} yet (no epoch finished); "
-                        "train it again or wait for its first validation")
+    best_checkpoint(run_dir)  # refused before the model is built
     ws = ws or Workspace(run_dir.resolve().parent.parent)
     spec = config["model"]
     if spec["item_tower"]["name"] in LIVE_MODES:
@@ -249,7 +262,7 @@ def load_run(run_dir: Path | str, device: str | torch.device = "cpu",
         sources = [open_source(ws, f["group"], config["dataset"]["fingerprint"], spec["n_items"])
                    for f in config.get("features", [])]
     model = build_recommender(spec, sources, fit=False)
-    model.load_state_dict(recommender_state(load_file(str(run_dir / CHECKPOINT))))  # minus NID's head
+    load_best_weights(model, run_dir)
     return model.to(device).eval(), config
 
 

@@ -24,7 +24,6 @@ import datetime as dt
 import hashlib
 import json
 import multiprocessing
-import os
 import signal
 import traceback
 from dataclasses import asdict, dataclass, field, replace
@@ -41,7 +40,7 @@ from eval.ranking import TIES_RULE
 from featurestore.cliutil import UserError
 from featurestore.workspace import Workspace
 from recommend.item_towers import list_item_towers
-from recommend.run import BEST, CHECKPOINT, FINISHED
+from recommend.run import BEST, CHECKPOINT, FINISHED, write_atomic
 from recommend.trainer import TrainOptions, train
 
 STUDY_MODES = ("id", "ts", "ts-dnn", "e2e", "adapter")
@@ -296,12 +295,6 @@ def default_out(ws: Workspace, opts: StudyOptions) -> Path:
     return opts.out or ws.studies / f"{opts.dataset}-{opts.encoder}"
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_report(out: Path, opts: StudyOptions, dataset: PreparedDataset, configs: list[Configuration],
                  table: str, features: dict | None, command: str) -> Path:
     """``report.md``: setup, the accuracy/cost table, what was not run and why, figures."""
@@ -343,7 +336,7 @@ def write_report(out: Path, opts: StudyOptions, dataset: PreparedDataset, config
     lines += [f"![{metric} against TS-DNN depth and training cost]({name})" for metric, name in PLOTS.items()]
     lines.append("")
     path = out / REPORT
-    _write_text(path, "\n".join(lines))
+    write_atomic(path, "\n".join(lines).encode())
     return path
 
 
@@ -394,5 +387,5 @@ def run_study(ws: Workspace, opts: StudyOptions, progress: bool = True,
     result = {"report": str(report), "out": str(out), "table": table,
               "popularity": summaries[0].metrics, "configurations": [c.to_dict() for c in configs],
               "features": features, "plots": [str(out / name) for name in PLOTS.values()]}
-    _write_text(out / SUMMARY, json.dumps(result, indent=2, default=str) + "\n")
+    write_atomic(out / SUMMARY, (json.dumps(result, indent=2, default=str) + "\n").encode())
     return result

@@ -40,6 +40,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data.dataset import PreparedDataset
+from extract.cache import FINAL_LAYER
 from featurestore.cliutil import UserError
 from featurestore.workspace import Workspace
 from recommend import __version__
@@ -386,7 +387,7 @@ def _train(ws: Workspace, opts: TrainOptions, procs: Processes, device: torch.de
         sources = open_live_inputs(ws, opts, dataset)
     else:
         groups = resolve_groups(dataset.name, opts.encoders, opts.features)
-        states = "--cache-layer 0" if opts.fusion in TOKEN_FUSIONS else ""  # a missing group's fix
+        states = f"--cache-layer {FINAL_LAYER}" if opts.fusion in TOKEN_FUSIONS else ""  # a missing group's fix
         sources = [open_source(ws, g, dataset.fingerprint, dataset.n_items, states) for g in groups]
     spec = model_spec(opts, dataset)
     rows = training_rows(dataset, spec["max_seq_len"])

@@ -43,7 +43,6 @@ from typing import Any, Sequence
 
 import torch
 from safetensors.torch import load as load_safetensors
-from safetensors.torch import load_file
 
 from data.dataset import PreparedDataset
 from featurestore.cliutil import UserError
@@ -53,9 +52,8 @@ from recommend.adapters import adapter_places
 from recommend.e2e import LIVE_MODES, live_towers, reopen_live_inputs
 from recommend.features import open_source
 from recommend.model import Recommender, build_recommender
-from recommend.objectives import recommender_state
 from recommend.registry import Registry
-from recommend.run import CHECKPOINT, read_config, resolve_run
+from recommend.run import best_checkpoint, load_best_weights, read_config, resolve_run
 
 ITEM, USER = "item_tower", "user_encoder"
 DEFAULT_TRANSFER = "full"
@@ -143,11 +141,7 @@ def open_source_run(ws: Workspace, run: str) -> SourceRun:
     run_dir = resolve_run(ws, run)
     config = read_config(run_dir)
     refuse_ids(config["model"]["item_tower"], f"source run {run_dir.name}")
-    path = run_dir / CHECKPOINT
-    if not path.exists():
-        raise UserError(f"source run {run_dir.name} has no {CHECKPOINT} yet (no epoch finished); "
-                        "train it first")
-    data = path.read_bytes()
+    data = best_checkpoint(run_dir, "source run").read_bytes()
     return SourceRun(run_dir, config, load_safetensors(data), hashlib.sha256(data).hexdigest())
 
 
@@ -320,10 +314,7 @@ def zero_shot_model(ws: Workspace, run_dir: Path, target: str, untrained: bool =
     torch.manual_seed(config["training"]["seed"])
     model = build_recommender(spec, sources, fit=untrained)
     if not untrained:
-        path = run_dir / CHECKPOINT
-        if not path.exists():
-            raise UserError(f"run {run_dir.name} has no {CHECKPOINT} yet (no epoch finished); train it first")
-        model.load_state_dict(recommender_state(load_file(str(path))))  # as load_run: minus objective heads
+        load_best_weights(model, run_dir)
     record = {"source_run": run_dir.name, "source_dataset": own, "target": dataset.name,
               "target_fingerprint": dataset.fingerprint,
               "weights": "untrained" if untrained else "source",

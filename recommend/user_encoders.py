@@ -59,10 +59,7 @@ def causal_attention_mask(mask: torch.Tensor, heads: int) -> torch.Tensor:
     """
     length = mask.shape[1]
     causal = torch.ones(length, length, dtype=torch.bool, device=mask.device).tril()
-    allowed = causal & mask[:, None, :]
-    allowed |= torch.eye(length, dtype=torch.bool, device=mask.device)
-    additive = torch.zeros(allowed.shape, device=mask.device).masked_fill(~allowed, float("-inf"))
-    return additive.repeat_interleave(heads, dim=0)
+    return _additive_mask(causal & mask[:, None, :], heads)
 
 
 def bidirectional_attention_mask(mask: torch.Tensor, heads: int) -> torch.Tensor:
@@ -72,9 +69,14 @@ def bidirectional_attention_mask(mask: torch.Tensor, heads: int) -> torch.Tensor
     sees itself, so an all-padding row stays finite (as in ``causal_attention_mask``).
     """
     length = mask.shape[1]
-    allowed = mask[:, None, :].expand(-1, length, -1) | torch.eye(length, dtype=torch.bool,
-                                                                   device=mask.device)
-    additive = torch.zeros(allowed.shape, device=mask.device).masked_fill(~allowed, float("-inf"))
+    return _additive_mask(mask[:, None, :].expand(-1, length, -1), heads)
+
+
+def _additive_mask(allowed: torch.Tensor, heads: int) -> torch.Tensor:
+    """``allowed`` (B, L, L) plus each query's own key, as the additive ``(B * heads, L, L)``
+    mask ``nn.TransformerEncoder`` takes (0 where allowed, -inf elsewhere)."""
+    allowed = allowed | torch.eye(allowed.shape[-1], dtype=torch.bool, device=allowed.device)
+    additive = torch.zeros(allowed.shape, device=allowed.device).masked_fill(~allowed, float("-inf"))
     return additive.repeat_interleave(heads, dim=0)
 
 
