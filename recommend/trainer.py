@@ -42,7 +42,7 @@ from tqdm import tqdm
 from data.dataset import PreparedDataset
 from extract.cache import FINAL_LAYER
 from featurestore.cliutil import UserError
-from featurestore.workspace import Workspace
+from featurestore.workspace import Workspace, check_name
 from recommend import __version__
 from recommend.batches import SequenceBatches, model_seq_len, training_rows
 from recommend.cloze import check_cloze_options, cloze_loss
@@ -197,6 +197,8 @@ def check_options(opts: TrainOptions) -> TrainOptions:
     """Reject combinations that make no sense, each with the fix; fill mode defaults."""
     ITEM_TOWERS.get(opts.mode)
     USER_ENCODERS.get(opts.backbone)
+    if opts.run_name is not None:
+        check_name("run", opts.run_name)  # refused before any work, not after the model is built
     LOSSES.get(opts.loss)
     if opts.layers is not None and opts.mode != "ts-dnn":
         raise UserError(f"--layers sets the TS-DNN depth; it needs --mode ts-dnn, not {opts.mode}")
