@@ -16,11 +16,11 @@ import numpy as np
 
 from eval.compare import markdown_table, run_mode, summarize_run
 from eval.evaluate import SUBSETS, evaluate
-from eval.metrics import parse_ks
+from eval.metrics import parse_ks, percent
 from eval.ranking import INDEXES
 from featurestore.cliutil import UserError, emit, json_option, root_option, run_cli
 from featurestore.workspace import Workspace
-from recommend.run import read_config, resolve_run
+from recommend.run import read_config, resolve_run, unfinished
 
 EVAL_FILE = "eval.json"
 ZERO_SHOT = "zero-shot"  # eval.json section for rankings of other datasets (never read as own results)
@@ -152,6 +152,7 @@ def rank(ws: Workspace, as_json: bool, run: str, target: str | None, untrained: 
                         "a dataset other than the run's own")
     else:
         model, _config, dataset = load_run_and_dataset(ws, run_dir, device or _default_device())
+    state = unfinished(run_dir)  # checked before ranking: the run may finish meanwhile
     result = evaluate(model, dataset, split=split, ks=parse_ks(ks), exclude_history=exclude_history,
                       subset=subset, batch_size=batch_size, index=index,
                       return_vectors=export_dir is not None, progress=True)
@@ -160,6 +161,8 @@ def rank(ws: Workspace, as_json: bool, run: str, target: str | None, untrained: 
     result["dataset"] = {"name": dataset.name, "fingerprint": dataset.fingerprint}
     if zero_shot is not None:
         result["zero_shot"] = zero_shot
+    if state is not None:
+        result["unfinished_run"] = state
     eval_path = record_result(run_dir, result)
     out = {"run": run_dir.name, **result, "eval_json": str(eval_path)}
     if vectors is not None:
@@ -178,10 +181,15 @@ def _rank_text(out: dict) -> str:
                         f"{zero_shot['seed']}), trained on nothing" if zero_shot["weights"] == "untrained" else
                         f"zero-shot on {target}: the run's model as trained on {zero_shot['source_dataset']}, "
                         f"never trained on {target}")
+    state = out.get("unfinished_run")
+    if state:
+        doing = (f"still training (pid {state['pid']})" if state["status"] == "training"
+                 else f"{state['status']} before finishing")
+        lines.append(f"note: run {out['run']} is {doing}; this scores its best checkpoint so far (epoch "
+                     f"{state['best_epoch']} of {state['epochs_done']} done); rank it again when training has ended")
     for k in out["ks"]:
         hr, ndcg = out[f"HR@{k}"], out[f"NDCG@{k}"]
-        lines.append(f"  HR@{k:<3} {'-' if hr is None else f'{hr:.4f}'}   "
-                     f"NDCG@{k:<3} {'-' if ndcg is None else f'{ndcg:.4f}'}")
+        lines.append(f"  HR@{k:<3} {percent(hr):>6}%   NDCG@{k:<3} {percent(ndcg):>6}%")
     lines.append(f"saved in {out['eval_json']}")
     if "export" in out:
         lines.append(f"vectors exported to {out['export']['dir']}")

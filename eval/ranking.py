@@ -23,9 +23,9 @@ comparison uses identical arithmetic for the target and its competitors.
 from __future__ import annotations
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from featurestore.cliutil import UserError
+from featurestore.progress import progress_bar
 
 TIES_RULE = "pessimistic: the target ranks below every item with an equal score"
 INDEXES = ("flat", "flat-gpu")
@@ -176,7 +176,7 @@ def rank_targets(
         order = np.arange(len(users))
     no_history = np.zeros(1, dtype=np.int64)
 
-    with tqdm(total=len(users), unit="user", desc="ranking", disable=not progress) as bar:
+    with progress_bar(total=len(users), unit="user", desc="ranking", disable=not progress) as bar:
         for start in range(0, len(users), batch_size):
             rows = order[start : start + batch_size]
             depth = min(n_items, max_k + int(excluded_len[rows].max()) + 1)

@@ -114,7 +114,8 @@ def encoders(as_json: bool, pattern: str) -> None:
             "name": name, "modality": cfg.modality, "family": cfg.family, "width": cfg.width,
             "depth": cfg.depth, "parameters": parameter_count(name), "pooling": cfg.pooling,
             "poolings": list(cfg.poolings), "weights_available": cfg.weights_available(),
-            "weights": f"package {cfg.local_package}" if cfg.local_package else f"hub {cfg.hub_id}",
+            "weights": (f"package {cfg.local_package}" if cfg.local_package else f"hub {cfg.hub_id}" if cfg.hub_id
+                        else "none bundled, no hub id"),
         })
     lines = [f"{'name':<20}{'modality':<9}{'width':>6}{'depth':>6}{'params':>9}  {'pooling':<8}weights"]
     for r in rows:

@@ -10,8 +10,10 @@ import sys
 from pathlib import Path
 
 import click
+import torch
 
 from eval.cli import cli as eval_cli
+from eval.metrics import percent
 from featurestore.cliutil import UserError, emit, json_option, root_option, run_cli
 from featurestore.workspace import Workspace
 from recommend.item_towers import WITH_ID_MODES, list_fusions, list_item_towers, list_token_fusions
@@ -143,10 +145,13 @@ def cli() -> None:
                    "noised item detection, rcl = robustness-aware contrastive learning "
                    f"(known: {', '.join(list_objectives())}).")
 @click.option("--quiet", is_flag=True, help="No progress bar or per-epoch log lines on stderr.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads for torch [default: torch's]. On a small machine shared with other jobs, "
+                   "1 avoids oversubscription, which can slow small models down many times over.")
 @root_option
 @json_option
 def train_command(ws: Workspace, as_json: bool, encoder: str | None, features: str | None,
-                  objectives: str | None, quiet: bool, **options) -> None:
+                  objectives: str | None, quiet: bool, threads: int | None, **options) -> None:
     """Train a recommender (IDRec, TS, TS-DNN, E2E, adapters) into ROOT/runs/RUN.
 
     Validates on the full item pool every epoch (HR@10/NDCG@10, the same scoring as
@@ -154,13 +159,13 @@ def train_command(ws: Workspace, as_json: bool, encoder: str | None, features: s
     """
     opts = TrainOptions(encoders=_names(encoder), features=_names(features),
                         objectives=_names(objectives), **options)
+    if threads:
+        torch.set_num_threads(threads)  # how fast, not what is trained: kept out of config.json
     result = train(ws, opts, progress=not quiet, echo=not quiet)
     if not Processes.from_env().main:
         return  # under torchrun, process 0 reports for all
-    text = (f"run {result['run']} ({result['status']}): "
-            + ", ".join(f"{k} {v:.4f}" for k, v in result["best"].items())
-            + f" at epoch {result['best_epoch']}\n{result['message']}")
-    emit(result, as_json, text)
+    # one line: the trainer's own last log line (the same message) went to train.log only
+    emit(result, as_json, f"run {result['run']} ({result['status']}) in {result['run_dir']}: {result['message']}")
 
 
 @cli.command("runs")
@@ -169,14 +174,14 @@ def train_command(ws: Workspace, as_json: bool, encoder: str | None, features: s
 def runs_command(ws: Workspace, as_json: bool) -> None:
     """List the runs under ROOT/runs with their mode, settings and best validation metrics."""
     runs = list_runs(ws)
-    lines = [f"{'run':40} {'mode':14} {'backbone':9} {'loss':7} {'epochs':>6} {'HR@10':>7} "
-             f"{'NDCG@10':>7}  status"]
+    lines = [f"{'run':40} {'mode':14} {'backbone':9} {'loss':7} {'epochs':>6} {'HR@10 (%)':>9} "
+             f"{'NDCG@10 (%)':>11}  status"]
     for r in runs:
         mode = r["mode"] + (str(r["layers"]) if r["layers"] is not None else "")
         mode += f"+id-{r['with_id']}" if r["with_id"] else ""
         hr, ndcg = r["best"].get("HR@10"), r["best"].get("NDCG@10")
         lines.append(f"{r['run']:40} {mode:14} {r['backbone']:9} {r['loss']:7} {r['epochs']:>6} "
-                     f"{_fmt(hr):>7} {_fmt(ndcg):>7}  {r['status']}")
+                     f"{percent(hr):>9} {percent(ndcg):>11}  {r['status']}")
     emit({"runs": runs}, as_json, "\n".join(lines) if runs else f"no runs under {ws.runs}")
 
 
@@ -243,10 +248,6 @@ def study_command(ws: Workspace, as_json: bool, layers: str, modes: str, **optio
     if failed:
         raise UserError(f"{len(failed)} configuration(s) failed ({failed[0]['label']}: {failed[0]['reason']}); "
                         f"the others are in {result['report']}")
-
-
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
 
 
 cli.add_command(eval_cli, name="eval")

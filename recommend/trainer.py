@@ -37,10 +37,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from data.dataset import PreparedDataset
+from eval.metrics import format_metrics, percent
 from featurestore.cliutil import UserError
+from featurestore.progress import progress_bar
 from featurestore.workspace import Workspace, check_name
 from recommend import __version__
 from recommend.batches import SequenceBatches, model_seq_len, training_rows
@@ -52,7 +53,7 @@ from recommend.losses import LOSSES, Loss, LossContext, create_loss
 from recommend.model import Recommender, build_recommender
 from recommend.objectives import AuxObjectives, Step, attach_objectives, check_objectives
 from recommend.transfer import check_transfer_options, init_from_run
-from recommend.run import (BEST, CHECKPOINT, FINISHED, LAST, LOG, append_metrics, default_run_name,
+from recommend.run import (BEST, CHECKPOINT, FINISHED, LAST, LOG, append_metrics, default_run_name, run_lock,
                            load_training_state, open_run, read_metrics, rewrite_metrics,
                            save_checkpoint, save_training_state, write_json)
 from recommend.user_encoders import USER_ENCODERS
@@ -324,6 +325,7 @@ def _run_logger(run_dir, main: bool, echo: bool) -> Iterator[logging.Logger]:
         handlers.append(logging.FileHandler(run_dir / LOG))
         if echo:
             handlers.append(logging.StreamHandler(sys.stderr))
+            handlers[-1].addFilter(lambda record: not getattr(record, "file_only", False))
     for handler in handlers:
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         logger.addHandler(handler)
@@ -427,7 +429,7 @@ def _train(ws: Workspace, opts: TrainOptions, procs: Processes, device: torch.de
         return {"run": name, "run_dir": str(run_dir), **finished}
     resume = load_training_state(run_dir, model, optimizer)  # every process: same weights
 
-    with _run_logger(run_dir, procs.main, echo) as log:
+    with run_lock(run_dir, procs.main), _run_logger(run_dir, procs.main, echo) as log:
         log.info("run %s: %s on %s, %d training sequences, %d items, %s trainable parameters "
                  "(%.2f%% of %s), device %s x%d", name, opts.mode, dataset.name, len(rows), dataset.n_items,
                  f"{config['cost']['trainable_params']:,}", 100 * config["parameters"]["trainable_share"],
@@ -447,7 +449,7 @@ def _train(ws: Workspace, opts: TrainOptions, procs: Processes, device: torch.de
             write_json(run_dir / BEST, {"epoch": outcome["best_epoch"], "metrics": outcome["best"],
                                         "status": outcome["status"], "message": outcome["message"]})
             (run_dir / LAST).unlink(missing_ok=True)  # finished: nothing left to resume
-        log.info("%s", outcome["message"])
+        log.info("%s", outcome["message"], extra={"file_only": True})  # the caller prints it once
     return {"run": name, "run_dir": str(run_dir), **outcome}
 
 
@@ -470,7 +472,7 @@ def _epochs(objective, model: Recommender, optimizer, batches: SequenceBatches,
             torch.cuda.reset_peak_memory_stats(device)
         start, total, steps = time.perf_counter(), 0.0, 0
         term_totals: dict[str, float] = {}
-        bar = tqdm(total=batches.n_sequences, unit="seq", desc=f"epoch {epoch}", leave=False,
+        bar = progress_bar(total=batches.n_sequences, unit="seq", desc=f"epoch {epoch}", leave=False,
                    disable=not (progress and procs.main), file=sys.stderr)
         finite = True
         for rows in batches:
@@ -514,13 +516,13 @@ def _epochs(objective, model: Recommender, optimizer, batches: SequenceBatches,
                 record["terms"] = terms
             log.info("epoch %d: loss %.4f%s, valid %s, %.1fs (%.1f seq/s)", epoch, mean_loss,
                      f" ({', '.join(f'{k} {v:.4f}' for k, v in terms.items())})" if terms else "",
-                     ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), seconds,
+                     format_metrics(metrics), seconds,
                      record["sequences_per_sec"])
             if _collapsed(metrics, best):
                 decision = ("collapsed",
                             f"training collapsed at epoch {epoch}: validation {MONITOR[0]} fell "
-                            f"from {best[MONITOR[0]]:.4f} (epoch {best_epoch}) to "
-                            f"{metrics[MONITOR[0]]:.4f}. {_kept(best_epoch)} Lower --lr (now "
+                            f"from {percent(best[MONITOR[0]])}% (epoch {best_epoch}) to "
+                            f"{percent(metrics[MONITOR[0]])}%. {_kept(best_epoch)} Lower --lr (now "
                             f"{opts.lr:g}; try {opts.lr / 10:g}).")
             elif _better(metrics, best):
                 best, best_epoch, since_best = metrics, epoch, 0
@@ -547,7 +549,7 @@ def _epochs(objective, model: Recommender, optimizer, batches: SequenceBatches,
     best_epoch, best = procs.broadcast((best_epoch, best))
     if status == "completed":
         message = f"finished {opts.epochs} epochs."
-    summary = (f"best validation {', '.join(f'{k} {v:.4f}' for k, v in best.items())} at epoch "
+    summary = (f"best validation {format_metrics(best)} at epoch "
                f"{best_epoch}" if best else "no epoch was validated")
     return {"status": status, "best_epoch": best_epoch, "best": best or {}, "epochs": epoch,
             "message": f"{message} {summary}; checkpoint {CHECKPOINT if best else 'none'}."}
