@@ -93,9 +93,9 @@ def cli() -> None:
     """Stage three: rank every user's target against the full item pool, compare runs.
 
     \b
-    eval rank --run RUN --full-pool --split test
-    eval compare RUN1 RUN2 --out report.md --plot report.png
-    eval plot-items --run RUN --out items.png
+    recommend eval rank --run RUN --full-pool --split test
+    recommend eval compare RUN1 RUN2 --out report.md --plot report.png
+    recommend eval plot-items --run RUN --out items.png
     """
 
 
