@@ -20,6 +20,7 @@ from eval.metrics import parse_ks
 from eval.ranking import INDEXES
 from featurestore.cliutil import UserError, emit, json_option, root_option, run_cli
 from featurestore.workspace import Workspace
+from recommend.defaults import latest_finished_run
 from recommend.run import read_config, resolve_run
 
 EVAL_FILE = "eval.json"
@@ -100,7 +101,8 @@ def cli() -> None:
 
 
 @cli.command("rank")
-@click.option("--run", "run", required=True, help="Run name under ROOT/runs, or a run folder.")
+@click.option("--run", "run", default=None,
+              help="Run name under ROOT/runs, or a run folder [default: the run that finished last].")
 @click.option("--dataset", "target", default=None, metavar="TARGET",
               help="Zero-shot: rank another prepared dataset's users and items with the run's model, "
                    "untrained on them (needs TARGET's store groups from the run's encoder and variant).")
@@ -130,7 +132,7 @@ def cli() -> None:
                    "history_indices.npy here, to recompute the metrics independently.")
 @root_option
 @json_option
-def rank(ws: Workspace, as_json: bool, run: str, target: str | None, untrained: bool, full_pool: bool,
+def rank(ws: Workspace, as_json: bool, run: str | None, target: str | None, untrained: bool, full_pool: bool,
          split: str, ks: str,
          exclude_history: bool, subset: str, index: str, batch_size: int, device: str | None,
          export_dir: Path | None) -> None:
@@ -141,6 +143,10 @@ def rank(ws: Workspace, as_json: bool, run: str, target: str | None, untrained: 
     """
     if batch_size < 1:
         raise UserError("--batch-size must be at least 1")
+    if run is None:
+        latest = latest_finished_run(ws)
+        click.echo(f"using {latest.note}", err=True)
+        run = latest.value
     run_dir = resolve_run(ws, run)
     zero_shot = None
     if target is not None and target != read_config(run_dir)["dataset"]["name"]:

@@ -14,6 +14,8 @@ import click
 from eval.cli import cli as eval_cli
 from featurestore.cliutil import UserError, emit, json_option, root_option, run_cli
 from featurestore.workspace import Workspace
+from recommend.defaults import Inferred, only_dataset, only_group
+from recommend.e2e import LIVE_MODES
 from recommend.item_towers import WITH_ID_MODES, list_fusions, list_item_towers, list_token_fusions
 from recommend.losses import list_losses
 from recommend.objectives import list_objectives
@@ -22,6 +24,9 @@ from recommend.study import DEFAULT_LAYERS, STUDY_MODES, StudyOptions, run_study
 from recommend.trainer import DEFAULT_TS_DNN_LAYERS, Processes, TrainOptions, train
 from recommend.transfer import list_transfers
 from recommend.user_encoders import list_user_encoders
+
+
+STORED_MODES = tuple(m for m in list_item_towers() if m != "id" and m not in LIVE_MODES)  # read store groups
 
 
 def _names(value: str | None) -> list[str]:
@@ -43,7 +48,8 @@ def cli() -> None:
 
 
 @cli.command("train")
-@click.option("--dataset", required=True, help="Prepared dataset name (under ROOT/datasets).")
+@click.option("--dataset", default=None,
+              help="Prepared dataset name (under ROOT/datasets) [default: the only one there].")
 @click.option("--mode", type=click.Choice(list_item_towers()), default="id", show_default=True,
               help="Item tower: id = IDRec embedding table; ts = stored vectors through the DT "
                    "layer Linear(feat->d); ts-dnn = stored vectors through TS-DNN-N; e2e = the "
@@ -55,7 +61,8 @@ def cli() -> None:
 @click.option("--encoder", default=None, metavar="ENC[,ENC]",
               help="Use the store group DATASET/<modality>/ENC written by `featurestore extract "
                    "--encoder ENC` (ENC@VARIANT for a variant); two names = text + image. "
-                   "e2e/adapter: the encoder to run live.")
+                   "e2e/adapter: the encoder to run live. [default for ts/ts-dnn: the dataset's only "
+                   "complete store group].")
 @click.option("--features", default=None, metavar="GROUP[,GROUP]",
               help="Store groups by full name DATASET/MODALITY/ENCODER[@VARIANT]; two = fused.")
 @click.option("--fusion", type=click.Choice(list_fusions() + list_token_fusions()), default=None,
@@ -152,9 +159,15 @@ def train_command(ws: Workspace, as_json: bool, encoder: str | None, features: s
     Validates on the full item pool every epoch (HR@10/NDCG@10, the same scoring as
     `eval rank`), keeps the best checkpoint, stops early, and stops on collapse.
     """
+    inferred = []
+    if options["dataset"] is None:
+        options["dataset"] = _inferred(only_dataset(ws), inferred)
+    if not encoder and not features and options["mode"] in STORED_MODES:
+        features = _inferred(only_group(ws, options["dataset"], options["mode"]), inferred)
     opts = TrainOptions(encoders=_names(encoder), features=_names(features),
                         objectives=_names(objectives), **options)
     result = train(ws, opts, progress=not quiet, echo=not quiet)
+    result["inferred"] = inferred
     if not Processes.from_env().main:
         return  # under torchrun, process 0 reports for all
     text = (f"run {result['run']} ({result['status']}): "
@@ -243,6 +256,13 @@ def study_command(ws: Workspace, as_json: bool, layers: str, modes: str, **optio
     if failed:
         raise UserError(f"{len(failed)} configuration(s) failed ({failed[0]['label']}: {failed[0]['reason']}); "
                         f"the others are in {result['report']}")
+
+
+def _inferred(found: Inferred, notes: list[str]) -> str:
+    """Print what was filled in (stderr, so --json stays one object) and keep it for the result."""
+    click.echo(f"using {found.note}", err=True)
+    notes.append(found.note)
+    return found.value
 
 
 def _fmt(value: float | None) -> str:
