@@ -13,6 +13,7 @@ import click
 
 from eval.cli import cli as eval_cli
 from featurestore.cliutil import UserError, emit, json_option, root_option, run_cli
+from featurestore.configfile import config_option
 from featurestore.workspace import Workspace
 from recommend.defaults import Inferred, only_dataset, only_group
 from recommend.e2e import LIVE_MODES
@@ -150,6 +151,7 @@ def cli() -> None:
                    "noised item detection, rcl = robustness-aware contrastive learning "
                    f"(known: {', '.join(list_objectives())}).")
 @click.option("--quiet", is_flag=True, help="No progress bar or per-epoch log lines on stderr.")
+@config_option
 @root_option
 @json_option
 def train_command(ws: Workspace, as_json: bool, encoder: str | None, features: str | None,
@@ -230,6 +232,7 @@ def runs_command(ws: Workspace, as_json: bool) -> None:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder for report.md, study.json and the PNG plots "
                    "[default: ROOT/studies/DATASET-ENCODER].")
+@config_option
 @root_option
 @json_option
 def study_command(ws: Workspace, as_json: bool, layers: str, modes: str, **options) -> None:
