@@ -115,7 +115,7 @@ def cli() -> None:
     eval rank RUN --full-pool --split test
     torchrun --nproc-per-node 8 $(which recommend) eval rank RUN --index torch
     eval compare RUN1 RUN2 --out report.md --plot report.png
-    eval plot-items --run RUN --out items.png
+    eval plot-items RUN --out items.png
     """
 
 

@@ -38,7 +38,7 @@ def cli() -> None:
     recommend train --dataset HM --mode ts-dnn --layers 8 --encoder efficientnet-lite0
     recommend runs
     recommend study --dataset HM --encoder efficientnet-lite0 --layers 2,8 --modes id,ts,ts-dnn
-    recommend eval rank --run RUN --full-pool
+    recommend eval rank RUN --full-pool
     """
 
 
