@@ -22,8 +22,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from featurestore.cliutil import UserError
 from featurestore.workspace import Workspace
-from recommend.e2e import LIVE_MODES, reopen_live_inputs
-from recommend.features import open_source
+from recommend.item_towers import ITEM_TOWERS
 from recommend.model import Recommender, build_recommender
 from recommend.objectives import recommender_state
 
@@ -256,11 +255,7 @@ def load_run(run_dir: Path | str, device: str | torch.device = "cpu",
     best_checkpoint(run_dir)  # refused before the model is built
     ws = ws or Workspace(run_dir.resolve().parent.parent)
     spec = config["model"]
-    if spec["item_tower"]["name"] in LIVE_MODES:
-        sources = reopen_live_inputs(ws, config)
-    else:
-        sources = [open_source(ws, f["group"], config["dataset"]["fingerprint"], spec["n_items"])
-                   for f in config.get("features", [])]
+    sources = ITEM_TOWERS.get(spec["item_tower"]["name"]).reopen(ws, config)
     model = build_recommender(spec, sources, fit=False)
     load_best_weights(model, run_dir)
     return model.to(device).eval(), config

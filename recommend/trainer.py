@@ -40,17 +40,14 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data.dataset import PreparedDataset
-from extract.cache import FINAL_LAYER
 from featurestore.cliutil import UserError
 from featurestore.workspace import Workspace
 from recommend import __version__
 from recommend.batches import SequenceBatches, model_seq_len, training_rows
 from recommend.cloze import check_cloze_options, cloze_loss
 from recommend.cost import parameter_breakdown
-from recommend.e2e import (LIVE_MODES, check_live_options, live_config, live_tower_spec, open_live_inputs,
-                           optimizer_groups)
-from recommend.features import open_source, resolve_groups
-from recommend.item_towers import ITEM_TOWERS, FUSIONS, TOKEN_FUSIONS, WITH_ID_MODES
+from recommend.inputs import refuse_foreign_options
+from recommend.item_towers import DEFAULT_TS_DNN_LAYERS, ITEM_TOWERS, FUSIONS, TOKEN_FUSIONS, WITH_ID_MODES
 from recommend.losses import LOSSES, Loss, LossContext, create_loss
 from recommend.model import Recommender, build_recommender
 from recommend.objectives import AuxObjectives, Step, attach_objectives, check_objectives
@@ -61,7 +58,6 @@ from recommend.run import (BEST, CHECKPOINT, FINISHED, LAST, LOG, append_metrics
 from recommend.user_encoders import USER_ENCODERS
 
 MONITOR = ("HR@10", "NDCG@10")  # early stopping: best HR@10, ties broken by NDCG@10
-DEFAULT_TS_DNN_LAYERS = 8
 COLLAPSE_FLOOR = 0.01  # a best HR@10 at least this high is "clearly above" zero ...
 COLLAPSE_FRACTION = 0.1  # ... and falling below this share of it is a collapse
 
@@ -92,7 +88,7 @@ class TrainOptions:
     seed: int = 42
     device: str = "auto"
     run_name: str | None = None
-    # live-encoder modes (e2e, adapter): see recommend.e2e and recommend.adapters
+    # fields of one mode only (its TowerKind's ``options``): live encoders, recommend.e2e / recommend.adapters
     top_k: int | None = None
     encoder_lr: float | None = None
     grad_checkpointing: bool = False
@@ -195,15 +191,10 @@ def resolve_device(name: str, procs: Processes) -> torch.device:
 
 def check_options(opts: TrainOptions) -> TrainOptions:
     """Reject combinations that make no sense, each with the fix; fill mode defaults."""
-    ITEM_TOWERS.get(opts.mode)
+    kind = ITEM_TOWERS.get(opts.mode)
     USER_ENCODERS.get(opts.backbone)
     LOSSES.get(opts.loss)
-    if opts.layers is not None and opts.mode != "ts-dnn":
-        raise UserError(f"--layers sets the TS-DNN depth; it needs --mode ts-dnn, not {opts.mode}")
-    if opts.mode == "ts-dnn" and opts.layers is None:
-        opts.layers = DEFAULT_TS_DNN_LAYERS
-    if opts.layers is not None and opts.layers < 0:
-        raise UserError(f"--layers must be >= 0, got {opts.layers}")
+    refuse_foreign_options({name: ITEM_TOWERS.get(name) for name in ITEM_TOWERS.names()}, opts)
     n_groups = len(opts.encoders) + len(opts.features)
     if opts.fusion is not None:
         known = (*FUSIONS.names(), *TOKEN_FUSIONS)
@@ -232,7 +223,7 @@ def check_options(opts: TrainOptions) -> TrainOptions:
         raise UserError(f"--dropout must be in [0, 1), got {opts.dropout}")
     if not opts.lr > 0:
         raise UserError(f"--lr must be > 0, got {opts.lr}")
-    check_live_options(opts)
+    kind.check(opts)
     check_transfer_options(opts)
     check_objectives(opts)
     return opts
@@ -247,8 +238,7 @@ def model_spec(opts: TrainOptions, dataset: PreparedDataset) -> dict:
         tower["fusion"] = opts.fusion
     if opts.with_id:
         tower["with_id"] = opts.with_id
-    if opts.mode in LIVE_MODES:
-        tower.update(live_tower_spec(opts, dataset.name))
+    tower.update(ITEM_TOWERS.get(opts.mode).spec(opts, dataset.name))
     return {
         "n_items": dataset.n_items,
         "dim": opts.dim,
@@ -258,6 +248,22 @@ def model_spec(opts: TrainOptions, dataset: PreparedDataset) -> dict:
                          "dropout": opts.dropout,
                          **({} if opts.mask_prob is None else {"mask_prob": opts.mask_prob})},
     }
+
+
+def optimizer_groups(model: Recommender, lr: float, encoder_lr: float | None) -> list[dict]:
+    """AdamW parameter groups: the recommender (and new modules) at ``lr``, the pretrained encoder
+    weights the item tower fine-tunes at ``encoder_lr``.
+
+    Frozen parameters are left out, so the optimiser neither stores state for them
+    nor applies weight decay to them.
+    """
+    pretrained = {id(p) for p in model.item_tower.pretrained_parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"name": "recommender", "params": [p for p in trainable if id(p) not in pretrained], "lr": lr}]
+    encoder = [p for p in trainable if id(p) in pretrained]
+    if encoder:
+        groups.append({"name": "encoder", "params": encoder, "lr": encoder_lr or lr})
+    return groups
 
 
 def parameter_cost(model: nn.Module) -> dict:
@@ -387,12 +393,8 @@ def train(ws: Workspace, opts: TrainOptions, progress: bool = True, echo: bool =
 def _train(ws: Workspace, opts: TrainOptions, procs: Processes, device: torch.device,
            progress: bool, echo: bool) -> dict:
     dataset = PreparedDataset.load(ws.dataset_dir(opts.dataset))
-    if opts.mode in LIVE_MODES:
-        sources = open_live_inputs(ws, opts, dataset)
-    else:
-        groups = resolve_groups(dataset.name, opts.encoders, opts.features)
-        states = f"--cache-layer {FINAL_LAYER}" if opts.fusion in TOKEN_FUSIONS else ""  # a missing group's fix
-        sources = [open_source(ws, g, dataset.fingerprint, dataset.n_items, states) for g in groups]
+    kind = ITEM_TOWERS.get(opts.mode)
+    sources = kind.open(ws, opts, dataset)  # opened and checked against the dataset's fingerprint
     spec = model_spec(opts, dataset)
     rows = training_rows(dataset, spec["max_seq_len"])
     if len(rows) == 0:
@@ -417,7 +419,7 @@ def _train(ws: Workspace, opts: TrainOptions, procs: Processes, device: torch.de
 
     config = build_config(opts, dataset, sources, spec, model, len(rows), procs, device)
     config["parameters"] = parameter_breakdown(model)
-    live_config(config, model)
+    kind.describe(config, model)
     if transferred is not None:
         config["transfer"] = transferred
     name = procs.broadcast(_run_name(ws, opts, config) if procs.main else None)
