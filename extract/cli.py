@@ -121,7 +121,8 @@ def encoders(as_json: bool, pattern: str) -> None:
             "depth": cfg.depth, "parameters": parameter_count(name), "pooling": cfg.pooling,
             "poolings": list(cfg.poolings), "weights_status": (status := weights_status(cfg)),
             "weights_available": status in ("bundled", "cached"),
-            "weights": f"package {cfg.local_package}" if cfg.local_package else f"hub {cfg.hub_id}",
+            "weights": f"package {cfg.local_package}" if cfg.local_package else
+                       f"hub {cfg.hub_id}" if cfg.hub_id else "no published weights",
         })
     lines = [f"{'name':<20}{'modality':<9}{'width':>6}{'depth':>6}{'params':>9}  {'pooling':<8}weights"]
     for r in rows:

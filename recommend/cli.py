@@ -16,8 +16,8 @@ from featurestore.cliutil import UserError, emit, json_option, root_option, run_
 from featurestore.configfile import config_option
 from featurestore.workspace import Workspace
 from recommend.defaults import Inferred, only_dataset, only_group
-from recommend.e2e import LIVE_MODES
-from recommend.item_towers import WITH_ID_MODES, list_fusions, list_item_towers, list_token_fusions
+from recommend.item_towers import (ITEM_TOWERS, WITH_ID_MODES, StoredRowsKind, list_fusions, list_item_towers,
+                                    list_token_fusions)
 from recommend.losses import list_losses
 from recommend.objectives import list_objectives
 from recommend.run import list_runs
@@ -27,7 +27,7 @@ from recommend.transfer import list_transfers
 from recommend.user_encoders import list_user_encoders
 
 
-STORED_MODES = tuple(m for m in list_item_towers() if m != "id" and m not in LIVE_MODES)  # read store groups
+STORED_MODES = tuple(m for m in list_item_towers() if isinstance(ITEM_TOWERS.get(m), StoredRowsKind))
 
 
 def _names(value: str | None) -> list[str]:
@@ -44,7 +44,7 @@ def cli() -> None:
     recommend train --dataset HM --mode ts-dnn --layers 8 --encoder efficientnet-lite0
     recommend runs
     recommend study --dataset HM --encoder efficientnet-lite0 --layers 2,8 --modes id,ts,ts-dnn
-    recommend eval rank --run RUN --full-pool
+    recommend eval rank RUN --full-pool
     """
 
 
@@ -81,7 +81,15 @@ def cli() -> None:
               show_default=True, help="User encoder over the item sequence.")
 @click.option("--loss", type=click.Choice(list_losses()), default="bce", show_default=True,
               help="bce = BCE with one sampled negative per position not in the user's sequence "
-                   "(the papers'); inbatch = in-batch softmax with log-popularity correction.")
+                   "(the papers'); inbatch = in-batch softmax with log-popularity correction; ce = "
+                   "softmax cross-entropy over the whole catalogue (RecBole's SASRec default; content "
+                   "towers run over every item each step, in checkpointed chunks); gbce = gSASRec's "
+                   "generalised BCE with --negatives K and calibration --gbce-t.")
+@click.option("--negatives", type=int, default=None,
+              help="gbce: sampled negatives per position, outside the user's sequence [default: 256, gSASRec's].")
+@click.option("--gbce-t", type=float, default=None,
+              help="gbce: calibration t in [0, 1]; 0 = plain BCE over K negatives, 1 = fully "
+                   "calibrated [default: 0.75, gSASRec's].")
 @click.option("--dim", type=int, default=512, show_default=True, help="Hidden width d.")
 @click.option("--blocks", type=int, default=2, show_default=True,
               help="Backbone depth (Transformer blocks, GRU layers, CNN residual blocks, DNN layers).")

@@ -29,7 +29,7 @@ import resource
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Iterator
 
 import numpy as np
@@ -40,18 +40,15 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data.dataset import PreparedDataset
-from extract.cache import FINAL_LAYER
 from featurestore.cliutil import UserError
-from featurestore.workspace import Workspace
+from featurestore.workspace import Workspace, check_name
 from recommend import __version__
 from recommend.batches import SequenceBatches, model_seq_len, training_rows
 from recommend.cloze import check_cloze_options, cloze_loss
 from recommend.cost import parameter_breakdown
-from recommend.e2e import (LIVE_MODES, check_live_options, live_config, live_tower_spec, open_live_inputs,
-                           optimizer_groups)
-from recommend.features import open_source, resolve_groups
-from recommend.item_towers import ITEM_TOWERS, FUSIONS, TOKEN_FUSIONS, WITH_ID_MODES
-from recommend.losses import LOSSES, Loss, LossContext, create_loss
+from recommend.inputs import refuse_foreign_options
+from recommend.item_towers import DEFAULT_TS_DNN_LAYERS, ITEM_TOWERS, FUSIONS, TOKEN_FUSIONS, WITH_ID_MODES
+from recommend.losses import LOSSES, Loss, LossContext, check_loss_options, create_loss, embed_step
 from recommend.model import Recommender, build_recommender
 from recommend.objectives import AuxObjectives, Step, attach_objectives, check_objectives
 from recommend.transfer import check_transfer_options, init_from_run
@@ -61,7 +58,6 @@ from recommend.run import (BEST, CHECKPOINT, FINISHED, LAST, LOG, append_metrics
 from recommend.user_encoders import USER_ENCODERS
 
 MONITOR = ("HR@10", "NDCG@10")  # early stopping: best HR@10, ties broken by NDCG@10
-DEFAULT_TS_DNN_LAYERS = 8
 COLLAPSE_FLOOR = 0.01  # a best HR@10 at least this high is "clearly above" zero ...
 COLLAPSE_FRACTION = 0.1  # ... and falling below this share of it is a collapse
 
@@ -80,6 +76,8 @@ class TrainOptions:
     whiten: bool = False
     backbone: str = "sasrec"
     loss: str = "bce"
+    negatives: int | None = None  # gbce: sampled negatives per position; recommend.losses
+    gbce_t: float | None = None  # gbce: calibration t
     dim: int = 512
     blocks: int = 2
     heads: int = 2
@@ -92,7 +90,7 @@ class TrainOptions:
     seed: int = 42
     device: str = "auto"
     run_name: str | None = None
-    # live-encoder modes (e2e, adapter): see recommend.e2e and recommend.adapters
+    # fields of one mode only (its TowerKind's ``options``): live encoders, recommend.e2e / recommend.adapters
     top_k: int | None = None
     encoder_lr: float | None = None
     grad_checkpointing: bool = False
@@ -126,16 +124,12 @@ class Objective(nn.Module):
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
         if getattr(self.model.user_encoder, "cloze", False):  # bidirectional: fill in masked items
             return cloze_loss(self.model, self.loss, rows)
-        extra = self.loss.extra_items(rows)
-        ids = rows if extra is None else torch.cat([rows, extra], dim=1)
-        vectors = self.model.embed(ids)  # one tower call: inputs, targets and negatives
-        width = rows.shape[1]
-        hidden = self.model.encode(vectors[:, : width - 1], rows[:, :-1] > 0)
-        extra_vectors = None if extra is None else vectors[:, width:]
-        value = self.loss(hidden, rows, vectors[:, :width], extra, extra_vectors)
+        vectors, extra, extra_vectors = embed_step(self.model, self.loss, rows)  # one tower call
+        hidden = self.model.encode(vectors[:, :-1], rows[:, :-1] > 0)
+        value = self.loss(hidden, rows, vectors, extra, extra_vectors)
         if self.aux is None:
             return value
-        parts = {"rec": value, **self.aux(Step(self.model, rows, vectors[:, :width], hidden))}
+        parts = {"rec": value, **self.aux(Step(self.model, rows, vectors, hidden))}
         self.terms = {name: part.detach() for name, part in parts.items()}
         return torch.stack(list(parts.values())).sum()
 
@@ -195,15 +189,12 @@ def resolve_device(name: str, procs: Processes) -> torch.device:
 
 def check_options(opts: TrainOptions) -> TrainOptions:
     """Reject combinations that make no sense, each with the fix; fill mode defaults."""
-    ITEM_TOWERS.get(opts.mode)
+    kind = ITEM_TOWERS.get(opts.mode)
     USER_ENCODERS.get(opts.backbone)
+    if opts.run_name is not None:
+        check_name("run", opts.run_name)  # refused before any work, not after the model is built
     LOSSES.get(opts.loss)
-    if opts.layers is not None and opts.mode != "ts-dnn":
-        raise UserError(f"--layers sets the TS-DNN depth; it needs --mode ts-dnn, not {opts.mode}")
-    if opts.mode == "ts-dnn" and opts.layers is None:
-        opts.layers = DEFAULT_TS_DNN_LAYERS
-    if opts.layers is not None and opts.layers < 0:
-        raise UserError(f"--layers must be >= 0, got {opts.layers}")
+    refuse_foreign_options({name: ITEM_TOWERS.get(name) for name in ITEM_TOWERS.names()}, opts)
     n_groups = len(opts.encoders) + len(opts.features)
     if opts.fusion is not None:
         known = (*FUSIONS.names(), *TOKEN_FUSIONS)
@@ -232,7 +223,8 @@ def check_options(opts: TrainOptions) -> TrainOptions:
         raise UserError(f"--dropout must be in [0, 1), got {opts.dropout}")
     if not opts.lr > 0:
         raise UserError(f"--lr must be > 0, got {opts.lr}")
-    check_live_options(opts)
+    check_loss_options(opts)
+    kind.check(opts)
     check_transfer_options(opts)
     check_objectives(opts)
     return opts
@@ -247,8 +239,7 @@ def model_spec(opts: TrainOptions, dataset: PreparedDataset) -> dict:
         tower["fusion"] = opts.fusion
     if opts.with_id:
         tower["with_id"] = opts.with_id
-    if opts.mode in LIVE_MODES:
-        tower.update(live_tower_spec(opts, dataset.name))
+    tower.update(ITEM_TOWERS.get(opts.mode).spec(opts, dataset.name))
     return {
         "n_items": dataset.n_items,
         "dim": opts.dim,
@@ -260,13 +251,33 @@ def model_spec(opts: TrainOptions, dataset: PreparedDataset) -> dict:
     }
 
 
+def optimizer_groups(model: Recommender, lr: float, encoder_lr: float | None) -> list[dict]:
+    """AdamW parameter groups: the recommender (and new modules) at ``lr``, the pretrained encoder
+    weights the item tower fine-tunes at ``encoder_lr``.
+
+    Frozen parameters are left out, so the optimiser neither stores state for them
+    nor applies weight decay to them.
+    """
+    pretrained = {id(p) for p in model.item_tower.pretrained_parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"name": "recommender", "params": [p for p in trainable if id(p) not in pretrained], "lr": lr}]
+    encoder = [p for p in trainable if id(p) in pretrained]
+    if encoder:
+        groups.append({"name": "encoder", "params": encoder, "lr": encoder_lr or lr})
+    return groups
+
+
 def parameter_cost(model: nn.Module) -> dict:
     return {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "total_params": sum(p.numel() for p in model.parameters())}
 
 
 def validate(model: Recommender, dataset: PreparedDataset) -> dict:
-    """Full-pool HR@10 / NDCG@10 on the validation split: the one scoring function."""
+    """Full-pool HR@10 / NDCG@10 on the validation split: the one scoring function.
+
+    Called on every process of a torchrun launch: each ranks its share of the users
+    and all get the gathered metrics (:mod:`eval.distributed`).
+    """
     from eval.evaluate import evaluate
 
     model.eval()
@@ -383,12 +394,8 @@ def train(ws: Workspace, opts: TrainOptions, progress: bool = True, echo: bool =
 def _train(ws: Workspace, opts: TrainOptions, procs: Processes, device: torch.device,
            progress: bool, echo: bool) -> dict:
     dataset = PreparedDataset.load(ws.dataset_dir(opts.dataset))
-    if opts.mode in LIVE_MODES:
-        sources = open_live_inputs(ws, opts, dataset)
-    else:
-        groups = resolve_groups(dataset.name, opts.encoders, opts.features)
-        states = f"--cache-layer {FINAL_LAYER}" if opts.fusion in TOKEN_FUSIONS else ""  # a missing group's fix
-        sources = [open_source(ws, g, dataset.fingerprint, dataset.n_items, states) for g in groups]
+    kind = ITEM_TOWERS.get(opts.mode)
+    sources = kind.open(ws, opts, dataset)  # opened and checked against the dataset's fingerprint
     spec = model_spec(opts, dataset)
     rows = training_rows(dataset, spec["max_seq_len"])
     if len(rows) == 0:
@@ -401,7 +408,10 @@ def _train(ws: Workspace, opts: TrainOptions, procs: Processes, device: torch.de
     np.random.seed(opts.seed)
     model = build_recommender(spec, sources, fit=True).to(device)
     transferred = init_from_run(ws, opts, model, spec, sources)  # --init-from: source weights, else None
-    loss = create_loss(opts.loss, LossContext(dataset.n_items, dataset.train_counts())).to(device)
+    context = LossContext(dataset.n_items, dataset.train_counts())
+    if opts.loss == "gbce":
+        context = replace(context, negatives=opts.negatives, gbce_t=opts.gbce_t)
+    loss = create_loss(opts.loss, context).to(device)
     aux = attach_objectives(model, opts.objectives)  # on the model: NID's head trains and saves with it
     objective: nn.Module = Objective(model, loss, aux)
     if procs.world_size > 1:
@@ -413,7 +423,7 @@ def _train(ws: Workspace, opts: TrainOptions, procs: Processes, device: torch.de
 
     config = build_config(opts, dataset, sources, spec, model, len(rows), procs, device)
     config["parameters"] = parameter_breakdown(model)
-    live_config(config, model)
+    kind.describe(config, model)
     if transferred is not None:
         config["transfer"] = transferred
     name = procs.broadcast(_run_name(ws, opts, config) if procs.main else None)
@@ -494,9 +504,9 @@ def _epochs(objective, model: Recommender, optimizer, batches: SequenceBatches,
         terms = {name: procs.mean(part / max(steps, 1), device) for name, part in term_totals.items()}
 
         decision = None
+        eval_start = time.perf_counter()
+        metrics = validate(model, dataset)  # every process: the users are sharded across them
         if procs.main:
-            eval_start = time.perf_counter()
-            metrics = validate(model, dataset)
             record = {
                 "epoch": epoch, "loss": mean_loss, "valid": metrics, "seconds": seconds,
                 "sec_per_step": seconds / max(steps, 1), "steps": steps,
