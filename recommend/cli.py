@@ -13,8 +13,11 @@ import click
 
 from eval.cli import cli as eval_cli
 from featurestore.cliutil import UserError, emit, json_option, root_option, run_cli
+from featurestore.configfile import config_option
 from featurestore.workspace import Workspace
-from recommend.item_towers import WITH_ID_MODES, list_fusions, list_item_towers, list_token_fusions
+from recommend.defaults import Inferred, only_dataset, only_group
+from recommend.item_towers import (ITEM_TOWERS, WITH_ID_MODES, StoredRowsKind, list_fusions, list_item_towers,
+                                    list_token_fusions)
 from recommend.losses import list_losses
 from recommend.objectives import list_objectives
 from recommend.run import list_runs
@@ -24,7 +27,8 @@ from recommend.transfer import list_transfers
 from recommend.user_encoders import list_user_encoders
 
 
-TRAIN_DEFAULTS = TrainOptions(dataset="")
+TRAIN_DEFAULTS = TrainOptions(dataset="")  # one set of defaults: train, study and tune show these
+STORED_MODES = tuple(m for m in list_item_towers() if isinstance(ITEM_TOWERS.get(m), StoredRowsKind))
 
 
 def _names(value: str | None) -> list[str]:
@@ -41,12 +45,13 @@ def cli() -> None:
     recommend train --dataset HM --mode ts-dnn --layers 8 --encoder efficientnet-lite0
     recommend runs
     recommend study --dataset HM --encoder efficientnet-lite0 --layers 2,8 --modes id,ts,ts-dnn
-    recommend eval rank --run RUN --full-pool
+    recommend eval rank RUN --full-pool
     """
 
 
 @cli.command("train")
-@click.option("--dataset", required=True, help="Prepared dataset name (under ROOT/datasets).")
+@click.option("--dataset", default=None,
+              help="Prepared dataset name (under ROOT/datasets) [default: the only one there].")
 @click.option("--mode", type=click.Choice(list_item_towers()), default="id", show_default=True,
               help="Item tower: id = IDRec embedding table; ts = stored vectors through the DT "
                    "layer Linear(feat->d); ts-dnn = stored vectors through TS-DNN-N; e2e = the "
@@ -58,7 +63,8 @@ def cli() -> None:
 @click.option("--encoder", default=None, metavar="ENC[,ENC]",
               help="Use the store group DATASET/<modality>/ENC written by `featurestore extract "
                    "--encoder ENC` (ENC@VARIANT for a variant); two names = text + image. "
-                   "e2e/adapter: the encoder to run live.")
+                   "e2e/adapter: the encoder to run live. [default for ts/ts-dnn: the dataset's only "
+                   "complete store group].")
 @click.option("--features", default=None, metavar="GROUP[,GROUP]",
               help="Store groups by full name DATASET/MODALITY/ENCODER[@VARIANT]; two = fused.")
 @click.option("--fusion", type=click.Choice(list_fusions() + list_token_fusions()), default=None,
@@ -163,6 +169,7 @@ def cli() -> None:
                    "noised item detection, rcl = robustness-aware contrastive learning "
                    f"(known: {', '.join(list_objectives())}).")
 @click.option("--quiet", is_flag=True, help="No progress bar or per-epoch log lines on stderr.")
+@config_option
 @root_option
 @json_option
 def train_command(ws: Workspace, as_json: bool, encoder: str | None, features: str | None,
@@ -182,9 +189,15 @@ def train_command(ws: Workspace, as_json: bool, encoder: str | None, features: s
     setting: --loss bce --dim 512 --lr 1e-4 --plateau-patience 10. `recommend study`
     uses the same defaults but ends every run at --epochs 20.
     """
+    inferred = []
+    if options["dataset"] is None:
+        options["dataset"] = _inferred(only_dataset(ws), inferred)
+    if not encoder and not features and options["mode"] in STORED_MODES:
+        features = _inferred(only_group(ws, options["dataset"], options["mode"]), inferred)
     opts = TrainOptions(encoders=_names(encoder), features=_names(features),
                         objectives=_names(objectives), **options)
     result = train(ws, opts, progress=not quiet, echo=not quiet)
+    result["inferred"] = inferred
     if not Processes.from_env().main:
         return  # under torchrun, process 0 reports for all
     text = (f"run {result['run']} ({result['status']}): "
@@ -249,6 +262,7 @@ def runs_command(ws: Workspace, as_json: bool) -> None:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder for report.md, study.json and the PNG plots "
                    "[default: ROOT/studies/DATASET-ENCODER].")
+@config_option
 @root_option
 @json_option
 def study_command(ws: Workspace, as_json: bool, layers: str, modes: str, **options) -> None:
@@ -275,6 +289,13 @@ def study_command(ws: Workspace, as_json: bool, layers: str, modes: str, **optio
     if failed:
         raise UserError(f"{len(failed)} configuration(s) failed ({failed[0]['label']}: {failed[0]['reason']}); "
                         f"the others are in {result['report']}")
+
+
+def _inferred(found: Inferred, notes: list[str]) -> str:
+    """Print what was filled in (stderr, so --json stays one object) and keep it for the result."""
+    click.echo(f"using {found.note}", err=True)
+    notes.append(found.note)
+    return found.value
 
 
 def _fmt(value: float | None) -> str:

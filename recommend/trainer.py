@@ -275,7 +275,11 @@ def parameter_cost(model: nn.Module) -> dict:
 
 
 def validate(model: Recommender, dataset: PreparedDataset) -> dict:
-    """Full-pool HR@10 / NDCG@10 on the validation split: the one scoring function."""
+    """Full-pool HR@10 / NDCG@10 on the validation split: the one scoring function.
+
+    Called on every process of a torchrun launch: each ranks its share of the users
+    and all get the gathered metrics (:mod:`eval.distributed`).
+    """
     from eval.evaluate import evaluate
 
     model.eval()
@@ -516,9 +520,9 @@ def _epochs(objective, model: Recommender, optimizer, batches: SequenceBatches,
         terms = {name: procs.mean(part / max(steps, 1), device) for name, part in term_totals.items()}
 
         decision = None
+        eval_start = time.perf_counter()
+        metrics = validate(model, dataset)  # every process: the users are sharded across them
         if procs.main:
-            eval_start = time.perf_counter()
-            metrics = validate(model, dataset)
             record = {
                 "epoch": epoch, "loss": mean_loss, "valid": metrics, "seconds": seconds,
                 "sec_per_step": seconds / max(steps, 1), "steps": steps,
