@@ -36,7 +36,7 @@ BEST = "best.json"
 LOG = "train.log"
 LAST = "last.safetensors"
 WRITER_LOCK = "writer.lock"  # held by the process training the run (see run_lock)
-FINISHED = ("completed", "early_stopped", "collapsed")  # best.json statuses of a run that is done
+FINISHED = ("completed", "early_stopped", "collapsed", "pruned")  # best.json statuses of a run that is done
 
 
 def default_run_name(config: dict) -> str:
