@@ -49,14 +49,14 @@ class PlainProgress(tqdm):
 
 
 class _WholeLines:
-    """The bar's stream, minus the bare newline tqdm writes after a finished bar (each plain
-    line already ends in one)."""
+    """The bar's stream, minus the bare newline or carriage return tqdm writes after a finished
+    bar (each plain line already ends in a newline)."""
 
     def __init__(self, stream: Any) -> None:
         self.stream = stream
 
     def write(self, text: str) -> None:
-        if text != "\n":
+        if text.strip(" \r\n"):
             self.stream.write(text)
 
     def flush(self) -> None:
