@@ -71,3 +71,26 @@ def test_prepare_records_warm_n_and_info_draws_the_histogram(synth_ws, tmp_path)
     assert all(b["items"] == 0 for b in info["popularity"] if b["to"] < 20)
     with Image.open(plot) as img:
         assert img.format == "PNG" and img.size[0] > 100
+
+
+def test_study_warm_prepares_the_variants_and_reports_them_side_by_side(private_ws):
+    from recommend.cli import cli as recommend_cli
+
+    ws = private_ws("warm_study")
+    args = ["study", "--root", str(ws.root), "--dataset", "synth", "--encoder", "minilm-l6", "--modes", "id",
+            "--epochs", "1", "--dim", "16", "--device", "cpu", "--threads", "1", "--warm", "20,50", "--json"]
+    result = CliRunner().invoke(recommend_cli, args)
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    sizes = [(v["dataset"], v["min_item_interactions"], v["items"]) for v in out["variants"]]
+    assert [s[:2] for s in sizes] == [("synth", 1), ("synth-warm20", 20), ("synth-warm50", 50)]
+    assert sizes[0][2] > sizes[1][2] > sizes[2][2]
+    for variant in out["variants"][1:]:
+        warm = PreparedDataset.load(ws.dataset_dir(variant["dataset"]))
+        assert warm.manifest["options"]["min_item_interactions"] == variant["min_item_interactions"]
+    report = (ws.root / "studies" / "synth-minilm-l6-warm" / "report.md").read_text()
+    assert "synth-warm50 HR@10" in report and "| popularity |" in report and "| id |" in report
+    id_row = next(line for line in report.splitlines() if line.startswith("| id |"))
+    assert "-" not in id_row.split("|")[2:-1]  # every variant's IDRec run was trained and ranked
+    again = CliRunner().invoke(recommend_cli, args)  # resumes: nothing re-prepared or retrained
+    assert again.exit_code == 0 and json.loads(again.output)["table"] == out["table"]
