@@ -215,6 +215,7 @@ def main(n_users, n_items, dim, history, anchor_users, rounds, batch_size, devic
         "twopass_ratio_to_matmul": best["twopass"] / best[floor],
         "twopass_ratio_to_matmul_total": total["twopass"] / total[floor],
         "twopass_candidates_per_user": rankers["twopass"].candidates / n_users,
+        "twopass_whole_rows_searched": rankers["twopass"].crowded,
         "identical_to_rank_targets_on_every_user": same_as_b,
         "identical_ranks": bool(same_ranks), "metrics_checked_on_users": int(len(checked)),
         "metrics": ours_metrics, "all_users_metrics": metrics_from_ranks(ranks, KS),
