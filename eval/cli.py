@@ -21,6 +21,7 @@ from eval.metrics import parse_ks
 from eval.ranking import INDEXES
 from featurestore.cliutil import UserError, emit, json_option, root_option, run_cli
 from featurestore.workspace import Workspace
+from recommend.defaults import latest_finished_run
 from recommend.run import read_config, resolve_run
 
 EVAL_FILE = "eval.json"
@@ -161,6 +162,8 @@ def rank(ws: Workspace, as_json: bool, run_arg: str | None, run_option: str | No
          export_dir: Path | None) -> None:
     """Exact full-pool HR@K / NDCG@K of a trained run RUN; saved in the run's eval.json.
 
+    Without RUN (or --run): the run under ROOT/runs that finished last, named on stderr.
+
     Ties rank the target below every item with an equal score. With --dataset TARGET
     (zero-shot) the result goes into the eval.json section "zero-shot".
 
@@ -170,6 +173,10 @@ def rank(ws: Workspace, as_json: bool, run_arg: str | None, run_option: str | No
     """
     if batch_size < 1:
         raise UserError("--batch-size must be at least 1")
+    if not (run_arg or run_option):
+        latest = latest_finished_run(ws)
+        click.echo(f"using {latest.note}", err=True)
+        run_arg = latest.value
     run_dir = resolve_run(ws, one_run(run_arg, run_option))
     device = local_device(device or _default_device())
     with process_group(device) as shard:
