@@ -48,7 +48,8 @@ import numpy as np
 from recbole_split import check_split, write_inter, write_item  # bench/ is the script folder
 from data.dataset import PreparedDataset
 from data.prepare import synthetic_dataset
-from eval.evaluate import EvalVectors, evaluate, popularity_metrics, score_vectors
+from eval.evaluate import EvalVectors, evaluate, popularity_metrics, vector_ranks
+from eval.metrics import metrics_from_ranks
 from eval.ranking import csr_rows
 from featurestore.cliutil import UserError
 from featurestore.workspace import Workspace
@@ -152,7 +153,7 @@ def rescore(dataset: PreparedDataset, export: dict) -> dict:
         hist = csr_rows(*dataset.history("test"), users[order]) if exclude else (
             np.zeros(len(users) + 1, dtype=np.int64), np.zeros(0, dtype=np.int64))
         vectors = EvalVectors(export["items"], export["test_vectors"][order], export["test_targets"][order], *hist)
-        metrics[protocol] = score_vectors(vectors, KS, exclude)
+        metrics[protocol] = metrics_from_ranks(vector_ranks(vectors, max(KS), exclude), KS)
     return metrics
 
 
