@@ -232,6 +232,8 @@ def summarise(rows: list[dict]) -> dict:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def main(dataset, root, users, items, model_name, dim, seeds, variants, recbole_sets, venv_path, threads,
          device, redo, as_json):
+    """Train RecBole's model and ours on one split (checked user by user); test HR@10 / NDCG@10 under
+    RecBole's protocol (history kept) and the papers' (history excluded), and ours / RecBole."""
     ws = Workspace(root)
     data = (PreparedDataset.load(ws.dataset_dir(dataset)) if dataset
             else prepare_synthetic(ws, users, items, seed=0))
