@@ -25,6 +25,7 @@ from recommend.study import DEFAULT_LAYERS, STUDY_MODES, StudyOptions, run_study
 from recommend.trainer import CLEARLY_ABOVE, DEFAULT_TS_DNN_LAYERS, Processes, TrainOptions, train
 from recommend.transfer import list_transfers
 from recommend.user_encoders import list_user_encoders
+from recommend.warm_study import run_warm_study
 
 
 TRAIN_DEFAULTS = TrainOptions(dataset="")  # one set of defaults: train, study and tune show these
@@ -262,10 +263,14 @@ def runs_command(ws: Workspace, as_json: bool) -> None:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder for report.md, study.json and the PNG plots "
                    "[default: ROOT/studies/DATASET-ENCODER].")
+@click.option("--warm", default=None, metavar="N[,N]",
+              help="Also study warm-N variants DATASET-warmN (items with at least N users; prepared from "
+                   "the dataset's raw files if missing) and write one side-by-side report (001 Table 3) "
+                   "[default: ROOT/studies/DATASET-ENCODER-warm].")
 @config_option
 @root_option
 @json_option
-def study_command(ws: Workspace, as_json: bool, layers: str, modes: str, **options) -> None:
+def study_command(ws: Workspace, as_json: bool, layers: str, modes: str, warm: str | None, **options) -> None:
     """Compare IDRec, TS, TS-DNN-N, E2E and adapters on one dataset (001 Tables 5 and 6).
 
     Extracts the encoder's store group if missing, trains every configuration (runs
@@ -283,9 +288,19 @@ def study_command(ws: Workspace, as_json: bool, layers: str, modes: str, **optio
     except ValueError:
         raise UserError(f"--layers {layers}: give whole numbers, e.g. --layers 2,6,8") from None
     opts = StudyOptions(layers=depths, modes=_names(modes), **options)
-    result = run_study(ws, opts, progress=not as_json, command=" ".join(["recommend", *sys.argv[1:]]))
+    command = " ".join(["recommend", *sys.argv[1:]])
+    if warm:
+        try:
+            thresholds = [int(n) for n in _names(warm)]
+        except ValueError:
+            raise UserError(f"--warm {warm}: give whole numbers, e.g. --warm 20,50,200") from None
+        result = run_warm_study(ws, opts, thresholds, progress=not as_json, command=command)
+        configurations = [c for v in result["variants"] for c in v["study"]["configurations"]]
+    else:
+        result = run_study(ws, opts, progress=not as_json, command=command)
+        configurations = result["configurations"]
     emit(result, as_json, f"{result['table'].rstrip()}\nreport: {result['report']}")
-    failed = [c for c in result["configurations"] if c["status"] == "failed"]
+    failed = [c for c in configurations if c["status"] == "failed"]
     if failed:
         raise UserError(f"{len(failed)} configuration(s) failed ({failed[0]['label']}: {failed[0]['reason']}); "
                         f"the others are in {result['report']}")
