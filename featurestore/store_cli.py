@@ -17,6 +17,7 @@ import click
 import numpy as np
 
 from featurestore.cliutil import UserError, emit, json_option, root_option
+from featurestore.ecosystem import WRITERS
 from featurestore.store import (
     DEFAULT_CHUNK_ROWS,
     STATUS_COMPLETE,
@@ -146,16 +147,29 @@ def _refuse_existing(out: Path, force: bool) -> None:
 
 @click.command()
 @group_argument
-@click.option("--format", "fmt", type=click.Choice(["npy", "h5"]), required=True,
+@click.option("--format", "fmt", type=click.Choice(["npy", "h5", "mmrec", "recbole"]), required=True,
               help="npy: the embeddings array as stored (row = item id, row 0 padding); "
-                   "h5: embeddings, present and the provenance (JSON attribute), re-importable.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="File to write.")
+                   "h5: embeddings, present and the provenance (JSON attribute), re-importable; "
+                   "mmrec: image_feat.npy / text_feat.npy (row = MMRec item index = id - 1) and "
+                   "DATASET.inter with x_label from our split; recbole: atomic DATASET.inter / .item "
+                   "files and the binary DATASET.feat1CLS (text) / .feat2CLS (image) its "
+                   "pretrained-text models read.")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="File to write (npy, h5), or folder (mmrec, recbole; two groups may share one).")
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
 @root_option
 @json_option
 def export(ws: Workspace, as_json: bool, group: str, fmt: str, out: Path, force: bool) -> None:
-    """Write a group to one .npy or .h5 file, streaming chunk by chunk."""
-    fg = FeatureStore(ws.store).open(group)
+    """Write a group to one .npy or .h5 file (streamed chunk by chunk), or MMRec / RecBole files."""
+    fg = FeatureStore(ws.store).open(group, complete=fmt in WRITERS)
+    if fmt in WRITERS:
+        from data.dataset import PreparedDataset
+
+        out.mkdir(parents=True, exist_ok=True)
+        files = WRITERS[fmt](fg, PreparedDataset.load(ws.dataset_dir(parse_group_name(fg.name).dataset)), out)
+        emit({"group": fg.name, "format": fmt, "out": str(out), "files": [str(f) for f in files]}, as_json,
+             f"wrote {fg.name} for {fmt} to {out}: " + ", ".join(f.name for f in files))
+        return
     _refuse_existing(out, force)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     if fmt == "npy":
