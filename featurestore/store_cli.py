@@ -256,8 +256,53 @@ def _check_rows(path: Path, rows: Any, chunk_rows: int, dtype: str) -> None:
                             "numpy.nan_to_num) or zero the row to mark the item absent, then import again")
 
 
+def _read_ducho(ws: Workspace, folder: Path, group: str | None) -> tuple[np.ndarray, np.ndarray, dict, list[Path]]:
+    """Ducho's output (one ``ITEM.npy`` per item, named by the item's original id or its image's
+    file name) as store rows: (rows, present, provenance, the files read)."""
+    from data.dataset import PreparedDataset
+
+    if not folder.is_dir():
+        raise UserError(f"--from ducho reads a folder of per-item .npy files; {folder} is not a folder")
+    if not group:
+        raise UserError("--from ducho: say which group the vectors become: --group DATASET/MODALITY/ENCODER")
+    dataset = PreparedDataset.load(ws.dataset_dir(parse_group_name(group).dataset))
+    files = {p.stem: p for p in sorted(folder.rglob("*.npy"))}
+    if not files:
+        raise UserError(f"{folder} holds no .npy files; point --from ducho at Ducho's embeddings folder")
+    found: dict[int, Path] = {}
+    for item in dataset.items:
+        names = [item.orig_id] + ([Path(item.image).stem] if item.image else [])
+        path = next((files[n] for n in names if n in files), None)
+        if path is not None:
+            found[item.id] = path
+    if not found:
+        raise UserError(f"none of the {len(files)} files in {folder} is named after an item of {dataset.name} "
+                        f"(e.g. {dataset.items[0].orig_id}.npy); import the folder made for this dataset")
+    vectors = {}
+    for item_id, path in found.items():
+        try:
+            vectors[item_id] = np.load(path, allow_pickle=False).reshape(-1)
+        except (ValueError, OSError) as err:
+            raise UserError(f"{path} is not a readable .npy array ({err})") from None
+    dims = {v.shape[0] for v in vectors.values()}
+    if len(dims) != 1:
+        raise UserError(f"{folder}: the per-item vectors have different lengths ({sorted(dims)[:4]}); "
+                        "import one Ducho extraction (one model and layer) at a time")
+    rows = np.zeros((dataset.n_items + 1, dims.pop()), dtype=np.float32)
+    present = np.zeros(dataset.n_items + 1, dtype=bool)
+    for item_id, vector in vectors.items():
+        rows[item_id], present[item_id] = vector, True
+    used = sorted(found.values())
+    provenance = {"group": group, "imported": "imported from Ducho", "ducho_folder": str(folder.resolve()),
+                  "ducho_files": len(used), "weights": f"Ducho output {folder.resolve()}"}
+    return rows, present, provenance, used
+
+
 @click.command(name="import")
-@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("file", type=click.Path(exists=True, path_type=Path))
+@click.option("--from", "source", type=click.Choice(["file", "ducho"]), default="file", show_default=True,
+              help="file: FILE is an .npy/.h5 array (row = item id); ducho: FILE is Ducho's output folder, "
+                   "one ITEM.npy per item named by its original id (or image file name); needs --group.")
 @click.option("--group", "group", default=None, metavar="GROUP",
               help="Target group DATASET/MODALITY/ENCODER[@VARIANT] [default for .h5: the group it was exported from].")
 @click.option("--provenance", "provenance_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -267,16 +312,22 @@ def _check_rows(path: Path, rows: Any, chunk_rows: int, dtype: str) -> None:
               help="Rows per store chunk.")
 @root_option
 @json_option
-def import_(ws: Workspace, as_json: bool, file: Path, group: str | None, provenance_file: Path | None,
-            chunk_rows: int) -> None:
-    """Create a group from an .npy (rows = item ids, row 0 padding) or an exported .h5 file.
+def import_(ws: Workspace, as_json: bool, file: Path, source: str, group: str | None,
+            provenance_file: Path | None, chunk_rows: int) -> None:
+    """Create a group from an .npy (rows = item ids, row 0 padding), an exported .h5 file, or
+    (--from ducho) Ducho's folder of one .npy per item; items without a file are marked absent.
 
     The prepared dataset must match: the row count is N + 1, and a recorded
     fingerprint must equal the dataset's (absent one: the dataset's is taken).
     """
     from data.dataset import PreparedDataset
 
-    rows, present, provenance, handle = _read_import(file, provenance_file)
+    if source == "ducho":
+        rows, present, provenance, read = _read_ducho(ws, file, group)
+        provenance, handle = {**provenance, **_read_provenance(provenance_file)}, None
+    else:
+        rows, present, provenance, handle = _read_import(file, provenance_file)
+        read = [file]
     try:
         name = group or provenance.get("group")
         if not name:
@@ -299,7 +350,7 @@ def import_(ws: Workspace, as_json: bool, file: Path, group: str | None, provena
         attrs = {**provenance, "group": str(parsed), "dataset": parsed.dataset, "dataset_fingerprint": fingerprint,
                  "n_items": dataset.n_items, "modality": parsed.modality,
                  "encoder": provenance.get("encoder", parsed.encoder), "variant": parsed.variant, "dtype": dtype,
-                 "imported_from": str(file.resolve()), "imported_sha256": file_sha256([file])}
+                 "imported_from": str(file.resolve()), "imported_sha256": file_sha256(read)}
         lock = store.lock(str(parsed))
         lock.acquire(command=f"featurestore import {file}")
         try:

@@ -67,3 +67,28 @@ def test_recbole_atomic_files_and_the_feature_file_read_back(exported, synth_dat
         stored = rows(ws, group)
         loaded = np.fromfile(folder / f"synth.{suffix}", dtype=np.float32).reshape(-1, stored.shape[1])
         np.testing.assert_array_equal(loaded[item["item_id:token"]], stored[1:])  # UniSRec: row = int(token)
+
+
+def test_ducho_folder_imports_as_a_group_with_its_provenance(private_ws, tmp_path, synth_dataset):
+    from featurestore.store import file_sha256
+
+    ws = private_ws("ducho")
+    folder = tmp_path / "visual_embeddings" / "torch" / "ResNet50" / "avgpool"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    vectors = {item.id: rng.normal(size=(1, 12)).astype(np.float32) for item in synth_dataset.items[:-3]}
+    for item in synth_dataset.items[:-3]:  # Ducho names each file after the item; the last three have none
+        np.save(folder / f"{item.orig_id}.npy", vectors[item.id])
+    result = CliRunner().invoke(cli, ["import", "--from", "ducho", str(tmp_path / "visual_embeddings"),
+                                      "--group", "synth/image/ducho-resnet50", "--root", str(ws.root), "--json"])
+    assert result.exit_code == 0, result.output
+    group = FeatureStore(ws.store).open("synth/image/ducho-resnet50", complete=True)
+    stored, present = group.read(), group.present()
+    for item_id, vector in vectors.items():
+        np.testing.assert_array_equal(stored[item_id], vector[0])
+    assert present.sum() == len(vectors) and not present[-3:].any()
+    assert group.attrs["imported"] == "imported from Ducho"
+    assert group.attrs["ducho_folder"] == str((tmp_path / "visual_embeddings").resolve())
+    assert group.attrs["imported_sha256"] == file_sha256(sorted(folder.glob("*.npy")))
+    missing = CliRunner().invoke(cli, ["import", "--from", "ducho", str(tmp_path), "--root", str(ws.root)])
+    assert "--group DATASET/MODALITY/ENCODER" in str(missing.exception)
