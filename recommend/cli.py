@@ -26,6 +26,7 @@ from recommend.run import list_runs
 from recommend.study import DEFAULT_LAYERS, STUDY_MODES, StudyOptions, run_study
 from recommend.trainer import CLEARLY_ABOVE, DEFAULT_TS_DNN_LAYERS, Processes, TrainOptions, train
 from recommend.transfer import list_transfers
+from recommend.tune_cli import make_tune_command
 from recommend.user_encoders import list_user_encoders
 from recommend.warm_study import run_warm_study
 
@@ -211,6 +212,9 @@ def train_command(ws: Workspace, as_json: bool, encoder: str | None, features: s
     # one line: the trainer's own last log lines (the same message) went to train.log only
     emit(result, as_json, f"run {result['run']} ({result['status']}) in {result['run_dir']}: {result['message']}"
          + (f"\nwarning: {result['warning']}" if result.get("warning") else ""))
+
+
+cli.add_command(make_tune_command(train_command, _names))
 
 
 @cli.command("runs")
