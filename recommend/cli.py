@@ -75,7 +75,15 @@ def cli() -> None:
               show_default=True, help="User encoder over the item sequence.")
 @click.option("--loss", type=click.Choice(list_losses()), default="bce", show_default=True,
               help="bce = BCE with one sampled negative per position not in the user's sequence "
-                   "(the papers'); inbatch = in-batch softmax with log-popularity correction.")
+                   "(the papers'); inbatch = in-batch softmax with log-popularity correction; ce = "
+                   "softmax cross-entropy over the whole catalogue (RecBole's SASRec default; content "
+                   "towers run over every item each step, in checkpointed chunks); gbce = gSASRec's "
+                   "generalised BCE with --negatives K and calibration --gbce-t.")
+@click.option("--negatives", type=int, default=None,
+              help="gbce: sampled negatives per position, outside the user's sequence [default: 256, gSASRec's].")
+@click.option("--gbce-t", type=float, default=None,
+              help="gbce: calibration t in [0, 1]; 0 = plain BCE over K negatives, 1 = fully "
+                   "calibrated [default: 0.75, gSASRec's].")
 @click.option("--dim", type=int, default=512, show_default=True, help="Hidden width d.")
 @click.option("--blocks", type=int, default=2, show_default=True,
               help="Backbone depth (Transformer blocks, GRU layers, CNN residual blocks, DNN layers).")

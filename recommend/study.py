@@ -292,7 +292,7 @@ def popularity_row(dataset: PreparedDataset) -> RunSummary:
 
 
 def default_out(ws: Workspace, opts: StudyOptions) -> Path:
-    return opts.out or ws.studies / f"{opts.dataset}-{opts.encoder}"
+    return opts.out or ws.study_dir(f"{opts.dataset}-{opts.encoder}")
 
 
 def write_report(out: Path, opts: StudyOptions, dataset: PreparedDataset, configs: list[Configuration],

@@ -29,7 +29,7 @@ import resource
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Iterator
 
 import numpy as np
@@ -41,14 +41,14 @@ from tqdm import tqdm
 
 from data.dataset import PreparedDataset
 from featurestore.cliutil import UserError
-from featurestore.workspace import Workspace
+from featurestore.workspace import Workspace, check_name
 from recommend import __version__
 from recommend.batches import SequenceBatches, model_seq_len, training_rows
 from recommend.cloze import check_cloze_options, cloze_loss
 from recommend.cost import parameter_breakdown
 from recommend.inputs import refuse_foreign_options
 from recommend.item_towers import DEFAULT_TS_DNN_LAYERS, ITEM_TOWERS, FUSIONS, TOKEN_FUSIONS, WITH_ID_MODES
-from recommend.losses import LOSSES, Loss, LossContext, create_loss
+from recommend.losses import LOSSES, Loss, LossContext, check_loss_options, create_loss, embed_step
 from recommend.model import Recommender, build_recommender
 from recommend.objectives import AuxObjectives, Step, attach_objectives, check_objectives
 from recommend.transfer import check_transfer_options, init_from_run
@@ -76,6 +76,8 @@ class TrainOptions:
     whiten: bool = False
     backbone: str = "sasrec"
     loss: str = "bce"
+    negatives: int | None = None  # gbce: sampled negatives per position; recommend.losses
+    gbce_t: float | None = None  # gbce: calibration t
     dim: int = 512
     blocks: int = 2
     heads: int = 2
@@ -123,16 +125,12 @@ class Objective(nn.Module):
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
         if getattr(self.model.user_encoder, "cloze", False):  # bidirectional: fill in masked items
             return cloze_loss(self.model, self.loss, rows)
-        extra = self.loss.extra_items(rows)
-        ids = rows if extra is None else torch.cat([rows, extra], dim=1)
-        vectors = self.model.embed(ids)  # one tower call: inputs, targets and negatives
-        width = rows.shape[1]
-        hidden = self.model.encode(vectors[:, : width - 1], rows[:, :-1] > 0)
-        extra_vectors = None if extra is None else vectors[:, width:]
-        value = self.loss(hidden, rows, vectors[:, :width], extra, extra_vectors)
+        vectors, extra, extra_vectors = embed_step(self.model, self.loss, rows)  # one tower call
+        hidden = self.model.encode(vectors[:, :-1], rows[:, :-1] > 0)
+        value = self.loss(hidden, rows, vectors, extra, extra_vectors)
         if self.aux is None:
             return value
-        parts = {"rec": value, **self.aux(Step(self.model, rows, vectors[:, :width], hidden))}
+        parts = {"rec": value, **self.aux(Step(self.model, rows, vectors, hidden))}
         self.terms = {name: part.detach() for name, part in parts.items()}
         return torch.stack(list(parts.values())).sum()
 
@@ -194,6 +192,8 @@ def check_options(opts: TrainOptions) -> TrainOptions:
     """Reject combinations that make no sense, each with the fix; fill mode defaults."""
     kind = ITEM_TOWERS.get(opts.mode)
     USER_ENCODERS.get(opts.backbone)
+    if opts.run_name is not None:
+        check_name("run", opts.run_name)  # refused before any work, not after the model is built
     LOSSES.get(opts.loss)
     refuse_foreign_options({name: ITEM_TOWERS.get(name) for name in ITEM_TOWERS.names()}, opts)
     n_groups = len(opts.encoders) + len(opts.features)
@@ -224,6 +224,7 @@ def check_options(opts: TrainOptions) -> TrainOptions:
         raise UserError(f"--dropout must be in [0, 1), got {opts.dropout}")
     if not opts.lr > 0:
         raise UserError(f"--lr must be > 0, got {opts.lr}")
+    check_loss_options(opts)
     kind.check(opts)
     check_transfer_options(opts)
     check_objectives(opts)
@@ -404,7 +405,10 @@ def _train(ws: Workspace, opts: TrainOptions, procs: Processes, device: torch.de
     np.random.seed(opts.seed)
     model = build_recommender(spec, sources, fit=True).to(device)
     transferred = init_from_run(ws, opts, model, spec, sources)  # --init-from: source weights, else None
-    loss = create_loss(opts.loss, LossContext(dataset.n_items, dataset.train_counts())).to(device)
+    context = LossContext(dataset.n_items, dataset.train_counts())
+    if opts.loss == "gbce":
+        context = replace(context, negatives=opts.negatives, gbce_t=opts.gbce_t)
+    loss = create_loss(opts.loss, context).to(device)
     aux = attach_objectives(model, opts.objectives)  # on the model: NID's head trains and saves with it
     objective: nn.Module = Objective(model, loss, aux)
     if procs.world_size > 1:

@@ -104,6 +104,34 @@ def test_other_backbones_and_inbatch_train_end_to_end(synth_ws, backbone, pop_hr
     assert result["epochs"] == 3 and 0 < result["best"]["HR@10"] <= 1
 
 
+def test_catalogue_ce_beats_popularity(synth_ws, pop_hr):
+    ws, _ = synth_ws
+    result = run(ws, mode="id", loss="ce", epochs=8, run_name="loss-ce")
+    assert result["best"]["HR@10"] > pop_hr + 0.05, (result["best"], pop_hr)
+
+
+def test_gbce_with_one_negative_and_no_calibration_trains_exactly_as_bce(synth_ws):
+    """gBCE at K = 1, t = 0 is the papers' BCE (half of it: the mean over K + 1 terms, which
+    Adam does not see); the same seed draws the same negatives, so the runs agree."""
+    ws, _ = synth_ws
+    bce = run(ws, mode="id", loss="bce", epochs=3, run_name="loss-bce-3")
+    gbce = run(ws, mode="id", loss="gbce", negatives=1, gbce_t=0.0, epochs=3, run_name="loss-gbce-3")
+    assert gbce["best"]["HR@10"] == pytest.approx(bce["best"]["HR@10"], abs=1e-9)
+    assert gbce["best"]["NDCG@10"] == pytest.approx(bce["best"]["NDCG@10"], rel=1e-4)
+    options = json.loads((ws.run_dir("loss-gbce-3") / "config.json").read_text())["options"]
+    assert options["negatives"] == 1 and options["gbce_t"] == 0.0
+    default = run(ws, mode="id", loss="gbce", negatives=8, epochs=1, run_name="loss-gbce-default")
+    assert json.loads((ws.run_dir("loss-gbce-default") / "config.json").read_text())["options"]["gbce_t"] == 0.75
+    assert default["epochs"] == 1
+
+
+def test_cloze_training_with_ce_and_gbce(synth_ws):
+    ws, _ = synth_ws
+    for loss, extra in (("ce", {}), ("gbce", {"negatives": 4})):
+        result = run(ws, mode="id", backbone="bert4rec", loss=loss, epochs=2, run_name=f"cloze-{loss}", **extra)
+        assert result["epochs"] == 2 and 0 < result["best"]["HR@10"] <= 1
+
+
 def test_validation_collapse_stops_and_keeps_the_best(synth_ws, monkeypatch):
     ws, _ = synth_ws
     scores = iter([0.20, 0.30, 0.001, 0.5])
