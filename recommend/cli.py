@@ -200,8 +200,9 @@ def runs_command(ws: Workspace, as_json: bool) -> None:
 @click.option("--layers", default=",".join(map(str, DEFAULT_LAYERS)), show_default=True,
               help="TS-DNN depths N to train, comma-separated (one run each).")
 @click.option("--modes", default=",".join(STUDY_MODES), show_default=True,
-              help="Item towers to compare: id (IDRec), ts, ts-dnn, e2e, adapter. A mode this "
-                   "installation lacks is listed as unavailable in the report.")
+              help="Item towers to compare: id (IDRec), ts, ts-dnn, e2e, adapter, side (IISAN side "
+                   "networks over the per-layer cache, extracted if missing). A mode this installation "
+                   "lacks is listed as unavailable in the report.")
 @click.option("--top-k", type=int, default=2, show_default=True,
               help="e2e: fine-tune the top K encoder blocks.")
 @click.option("--cached/--live", default=True, show_default=True,
