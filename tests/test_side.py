@@ -183,3 +183,21 @@ def test_refusals_name_the_fix(ws):
     run_extraction(ws, replace(layers_job("bert-tiny"), variant="twin"))
     refused("one text and one image", encoders=["bert-tiny@layers", "bert-tiny@twin"])
     refused("drop --whiten and --fusion", fusion="gate")
+
+
+def test_study_adds_the_side_row_with_its_cost(private_ws):
+    from recommend.study import StudyOptions, run_study
+
+    ws = private_ws("side-study")
+    result = run_study(ws, StudyOptions(dataset="synth", encoder="bert-tiny", random_init=True, layers=[2],
+                                        modes=["ts", "side"], epochs=1, dim=16, batch_size=128, threads=1,
+                                        device="cpu"), progress=False)
+    side = next(c for c in result["configurations"] if c["mode"] == "side")
+    assert side["status"] == "trained", side
+    config = json.loads((ws.run_dir(side["run"]) / "config.json").read_text())
+    assert config["options"]["encoders"] == ["bert-tiny@layers"]
+    assert FeatureStore(ws.store).open("synth/text/bert-tiny@layers").attrs["cache_layer"] == "all"
+    row = next(line for line in result["table"].splitlines() if f"| {side['run']} |" in line)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "side" and cells[4] == f"{config['cost']['trainable_params']:,}", cells
+    assert float(cells[6]) > 0 and float(cells[7]) > 0  # s/epoch and peak RSS MB are filled in
