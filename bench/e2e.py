@@ -53,17 +53,21 @@ def folder_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
 
 
-def _train_alone(root: Path, opts: TrainOptions, threads: int | None) -> dict:
+def _train_alone(root: Path, opts: TrainOptions, threads: int | None) -> tuple[dict, float]:
+    """Train in this (fresh) process; also its peak RSS before training (the imports' share)."""
+    from recommend.trainer import _peak_rss_mb
+
     if threads:
         torch.set_num_threads(threads)
-    return train(Workspace(root), opts, progress=False, echo=False)
+    start = _peak_rss_mb()
+    return train(Workspace(root), opts, progress=False, echo=False), start
 
 
 def timed_run(ws: Workspace, name: str, opts: TrainOptions, threads: int | None = None) -> dict:
     """Train one run in a fresh process (its own peak memory); per-epoch training seconds
     (validation excluded), peak memory, accuracy and cost record."""
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        result = pool.submit(_train_alone, ws.root, opts, threads).result()
+        result, start_mb = pool.submit(_train_alone, ws.root, opts, threads).result()
     run_dir = Path(result["run_dir"])
     epochs = read_metrics(run_dir)
     config = json.loads((run_dir / "config.json").read_text())
@@ -72,6 +76,7 @@ def timed_run(ws: Workspace, name: str, opts: TrainOptions, threads: int | None 
             "sec_per_step": seconds / epochs[0]["steps"], "eval_seconds": statistics.median(
                 e["eval_seconds"] for e in epochs),
             "first_loss": epochs[0]["loss"], "peak_rss_mb": max(e["peak_rss_mb"] for e in epochs),
+            "training_rss_mb": max(e["peak_rss_mb"] for e in epochs) - start_mb,
             "peak_gpu_mb": max((e["peak_gpu_mb"] or 0) for e in epochs) or None,
             "trainable_params": config["cost"]["trainable_params"], "total_params": config["cost"]["total_params"],
             "best": result["best"]}
@@ -165,6 +170,7 @@ def main(encoder: str, top_k: int, random_init: bool, users: int, items: int, la
         "cached_vs_side": cached["epoch_seconds"] / side["epoch_seconds"],
         "side_vs_ts_dnn": side["epoch_seconds"] / ts["epoch_seconds"],
         "side_peak_share_of_naive": side["peak_rss_mb"] / naive["peak_rss_mb"],
+        "side_training_rss_share_of_naive": side["training_rss_mb"] / max(naive["training_rss_mb"], 1e-9),
         "cached_vs_ts_dnn": cached["epoch_seconds"] / ts["epoch_seconds"],
         "naive_vs_ts_dnn": naive["epoch_seconds"] / ts["epoch_seconds"],
         "first_loss_rel_diff_cached_naive": abs(cached["first_loss"] - naive["first_loss"]) / abs(naive["first_loss"]),
@@ -178,18 +184,20 @@ def main(encoder: str, top_k: int, random_init: bool, users: int, items: int, la
                f"({cache_dtype}, {report['extraction']['cache_mb_per_1k_items']} MB per 1k items)")
     click.echo(f"extraction with --cache-layer all: {layers_seconds:.1f}s, cache {layers_mb:.2f} MB")
     click.echo(f"{'mode':12} {'s/epoch':>8} {'s/step':>8} {'eval s':>7} {'trainable':>11} {'total':>11} "
-               f"{'peak RSS MB':>11} {'peak GPU MB':>11} {'1st loss':>9} {'HR@10':>7} {'NDCG@10':>7}")
+               f"{'peak RSS MB':>11} {'+training':>9} {'peak GPU MB':>11} {'1st loss':>9} {'HR@10':>7} {'NDCG@10':>7}")
     for r in runs:
         click.echo(f"{r['mode']:12} {r['epoch_seconds']:8.2f} {r['sec_per_step']:8.3f} {r['eval_seconds']:7.2f} "
                    f"{r['trainable_params']:>11,} {r['total_params']:>11,} {r['peak_rss_mb']:11.0f} "
-                   f"{r['peak_gpu_mb'] or 0:11.0f} {r['first_loss']:9.4f} {r['best'].get('HR@10', 0):7.4f} "
-                   f"{r['best'].get('NDCG@10', 0):7.4f}")
+                   f"{r['training_rss_mb']:9.0f} {r['peak_gpu_mb'] or 0:11.0f} {r['first_loss']:9.4f} "
+                   f"{r['best'].get('HR@10', 0):7.4f} {r['best'].get('NDCG@10', 0):7.4f}")
     click.echo(f"epoch time: naive E2E / cached E2E x{report['naive_vs_cached']:.2f} (FLOP ideal "
                f"x{ideal:.2f}); cached E2E / TS-DNN x{report['cached_vs_ts_dnn']:.2f}; naive E2E / TS-DNN "
                f"x{report['naive_vs_ts_dnn']:.2f}")
     click.echo(f"side: naive E2E / side x{report['naive_vs_side']:.1f}; cached E2E / side "
                f"x{report['cached_vs_side']:.1f}; side / TS-DNN x{report['side_vs_ts_dnn']:.2f}; side peak RSS "
-               f"{100 * report['side_peak_share_of_naive']:.0f}% of naive E2E's")
+               f"{100 * report['side_peak_share_of_naive']:.0f}% of naive E2E's, its growth during training "
+               f"(+training: peak minus the process's peak before training) "
+               f"{100 * report['side_training_rss_share_of_naive']:.0f}%")
     click.echo(f"first-epoch loss, cached vs naive: relative difference "
                f"{report['first_loss_rel_diff_cached_naive']:.1e} ({cache_dtype} cache)")
 
