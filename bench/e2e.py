@@ -142,7 +142,7 @@ def main(encoder: str, top_k: int, random_init: bool, users: int, items: int, la
         layers_seconds = time.perf_counter() - started
         layers_mb = folder_mb(Path(layers_group.path) / "cache")
         ideal = flop_ideal(encoder, top_k, random_init, next(i for i in dataset.items if i.text and i.image))
-        common = dict(dataset="bench", encoders=[encoder], dim=dim, batch_size=batch_size, epochs=epochs,
+        common = dict(dataset="bench", encoders=[encoder], dim=dim, batch_size=batch_size, epochs=epochs, loss="bce",
                       patience=epochs, device=device, seed=0)
         live = dict(mode="e2e", top_k=top_k, random_init=random_init)
         stamp = time.strftime("%H%M%S")

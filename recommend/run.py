@@ -31,7 +31,7 @@ METRICS = "metrics.jsonl"
 BEST = "best.json"
 LOG = "train.log"
 LAST = "last.safetensors"
-FINISHED = ("completed", "early_stopped", "collapsed")  # best.json statuses of a run that is done
+FINISHED = ("completed", "early_stopped", "collapsed", "pruned")  # best.json statuses of a run that is done
 
 
 def default_run_name(config: dict) -> str:

@@ -30,7 +30,7 @@ import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -60,6 +60,7 @@ from recommend.user_encoders import USER_ENCODERS
 MONITOR = ("HR@10", "NDCG@10")  # early stopping: best HR@10, ties broken by NDCG@10
 COLLAPSE_FLOOR = 0.01  # a best HR@10 at least this high is "clearly above" zero ...
 COLLAPSE_FRACTION = 0.1  # ... and falling below this share of it is a collapse
+CLEARLY_ABOVE = 1.1  # a best validation HR@10 under 1.1x popularity's has learned no more than popularity
 
 
 @dataclass
@@ -75,18 +76,19 @@ class TrainOptions:
     with_id: str | None = None
     whiten: bool = False
     backbone: str = "sasrec"
-    loss: str = "bce"
+    loss: str = "ce"  # defaults that differ from the papers' (bce, d 512, lr 1e-4): see ``recommend train --help``
     negatives: int | None = None  # gbce: sampled negatives per position; recommend.losses
     gbce_t: float | None = None  # gbce: calibration t
-    dim: int = 512
+    dim: int = 64
     blocks: int = 2
     heads: int = 2
     dropout: float = 0.1
-    lr: float = 1e-4
+    lr: float = 1e-3
     weight_decay: float = 0.1
     batch_size: int = 64
     epochs: int = 100
     patience: int = 10
+    plateau_patience: int = 30  # patience while validation is not yet clearly above popularity
     seed: int = 42
     device: str = "auto"
     run_name: str | None = None
@@ -217,7 +219,7 @@ def check_options(opts: TrainOptions) -> TrainOptions:
     check_cloze_options(opts)
     if opts.backbone in ("sasrec", "bert4rec") and opts.dim % opts.heads:
         raise UserError(f"--dim {opts.dim} must be divisible by --heads {opts.heads}")
-    for name in ("dim", "blocks", "heads", "batch_size", "epochs", "patience"):
+    for name in ("dim", "blocks", "heads", "batch_size", "epochs", "patience", "plateau_patience"):
         if getattr(opts, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(opts, name)}")
     if not 0.0 <= opts.dropout < 1.0:
@@ -274,7 +276,11 @@ def parameter_cost(model: nn.Module) -> dict:
 
 
 def validate(model: Recommender, dataset: PreparedDataset) -> dict:
-    """Full-pool HR@10 / NDCG@10 on the validation split: the one scoring function."""
+    """Full-pool HR@10 / NDCG@10 on the validation split: the one scoring function.
+
+    Called on every process of a torchrun launch: each ranks its share of the users
+    and all get the gathered metrics (:mod:`eval.distributed`).
+    """
     from eval.evaluate import evaluate
 
     model.eval()
@@ -355,7 +361,8 @@ def build_config(opts: TrainOptions, dataset: PreparedDataset, sources, spec: di
         "training": {
             "loss": opts.loss, "optimizer": "AdamW", "lr": opts.lr,
             "weight_decay": opts.weight_decay, "batch_size": opts.batch_size,
-            "epochs": opts.epochs, "patience": opts.patience, "seed": opts.seed,
+            "epochs": opts.epochs, "patience": opts.patience, "plateau_patience": opts.plateau_patience,
+            "seed": opts.seed,
             "device": str(device), "world_size": procs.world_size,
             "monitor": list(MONITOR), "validation": {"split": "valid", "full_pool": True,
                                                      "exclude_history": True},
@@ -365,12 +372,19 @@ def build_config(opts: TrainOptions, dataset: PreparedDataset, sources, spec: di
     }
 
 
-def train(ws: Workspace, opts: TrainOptions, progress: bool = True, echo: bool = True) -> dict:
+def train(ws: Workspace, opts: TrainOptions, progress: bool = True, echo: bool = True,
+          on_epoch: Callable[[int, dict], bool] | None = None) -> dict:
     """Train one recommender into its run folder (resuming it, see above) and return its summary.
 
+    Args:
+        on_epoch: called on process 0 after each validated epoch with ``(epoch, metrics)``;
+            returning True stops the run with status ``pruned`` (``recommend tune``).
+
     Returns:
-        ``{"run", "run_dir", "status", "best_epoch", "best", "epochs", "message"}``;
-        ``best`` holds the best validation metrics (``HR@10``, ``NDCG@10``).
+        ``{"run", "run_dir", "status", "best_epoch", "best", "epochs", "message", "popularity",
+        "warning"}``; ``best`` holds the best validation metrics (``HR@10``, ``NDCG@10``),
+        ``popularity`` the popularity baseline's on validation, ``warning`` what to do when
+        ``best`` is not clearly above it (else None).
 
     Example:
         >>> train(Workspace(root), TrainOptions(dataset="HM", mode="ts-dnn", layers=8,
@@ -382,14 +396,14 @@ def train(ws: Workspace, opts: TrainOptions, progress: bool = True, echo: bool =
     if procs.world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        return _train(ws, opts, procs, device, progress, echo)
+        return _train(ws, opts, procs, device, progress, echo, on_epoch)
     finally:
         if procs.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 
 def _train(ws: Workspace, opts: TrainOptions, procs: Processes, device: torch.device,
-           progress: bool, echo: bool) -> dict:
+           progress: bool, echo: bool, on_epoch: Callable[[int, dict], bool] | None = None) -> dict:
     dataset = PreparedDataset.load(ws.dataset_dir(opts.dataset))
     kind = ITEM_TOWERS.get(opts.mode)
     sources = kind.open(ws, opts, dataset)  # opened and checked against the dataset's fingerprint
@@ -440,7 +454,7 @@ def _train(ws: Workspace, opts: TrainOptions, procs: Processes, device: torch.de
             log.info("resuming after epoch %d (from %s)", resume["epoch"], LAST)
         try:
             outcome = _epochs(objective, model, optimizer, batches, dataset, opts, procs, device,
-                              run_dir, progress, log, resume)
+                              run_dir, progress, log, resume, on_epoch)
         except KeyboardInterrupt:
             if procs.main:
                 _mark_interrupted(run_dir)
@@ -448,16 +462,19 @@ def _train(ws: Workspace, opts: TrainOptions, procs: Processes, device: torch.de
             raise
         if procs.main:
             write_json(run_dir / BEST, {"epoch": outcome["best_epoch"], "metrics": outcome["best"],
-                                        "status": outcome["status"], "message": outcome["message"]})
+                                        "status": outcome["status"], "message": outcome["message"],
+                                        "popularity": outcome["popularity"], "warning": outcome["warning"]})
             (run_dir / LAST).unlink(missing_ok=True)  # finished: nothing left to resume
         log.info("%s", outcome["message"])
+        if outcome["warning"]:
+            log.warning("warning: %s", outcome["warning"])
     return {"run": name, "run_dir": str(run_dir), **outcome}
 
 
 def _epochs(objective, model: Recommender, optimizer, batches: SequenceBatches,
             dataset: PreparedDataset, opts: TrainOptions, procs: Processes,
             device: torch.device, run_dir, progress: bool, log: logging.Logger,
-            resume: dict | None = None) -> dict:
+            resume: dict | None = None, on_epoch: Callable[[int, dict], bool] | None = None) -> dict:
     state = resume or {"epoch": 0, "best": None, "best_epoch": None, "since_best": 0,
                        "stopped": None, "records": []}
     best, best_epoch, since_best = state["best"], state["best_epoch"], state["since_best"]
@@ -465,6 +482,9 @@ def _epochs(objective, model: Recommender, optimizer, batches: SequenceBatches,
     status, message = state["stopped"] or ("completed", "")
     epoch = state["epoch"]
     first = opts.epochs + 1 if state["stopped"] else epoch + 1
+    from eval.evaluate import popularity_metrics
+
+    popular = popularity_metrics(dataset, "valid", ks=(10,)) if procs.main else None
     for epoch in range(first, opts.epochs + 1):
         torch.manual_seed(epoch_seed(opts.seed, procs.rank, epoch))  # negatives, dropout
         batches.set_epoch(epoch)
@@ -501,9 +521,9 @@ def _epochs(objective, model: Recommender, optimizer, batches: SequenceBatches,
         terms = {name: procs.mean(part / max(steps, 1), device) for name, part in term_totals.items()}
 
         decision = None
+        eval_start = time.perf_counter()
+        metrics = validate(model, dataset)  # every process: the users are sharded across them
         if procs.main:
-            eval_start = time.perf_counter()
-            metrics = validate(model, dataset)
             record = {
                 "epoch": epoch, "loss": mean_loss, "valid": metrics, "seconds": seconds,
                 "sec_per_step": seconds / max(steps, 1), "steps": steps,
@@ -529,10 +549,15 @@ def _epochs(objective, model: Recommender, optimizer, batches: SequenceBatches,
                 best, best_epoch, since_best = metrics, epoch, 0
             else:
                 since_best += 1
-                if since_best >= opts.patience:
+                patience = opts.patience if _left_plateau(best, popular) else opts.plateau_patience
+                if since_best >= patience:
                     decision = ("early_stopped",
                                 f"early stop at epoch {epoch}: no better validation "
-                                f"{MONITOR[0]} for {opts.patience} epochs.")
+                                f"{MONITOR[0]} for {patience} epochs"
+                                + ("." if patience == opts.patience else
+                                   " while still at popularity's level (--plateau-patience)."))
+            if decision is None and on_epoch is not None and on_epoch(epoch, metrics):
+                decision = ("pruned", f"pruned at epoch {epoch} by the hyper-parameter search.")
             records.append(record)
             # resumable state first; the best checkpoint is only ever written after a state
             # that names it (see _restore_run_files), and metrics.jsonl is rebuilt on resume
@@ -553,7 +578,31 @@ def _epochs(objective, model: Recommender, optimizer, batches: SequenceBatches,
     summary = (f"best validation {', '.join(f'{k} {v:.4f}' for k, v in best.items())} at epoch "
                f"{best_epoch}" if best else "no epoch was validated")
     return {"status": status, "best_epoch": best_epoch, "best": best or {}, "epochs": epoch,
-            "message": f"{message} {summary}; checkpoint {CHECKPOINT if best else 'none'}."}
+            "message": f"{message} {summary}; checkpoint {CHECKPOINT if best else 'none'}.",
+            "popularity": popular, "warning": popularity_warning(best, popular, opts) if procs.main else None}
+
+
+def _left_plateau(best: dict | None, popular: dict) -> bool:
+    """Whether the best validation HR@10 so far is clearly above the popularity baseline's.
+
+    Sequential models first learn popularity and sit at its level, sometimes for tens of
+    epochs, before they learn sequences (001 Fig. 5; BERT4Rec and SASRec at small lr), so
+    early stopping counts ``--patience`` only once this is true, ``--plateau-patience`` before.
+    """
+    return best is not None and best[MONITOR[0]] >= CLEARLY_ABOVE * popular[MONITOR[0]]
+
+
+def popularity_warning(best: dict | None, popular: dict, opts: TrainOptions) -> str | None:
+    """What to tell the user when the run learned no more than item popularity (else None)."""
+    if _left_plateau(best, popular):
+        return None
+    score = f"{best[MONITOR[0]]:.4f}" if best else "none"
+    return (f"best validation {MONITOR[0]} {score} is not clearly above the popularity baseline's "
+            f"{popular[MONITOR[0]]:.4f} (under {CLEARLY_ABOVE:g}x): this model has learned no more than "
+            f"how popular items are, so its numbers say nothing about its item tower or backbone. It may "
+            f"have stopped on the popularity plateau or be set up badly. Try more --epochs or "
+            f"--plateau-patience, another --lr (now {opts.lr:g}; try {opts.lr * 3:g} and {opts.lr / 3:g}), "
+            f"--loss ce, or search with `recommend tune`.")
 
 
 def _step_terms(objective: nn.Module) -> dict[str, torch.Tensor]:
@@ -574,7 +623,8 @@ def _finished(run_dir) -> dict | None:
     if best.get("status") not in FINISHED:
         return None
     return {"status": best["status"], "best_epoch": best.get("epoch"), "best": best.get("metrics", {}),
-            "epochs": len(read_metrics(run_dir)),
+            "epochs": len(read_metrics(run_dir)), "popularity": best.get("popularity"),
+            "warning": best.get("warning"),
             "message": f"already finished, nothing to do: {best.get('message', '')}".strip()}
 
 

@@ -145,6 +145,39 @@ def test_validation_collapse_stops_and_keeps_the_best(synth_ws, monkeypatch):
     assert json.loads((ws.run_dir("collapse-valid") / "best.json").read_text())["status"] == "collapsed"
 
 
+def _scripted_validation(monkeypatch, scores):
+    scores = iter(scores)
+    monkeypatch.setattr(trainer_module, "validate",
+                        lambda model, dataset: {"HR@10": (s := next(scores)), "NDCG@10": s / 2})
+
+
+def test_patience_waits_out_the_popularity_plateau(synth_ws, monkeypatch, pop_hr):
+    """Nine epochs at popularity's level, then the model learns: a patience of 4 would have
+    stopped at epoch 5 on the plateau; counted from leaving it, the run reaches epoch 10."""
+    ws, _ = synth_ws
+    _scripted_validation(monkeypatch, [pop_hr] * 9 + [2 * pop_hr] * 11)
+    result = run(ws, mode="id", epochs=20, patience=4, plateau_patience=12, run_name="plateau-left")
+    assert result["status"] == "early_stopped" and result["best_epoch"] == 10 and result["epochs"] == 14
+    assert result["warning"] is None
+    assert json.loads((ws.run_dir("plateau-left") / "best.json").read_text())["warning"] is None
+
+
+def test_a_run_no_better_than_popularity_ends_with_a_warning(synth_ws, monkeypatch, pop_hr):
+    ws, _ = synth_ws
+    _scripted_validation(monkeypatch, [1.05 * pop_hr] + [pop_hr] * 9)
+    out = CliRunner().invoke(cli, ["train", "--root", str(ws.root), "--dataset", "synth", "--mode", "id",
+                                   "--dim", "16", "--epochs", "10", "--patience", "2", "--plateau-patience",
+                                   "5", "--run-name", "plateau-stuck", "--quiet"])
+    assert out.exit_code == 0, out.output
+    assert "plateau-patience" in out.output and "at epoch 1" in out.output
+    assert "warning: best validation HR@10" in out.output and "recommend tune" in out.output
+    best = json.loads((ws.run_dir("plateau-stuck") / "best.json").read_text())
+    assert best["epoch"] == 1 and "not clearly above the popularity baseline" in best["warning"]
+    assert best["popularity"]["HR@10"] == pytest.approx(pop_hr)
+    assert "warning: best validation HR@10" in (ws.run_dir("plateau-stuck") / "train.log").read_text()
+    assert len((ws.run_dir("plateau-stuck") / "metrics.jsonl").read_text().splitlines()) == 6
+
+
 def test_nan_loss_stops_and_keeps_the_best(synth_ws, synth_dataset, monkeypatch):
     ws, _ = synth_ws
     steps_per_epoch = -(-len(training_rows(synth_dataset, model_seq_len(synth_dataset))) // 32)
@@ -157,7 +190,7 @@ def test_nan_loss_stops_and_keeps_the_best(synth_ws, synth_dataset, monkeypatch)
         return value * float("nan") if calls["n"] > steps_per_epoch + 2 else value  # in epoch 2
 
     monkeypatch.setattr(SampledBCE, "forward", poisoned)
-    result = run(ws, mode="id", epochs=5, run_name="collapse-nan")
+    result = run(ws, mode="id", loss="bce", epochs=5, run_name="collapse-nan")
     assert result["status"] == "collapsed" and result["best_epoch"] == 1
     assert "nan" in result["message"] and "--lr" in result["message"]
     model, _ = load_run(ws.run_dir("collapse-nan"))
