@@ -91,7 +91,7 @@ def main(encoder: str, top_k: int, random_init: bool, users: int, items: int, la
         extract_seconds = time.perf_counter() - started
         group_path = Path(extraction.path)
         cache_mb = folder_mb(group_path / "cache")
-        common = dict(dataset="bench", encoders=[encoder], dim=dim, batch_size=batch_size, epochs=epochs,
+        common = dict(dataset="bench", encoders=[encoder], dim=dim, batch_size=batch_size, epochs=epochs, loss="bce",
                       patience=epochs, device=device, seed=0)
         live = dict(mode="e2e", top_k=top_k, random_init=random_init)
         stamp = time.strftime("%H%M%S")

@@ -79,7 +79,7 @@ def stage_commands(work: Path, users: int, items: int, images: bool, encoder: st
         "extract": tool("featurestore.cli", "extract", "--dataset", "scale", "--encoder", encoder,
                         "--batch-size", 64, "--root", root, "--json"),
         "train": tool("recommend.cli", "train", "--dataset", "scale", "--mode", "ts-dnn", "--layers", 8,
-                      "--encoder", encoder, "--dim", dim, "--batch-size", batch_size, "--lr", lr, "--epochs", 1,
+                      "--encoder", encoder, "--loss", "bce", "--dim", dim, "--batch-size", batch_size, "--lr", lr, "--epochs", 1,
                       "--run-name", RUN_NAME, "--device", "cpu", "--quiet", "--root", root, "--json"),
         "rank": tool("eval.cli", "rank", "--run", RUN_NAME, "--split", "test", "--k", "10",
                      "--device", "cpu", "--root", root, "--json"),

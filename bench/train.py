@@ -139,7 +139,7 @@ def main(users: int, items: int, feat_dim: int, layers: int, dim: int, batch_siz
             synthetic_dataset(ws.root, "bench", "hm", users=users, items=items, seed=0, images=False)
         dataset = PreparedDataset.load(ws.dataset_dir("bench"))
         group = write_feature_group(ws, dataset, feat_dim, seed=0)
-        common = dict(dataset="bench", dim=dim, batch_size=batch_size, epochs=epochs,
+        common = dict(dataset="bench", dim=dim, batch_size=batch_size, epochs=epochs, loss="bce",
                       patience=epochs, device=device, seed=0)
         tsdnn = dict(mode="ts-dnn", layers=layers, features=[group])
         modes = {"id": dict(mode="id"), f"ts-dnn-{layers}": tsdnn}

@@ -124,7 +124,7 @@ def main(quick: bool, source_users: int | None, source_items: int | None, target
             run_extraction(ws, ExtractOptions(dataset=name, encoder=encoder, random_init=random_init,
                                               workers=0, progress=False))
         common = dict(mode=mode, layers=layers if mode == "ts-dnn" else None, encoders=[encoder], dim=dim,
-                      lr=lr, batch_size=64, epochs=ep, patience=patience)
+                      lr=lr, batch_size=64, epochs=ep, patience=patience, loss="bce")
 
         def run(dataset: str, name: str, **options) -> dict:
             result = train(ws, TrainOptions(dataset=dataset, run_name=name, **common, **options),

@@ -8,6 +8,7 @@ import click
 
 from data.dataset import COLD_THRESHOLD, PreparedDataset
 from data.formats import get_format, list_formats
+from data.popularity import bin_label, histogram, item_interactions, plot_histogram
 from data.prepare import prepare_dataset
 from data.synth import Signals, list_synth_formats, synthesize
 from featurestore.cliutil import emit, json_option, root_option
@@ -40,6 +41,10 @@ def _split_fields(ctx: click.Context, param: click.Parameter, value: str | None)
                    "(hm, ninerec, generic with images), 23 for text-first ones (mind, seqtsv)].")
 @click.option("--min-interactions", type=click.IntRange(min=3), default=5, show_default=True,
               help="Drop users with fewer distinct items (counted before truncation).")
+@click.option("--min-item-interactions", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Warm-N (001 Table 3): first remove items with fewer distinct users in the raw data.")
+@click.option("--iterate", is_flag=True,
+              help="Repeat the item and user filters until neither removes anything (a k-core).")
 @click.option("--users", type=click.IntRange(min=1), default=None,
               help="Keep a deterministic random sample of N users (drawn after the --min-interactions filter).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the --users sample.")
@@ -52,12 +57,13 @@ def _split_fields(ctx: click.Context, param: click.Parameter, value: str | None)
 @root_option
 @json_option
 def prepare(ws: Workspace, as_json: bool, fmt: str, source: Path, name: str, max_seq_len: int | None,
-            min_interactions: int, users: int | None, seed: int, text_fields: list[str] | None,
-            chunk_rows: int) -> None:
+            min_interactions: int, min_item_interactions: int, iterate: bool, users: int | None, seed: int,
+            text_fields: list[str] | None, chunk_rows: int) -> None:
     """Read a raw dataset, filter and truncate it, and write ROOT/datasets/NAME atomically."""
     manifest = prepare_dataset(fmt, source, ws.dataset_dir(name), name=name, max_seq_len=max_seq_len,
                                min_interactions=min_interactions, users=users, seed=seed,
-                               text_fields=text_fields, chunk_rows=chunk_rows, progress=not as_json)
+                               text_fields=text_fields, chunk_rows=chunk_rows, progress=not as_json,
+                               min_item_interactions=min_item_interactions, iterate=iterate)
     counts, stats = manifest["counts"], manifest["stats"]
     summary = {"name": name, "path": ws.dataset_dir(name), "users": counts["users"], "items": counts["items"],
                "interactions": counts["interactions"], "fingerprint": manifest["fingerprint"],
@@ -67,7 +73,9 @@ def prepare(ws: Workspace, as_json: bool, fmt: str, source: Path, name: str, max
             f"fingerprint {manifest['fingerprint']}\n"
             f"read {stats['rows_read']} rows: {stats['bad_rows']} unreadable, {stats['unknown_item_rows']} "
             f"with unknown items, {stats['duplicates_removed']} duplicates removed, "
-            f"{stats['users_below_min']} users below {min_interactions} interactions, "
+            + (f"{stats['items_below_min']} items below {min_item_interactions} interactions "
+               f"({stats['warm_rounds']} rounds), " if "items_below_min" in stats else "")
+            + f"{stats['users_below_min']} users below {min_interactions} interactions, "
             f"{stats['interactions_truncated']} interactions truncated; "
             f"{stats['catalogue_bad_rows']} unreadable catalogue rows, "
             f"{stats['items_missing_image']} items without image")
@@ -92,6 +100,8 @@ def dataset_info(ds: PreparedDataset) -> dict:
         "items_with_image": counts["items_with_image"],
         "cold_items": cold,
         "cold_threshold": COLD_THRESHOLD,
+        "min_item_interactions": ds.manifest["options"].get("min_item_interactions", 1),
+        "popularity": histogram(item_interactions(ds.seq_items, ds.n_items)),
         "fingerprint": ds.fingerprint,
         "interactions_fingerprint": ds.manifest["interactions_fingerprint"],
         "path": str(ds.path),
@@ -100,14 +110,19 @@ def dataset_info(ds: PreparedDataset) -> dict:
 
 @dataset.command()
 @click.argument("name")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the item-popularity histogram as a PNG (001 Figure 3).")
 @root_option
 @json_option
-def info(ws: Workspace, as_json: bool, name: str) -> None:
-    """Describe the prepared dataset NAME."""
+def info(ws: Workspace, as_json: bool, name: str, plot: Path | None) -> None:
+    """Describe the prepared dataset NAME, with its item-popularity histogram and the
+    popularity and (for a generated dataset) oracle rows on its test split."""
     from data.oracle import reference_rows  # lazily: it needs eval (torch); prepare and synth do not
 
     ds = PreparedDataset.load(ws.dataset_dir(name))
-    summary = {**dataset_info(ds), **reference_rows(ds)}
+    summary = {**dataset_info(ds), "baselines": reference_rows(ds)}
+    if plot is not None:
+        summary["plot"] = str(plot_histogram(summary["popularity"], plot, f"{name}: item popularity"))
     splits = summary["splits"]
     text = "\n".join([
         f"dataset {summary['name']} ({summary['format']}) at {summary['path']}",
@@ -118,8 +133,10 @@ def info(ws: Workspace, as_json: bool, name: str) -> None:
         f"items with image {summary['items_with_image']}/{summary['items']}, cold items "
         f"(< {COLD_THRESHOLD} training interactions) {summary['cold_items']}",
         f"fingerprint {summary['fingerprint']}, interactions {summary['interactions_fingerprint']}",
-        *(f"{row:<10} test HR@10 {summary[row]['HR@10']:.4f}  NDCG@10 {summary[row]['NDCG@10']:.4f} "
-          f"(full pool, history excluded)" for row in ("popularity", "oracle") if summary.get(row)),
+        "interactions per item: " + ", ".join(f"{bin_label(b)}: {b['items']}" for b in summary["popularity"]),
+        *([f"plot: {summary['plot']}"] if "plot" in summary else []),
+        *(f"{row:<10} test HR@10 {metrics['HR@10']:.4f}  NDCG@10 {metrics['NDCG@10']:.4f} "
+          f"(full pool, history excluded)" for row, metrics in summary["baselines"].items()),
     ])
     emit(summary, as_json, text)
 

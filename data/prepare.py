@@ -8,7 +8,11 @@ The rules, in the order they are applied (the papers' protocol, made exact):
    as ``bad_rows``; rows naming an item absent from the catalogue as ``unknown_item_rows``.
 2. Sort each user's interactions by timestamp, stably: ties keep file order.
 3. Remove repeated (user, item) pairs, keeping the FIRST occurrence.
-4. Drop users with fewer than ``min_interactions`` interactions (after step 3).
+3b. Optional warm-N filter (``min_item_interactions=N``, 001 Table 3): remove the
+   interactions of items with fewer than N distinct users (after step 3). With
+   ``iterate`` steps 3b and 4 repeat until neither removes anything (a k-core:
+   every item keeps N users and every user ``min_interactions`` items).
+4. Drop users with fewer than ``min_interactions`` interactions (after step 3b).
 5. Optional subsample (``users=N, seed=S``): N users drawn uniformly without
    replacement from those that passed step 4, by ``numpy.random.default_rng(S)`` over
    the users sorted by original id. Sampling after the filter means N is exactly the
@@ -99,8 +103,30 @@ def _concat(parts: list[np.ndarray], dtype: type) -> np.ndarray:
     return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype=dtype)
 
 
+def warm_filter(users: np.ndarray, items: np.ndarray, min_item: int, min_user: int,
+                iterate: bool) -> tuple[np.ndarray, dict]:
+    """Step 3b: the mask of interactions kept by the warm-N item filter (and, with ``iterate``,
+    the user filter, both repeated to a fixed point), with how many items it removed and in
+    how many rounds."""
+    keep = np.ones(len(items), dtype=bool)
+    rounds = 0
+    while True:
+        rounds += 1
+        item_counts = np.bincount(items[keep], minlength=int(items.max(initial=-1)) + 1)
+        drop = keep & (item_counts[items] < min_item)
+        if iterate:
+            user_counts = np.bincount(users[keep & ~drop], minlength=int(users.max(initial=-1)) + 1)
+            drop |= keep & (user_counts[users] < min_user)
+        keep &= ~drop
+        if not iterate or not drop.any():
+            break
+    before = np.unique(items).size
+    return keep, {"items_below_min": int(before - np.unique(items[keep]).size), "warm_rounds": rounds}
+
+
 def build_sequences(users: np.ndarray, items: np.ndarray, times: np.ndarray, *, min_interactions: int,
-                    max_seq_len: int, subsample: int | None = None, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+                    max_seq_len: int, subsample: int | None = None, seed: int = 0, min_item_interactions: int = 1,
+                    iterate: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     """Steps 2-6 of the module docstring on int arrays in file order.
 
     ``users`` must already be ranks in the final user order (0..U-1). Returns
@@ -119,12 +145,16 @@ def build_sequences(users: np.ndarray, items: np.ndarray, times: np.ndarray, *, 
     keep[first] = True
     duplicates = int(len(users) - len(first))
     users, items = users[keep], items[keep]
-
     n_users = int(users.max(initial=-1)) + 1
+    users_before = np.unique(users).size
+    warm = {}
+    if min_item_interactions > 1 or iterate:
+        keep, warm = warm_filter(users, items, min_item_interactions, min_interactions, iterate)
+        users, items = users[keep], items[keep]
+
     counts = np.bincount(users, minlength=n_users)
-    present = counts > 0
     eligible = np.flatnonzero(counts >= min_interactions)
-    below = int(present.sum() - len(eligible))
+    below = int(users_before - len(eligible))  # users the item filter emptied count as below too
     sampled_out = 0
     if subsample is not None and subsample < len(eligible):
         pick = np.random.default_rng(seed).choice(len(eligible), size=subsample, replace=False)
@@ -144,15 +174,15 @@ def build_sequences(users: np.ndarray, items: np.ndarray, times: np.ndarray, *, 
     lengths = np.bincount(users, minlength=n_users)[eligible]
     indptr = np.zeros(len(eligible) + 1, dtype=np.int64)
     np.cumsum(lengths, out=indptr[1:])
-    stats = {"duplicates_removed": duplicates, "users_below_min": below, "users_sampled_out": sampled_out,
-             "interactions_truncated": truncated}
+    stats = {"duplicates_removed": duplicates, **warm, "users_below_min": below,
+             "users_sampled_out": sampled_out, "interactions_truncated": truncated}
     return eligible, indptr, items, stats
 
 
 def prepare_dataset(fmt: str, source: Path, out: Path, *, name: str, max_seq_len: int | None = None,
                     min_interactions: int = 5, users: int | None = None, seed: int = 0,
                     text_fields: Sequence[str] | None = None, chunk_rows: int = CHUNK_ROWS,
-                    progress: bool = False) -> dict:
+                    progress: bool = False, min_item_interactions: int = 1, iterate: bool = False) -> dict:
     """Prepare the raw dataset in ``source`` (layout ``fmt``) into the folder ``out``.
 
     Args:
@@ -163,6 +193,8 @@ def prepare_dataset(fmt: str, source: Path, out: Path, *, name: str, max_seq_len
         name: the dataset name recorded in the manifest.
         max_seq_len: most recent items kept per user (default: the format's, 13 or 23).
         min_interactions: users with fewer (after deduplication) are dropped; >= 3.
+        min_item_interactions: warm-N: items with fewer distinct users are removed first.
+        iterate: repeat the item and user filters to a fixed point (k-core).
         users, seed: optional deterministic subsample of N users (after the filter).
         text_fields: which catalogue fields make an item's text (format default if None).
         chunk_rows: interaction rows read per chunk.
@@ -182,6 +214,8 @@ def prepare_dataset(fmt: str, source: Path, out: Path, *, name: str, max_seq_len
         raise UserError(f"--min-interactions must be at least {MIN_SEQUENCE} (train, validation and test item)")
     if users is not None and users < 1:
         raise UserError(f"--users must be positive, got {users}")
+    if min_item_interactions < 1:
+        raise UserError(f"--min-item-interactions must be at least 1, got {min_item_interactions}")
     catalogue = reader.read_catalogue(source, text_fields)
     max_seq_len = max_seq_len or reader.default_max_seq_len(catalogue)
     if max_seq_len < MIN_SEQUENCE:
@@ -197,7 +231,8 @@ def prepare_dataset(fmt: str, source: Path, out: Path, *, name: str, max_seq_len
     rank[by_name] = np.arange(len(by_name), dtype=np.int32)
     kept, indptr, cat_items, stats = build_sequences(rank[log.users], log.items, log.times,
                                                      min_interactions=min_interactions, max_seq_len=max_seq_len,
-                                                     subsample=users, seed=seed)
+                                                     subsample=users, seed=seed,
+                                                     min_item_interactions=min_item_interactions, iterate=iterate)
     if len(kept) == 0:
         raise UserError(f"no users left in {source}: all {len(by_name)} users have fewer than "
                         f"{min_interactions} distinct interactions; lower --min-interactions or check the input")
@@ -218,6 +253,7 @@ def prepare_dataset(fmt: str, source: Path, out: Path, *, name: str, max_seq_len
         "format": fmt,
         "source": str(source.resolve()),
         "options": {"max_seq_len": int(max_seq_len), "min_interactions": int(min_interactions),
+                    "min_item_interactions": int(min_item_interactions), "iterate": bool(iterate),
                     "users": users, "seed": int(seed), "text_fields": catalogue.text_fields},
         "has_images": catalogue.has_images,
         "stats": stats,

@@ -648,9 +648,9 @@ def synthesize(fmt: str, out: Path, *, users: int = 2000, items: int = 500, seed
     """
     if fmt not in _WRITERS:
         raise UserError(f"unknown synthetic format {fmt!r}; choose one of {', '.join(list_synth_formats())}")
+    world = build_world(users, items, seed, clusters, signals)  # bad sizes refused before any file is written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    world = build_world(users, items, seed, clusters, signals)
     item_ids, user_ids = _WRITERS[fmt](world, out, images, name)
     summary = {"format": fmt, "users": world.n_users, "items": world.n_items,
                "interactions": int(len(world.seq_items)), "clusters": len(world.centres), "seed": seed,

@@ -15,11 +15,13 @@ import click
 import numpy as np
 
 from eval.compare import markdown_table, run_mode, summarize_run
+from eval.distributed import local_device, process_group
 from eval.evaluate import SUBSETS, evaluate
 from eval.metrics import parse_ks
 from eval.ranking import INDEXES
 from featurestore.cliutil import UserError, emit, json_option, root_option, run_cli
 from featurestore.workspace import Workspace
+from recommend.defaults import latest_finished_run
 from recommend.run import read_config, resolve_run
 
 EVAL_FILE = "eval.json"
@@ -81,6 +83,24 @@ def record_result(run_dir: Path, result: dict) -> Path:
     return path
 
 
+def run_argument(command):
+    """The run as the argument ``RUN`` or as ``--run``: torchrun's own parser takes ``--run``
+    for an abbreviation of its ``--run-path`` and stops, so under torchrun give ``RUN``."""
+    command = click.option("--run", "run_option", default=None, metavar="RUN",
+                           help="Run name under ROOT/runs, or a run folder (the same as the "
+                                "argument RUN; under torchrun give RUN, as torchrun takes "
+                                "--run for its own --run-path).")(command)
+    return click.argument("run_arg", metavar="RUN", required=False)(command)
+
+
+def one_run(run_arg: str | None, run_option: str | None) -> str:
+    if run_arg and run_option and run_arg != run_option:
+        raise UserError(f"two runs given, {run_arg} and --run {run_option}; give one")
+    if not (run_arg or run_option):
+        raise UserError("no run given: name it, e.g. `recommend eval rank RUN --full-pool`")
+    return run_arg or run_option
+
+
 def _default_device() -> str:
     import torch
 
@@ -93,14 +113,15 @@ def cli() -> None:
     """Stage three: rank every user's target against the full item pool, compare runs.
 
     \b
-    eval rank --run RUN --full-pool --split test
+    eval rank RUN --full-pool --split test
+    torchrun --nproc-per-node 8 $(which recommend) eval rank RUN --index torch
     eval compare RUN1 RUN2 --out report.md --plot report.png
-    eval plot-items --run RUN --out items.png
+    eval plot-items RUN --out items.png
     """
 
 
 @cli.command("rank")
-@click.option("--run", "run", required=True, help="Run name under ROOT/runs, or a run folder.")
+@run_argument
 @click.option("--dataset", "target", default=None, metavar="TARGET",
               help="Zero-shot: rank another prepared dataset's users and items with the run's model, "
                    "untrained on them (needs TARGET's store groups from the run's encoder and variant).")
@@ -119,43 +140,69 @@ def cli() -> None:
 @click.option("--subset", type=click.Choice(SUBSETS), default="all", show_default=True,
               help="Users whose target is cold (< 10 training interactions), warm, or all.")
 @click.option("--index", type=click.Choice(INDEXES), default="flat", show_default=True,
-              help="Exact FAISS index: flat (CPU) or flat-gpu (needs faiss-gpu and a device).")
+              help="Exact ranker: flat (faiss, CPU), flat-gpu (faiss-gpu on every GPU, or this "
+                   "process's under torchrun), torch (matmul + top-k on --device, no faiss needed), "
+                   "torch-twopass (bf16 first pass with a proven error bound, exact rescoring of "
+                   "the candidates; same ranks, faster where bf16 is).")
 @click.option("--batch-size", default=1024, show_default=True,
               help="Users per model call (bounds memory); FAISS searches take at least 4096 "
                    "users per call, below which it leaves its fast BLAS path.")
 @click.option("--device", default=None,
-              help="Torch device for the model [default: cuda if available, else cpu].")
+              help="Torch device for the model and the torch rankers [default: cuda if available, "
+                   "else cpu]; under torchrun cuda means each process's own GPU.")
 @click.option("--export", "export_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Also write items.npy, users.npy, targets.npy, history_indptr.npy and "
-                   "history_indices.npy here, to recompute the metrics independently.")
+                   "history_indices.npy here, to recompute the metrics independently, and "
+                   "ranks.npy (each user's rank, capped at max K + 1).")
 @root_option
 @json_option
-def rank(ws: Workspace, as_json: bool, run: str, target: str | None, untrained: bool, full_pool: bool,
-         split: str, ks: str,
+def rank(ws: Workspace, as_json: bool, run_arg: str | None, run_option: str | None, target: str | None,
+         untrained: bool, full_pool: bool, split: str, ks: str,
          exclude_history: bool, subset: str, index: str, batch_size: int, device: str | None,
          export_dir: Path | None) -> None:
-    """Exact full-pool HR@K / NDCG@K of a trained run; saved in the run's eval.json.
+    """Exact full-pool HR@K / NDCG@K of a trained run RUN; saved in the run's eval.json.
+
+    Without RUN (or --run): the run under ROOT/runs that finished last, named on stderr.
 
     Ties rank the target below every item with an equal score. With --dataset TARGET
     (zero-shot) the result goes into the eval.json section "zero-shot".
+
+    Under torchrun (`torchrun --nproc-per-node N $(which recommend) eval rank RUN ...`)
+    the users are sharded across the processes, each ranks its share against the whole
+    catalogue, and process 0 writes the one result, the same as one process's.
     """
     if batch_size < 1:
         raise UserError("--batch-size must be at least 1")
-    run_dir = resolve_run(ws, run)
+    if not (run_arg or run_option):
+        latest = latest_finished_run(ws)
+        click.echo(f"using {latest.note}", err=True)
+        run_arg = latest.value
+    run_dir = resolve_run(ws, one_run(run_arg, run_option))
+    device = local_device(device or _default_device())
+    with process_group(device) as shard:
+        _rank(ws, as_json, run_dir, target, untrained, split, ks, exclude_history, subset, index,
+              batch_size, device, export_dir, main=shard.rank == 0)
+
+
+def _rank(ws: Workspace, as_json: bool, run_dir: Path, target: str | None, untrained: bool, split: str,
+          ks: str, exclude_history: bool, subset: str, index: str, batch_size: int, device: str,
+          export_dir: Path | None, main: bool) -> None:
     zero_shot = None
     if target is not None and target != read_config(run_dir)["dataset"]["name"]:
         from recommend.transfer import zero_shot_model
 
-        model, zero_shot, dataset = zero_shot_model(ws, run_dir, target, untrained, device or _default_device())
+        model, zero_shot, dataset = zero_shot_model(ws, run_dir, target, untrained, device)
     elif untrained:
         raise UserError("--untrained is the random baseline of a zero-shot ranking; give --dataset TARGET, "
                         "a dataset other than the run's own")
     else:
-        model, _config, dataset = load_run_and_dataset(ws, run_dir, device or _default_device())
+        model, _config, dataset = load_run_and_dataset(ws, run_dir, device)
     result = evaluate(model, dataset, split=split, ks=parse_ks(ks), exclude_history=exclude_history,
                       subset=subset, batch_size=batch_size, index=index,
-                      return_vectors=export_dir is not None, progress=True)
-    vectors = result.pop("vectors", None)
+                      return_vectors=export_dir is not None, progress=main, device=device)
+    vectors, ranks = result.pop("vectors", None), result.pop("ranks", None)
+    if not main:
+        return  # process 0 writes the one result
     result["evaluated_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     result["dataset"] = {"name": dataset.name, "fingerprint": dataset.fingerprint}
     if zero_shot is not None:
@@ -165,7 +212,9 @@ def rank(ws: Workspace, as_json: bool, run: str, target: str | None, untrained: 
     eval_path = record_result(run_dir, result)
     out = {"run": run_dir.name, **result, "eval_json": str(eval_path)}
     if vectors is not None:
-        out["export"] = {"dir": str(export_dir), "files": vectors.save(export_dir)}
+        files = vectors.save(export_dir)
+        np.save(export_dir / "ranks.npy", ranks)
+        out["export"] = {"dir": str(export_dir), "files": {**files, "ranks": str(export_dir / "ranks.npy")}}
     emit(out, as_json, _rank_text(out))
 
 
@@ -251,7 +300,7 @@ def _dataset_rows(ws: Workspace, summaries: list) -> list:
 
 
 @cli.command("plot-items")
-@click.option("--run", "run", required=True, help="Run name under ROOT/runs, or a run folder.")
+@run_argument
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="PNG file to write.")
 @click.option("--method", type=click.Choice(["pca", "tsne"]), default="pca", show_default=True,
@@ -261,14 +310,14 @@ def _dataset_rows(ws: Workspace, summaries: list) -> list:
 @click.option("--seed", default=0, show_default=True, help="Seed of the sample and projection.")
 @root_option
 @json_option
-def plot_items(ws: Workspace, as_json: bool, run: str, out: Path, method: str, max_items: int,
-               seed: int) -> None:
-    """A 2-D map of the run's item vectors coloured by training popularity (003 Fig. 4)."""
+def plot_items(ws: Workspace, as_json: bool, run_arg: str | None, run_option: str | None, out: Path,
+               method: str, max_items: int, seed: int) -> None:
+    """A 2-D map of the run RUN's item vectors coloured by training popularity (003 Fig. 4)."""
     import torch
 
     from eval.plots import plot_item_map, project_2d
 
-    run_dir = resolve_run(ws, run)
+    run_dir = resolve_run(ws, one_run(run_arg, run_option))
     model, config, dataset = load_run_and_dataset(ws, run_dir, "cpu")
     with torch.no_grad():  # load_run returns the model in eval mode
         vectors = model.item_vectors(batch_size=4096).float().cpu().numpy()[1:]

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from eval.distributed import Shard
 from eval.metrics import DEFAULT_KS, metrics_from_ranks
 from eval.ranking import DEFAULT_BATCH_SIZE, TIES_RULE, csr_rows, popularity_ranks, rank_targets
 
@@ -119,25 +120,24 @@ def model_vectors(
     return np.ascontiguousarray(items), users
 
 
-def score_vectors(
+def vector_ranks(
     vectors: EvalVectors,
-    ks: Iterable[int],
+    max_k: int,
     exclude_history: bool,
     index: str = "flat",
     batch_size: int = DEFAULT_BATCH_SIZE,
     progress: bool = False,
-) -> dict:
-    """Metrics for already-computed vectors (``vectors`` holds the excluded CSR)."""
-    ks = tuple(ks)
+    device: str = "cpu",
+) -> np.ndarray:
+    """Ranks for already-computed vectors (``vectors`` holds the excluded CSR)."""
     # FAISS blocks queries by 4096 itself; fewer per call drops it off its BLAS path
     # (3x slower at d = 64), and a search batch costs only batch x k' results in memory
-    ranks = rank_targets(
+    return rank_targets(
         vectors.users, vectors.items, vectors.targets,
         vectors.history_indptr, vectors.history_indices,
-        exclude_history=exclude_history, max_k=max(ks), index=index,
-        batch_size=max(batch_size, DEFAULT_BATCH_SIZE), progress=progress,
+        exclude_history=exclude_history, max_k=max_k, index=index,
+        batch_size=max(batch_size, DEFAULT_BATCH_SIZE), progress=progress, device=device,
     )
-    return metrics_from_ranks(ranks, ks)
 
 
 def _result(metrics: dict, split: str, subset: str, exclude_history: bool, users: int,
@@ -180,6 +180,7 @@ def evaluate(
     index: str = "flat",
     return_vectors: bool = False,
     progress: bool = False,
+    device: str = "cpu",
 ) -> dict:
     """Full-pool HR@K / NDCG@K of ``model`` on ``dataset``'s ``split``.
 
@@ -194,25 +195,36 @@ def evaluate(
             or not (RecBole); the result says which.
         subset: ``all``, ``cold`` or ``warm`` users by their target's training count.
         batch_size: users per model call (searches take at least 4096 users per call).
-        index: ``flat`` or ``flat-gpu``.
-        return_vectors: add ``"vectors"``: an :class:`EvalVectors` for exporting.
+        index: an :data:`eval.ranking.RANKERS` name (``flat``, ``flat-gpu``, ``torch``, ...).
+        return_vectors: add ``"vectors"`` (an :class:`EvalVectors` for exporting) and
+            ``"ranks"`` (each user's rank, capped at ``max(ks) + 1``).
+        device: torch device of the ``torch`` rankers.
+
+    Under torchrun (an initialised process group) every process ranks its block of the
+    users against the whole catalogue and the ranks are gathered
+    (:mod:`eval.distributed`): every process returns the one-process result.
     Returns:
         ``{"HR@10": ..., "NDCG@10": ..., ..., "users", "split", "subset",
-        "exclude_history", "ks", "ties", "index"}`` (+ ``"vectors"``).
+        "exclude_history", "ks", "ties", "index"}`` (+ ``"vectors"``, ``"ranks"``).
 
     Example:
         >>> evaluate(model, PreparedDataset.load(path), split="test")["HR@10"]
     """
     ks = _check(split, ks)
     rows = subset_users(dataset, split, subset)
+    shard = Shard.current()
+    mine = rows[shard.block(len(rows))]
     hist_indptr, hist_items = dataset.history(split)
-    items, users = model_vectors(model, hist_indptr, hist_items, rows, batch_size, progress)
-    vectors = EvalVectors(items, users, dataset.targets(split)[rows].astype(np.int64),
-                          *_excluded(dataset, split, rows, exclude_history))
-    metrics = score_vectors(vectors, ks, exclude_history, index, batch_size, progress)
-    result = _result(metrics, split, subset, exclude_history, len(rows), ks, index)
+    items, users = model_vectors(model, hist_indptr, hist_items, mine, batch_size, progress)
+    targets = dataset.targets(split).astype(np.int64)
+    vectors = EvalVectors(items, users, targets[mine], *_excluded(dataset, split, mine, exclude_history))
+    ranks = shard.gather(vector_ranks(vectors, max(ks), exclude_history, index, batch_size, progress, device),
+                         len(rows))
+    result = _result(metrics_from_ranks(ranks, ks), split, subset, exclude_history, len(rows), ks, index)
     if return_vectors:
-        result["vectors"] = vectors
+        result["ranks"] = ranks
+        result["vectors"] = EvalVectors(items, shard.gather(users, len(rows)), targets[rows],
+                                        *_excluded(dataset, split, rows, exclude_history))
     return result
 
 

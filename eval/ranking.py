@@ -1,5 +1,9 @@
 """Exact full-pool ranking: the 1-based rank of each user's target among all items.
 
+The scorers are registered in :data:`RANKERS` under the ``--index`` names: ``flat`` and
+``flat-gpu`` (faiss, below), ``torch`` and ``torch-twopass`` (:mod:`eval.torch_ranking`,
+any torch device, no faiss). All follow the same exactness and tie rule.
+
 The papers' code scores every item for a user and runs a full ``argsort`` per user
 in a Python loop. Only the rank of one item is needed, and only up to ``max_k``, so
 here FAISS does an exact maximum-inner-product top-k' search over the whole pool
@@ -22,15 +26,31 @@ comparison uses identical arithmetic for the target and its competitors.
 
 from __future__ import annotations
 
+import os
+from typing import Protocol
+
 import numpy as np
 from tqdm.auto import tqdm
 
+from eval.distributed import launched
+from eval.torch_ranking import TorchRanker, TwoPassRanker
 from featurestore.cliutil import UserError
+from recommend.registry import Registry
 
 TIES_RULE = "pessimistic: the target ranks below every item with an equal score"
-INDEXES = ("flat", "flat-gpu")
 GPU_MAX_K = 2048
 DEFAULT_BATCH_SIZE = 4096
+REPLICATE_SHARE = 0.5  # replicate the catalogue on every GPU while it takes at most this share of one
+
+
+class Ranker(Protocol):
+    """One exact scorer over a fixed pool: the ranks of a batch of users' targets."""
+
+    def ranks(self, users: np.ndarray, targets: np.ndarray, hist_indptr: np.ndarray,
+              hist_indices: np.ndarray, max_k: int) -> np.ndarray: ...
+
+
+RANKERS: Registry[Ranker] = Registry("index")
 
 
 def import_faiss():
@@ -39,35 +59,96 @@ def import_faiss():
         import faiss
     except ImportError as err:
         raise UserError(
-            "full-pool ranking needs faiss: pip install 'morec-store[cpu]' "
-            "(or 'morec-store[gpu]' for faiss-gpu)"
+            "full-pool ranking with --index flat needs faiss: pip install 'morec-store[cpu]' "
+            "(or 'morec-store[gpu]' for faiss-gpu), or use --index torch"
         ) from err
     return faiss
 
 
-def build_index(items: np.ndarray, index: str = "flat"):
+def multi_gpu_layout(pool_bytes: int, free_bytes: list[int]) -> str:
+    """``replicate`` or ``shard``: how faiss spreads an exact flat index over several GPUs.
+
+    Replicas split the *queries*: every GPU searches the whole catalogue for its share
+    of the users and nothing is merged, so the speed-up is close to the GPU count.
+    Shards split the *items*: every GPU searches every user and faiss merges the partial
+    top-k' lists on the host, costing a merge of ``GPUs x k'`` results per user and a
+    full query copy per GPU. A flat search is compute-bound, so replicas win whenever the
+    catalogue fits; sharding is for one too large to hold :data:`REPLICATE_SHARE` of a GPU.
+    """
+    return "replicate" if pool_bytes <= REPLICATE_SHARE * min(free_bytes) else "shard"
+
+
+def _gpu_free_bytes(n: int) -> list[int]:
+    try:
+        import torch
+
+        return [torch.cuda.mem_get_info(i)[0] for i in range(n)]
+    except (ImportError, RuntimeError):
+        return [2**62] * n  # unknown: assume it fits and replicate
+
+
+def build_index(items: np.ndarray, gpu: bool = False):
     """An exact inner-product index over item rows 1..N (row 0, the padding, is left out).
 
-    FAISS label ``j`` is item id ``j + 1``.
+    FAISS label ``j`` is item id ``j + 1``. With ``gpu``: under torchrun, this process's
+    own GPU (``LOCAL_RANK``; the users are already sharded across processes); otherwise
+    every visible GPU, replicated or sharded per :func:`multi_gpu_layout`.
     """
-    if index not in INDEXES:
-        raise UserError(f"unknown index {index!r}; choose one of {', '.join(INDEXES)}")
     faiss = import_faiss()
     pool = np.ascontiguousarray(items[1:], dtype=np.float32)
-    dim = pool.shape[1]
-    if index == "flat-gpu":
-        if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() < 1:
-            raise UserError(
-                "--index flat-gpu needs faiss with GPU support and a CUDA device: "
-                "pip install 'morec-store[gpu]' on a GPU machine, or use --index flat"
-            )
-        resources = faiss.StandardGpuResources()
-        flat = faiss.GpuIndexFlatIP(resources, dim)
-        flat.gpu_resources = resources  # the index must not outlive its GPU resources
-    else:
-        flat = faiss.IndexFlatIP(dim)
+    flat = faiss.IndexFlatIP(pool.shape[1])
     flat.add(pool)
-    return flat
+    if not gpu:
+        return flat
+    gpus = faiss.get_num_gpus() if hasattr(faiss, "StandardGpuResources") else 0
+    if gpus < 1:
+        raise UserError(
+            "--index flat-gpu needs faiss with GPU support and a CUDA device: "
+            "pip install 'morec-store[gpu]' on a GPU machine, or use --index torch --device cuda"
+        )
+    if launched() or gpus == 1:
+        resources = faiss.StandardGpuResources()
+        index = faiss.index_cpu_to_gpu(resources, int(os.environ.get("LOCAL_RANK", 0)) % gpus, flat)
+        index.referenced_objects = [resources]  # the index must not outlive its GPU resources
+        return index
+    options = faiss.GpuMultipleClonerOptions()
+    options.shard = multi_gpu_layout(pool.nbytes, _gpu_free_bytes(gpus)) == "shard"
+    return faiss.index_cpu_to_all_gpus(flat, co=options, ngpu=gpus)
+
+
+class FaissRanker:
+    """Exact top-k' FAISS search and counting (the module docstring's argument)."""
+
+    def __init__(self, items: np.ndarray, gpu: bool) -> None:
+        self.index = build_index(items, gpu)
+        self.n_items = len(items) - 1
+        self.max_depth = GPU_MAX_K if gpu else None
+
+    def ranks(self, users, targets, hist_indptr, hist_indices, max_k):
+        depth = min(self.n_items, max_k + int(csr_lengths(hist_indptr).max(initial=0)) + 1)
+        if self.max_depth is not None and depth > self.max_depth:
+            raise UserError(
+                f"search depth {depth} (max_k + longest history + 1) exceeds the faiss GPU "
+                f"limit {self.max_depth}; use --index torch --device cuda or a smaller --k"
+            )
+        scores, labels = self.index.search(np.ascontiguousarray(users), depth)
+        ids = labels.astype(np.int64) + 1  # label -1 (never for a flat index) -> 0
+        return ranks_from_search(scores, ids, targets, hist_indptr, hist_indices, max_k)
+
+
+@RANKERS.register("flat")
+def _flat(items: np.ndarray, device: str) -> Ranker:
+    return FaissRanker(items, gpu=False)
+
+
+@RANKERS.register("flat-gpu")
+def _flat_gpu(items: np.ndarray, device: str) -> Ranker:
+    return FaissRanker(items, gpu=True)
+
+
+RANKERS.register("torch")(TorchRanker)
+RANKERS.register("torch-twopass")(TwoPassRanker)
+INDEXES = tuple(RANKERS.names())
 
 
 def csr_lengths(indptr: np.ndarray) -> np.ndarray:
@@ -129,6 +210,7 @@ def rank_targets(
     index: str = "flat",
     batch_size: int = DEFAULT_BATCH_SIZE,
     progress: bool = True,
+    device: str = "cpu",
 ) -> np.ndarray:
     """The exact 1-based rank of each user's target among items 1..N.
 
@@ -139,10 +221,14 @@ def rank_targets(
         hist_indptr, hist_indices: CSR of each user's history item ids; removed from the
             ranking when ``exclude_history`` (the target itself is never removed).
         max_k: ranks above ``max_k`` are reported as ``max_k + 1``.
-        index: ``flat`` (CPU) or ``flat-gpu`` (faiss GPU index).
+        index: a :data:`RANKERS` name: ``flat`` (faiss, CPU), ``flat-gpu`` (faiss on every
+            GPU), ``torch`` (matmul + top-k on ``device``), ``torch-twopass`` (bf16 first
+            pass, fp32 rescoring of the candidates; :mod:`eval.torch_ranking`).
         batch_size: users per search call; bounds memory at ``batch_size x k'`` results
             while the item pool is indexed once. Keep it >= 4096: with fewer queries per
             call FAISS leaves its BLAS path (measured 3x slower at d = 64, 1.5x at 512).
+            The torch rankers split a batch further to bound their score matrix.
+        device: torch device of the ``torch`` rankers (``cpu``, ``cuda``, ``cuda:N``).
     Returns:
         (U,) int64 ranks in 1..max_k + 1; ties rank the target below (:data:`TIES_RULE`).
 
@@ -163,7 +249,7 @@ def rank_targets(
     ranks = np.empty(len(users), dtype=np.int64)
     if len(users) == 0:
         return ranks
-    searcher = build_index(items, index)
+    ranker = RANKERS.create(index, items, device)
 
     hist_indptr = np.asarray(hist_indptr, dtype=np.int64)
     hist_indices = np.asarray(hist_indices, dtype=np.int64)
@@ -179,21 +265,11 @@ def rank_targets(
     with tqdm(total=len(users), unit="user", desc="ranking", disable=not progress) as bar:
         for start in range(0, len(users), batch_size):
             rows = order[start : start + batch_size]
-            depth = min(n_items, max_k + int(excluded_len[rows].max()) + 1)
-            if index == "flat-gpu" and depth > GPU_MAX_K:
-                raise UserError(
-                    f"search depth {depth} (max_k + longest history + 1) exceeds the faiss GPU "
-                    f"limit {GPU_MAX_K}; use --index flat or a smaller --k"
-                )
-            scores, labels = searcher.search(np.ascontiguousarray(users[rows]), depth)
-            ids = labels.astype(np.int64) + 1  # label -1 (never for a flat index) -> 0
             if exclude_history:
                 batch_indptr, batch_indices = csr_rows(hist_indptr, hist_indices, rows)
             else:
                 batch_indptr, batch_indices = np.zeros(len(rows) + 1, dtype=np.int64), no_history[:0]
-            ranks[rows] = ranks_from_search(
-                scores, ids, targets[rows], batch_indptr, batch_indices, max_k
-            )
+            ranks[rows] = ranker.ranks(users[rows], targets[rows], batch_indptr, batch_indices, max_k)
             bar.update(len(rows))
     return ranks
 

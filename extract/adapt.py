@@ -45,7 +45,6 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -79,7 +78,6 @@ RECORD = "adapt.json"
 CHECKPOINT = "checkpoint/last.safetensors"
 STATUS_PARTIAL = "partial"
 STATUS_COMPLETE = "complete"
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 CONTENT_NOTE = ("trained on the content (text or image) of every item, validation/test targets included; "
                 "no interactions are read")
 
@@ -687,12 +685,10 @@ def run_adaptation(ws: Workspace, opts: AdaptOptions) -> AdaptResult:
     config = get_encoder_config(opts.encoder)
     objective.check(config)
     name = opts.name or default_name(opts.dataset, config.name, objective.name)
-    if not NAME_PATTERN.fullmatch(name):
-        raise UserError(f"--name {name!r}: use letters, digits, '.', '_' and '-' (not starting with '.' or '-')")
     dataset = PreparedDataset.load(ws.dataset_dir(opts.dataset))
     settings = _settings(opts, objective)
     spec = resolve_weights(config, opts.weights, opts.random_init, opts.seed)
-    folder = (ws.adapted / name).resolve()
+    folder = ws.adapted_dir(name).resolve()
     lock = GroupLock(ws.adapted / ".locks" / f"{name}.lock", f"adapted/{name}")
     lock.acquire(command=_command(opts, name, settings))
     try:
@@ -808,7 +804,7 @@ def resolve_adapted(ws: Workspace, name: str) -> dict:
         >>> resolve_adapted(ws, "HM-minilm-l6-mlm")["variant"]
         'mlm'
     """
-    folder = (ws.adapted / name).resolve()
+    folder = ws.adapted_dir(name).resolve()
     record = read_record(folder)
     if record is None:
         known = sorted(p.name for p in ws.adapted.iterdir() if (p / RECORD).exists()) if ws.adapted.exists() else []

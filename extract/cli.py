@@ -104,8 +104,14 @@ def _use_adapted(ws: Workspace, name: str, options: dict) -> None:
 @click.option("--pattern", default="*", show_default=True, help="Shell-style filter on names, e.g. 'swin*'.")
 @json_option
 def encoders(as_json: bool, pattern: str) -> None:
-    """List the registered encoders: modality, output width, depth, parameters, and whether weights are here."""
-    from extract.registry import get_encoder_config, list_encoders, parameter_count
+    """List the registered encoders: modality, output width, depth, parameters, and where their weights stand.
+
+    Weights: bundled (a pip package ships them), cached (in the Hugging Face hub cache: used with
+    no network), downloadable (fetched into the hub cache on first use) or unavailable offline
+    (HF_HUB_OFFLINE set and not cached: pass --weights PATH or --random-init).
+    """
+    from extract.hub import cache_dir
+    from extract.registry import get_encoder_config, list_encoders, parameter_count, weights_status
 
     rows = []
     for name in list_encoders(pattern):
@@ -113,12 +119,14 @@ def encoders(as_json: bool, pattern: str) -> None:
         rows.append({
             "name": name, "modality": cfg.modality, "family": cfg.family, "width": cfg.width,
             "depth": cfg.depth, "parameters": parameter_count(name), "pooling": cfg.pooling,
-            "poolings": list(cfg.poolings), "weights_available": cfg.weights_available(),
-            "weights": f"package {cfg.local_package}" if cfg.local_package else f"hub {cfg.hub_id}",
+            "poolings": list(cfg.poolings), "weights_status": (status := weights_status(cfg)),
+            "weights_available": status in ("bundled", "cached"),
+            "weights": f"package {cfg.local_package}" if cfg.local_package else
+                       f"hub {cfg.hub_id}" if cfg.hub_id else "no published weights",
         })
     lines = [f"{'name':<20}{'modality':<9}{'width':>6}{'depth':>6}{'params':>9}  {'pooling':<8}weights"]
     for r in rows:
-        here = "here" if r["weights_available"] else "needs --weights or --random-init"
         lines.append(f"{r['name']:<20}{r['modality']:<9}{r['width']:>6}{r['depth']:>6}"
-                     f"{r['parameters'] / 1e6:>8.1f}M  {r['pooling']:<8}{here} ({r['weights']})")
-    emit({"encoders": rows}, as_json, "\n".join(lines))
+                     f"{r['parameters'] / 1e6:>8.1f}M  {r['pooling']:<8}{r['weights_status']} ({r['weights']})")
+    lines.append(f"hub cache: {cache_dir()}")
+    emit({"encoders": rows, "hub_cache": str(cache_dir())}, as_json, "\n".join(lines))

@@ -98,6 +98,8 @@ class Encoder(nn.Module):
         preprocessor: turns an ``Item`` into model input (runs in DataLoader workers).
         provenance: weights source and sha256, pooling, preprocessing: copied into
             the store's attributes.
+        width: the pooled width of the loaded model (a hub snapshot or weights folder
+            may hold another size of the family than the registry's default).
     """
 
     def __init__(
@@ -111,9 +113,11 @@ class Encoder(nn.Module):
         pooling: str,
         preprocessor: Any,
         provenance: dict,
+        width: int | None = None,
     ) -> None:
         super().__init__()
         self.config = config
+        self._width = width or config.width
         self.model = model
         # A tuple is not registered: the views must not duplicate state-dict keys.
         self._views = (stem, nn.ModuleList(blocks), pool)
@@ -139,7 +143,7 @@ class Encoder(nn.Module):
 
     @property
     def width(self) -> int:
-        return self.config.width
+        return self._width
 
     @property
     def name(self) -> str:
@@ -209,7 +213,8 @@ def weight_files(location: Path) -> list[Path]:
 
 
 def base_provenance(
-    config: EncoderConfig, spec: WeightsSpec, pooling: str, model: nn.Module, files: Sequence[Path]
+    config: EncoderConfig, spec: WeightsSpec, pooling: str, model: nn.Module, files: Sequence[Path],
+    width: int | None = None,
 ) -> dict:
     """The provenance every builder records; families add ``preprocessing``."""
     return {
@@ -217,11 +222,12 @@ def base_provenance(
         "family": config.family,
         "architecture": config.architecture,
         "modality": config.modality,
-        "width": config.width,
+        "width": width or config.width,
         "pooling": pooling,
         "weights": spec.source,
         "weights_kind": spec.kind,
         "weights_location": spec.location,
+        "weights_revision": spec.revision,
         "weights_seed": spec.seed if spec.kind == "random-init" else None,
         "weights_files": [str(p) for p in files],
         "weights_sha256": file_sha256(files) if files else None,

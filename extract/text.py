@@ -97,34 +97,27 @@ def _text_model(config: EncoderConfig, spec: WeightsSpec | None,
     if meta or spec.kind == "random-init":
         return fresh(), [], None
     _quiet_transformers()
-    location = package_dir(spec.location) if spec.kind == "package" else Path(spec.location)
-    if spec.kind == "file" and location.is_file():
+    location = package_dir(spec.location) if spec.kind == "package" else spec.path
+    if location.is_file():
         model = fresh()
         prefix = f"{model.base_model_prefix}."
         state = {k.removeprefix(prefix): v for k, v in read_state_dict(location).items()}
         load_checked(model, state, str(location), ignore=("pooler.", "cls.", "lm_head."))
         return model, [location], None
-    source = str(location) if spec.kind != "hub" else spec.location
     try:
-        model = AutoModel.from_pretrained(source, add_pooling_layer=False)
+        model = AutoModel.from_pretrained(str(location), add_pooling_layer=False)
     except (OSError, ValueError) as err:
-        raise hub_error(source, err) from err
+        raise hub_error(spec.location, err) from err
     if model.config.model_type != config.architecture:
-        raise UserError(f"--weights {source} is a {model.config.model_type} model; "
+        raise UserError(f"--weights {spec.location} is a {model.config.model_type} model; "
                         f"{config.name} needs {config.architecture}")
-    local = location if spec.kind != "hub" else None
-    return model, weight_files(local) if local else [], local
+    return model, weight_files(location), location
 
 
 def _tokenizer(config: EncoderConfig, spec: WeightsSpec, model_dir: Path | None) -> tuple[Any, str]:
     """The weights' own tokenizer when they bring one, else the encoder's fallback."""
     from transformers import AutoTokenizer
 
-    if spec.kind == "hub":
-        try:
-            return AutoTokenizer.from_pretrained(spec.location), f"hub:{spec.location}"
-        except (OSError, ValueError) as err:
-            raise hub_error(spec.location, err) from err
     if model_dir is not None and any((model_dir / f).exists() for f in TOKENIZER_FILES):
         return AutoTokenizer.from_pretrained(str(model_dir)), spec.source
     folder = package_dir(config.tokenizer)
@@ -167,10 +160,10 @@ def build_text(config: EncoderConfig, spec: WeightsSpec | None, pooling: str, *,
             raise UserError(f"tokenizer {source} has {len(tokenizer)} tokens, more than the model's "
                             f"{model.config.vocab_size}; pass weights that bring their own tokenizer")
         preprocessor = TextPreprocessor(tokenizer, source, max_text_tokens)
-        provenance = {**base_provenance(config, spec, pooling, model, files),
+        provenance = {**base_provenance(config, spec, pooling, model, files, model.config.hidden_size),
                       "preprocessing": preprocessor.describe()}
     return Encoder(config, model, stem, blocks, pool, pooling=pooling, preprocessor=preprocessor,
-                   provenance=provenance)
+                   provenance=provenance, width=model.config.hidden_size)
 
 
 def _bert(layers: int, hidden: int, heads: int) -> dict:

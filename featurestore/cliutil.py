@@ -16,11 +16,10 @@ from typing import Any, Callable
 
 import click
 
+from featurestore.errors import UserError
 from featurestore.workspace import ROOT_ENV, Workspace, default_root
 
-
-class UserError(Exception):
-    """A problem with the user's input or environment; the message names the fix."""
+__all__ = ["UserError", "emit", "json_option", "root_option", "run_cli"]
 
 
 def root_option(func: Callable) -> Callable:

@@ -44,6 +44,7 @@ import zarr
 from zarr.storage import LocalStore
 
 from featurestore.cliutil import UserError
+from featurestore.workspace import check_name
 
 FORMAT = "morec-featurestore/1"
 DEFAULT_CHUNK_ROWS = 1024
@@ -72,11 +73,11 @@ def group_name(dataset: str, modality: str, encoder: str, variant: str | None = 
         >>> group_name("HM", "image", "swin-b", "mae")
         'HM/image/swin-b@mae'
     """
-    for label, part in (("dataset", dataset), ("modality", modality), ("encoder", encoder)):
-        if not part or "/" in part or "@" in part or part.startswith("."):
-            raise UserError(f"bad {label} {part!r} in a store group name: no '/', '@' or leading '.'")
-    if variant is not None and (not variant or "/" in variant or "@" in variant):
-        raise UserError(f"bad --variant {variant!r}: a short tag without '/' or '@', e.g. mlm")
+    check_name("dataset", dataset)
+    check_name("group part", modality)
+    check_name("group part", encoder)
+    if variant is not None:
+        check_name("variant", variant)
     return f"{dataset}/{modality}/{encoder}" + (f"@{variant}" if variant else "")
 
 

@@ -180,22 +180,66 @@ def export(ws: Workspace, as_json: bool, group: str, fmt: str, out: Path, force:
          f"wrote {fg.name} ({fg.rows} x {fg.dim} {fg.dtype}) to {out}")
 
 
+def _read_provenance(path: Path | None) -> dict:
+    if path is None:
+        return {}
+    try:
+        provenance = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{path} is not a JSON object ({err}); pass the output of `featurestore info GROUP --json`") from None
+    if not isinstance(provenance, dict):
+        raise UserError(f"{path} holds JSON {type(provenance).__name__}, not an object of attributes")
+    return provenance.get("attrs", provenance)  # accept `featurestore info --json` output too
+
+
 def _read_import(path: Path, provenance_file: Path | None) -> tuple[Any, np.ndarray | None, dict, Any]:
-    """(array-like rows, present or None, provenance, file handle to close)."""
-    provenance = json.loads(provenance_file.read_text()) if provenance_file else {}
-    provenance = provenance.get("attrs", provenance)  # accept `featurestore info --json` output too
+    """(array-like rows, present or None, provenance, file handle to close).
+
+    A file numpy or HDF5 cannot read (empty, cut short, pickled objects, another format)
+    is refused in one line, before anything is created in the store.
+    """
+    provenance = _read_provenance(provenance_file)
     if path.suffix in (".h5", ".hdf5"):
         import h5py
 
-        h5 = h5py.File(path, "r")
+        try:
+            h5 = h5py.File(path, "r")
+        except OSError as err:
+            raise UserError(f"{path} is not a readable HDF5 file ({err}); export it again with "
+                            "`featurestore export --format h5`") from None
         if "embeddings" not in h5:
+            h5.close()
             raise UserError(f"{path} has no 'embeddings' dataset; export one with `featurestore export --format h5`")
-        stored = {"group": h5.attrs.get("group"), **json.loads(h5.attrs.get("provenance", "{}"))}
-        present = np.asarray(h5["present"][:], dtype=bool) if "present" in h5 else None
+        try:
+            stored = {"group": h5.attrs.get("group"), **json.loads(h5.attrs.get("provenance", "{}"))}
+        except (TypeError, json.JSONDecodeError):
+            h5.close()
+            raise UserError(f"{path}: its 'provenance' attribute is not JSON; pass --provenance FILE") from None
+        present = np.asarray(h5["present"][:], dtype=bool).reshape(-1) if "present" in h5 else None
         return h5["embeddings"], present, {**stored, **provenance}, h5
     if path.suffix == ".npy":
-        return np.load(path, mmap_mode="r"), None, provenance, None
+        try:
+            return np.load(path, mmap_mode="r", allow_pickle=False), None, provenance, None
+        except (ValueError, EOFError, OSError) as err:
+            raise UserError(f"{path} is not a readable .npy array ({err}); write it with numpy.save "
+                            "(a float array, row = item id)") from None
     raise UserError(f"{path}: import reads .npy or .h5 files")
+
+
+def _check_rows(path: Path, rows: Any, chunk_rows: int, dtype: str) -> None:
+    """Refuse non-numeric arrays and NaN/inf values (also those that only appear in the stored
+    ``dtype``, like 1e300 in float32), naming the first bad row (item id): checked chunk by
+    chunk before the group exists, so a refused import leaves nothing."""
+    if np.dtype(rows.dtype).kind not in "fiub":
+        raise UserError(f"{path} holds {rows.dtype} values; import needs real numbers (float32 or float16)")
+    for start in range(0, rows.shape[0], chunk_rows):
+        with np.errstate(over="ignore"):
+            block = np.asarray(rows[start:start + chunk_rows], dtype=dtype)
+        finite = np.isfinite(block).all(axis=1)
+        if not finite.all():
+            row = start + int(np.flatnonzero(~finite)[0])
+            raise UserError(f"{path} row {row} (item id {row}) holds NaN or inf; replace those values (e.g. "
+                            "numpy.nan_to_num) or zero the row to mark the item absent, then import again")
 
 
 @click.command(name="import")
@@ -229,10 +273,14 @@ def import_(ws: Workspace, as_json: bool, file: Path, group: str | None, provena
         if fingerprint != dataset.fingerprint:
             raise UserError(f"{file} was computed for dataset fingerprint {fingerprint}, but prepared dataset "
                             f"{dataset.name} has {dataset.fingerprint}; re-extract instead of importing")
-        if rows.ndim != 2 or rows.shape[0] != dataset.n_items + 1:
+        if rows.ndim != 2 or rows.shape[0] != dataset.n_items + 1 or rows.shape[1] < 1:
             raise UserError(f"{file} has shape {rows.shape}; {dataset.name} needs ({dataset.n_items + 1}, dim): "
                             "row = item id, row 0 padding")
+        if present is not None and present.shape != (rows.shape[0],):
+            raise UserError(f"{file}: 'present' has {present.shape[0]} entries for {rows.shape[0]} rows; "
+                            "export the group again")
         dtype = str(rows.dtype) if str(rows.dtype) in ("float32", "float16") else "float32"
+        _check_rows(file, rows, chunk_rows, dtype)
         store = FeatureStore(ws.store)
         attrs = {**provenance, "group": str(parsed), "dataset": parsed.dataset, "dataset_fingerprint": fingerprint,
                  "n_items": dataset.n_items, "modality": parsed.modality,

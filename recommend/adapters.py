@@ -25,14 +25,13 @@ from torch import nn
 from extract.encoder import Encoder
 from extract.registry import EncoderConfig
 from featurestore.cliutil import UserError
-from recommend.e2e import LiveEncoderTower, _live_input, build_live_encoder, tower_options
+from recommend.e2e import _E2E_ONLY, ADAPTER_ONLY, LiveEncoderTower, LiveKind, option_given, _live_input, build_live_encoder, tower_options
 from recommend.item_towers import ITEM_TOWERS, ItemTower
 from recommend.user_encoders import SASRec
 
 ADAPTER_PLACES = ("item", "user", "both")
 DEFAULT_ADAPTER_DIM = 64
 DEFAULT_ADAPTER_IN = "both"
-ADAPTER_ONLY = {"adapter_dim": "--adapter-dim", "adapter_in": "--adapter-in"}
 INIT_STD = 1e-2  # Houlsby's near-identity initialisation
 
 
@@ -133,19 +132,33 @@ def adapter_places(where: str) -> tuple[bool, bool]:
     return where in ("item", "both"), where in ("user", "both")
 
 
-@ITEM_TOWERS.register("adapter")
-def _adapter_tower(spec: dict, sources: list, fit: bool) -> ItemTower:
-    """The live encoder, every weight frozen; with item adapters every block runs with gradients."""
-    live = _live_input(spec, sources)
-    if live.cache is not None:
-        raise UserError("adapters sit in every block, so there is no frozen bottom to cache; drop --cached")
-    encoder = build_live_encoder(spec, live)
-    in_item, _ = adapter_places(spec["adapter_in"])
-    tower = LiveEncoderTower(encoder, live, spec["n_items"], spec["dim"],
-                             first_block=0 if in_item else encoder.depth, tune_top=False, **tower_options(spec))
-    if in_item:
-        add_item_adapters(encoder, int(spec["adapter_dim"]))
-    return tower
+class AdapterKind(LiveKind):
+    """``adapter``: the live encoder, every weight frozen; with item adapters every block runs with gradients."""
+
+    def __call__(self, spec: dict, sources: list, fit: bool) -> ItemTower:
+        live = _live_input(spec, sources)
+        if live.cache is not None:
+            raise UserError("adapters sit in every block, so there is no frozen bottom to cache; drop --cached")
+        encoder = build_live_encoder(spec, live)
+        in_item, _ = adapter_places(spec["adapter_in"])
+        tower = LiveEncoderTower(encoder, live, spec["n_items"], spec["dim"],
+                                 first_block=0 if in_item else encoder.depth, tune_top=False,
+                                 **tower_options(spec))
+        if in_item:
+            add_item_adapters(encoder, int(spec["adapter_dim"]))
+        return tower
+
+    def check_mode(self, opts: Any, config: EncoderConfig) -> None:
+        for field, flag in _E2E_ONLY.items():
+            if option_given(getattr(opts, field)):
+                raise UserError(f"{flag} is for --mode e2e; adapter mode freezes every encoder weight")
+        check_adapter_options(opts, config)
+
+    def mode_spec(self, opts: Any, dataset: str) -> dict:
+        return {"adapter_dim": opts.adapter_dim, "adapter_in": opts.adapter_in}
+
+
+ITEM_TOWERS.register("adapter")(AdapterKind())
 
 
 def apply_user_adapters(model: nn.Module, spec: dict) -> None:

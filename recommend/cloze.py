@@ -3,7 +3,7 @@
 A training row ``(B, L + 1)`` (``recommend.batches``) is used whole: a share of its
 real items is replaced by the [MASK] vector, the bidirectional encoder reads the row,
 and each masked position's state is scored against its true item with the run's own
-loss (``bce`` or ``inbatch``). Masking follows the BERT4Rec code (``gen_data_fin.py``):
+loss (any of ``recommend.losses``). Masking follows the BERT4Rec code (``gen_data_fin.py``):
 
 - a row with n real items gets exactly ``max(1, round(n * mask_prob))`` masked items,
   chosen uniformly, always replaced by [MASK] (the code's ``mask_prob=1.0``);
@@ -33,7 +33,7 @@ import torch
 from torch.nn import functional as F
 
 from featurestore.cliutil import UserError
-from recommend.losses import Loss
+from recommend.losses import Loss, embed_step
 from recommend.model import Recommender
 from recommend.user_encoders import USER_ENCODERS, EncoderConfig
 
@@ -98,22 +98,23 @@ def cloze_loss(model: Recommender, loss: Loss, rows: torch.Tensor,
     encoder = model.user_encoder
     if masked is None:
         masked = cloze_mask(rows, encoder.mask_prob)
-    padded = F.pad(rows, (0, 1))  # one extra per position of ``rows``; 0 is never drawn
-    extra = loss.extra_items(padded)
-    width = rows.shape[1]
-    ids = rows if extra is None else torch.cat([rows, extra], dim=1)
-    vectors = model.embed(ids)  # one tower call: row items and negatives
-    hidden = encoder.fill(vectors[:, :width], rows > 0, masked)
+    padded = F.pad(rows, (0, 1))  # extras for every position of ``rows``; 0 is never drawn
+    vectors, extra, extra_vectors = embed_step(model, loss, rows, padded)  # one tower call
+    hidden = encoder.fill(vectors, rows > 0, masked)
 
     index, used = _chain(masked)
     targets = rows.gather(1, index).masked_fill(~used, 0)
     first = used.to(torch.int8).argmax(dim=1, keepdim=True)  # the chain's first slot
     chain = F.pad(targets, (1, 0)).scatter(1, first, targets.gather(1, first))
 
-    def pick(x: torch.Tensor) -> torch.Tensor:
-        return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    target_vectors = F.pad(pick_slots(vectors, index), (0, 0, 1, 0))
+    if extra is not None:  # per_position draws per row position, position-major: keep the chain's
+        per_position = extra.shape[1] // rows.shape[1]
+        slots = (index.unsqueeze(-1) * per_position + torch.arange(per_position, device=rows.device)).flatten(1)
+        extra, extra_vectors = extra.gather(1, slots), pick_slots(extra_vectors, slots)
+    return loss(pick_slots(hidden, index), chain, target_vectors, extra, extra_vectors)
 
-    target_vectors = F.pad(pick(vectors[:, :width]), (0, 0, 1, 0))
-    extra_chain = None if extra is None else extra.gather(1, index)
-    extra_vectors = None if extra is None else pick(vectors[:, width:])
-    return loss(pick(hidden), chain, target_vectors, extra_chain, extra_vectors)
+
+def pick_slots(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[b, index[b, j]]`` for vectors ``x`` (B, W, d) and ``index`` (B, K): (B, K, d)."""
+    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))

@@ -46,6 +46,7 @@ from extract.encoder import BadItem, Encoder, Hidden, move_inputs
 from extract.registry import create_encoder, get_encoder_config, resolve_weights
 from featurestore.cliutil import UserError
 from featurestore.workspace import Workspace
+from recommend.inputs import TowerKind
 from recommend.item_towers import ITEM_TOWERS, ItemTower, dt_layer
 
 LIVE_MODES = ("e2e", "adapter")
@@ -118,6 +119,9 @@ class LiveEncoderTower(ItemTower):
         """The pretrained encoder weights being fine-tuned (they get ``--encoder-lr``)."""
         for module in self._tuned:
             yield from module.parameters()
+
+    def identity(self) -> dict:
+        return {"state_sha256": self.encoder.provenance["state_sha256"]}
 
     def train(self, mode: bool = True) -> "LiveEncoderTower":
         super().train(mode)
@@ -263,64 +267,99 @@ def tower_options(spec: dict) -> dict:
             "item_batch": int(spec.get("item_batch", ITEM_BATCH))}
 
 
-@ITEM_TOWERS.register("e2e")
-def _e2e_tower(spec: dict, sources: Sequence[Any], fit: bool) -> ItemTower:
-    live = _live_input(spec, sources)
-    encoder = build_live_encoder(spec, live)
-    top_k = int(spec["top_k"])
-    check_top_k(encoder.name, encoder.depth, top_k, "--top-k")
-    return LiveEncoderTower(encoder, live, spec["n_items"], spec["dim"], first_block=encoder.depth - top_k,
-                            tune_top=True, **tower_options(spec))
-
-
 _E2E_ONLY = {"top_k": "--top-k", "encoder_lr": "--encoder-lr", "cached": "--cached"}
 _LIVE_ONLY = {"grad_checkpointing": "--grad-checkpointing", "amp": "--amp", "random_init": "--random-init",
               "weights": "--weights", "pooling": "--pooling"}
+ADAPTER_ONLY = {"adapter_dim": "--adapter-dim", "adapter_in": "--adapter-in"}  # read by recommend.adapters
 
 
-def _given(value: Any) -> bool:
+def option_given(value: Any) -> bool:
     return value is not None and value is not False
 
 
-def check_live_options(opts: Any) -> None:
-    """Refuse live-encoder options outside their modes; fill the e2e defaults.
+class LiveKind(TowerKind):
+    """The live-encoder modes: one encoder named by ``--encoder``, run by the tower itself over
+    the dataset's decoded items, or (e2e ``--cached``) over the states cached below its top."""
 
-    ``opts`` is the trainer's ``TrainOptions`` (checked in place, like ``check_options``).
-    """
-    from recommend.adapters import ADAPTER_ONLY, check_adapter_options
+    def __init__(self) -> None:
+        purpose = f"belongs to the live-encoder modes (--mode {' or '.join(LIVE_MODES)})"
+        self.options = {field: (flag, purpose) for field, flag in {**_E2E_ONLY, **_LIVE_ONLY, **ADAPTER_ONLY}.items()}
 
-    if opts.mode not in LIVE_MODES:
-        for field, flag in {**_E2E_ONLY, **_LIVE_ONLY, **ADAPTER_ONLY}.items():
-            if _given(getattr(opts, field)):
-                raise UserError(f"{flag} belongs to the live-encoder modes (--mode e2e or adapter), "
-                                f"not --mode {opts.mode}")
-        return
-    if len(opts.encoders) != 1 or opts.features:
-        raise UserError(f"--mode {opts.mode} runs one encoder itself: name it with --encoder ENC "
-                        "(e.g. --encoder minilm-l6); --features and two encoders are for ts/ts-dnn")
-    if opts.whiten or opts.fusion:
-        raise UserError(f"--whiten and --fusion transform stored vectors; --mode {opts.mode} has none")
-    name, _, variant = opts.encoders[0].partition("@")
-    config = get_encoder_config(name)
-    if variant and not opts.cached:
-        raise UserError(f"--encoder {opts.encoders[0]}: a @VARIANT names a store group, read only with --cached; "
-                        "for the naive path pass the variant's weights with --weights")
-    if not opts.cached:
-        resolve_weights(config, opts.weights, opts.random_init, opts.encoder_seed)  # refuses missing weights now
-    if opts.mode == "adapter":
-        for field, flag in _E2E_ONLY.items():
-            if _given(getattr(opts, field)):
-                raise UserError(f"{flag} is for --mode e2e; adapter mode freezes every encoder weight")
-        check_adapter_options(opts, config)
-        return
-    for field, flag in ADAPTER_ONLY.items():
-        if _given(getattr(opts, field)):
-            raise UserError(f"{flag} is for --mode adapter, not e2e")
-    opts.top_k = DEFAULT_TOP_K if opts.top_k is None else opts.top_k
-    check_top_k(name, config.depth, opts.top_k, "--top-k")
-    opts.encoder_lr = opts.lr * ENCODER_LR_FACTOR if opts.encoder_lr is None else opts.encoder_lr
-    if not opts.encoder_lr > 0:
-        raise UserError(f"--encoder-lr must be > 0, got {opts.encoder_lr}")
+    def check(self, opts: Any) -> None:
+        """Refuse what a live encoder cannot take; fill the mode's defaults (:meth:`check_mode`)."""
+        if len(opts.encoders) != 1 or opts.features:
+            raise UserError(f"--mode {opts.mode} runs one encoder itself: name it with --encoder ENC "
+                            "(e.g. --encoder minilm-l6); --features and two encoders are for ts/ts-dnn")
+        if opts.whiten or opts.fusion:
+            raise UserError(f"--whiten and --fusion transform stored vectors; --mode {opts.mode} has none")
+        name, _, variant = opts.encoders[0].partition("@")
+        config = get_encoder_config(name)
+        if variant and not opts.cached:
+            raise UserError(f"--encoder {opts.encoders[0]}: a @VARIANT names a store group, read only with "
+                            "--cached; for the naive path pass the variant's weights with --weights")
+        if not opts.cached:
+            resolve_weights(config, opts.weights, opts.random_init, opts.encoder_seed)  # refuses missing weights now
+        self.check_mode(opts, config)
+
+    def check_mode(self, opts: Any, config: Any) -> None:
+        raise NotImplementedError
+
+    def spec(self, opts: Any, dataset: str) -> dict:
+        name = opts.encoders[0].partition("@")[0]
+        return {"encoder": name, "weights": opts.weights, "random_init": opts.random_init,
+                "encoder_seed": opts.encoder_seed, "pooling": opts.pooling, "max_text_tokens": 30,
+                "grad_checkpointing": opts.grad_checkpointing, "amp": opts.amp, "item_batch": ITEM_BATCH,
+                **self.mode_spec(opts, dataset)}
+
+    def mode_spec(self, opts: Any, dataset: str) -> dict:
+        raise NotImplementedError
+
+    def open(self, ws: Workspace, opts: Any, dataset: PreparedDataset) -> list[LiveInput]:
+        return open_live_inputs(ws, opts, dataset)
+
+    def reopen(self, ws: Workspace, config: dict) -> list[LiveInput]:
+        return reopen_live_inputs(ws, config)
+
+    def retarget(self, config: dict, dataset: PreparedDataset) -> dict:
+        moved = super().retarget(config, dataset)
+        tower = moved["model"]["item_tower"]
+        if tower.get("group"):
+            from recommend.transfer import retarget_group
+
+            moved["model"]["item_tower"] = {**tower, "group": retarget_group(tower["group"], dataset.name)}
+        return moved
+
+    def describe(self, config: dict, model: nn.Module) -> None:
+        live_config(config, model)
+
+
+class E2EKind(LiveKind):
+    """``e2e``: the top K blocks and the pooling head fine-tune; the bottom stays frozen."""
+
+    def __call__(self, spec: dict, sources: Sequence[Any], fit: bool) -> ItemTower:
+        live = _live_input(spec, sources)
+        encoder = build_live_encoder(spec, live)
+        top_k = int(spec["top_k"])
+        check_top_k(encoder.name, encoder.depth, top_k, "--top-k")
+        return LiveEncoderTower(encoder, live, spec["n_items"], spec["dim"], first_block=encoder.depth - top_k,
+                                tune_top=True, **tower_options(spec))
+
+    def check_mode(self, opts: Any, config: Any) -> None:
+        for field, flag in ADAPTER_ONLY.items():
+            if option_given(getattr(opts, field)):
+                raise UserError(f"{flag} is for --mode adapter, not e2e")
+        opts.top_k = DEFAULT_TOP_K if opts.top_k is None else opts.top_k
+        check_top_k(config.name, config.depth, opts.top_k, "--top-k")
+        opts.encoder_lr = opts.lr * ENCODER_LR_FACTOR if opts.encoder_lr is None else opts.encoder_lr
+        if not opts.encoder_lr > 0:
+            raise UserError(f"--encoder-lr must be > 0, got {opts.encoder_lr}")
+
+    def mode_spec(self, opts: Any, dataset: str) -> dict:
+        return {"top_k": opts.top_k, "cached": opts.cached,
+                "group": cache_group(dataset, opts.encoders[0]) if opts.cached else None}
+
+
+ITEM_TOWERS.register("e2e")(E2EKind())
 
 
 def cache_group(dataset: str, encoder: str) -> str:
@@ -329,20 +368,6 @@ def cache_group(dataset: str, encoder: str) -> str:
 
     name, _, variant = encoder.partition("@")
     return group_name(dataset, get_encoder_config(name).modality, name, variant or None)
-
-
-def live_tower_spec(opts: Any, dataset: str) -> dict:
-    """The item-tower settings of a live run (plain data; ``load_run`` rebuilds from it)."""
-    name = opts.encoders[0].partition("@")[0]
-    spec = {"encoder": name, "weights": opts.weights, "random_init": opts.random_init,
-            "encoder_seed": opts.encoder_seed, "pooling": opts.pooling, "max_text_tokens": 30,
-            "grad_checkpointing": opts.grad_checkpointing, "amp": opts.amp, "item_batch": ITEM_BATCH}
-    if opts.mode == "e2e":
-        spec.update(top_k=opts.top_k, cached=opts.cached,
-                    group=cache_group(dataset, opts.encoders[0]) if opts.cached else None)
-    else:
-        spec.update(adapter_dim=opts.adapter_dim, adapter_in=opts.adapter_in)
-    return spec
 
 
 def _check_cache_weights(opts: Any, cache: StateCache) -> None:
@@ -397,18 +422,3 @@ def live_config(config: dict, model: nn.Module) -> None:
         **{k: prov.get(k) for k in ("pooling", "weights", "weights_sha256", "state_sha256", "preprocessing")},
     }
     config["features"] = [tower.live.cache.record()] if tower.live.cache is not None else []
-
-
-def optimizer_groups(model: nn.Module, lr: float, encoder_lr: float | None) -> list[dict]:
-    """AdamW parameter groups: the recommender (and new modules) at ``lr``, tuned encoder weights at ``encoder_lr``.
-
-    Frozen parameters are left out, so the optimiser neither stores state for them
-    nor applies weight decay to them.
-    """
-    pretrained = {id(p) for tower in live_towers(model) for p in tower.pretrained_parameters()}
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"name": "recommender", "params": [p for p in trainable if id(p) not in pretrained], "lr": lr}]
-    encoder = [p for p in trainable if id(p) in pretrained]
-    if encoder:
-        groups.append({"name": "encoder", "params": encoder, "lr": encoder_lr or lr})
-    return groups

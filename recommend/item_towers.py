@@ -14,23 +14,30 @@ Two stored groups (text + image) are each projected to ``d`` and merged by a fus
 content tower (``add | concat``, 001 Table 7).
 
 Every tower maps ids of any shape to ``(..., d)`` and lists the whole catalogue in
-batches (:meth:`ItemTower.all_vectors`); the E2E towers of a later issue (live
-encoder blocks, adapters) register themselves here behind the same interface.
+batches (:meth:`ItemTower.all_vectors`). Each mode is a :class:`recommend.inputs.TowerKind`
+in :data:`ITEM_TOWERS`: it builds the tower and opens, checks and describes what the
+tower reads; the live-encoder and side towers (``recommend.e2e``, ``recommend.adapters``,
+``recommend.side``) register their kinds here the same way.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from featurestore.cliutil import UserError
-from recommend.features import FeatureSource, fit_whitening
+from recommend.features import FeatureSource, fit_whitening, open_source, resolve_groups
+from recommend.inputs import TowerKind
 from recommend.registry import Registry
 
-ITEM_TOWERS: Registry["ItemTower"] = Registry("item tower")
+if TYPE_CHECKING:
+    from data.dataset import PreparedDataset
+    from featurestore.workspace import Workspace
+
+ITEM_TOWERS: Registry[TowerKind] = Registry("item tower")  # --mode -> its kind (builds the tower, owns its inputs)
 FUSIONS: Registry[nn.Module] = Registry("fusion")
 # Fusions over the groups' token / patch states instead of their pooled vectors (recommend.merge_attn).
 TOKEN_FUSIONS = ("merge-attn",)
@@ -51,6 +58,14 @@ class ItemTower(nn.Module):
             for start in range(0, self.n_items + 1, batch_size)
         ]
         return torch.cat(chunks)
+
+    def pretrained_parameters(self) -> Iterator[nn.Parameter]:
+        """Pretrained encoder weights this tower fine-tunes (the optimiser gives them ``--encoder-lr``)."""
+        return iter(())
+
+    def identity(self) -> dict:
+        """Spec entries only the built tower knows (the frozen encoder's ``state_sha256``)."""
+        return {}
 
 
 def _device_of(module: nn.Module) -> torch.device:
@@ -196,6 +211,12 @@ class WithId(ItemTower):
         if self.merge is not None:
             _xavier_init(self.merge)
 
+    def pretrained_parameters(self) -> Iterator[nn.Parameter]:
+        return self.content.pretrained_parameters()
+
+    def identity(self) -> dict:
+        return self.content.identity()
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         content, learned = self.content(ids), self.ids(ids)
         if self.merge is None:
@@ -275,35 +296,86 @@ def _need_sources(spec: dict, sources: Sequence[FeatureSource]) -> None:
         raise UserError(f"at most two feature groups (text + image) can be fused, got {len(sources)}")
 
 
-@ITEM_TOWERS.register("id")
-def _id_tower(spec: dict, sources: Sequence[FeatureSource], fit: bool) -> ItemTower:
-    if sources:
-        raise UserError("--mode id learns one vector per item and reads no features; "
-                        "drop --encoder/--features, or use --mode ts / ts-dnn")
-    return IdEmbedding(spec["n_items"], spec["dim"])
+class IdKind(TowerKind):
+    """``id``: reads nothing but the item ids."""
+
+    refusal = ("--mode id learns one vector per item and reads no features; "
+               "drop --encoder/--features, or use --mode ts / ts-dnn")
+
+    def __call__(self, spec: dict, sources: Sequence[FeatureSource], fit: bool) -> ItemTower:
+        if sources:
+            raise UserError(self.refusal)
+        return IdEmbedding(spec["n_items"], spec["dim"])
+
+    def check(self, opts: Any) -> None:
+        if opts.encoders or opts.features:
+            raise UserError(self.refusal)
 
 
-@ITEM_TOWERS.register("ts")
-def _ts_tower(spec: dict, sources: Sequence[FeatureSource], fit: bool) -> ItemTower:
-    _need_sources(spec, sources)
-    if spec.get("fusion") in TOKEN_FUSIONS:
-        return _token_fusion_tower(spec, sources, dt_layer)
-    return FeatureTower(sources, spec["n_items"], spec["dim"], dt_layer,
-                        spec.get("fusion"), spec.get("whiten", False), fit)
+class StoredRowsKind(TowerKind):
+    """``ts`` / ``ts-dnn``: rows of one or two store groups (or, for ``--fusion merge-attn``,
+    their token states), each through the mode's projection, then fused."""
+
+    def __init__(self, projection: Callable[[dict], Callable[[int, int], nn.Module]],
+                 options: dict[str, tuple[str, str]] | None = None, default_layers: int | None = None) -> None:
+        self.projection = projection
+        self.options = options or {}
+        self.default_layers = default_layers
+
+    def __call__(self, spec: dict, sources: Sequence[FeatureSource], fit: bool) -> ItemTower:
+        _need_sources(spec, sources)
+        projection = self.projection(spec)
+        if spec.get("fusion") in TOKEN_FUSIONS:
+            return _token_fusion_tower(spec, sources, projection)
+        return FeatureTower(sources, spec["n_items"], spec["dim"], projection,
+                            spec.get("fusion"), spec.get("whiten", False), fit)
+
+    def check(self, opts: Any) -> None:
+        if self.default_layers is not None and opts.layers is None:
+            opts.layers = self.default_layers
+        if opts.layers is not None and opts.layers < 0:
+            raise UserError(f"--layers must be >= 0, got {opts.layers}")
+
+    def open(self, ws: Workspace, opts: Any, dataset: PreparedDataset) -> list[FeatureSource]:
+        from extract.cache import FINAL_LAYER
+
+        groups = resolve_groups(dataset.name, opts.encoders, opts.features)
+        states = f"--cache-layer {FINAL_LAYER}" if opts.fusion in TOKEN_FUSIONS else ""  # a missing group's fix
+        return [open_source(ws, g, dataset.fingerprint, dataset.n_items, states) for g in groups]
+
+    def reopen(self, ws: Workspace, config: dict) -> list[FeatureSource]:
+        return [open_source(ws, f["group"], config["dataset"]["fingerprint"], config["model"]["n_items"])
+                for f in config.get("features", [])]
+
+    def retarget(self, config: dict, dataset: PreparedDataset) -> dict:
+        from recommend.transfer import retarget_group
+
+        moved = super().retarget(config, dataset)
+        moved["features"] = [{**f, "group": retarget_group(f["group"], dataset.name)}
+                             for f in config.get("features", [])]
+        return moved
+
+    def feature_problems(self, source: Sequence[dict], target: Sequence[dict]) -> list[str]:
+        from recommend.transfer import feature_differences
+
+        return feature_differences(source, target)
 
 
-@ITEM_TOWERS.register("ts-dnn")
-def _ts_dnn_tower(spec: dict, sources: Sequence[FeatureSource], fit: bool) -> ItemTower:
-    _need_sources(spec, sources)
+def _ts_dnn_projection(spec: dict) -> Callable[[int, int], nn.Module]:
     layers, dropout = int(spec["layers"]), float(spec.get("dropout", 0.1))
 
     def projection(feat_dim: int, dim: int) -> nn.Module:
         return ts_dnn_stack(feat_dim, dim, layers, dropout)
 
-    if spec.get("fusion") in TOKEN_FUSIONS:
-        return _token_fusion_tower(spec, sources, projection)
-    return FeatureTower(sources, spec["n_items"], spec["dim"], projection,
-                        spec.get("fusion"), spec.get("whiten", False), fit)
+    return projection
+
+
+DEFAULT_TS_DNN_LAYERS = 8
+ITEM_TOWERS.register("id")(IdKind())
+ITEM_TOWERS.register("ts")(StoredRowsKind(lambda spec: dt_layer))
+ITEM_TOWERS.register("ts-dnn")(StoredRowsKind(
+    _ts_dnn_projection, {"layers": ("--layers", "sets the TS-DNN depth; it needs --mode ts-dnn")},
+    default_layers=DEFAULT_TS_DNN_LAYERS))
 
 
 def _token_fusion_tower(spec: dict, sources: Sequence[FeatureSource],

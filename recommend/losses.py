@@ -20,6 +20,18 @@ Losses:
 - ``inbatch``: softmax over the distinct targets of the batch with the
   log-popularity ("logQ") correction of sampled softmax; an item with no training
   interactions counts as 1, so ``log 0`` never happens.
+- ``ce``: softmax cross-entropy over the WHOLE catalogue (RecBole's default for
+  SASRec; the strongest choice for SASRec per Klenitskiy & Vasilev, RecSys 2023).
+  Such a loss sets ``catalogue = True``: instead of sampled extras it receives every
+  item's vector, computed by :func:`catalogue_vectors` with an exact gradient and
+  bounded memory (chunks through the tower, recomputed in backward).
+- ``gbce``: gSASRec's generalised BCE (Petrov & Macdonald, RecSys 2023) with K
+  sampled negatives per position and the calibration ``beta`` that undoes the
+  overconfidence negative sampling teaches (``t = 1`` is full CE-like calibration,
+  ``t = 0`` is plain BCE).
+
+:func:`embed_step` is the one place that turns a batch into the loss's inputs, so
+next-item training and BERT4Rec's cloze step feed every loss alike.
 """
 
 from __future__ import annotations
@@ -30,6 +42,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from torch.utils.checkpoint import checkpoint
+
+from featurestore.cliutil import UserError
+from recommend.item_towers import IdEmbedding
 from recommend.registry import Registry
 
 LOSSES: Registry["Loss"] = Registry("loss")
@@ -40,9 +56,13 @@ class LossContext:
 
     n_items: int
     train_counts: np.ndarray  # interactions per item id in the training split, length N + 1
+    negatives: int = 1  # gbce: sampled negatives per position
+    gbce_t: float = 0.75  # gbce: calibration t of gSASRec
 
 
 class Loss(nn.Module):
+    catalogue = False  # True: ``extra_vectors`` is every item's vector (N + 1, d), ``extra`` None
+
     def extra_items(self, rows: torch.Tensor) -> torch.Tensor | None:
         """Item ids ``(B, *)`` to embed besides ``rows`` (default: none)."""
         return None
@@ -52,14 +72,17 @@ class Loss(nn.Module):
         raise NotImplementedError
 
 
-def sample_negatives(sequence: torch.Tensor, n_items: int, max_rounds: int = 1000) -> torch.Tensor:
-    """One uniform item id in 1..N per position of ``sequence[:, 1:]``, never in its row.
+def sample_negatives(sequence: torch.Tensor, n_items: int, per_position: int = 1,
+                     max_rounds: int = 1000) -> torch.Tensor:
+    """``per_position`` uniform item ids in 1..N per position of ``sequence[:, 1:]``, never in its row.
 
     Rejection sampling: positions whose draw hits the user's sequence are redrawn,
     which is exactly uniform over the items the user has not interacted with.
+    Returns ``(B, (W - 1) * per_position)``, position-major (position t's draws are
+    columns ``t * per_position ...``), so one draw per position is ``(B, W - 1)``.
     """
     rows, width = sequence.shape
-    draws = torch.randint(1, n_items + 1, (rows, width - 1), device=sequence.device)
+    draws = torch.randint(1, n_items + 1, (rows, (width - 1) * per_position), device=sequence.device)
     for _ in range(max_rounds):
         clash = (draws.unsqueeze(-1) == sequence.unsqueeze(1)).any(-1)
         if not clash.any():
@@ -128,6 +151,136 @@ class InBatchSoftmax(Loss):
         own = F.one_hot(label, len(candidates)).bool()
         logits = logits.masked_fill(in_sequence[row] & ~own, float("-inf"))
         return F.cross_entropy(logits, label)
+
+
+@LOSSES.register("ce")
+class CatalogueSoftmax(Loss):
+    """Softmax cross-entropy of each position's target against all N items.
+
+    ``log sum_i exp(h . v_i)`` is taken over item chunks whose logits fit
+    ``LOGIT_BYTES``; when more than one chunk is needed, each chunk's logits are
+    recomputed in backward instead of kept (``torch.utils.checkpoint``), so memory stays
+    bounded at any catalogue size and the gradient is the exact one.
+    """
+
+    catalogue = True
+
+    def __init__(self, ctx: LossContext) -> None:
+        super().__init__()
+
+    def forward(self, hidden, rows, vectors, extra, extra_vectors):
+        valid = rows[:, :-1] > 0
+        h = hidden[valid]
+        target = (h * vectors[:, 1:][valid]).sum(-1)
+        return (chunked_logsumexp(h, extra_vectors[1:]) - target).mean()
+
+
+LOGIT_BYTES = 2**28  # the most memory one chunk of ce's logits may take (256 MiB)
+TOWER_CHUNK = 4096  # items per chunk when the catalogue goes through a content tower
+
+
+def chunked_logsumexp(h: torch.Tensor, items: torch.Tensor, budget: int = LOGIT_BYTES) -> torch.Tensor:
+    """``logsumexp(h @ items.T, dim=1)`` with at most ``budget`` bytes of logits alive."""
+    chunk = max(1, budget // max(1, h.shape[0] * h.element_size()))
+    if chunk >= len(items):
+        return torch.logsumexp(h @ items.T, dim=1)
+    parts = [checkpoint(_chunk_logsumexp, h, items[start:start + chunk], use_reentrant=False)
+             for start in range(0, len(items), chunk)]
+    return torch.logsumexp(torch.stack(parts, dim=1), dim=1)
+
+
+def _chunk_logsumexp(h: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    return torch.logsumexp(h @ items.T, dim=1)
+
+
+def catalogue_vectors(model: nn.Module, chunk: int = TOWER_CHUNK) -> torch.Tensor:
+    """Every item's vector ``(N + 1, d)`` with gradient, row 0 (padding) zero.
+
+    An ID table is its own weight. Any other tower runs over the ids ``chunk`` at a
+    time, each chunk under activation checkpointing: only the ``(N + 1, d)`` result is
+    kept, and a chunk's activations are rebuilt (same dropout draws) during backward,
+    so the memory of a deep tower over 87K items is one chunk's, the gradient exact.
+    """
+    tower = model.item_tower
+    if isinstance(tower, IdEmbedding):
+        weight = tower.table.weight
+        return torch.cat([torch.zeros_like(weight[:1]), weight[1:]])
+    device = next(model.parameters()).device
+    ids = torch.arange(tower.n_items + 1, device=device)
+    return torch.cat([checkpoint(model.embed, ids[start:start + chunk], use_reentrant=False)
+                      for start in range(0, len(ids), chunk)])
+
+
+@LOSSES.register("gbce")
+class GeneralisedBCE(Loss):
+    """gSASRec's gBCE: BCE over the positive and K sampled negatives, the positive's
+    probability raised to ``beta``.
+
+    With sampling rate ``alpha = K / (N - 1)``, ``beta = alpha * (t * (1 - 1/alpha) + 1/alpha)``;
+    the loss per position is ``-(beta log s(p) + sum_k log(1 - s(n_k))) / (K + 1)``
+    (gSASRec Eq. 9-11), averaged over positions. Negatives are uniform over the items
+    outside the user's sequence, as for ``bce``.
+    """
+
+    def __init__(self, ctx: LossContext) -> None:
+        super().__init__()
+        if not 1 <= ctx.negatives < ctx.n_items:
+            raise UserError(f"--negatives {ctx.negatives}: the catalogue has {ctx.n_items} items; "
+                            f"sample fewer negatives than items, e.g. --negatives {max(1, ctx.n_items // 4)}")
+        self.n_items, self.k = ctx.n_items, ctx.negatives
+        alpha = ctx.negatives / (ctx.n_items - 1)
+        self.beta = alpha * (ctx.gbce_t * (1 - 1 / alpha) + 1 / alpha)
+
+    def extra_items(self, rows):
+        return sample_negatives(rows, self.n_items, self.k)
+
+    def forward(self, hidden, rows, vectors, extra, extra_vectors):
+        valid = rows[:, :-1] > 0
+        b, length = valid.shape
+        pos = (hidden * vectors[:, 1:]).sum(-1)[valid]
+        neg = torch.einsum("bld,blkd->blk", hidden, extra_vectors.view(b, length, self.k, -1))[valid]
+        terms = self.beta * F.softplus(-pos) + F.softplus(neg).sum(-1)
+        return terms.mean() / (self.k + 1)
+
+
+GBCE_NEGATIVES = 256  # gSASRec's default K
+GBCE_T = 0.75  # gSASRec's default calibration
+
+
+def check_loss_options(opts) -> None:
+    """``--negatives`` / ``--gbce-t`` belong to ``--loss gbce``; fill their defaults there
+    (written into the options, so config.json records what the run trained with)."""
+    if opts.loss != "gbce":
+        for name in ("negatives", "gbce_t"):
+            if getattr(opts, name) is not None:
+                raise UserError(f"--{name.replace('_', '-')} is an option of --loss gbce, not "
+                                f"--loss {opts.loss}: drop it or use --loss gbce")
+        return
+    opts.negatives = GBCE_NEGATIVES if opts.negatives is None else opts.negatives
+    opts.gbce_t = GBCE_T if opts.gbce_t is None else opts.gbce_t
+    if opts.negatives < 1:
+        raise UserError(f"--negatives must be >= 1, got {opts.negatives}")
+    if not 0.0 <= opts.gbce_t <= 1.0:
+        raise UserError(f"--gbce-t must be in [0, 1] (0 = plain BCE, 1 = fully calibrated), got {opts.gbce_t}")
+
+
+def embed_step(model: nn.Module, loss: Loss, rows: torch.Tensor,
+               sample_from: torch.Tensor | None = None):
+    """The item vectors one step needs, from one tower call.
+
+    Returns ``(vectors of rows, extra ids, extra vectors)``: the loss's sampled extras
+    (drawn against ``sample_from``, default ``rows``) embedded together with ``rows``; for
+    a catalogue loss, every item's vector (:func:`catalogue_vectors`), of which ``rows``'
+    vectors are rows, and no extra ids.
+    """
+    if loss.catalogue:
+        table = catalogue_vectors(model)
+        return table[rows], None, table
+    extra = loss.extra_items(rows if sample_from is None else sample_from)
+    ids = rows if extra is None else torch.cat([rows, extra], dim=1)
+    vectors = model.embed(ids)
+    width = rows.shape[1]
+    return vectors[:, :width], extra, None if extra is None else vectors[:, width:]
 
 
 def create_loss(name: str, ctx: LossContext) -> Loss:

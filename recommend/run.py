@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from pathlib import Path
 
@@ -21,9 +20,8 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from featurestore.cliutil import UserError
-from featurestore.workspace import Workspace
-from recommend.e2e import LIVE_MODES, reopen_live_inputs
-from recommend.features import open_source
+from featurestore.workspace import Workspace, name_problem
+from recommend.item_towers import ITEM_TOWERS
 from recommend.model import Recommender, build_recommender
 from recommend.objectives import recommender_state
 
@@ -33,9 +31,7 @@ METRICS = "metrics.jsonl"
 BEST = "best.json"
 LOG = "train.log"
 LAST = "last.safetensors"
-FINISHED = ("completed", "early_stopped", "collapsed")  # best.json statuses of a run that is done
-
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]*$")
+FINISHED = ("completed", "early_stopped", "collapsed", "pruned")  # best.json statuses of a run that is done
 
 
 def default_run_name(config: dict) -> str:
@@ -54,8 +50,6 @@ def open_run(ws: Workspace, name: str, config: dict) -> Path:
     (:func:`setup_differences` is empty); then the trainer resumes from its
     ``last.safetensors`` or, if the run had finished, does nothing.
     """
-    if not _NAME.match(name):
-        raise UserError(f"bad run name {name!r}; use letters, digits and . _ @ + -")
     run_dir = ws.run_dir(name)
     ws.runs.mkdir(parents=True, exist_ok=True)
     try:
@@ -203,11 +197,12 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def resolve_run(ws: Workspace, run: str) -> Path:
     """A run folder from a name under ``ROOT/runs`` or a path to the folder."""
-    for candidate in (ws.run_dir(run), Path(run)):
+    names = [ws.run_dir(run)] if name_problem("run", run) is None else []
+    for candidate in (*names, Path(run)):
         if (candidate / CONFIG).exists():
             return candidate
     raise UserError(
-        f"no run {run!r}: neither {ws.run_dir(run)} nor {Path(run)} holds a {CONFIG}; "
+        f"no run {run!r}: neither {ws.runs / run} nor {Path(run)} holds a {CONFIG}; "
         "list runs with `recommend runs` or pass --root"
     )
 
@@ -256,11 +251,7 @@ def load_run(run_dir: Path | str, device: str | torch.device = "cpu",
     best_checkpoint(run_dir)  # refused before the model is built
     ws = ws or Workspace(run_dir.resolve().parent.parent)
     spec = config["model"]
-    if spec["item_tower"]["name"] in LIVE_MODES:
-        sources = reopen_live_inputs(ws, config)
-    else:
-        sources = [open_source(ws, f["group"], config["dataset"]["fingerprint"], spec["n_items"])
-                   for f in config.get("features", [])]
+    sources = ITEM_TOWERS.get(spec["item_tower"]["name"]).reopen(ws, config)
     model = build_recommender(spec, sources, fit=False)
     load_best_weights(model, run_dir)
     return model.to(device).eval(), config

@@ -64,10 +64,10 @@ class StudyOptions:
     top_k: int = 2
     cached: bool = True
     epochs: int = 20
-    dim: int = 64
-    batch_size: int = 64
-    lr: float = 1e-3
-    patience: int = 10
+    dim: int = TrainOptions.dim  # one set of defaults with ``recommend train``
+    batch_size: int = TrainOptions.batch_size
+    lr: float = TrainOptions.lr
+    patience: int = TrainOptions.patience
     seed: int = 42
     random_init: bool = False
     device: str = "auto"
@@ -283,7 +283,7 @@ def _train_and_rank(ws: Workspace, config: Configuration, progress: bool, thread
 
 
 def default_out(ws: Workspace, opts: StudyOptions) -> Path:
-    return opts.out or ws.studies / f"{opts.dataset}-{opts.encoder}"
+    return opts.out or ws.study_dir(f"{opts.dataset}-{opts.encoder}")
 
 
 def write_report(out: Path, opts: StudyOptions, dataset: PreparedDataset, configs: list[Configuration],

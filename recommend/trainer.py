@@ -29,8 +29,8 @@ import resource
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
-from typing import Iterator
+from dataclasses import asdict, dataclass, field, replace
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -40,18 +40,15 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data.dataset import PreparedDataset
-from extract.cache import FINAL_LAYER
 from featurestore.cliutil import UserError
-from featurestore.workspace import Workspace
+from featurestore.workspace import Workspace, check_name
 from recommend import __version__
 from recommend.batches import SequenceBatches, model_seq_len, training_rows
 from recommend.cloze import check_cloze_options, cloze_loss
 from recommend.cost import parameter_breakdown
-from recommend.e2e import (LIVE_MODES, check_live_options, live_config, live_tower_spec, open_live_inputs,
-                           optimizer_groups)
-from recommend.features import open_source, resolve_groups
-from recommend.item_towers import ITEM_TOWERS, FUSIONS, TOKEN_FUSIONS, WITH_ID_MODES
-from recommend.losses import LOSSES, Loss, LossContext, create_loss
+from recommend.inputs import refuse_foreign_options
+from recommend.item_towers import DEFAULT_TS_DNN_LAYERS, ITEM_TOWERS, FUSIONS, TOKEN_FUSIONS, WITH_ID_MODES
+from recommend.losses import LOSSES, Loss, LossContext, check_loss_options, create_loss, embed_step
 from recommend.model import Recommender, build_recommender
 from recommend.objectives import AuxObjectives, Step, attach_objectives, check_objectives
 from recommend.transfer import check_transfer_options, init_from_run
@@ -61,9 +58,9 @@ from recommend.run import (BEST, CHECKPOINT, FINISHED, LAST, LOG, append_metrics
 from recommend.user_encoders import USER_ENCODERS
 
 MONITOR = ("HR@10", "NDCG@10")  # early stopping: best HR@10, ties broken by NDCG@10
-DEFAULT_TS_DNN_LAYERS = 8
 COLLAPSE_FLOOR = 0.01  # a best HR@10 at least this high is "clearly above" zero ...
 COLLAPSE_FRACTION = 0.1  # ... and falling below this share of it is a collapse
+CLEARLY_ABOVE = 1.1  # a best validation HR@10 under 1.1x popularity's has learned no more than popularity
 
 
 @dataclass
@@ -79,20 +76,23 @@ class TrainOptions:
     with_id: str | None = None
     whiten: bool = False
     backbone: str = "sasrec"
-    loss: str = "bce"
-    dim: int = 512
+    loss: str = "ce"  # defaults that differ from the papers' (bce, d 512, lr 1e-4): see ``recommend train --help``
+    negatives: int | None = None  # gbce: sampled negatives per position; recommend.losses
+    gbce_t: float | None = None  # gbce: calibration t
+    dim: int = 64
     blocks: int = 2
     heads: int = 2
     dropout: float = 0.1
-    lr: float = 1e-4
+    lr: float = 1e-3
     weight_decay: float = 0.1
     batch_size: int = 64
     epochs: int = 100
     patience: int = 10
+    plateau_patience: int = 30  # patience while validation is not yet clearly above popularity
     seed: int = 42
     device: str = "auto"
     run_name: str | None = None
-    # live-encoder modes (e2e, adapter): see recommend.e2e and recommend.adapters
+    # fields of one mode only (its TowerKind's ``options``): live encoders, recommend.e2e / recommend.adapters
     top_k: int | None = None
     encoder_lr: float | None = None
     grad_checkpointing: bool = False
@@ -126,16 +126,12 @@ class Objective(nn.Module):
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
         if getattr(self.model.user_encoder, "cloze", False):  # bidirectional: fill in masked items
             return cloze_loss(self.model, self.loss, rows)
-        extra = self.loss.extra_items(rows)
-        ids = rows if extra is None else torch.cat([rows, extra], dim=1)
-        vectors = self.model.embed(ids)  # one tower call: inputs, targets and negatives
-        width = rows.shape[1]
-        hidden = self.model.encode(vectors[:, : width - 1], rows[:, :-1] > 0)
-        extra_vectors = None if extra is None else vectors[:, width:]
-        value = self.loss(hidden, rows, vectors[:, :width], extra, extra_vectors)
+        vectors, extra, extra_vectors = embed_step(self.model, self.loss, rows)  # one tower call
+        hidden = self.model.encode(vectors[:, :-1], rows[:, :-1] > 0)
+        value = self.loss(hidden, rows, vectors, extra, extra_vectors)
         if self.aux is None:
             return value
-        parts = {"rec": value, **self.aux(Step(self.model, rows, vectors[:, :width], hidden))}
+        parts = {"rec": value, **self.aux(Step(self.model, rows, vectors, hidden))}
         self.terms = {name: part.detach() for name, part in parts.items()}
         return torch.stack(list(parts.values())).sum()
 
@@ -195,15 +191,12 @@ def resolve_device(name: str, procs: Processes) -> torch.device:
 
 def check_options(opts: TrainOptions) -> TrainOptions:
     """Reject combinations that make no sense, each with the fix; fill mode defaults."""
-    ITEM_TOWERS.get(opts.mode)
+    kind = ITEM_TOWERS.get(opts.mode)
     USER_ENCODERS.get(opts.backbone)
+    if opts.run_name is not None:
+        check_name("run", opts.run_name)  # refused before any work, not after the model is built
     LOSSES.get(opts.loss)
-    if opts.layers is not None and opts.mode != "ts-dnn":
-        raise UserError(f"--layers sets the TS-DNN depth; it needs --mode ts-dnn, not {opts.mode}")
-    if opts.mode == "ts-dnn" and opts.layers is None:
-        opts.layers = DEFAULT_TS_DNN_LAYERS
-    if opts.layers is not None and opts.layers < 0:
-        raise UserError(f"--layers must be >= 0, got {opts.layers}")
+    refuse_foreign_options({name: ITEM_TOWERS.get(name) for name in ITEM_TOWERS.names()}, opts)
     n_groups = len(opts.encoders) + len(opts.features)
     if opts.fusion is not None:
         known = (*FUSIONS.names(), *TOKEN_FUSIONS)
@@ -225,14 +218,15 @@ def check_options(opts: TrainOptions) -> TrainOptions:
     check_cloze_options(opts)
     if opts.backbone in ("sasrec", "bert4rec") and opts.dim % opts.heads:
         raise UserError(f"--dim {opts.dim} must be divisible by --heads {opts.heads}")
-    for name in ("dim", "blocks", "heads", "batch_size", "epochs", "patience"):
+    for name in ("dim", "blocks", "heads", "batch_size", "epochs", "patience", "plateau_patience"):
         if getattr(opts, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(opts, name)}")
     if not 0.0 <= opts.dropout < 1.0:
         raise UserError(f"--dropout must be in [0, 1), got {opts.dropout}")
     if not opts.lr > 0:
         raise UserError(f"--lr must be > 0, got {opts.lr}")
-    check_live_options(opts)
+    check_loss_options(opts)
+    kind.check(opts)
     check_transfer_options(opts)
     check_objectives(opts)
     return opts
@@ -247,8 +241,7 @@ def model_spec(opts: TrainOptions, dataset: PreparedDataset) -> dict:
         tower["fusion"] = opts.fusion
     if opts.with_id:
         tower["with_id"] = opts.with_id
-    if opts.mode in LIVE_MODES:
-        tower.update(live_tower_spec(opts, dataset.name))
+    tower.update(ITEM_TOWERS.get(opts.mode).spec(opts, dataset.name))
     return {
         "n_items": dataset.n_items,
         "dim": opts.dim,
@@ -260,13 +253,33 @@ def model_spec(opts: TrainOptions, dataset: PreparedDataset) -> dict:
     }
 
 
+def optimizer_groups(model: Recommender, lr: float, encoder_lr: float | None) -> list[dict]:
+    """AdamW parameter groups: the recommender (and new modules) at ``lr``, the pretrained encoder
+    weights the item tower fine-tunes at ``encoder_lr``.
+
+    Frozen parameters are left out, so the optimiser neither stores state for them
+    nor applies weight decay to them.
+    """
+    pretrained = {id(p) for p in model.item_tower.pretrained_parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"name": "recommender", "params": [p for p in trainable if id(p) not in pretrained], "lr": lr}]
+    encoder = [p for p in trainable if id(p) in pretrained]
+    if encoder:
+        groups.append({"name": "encoder", "params": encoder, "lr": encoder_lr or lr})
+    return groups
+
+
 def parameter_cost(model: nn.Module) -> dict:
     return {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "total_params": sum(p.numel() for p in model.parameters())}
 
 
 def validate(model: Recommender, dataset: PreparedDataset) -> dict:
-    """Full-pool HR@10 / NDCG@10 on the validation split: the one scoring function."""
+    """Full-pool HR@10 / NDCG@10 on the validation split: the one scoring function.
+
+    Called on every process of a torchrun launch: each ranks its share of the users
+    and all get the gathered metrics (:mod:`eval.distributed`).
+    """
     from eval.evaluate import evaluate
 
     model.eval()
@@ -347,7 +360,8 @@ def build_config(opts: TrainOptions, dataset: PreparedDataset, sources, spec: di
         "training": {
             "loss": opts.loss, "optimizer": "AdamW", "lr": opts.lr,
             "weight_decay": opts.weight_decay, "batch_size": opts.batch_size,
-            "epochs": opts.epochs, "patience": opts.patience, "seed": opts.seed,
+            "epochs": opts.epochs, "patience": opts.patience, "plateau_patience": opts.plateau_patience,
+            "seed": opts.seed,
             "device": str(device), "world_size": procs.world_size,
             "monitor": list(MONITOR), "validation": {"split": "valid", "full_pool": True,
                                                      "exclude_history": True},
@@ -357,12 +371,19 @@ def build_config(opts: TrainOptions, dataset: PreparedDataset, sources, spec: di
     }
 
 
-def train(ws: Workspace, opts: TrainOptions, progress: bool = True, echo: bool = True) -> dict:
+def train(ws: Workspace, opts: TrainOptions, progress: bool = True, echo: bool = True,
+          on_epoch: Callable[[int, dict], bool] | None = None) -> dict:
     """Train one recommender into its run folder (resuming it, see above) and return its summary.
 
+    Args:
+        on_epoch: called on process 0 after each validated epoch with ``(epoch, metrics)``;
+            returning True stops the run with status ``pruned`` (``recommend tune``).
+
     Returns:
-        ``{"run", "run_dir", "status", "best_epoch", "best", "epochs", "message"}``;
-        ``best`` holds the best validation metrics (``HR@10``, ``NDCG@10``).
+        ``{"run", "run_dir", "status", "best_epoch", "best", "epochs", "message", "popularity",
+        "warning"}``; ``best`` holds the best validation metrics (``HR@10``, ``NDCG@10``),
+        ``popularity`` the popularity baseline's on validation, ``warning`` what to do when
+        ``best`` is not clearly above it (else None).
 
     Example:
         >>> train(Workspace(root), TrainOptions(dataset="HM", mode="ts-dnn", layers=8,
@@ -374,21 +395,17 @@ def train(ws: Workspace, opts: TrainOptions, progress: bool = True, echo: bool =
     if procs.world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        return _train(ws, opts, procs, device, progress, echo)
+        return _train(ws, opts, procs, device, progress, echo, on_epoch)
     finally:
         if procs.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 
 def _train(ws: Workspace, opts: TrainOptions, procs: Processes, device: torch.device,
-           progress: bool, echo: bool) -> dict:
+           progress: bool, echo: bool, on_epoch: Callable[[int, dict], bool] | None = None) -> dict:
     dataset = PreparedDataset.load(ws.dataset_dir(opts.dataset))
-    if opts.mode in LIVE_MODES:
-        sources = open_live_inputs(ws, opts, dataset)
-    else:
-        groups = resolve_groups(dataset.name, opts.encoders, opts.features)
-        states = f"--cache-layer {FINAL_LAYER}" if opts.fusion in TOKEN_FUSIONS else ""  # a missing group's fix
-        sources = [open_source(ws, g, dataset.fingerprint, dataset.n_items, states) for g in groups]
+    kind = ITEM_TOWERS.get(opts.mode)
+    sources = kind.open(ws, opts, dataset)  # opened and checked against the dataset's fingerprint
     spec = model_spec(opts, dataset)
     rows = training_rows(dataset, spec["max_seq_len"])
     if len(rows) == 0:
@@ -401,7 +418,10 @@ def _train(ws: Workspace, opts: TrainOptions, procs: Processes, device: torch.de
     np.random.seed(opts.seed)
     model = build_recommender(spec, sources, fit=True).to(device)
     transferred = init_from_run(ws, opts, model, spec, sources)  # --init-from: source weights, else None
-    loss = create_loss(opts.loss, LossContext(dataset.n_items, dataset.train_counts())).to(device)
+    context = LossContext(dataset.n_items, dataset.train_counts())
+    if opts.loss == "gbce":
+        context = replace(context, negatives=opts.negatives, gbce_t=opts.gbce_t)
+    loss = create_loss(opts.loss, context).to(device)
     aux = attach_objectives(model, opts.objectives)  # on the model: NID's head trains and saves with it
     objective: nn.Module = Objective(model, loss, aux)
     if procs.world_size > 1:
@@ -413,7 +433,7 @@ def _train(ws: Workspace, opts: TrainOptions, procs: Processes, device: torch.de
 
     config = build_config(opts, dataset, sources, spec, model, len(rows), procs, device)
     config["parameters"] = parameter_breakdown(model)
-    live_config(config, model)
+    kind.describe(config, model)
     if transferred is not None:
         config["transfer"] = transferred
     name = procs.broadcast(_run_name(ws, opts, config) if procs.main else None)
@@ -433,7 +453,7 @@ def _train(ws: Workspace, opts: TrainOptions, procs: Processes, device: torch.de
             log.info("resuming after epoch %d (from %s)", resume["epoch"], LAST)
         try:
             outcome = _epochs(objective, model, optimizer, batches, dataset, opts, procs, device,
-                              run_dir, progress, log, resume)
+                              run_dir, progress, log, resume, on_epoch)
         except KeyboardInterrupt:
             if procs.main:
                 _mark_interrupted(run_dir)
@@ -441,16 +461,19 @@ def _train(ws: Workspace, opts: TrainOptions, procs: Processes, device: torch.de
             raise
         if procs.main:
             write_json(run_dir / BEST, {"epoch": outcome["best_epoch"], "metrics": outcome["best"],
-                                        "status": outcome["status"], "message": outcome["message"]})
+                                        "status": outcome["status"], "message": outcome["message"],
+                                        "popularity": outcome["popularity"], "warning": outcome["warning"]})
             (run_dir / LAST).unlink(missing_ok=True)  # finished: nothing left to resume
         log.info("%s", outcome["message"])
+        if outcome["warning"]:
+            log.warning("warning: %s", outcome["warning"])
     return {"run": name, "run_dir": str(run_dir), **outcome}
 
 
 def _epochs(objective, model: Recommender, optimizer, batches: SequenceBatches,
             dataset: PreparedDataset, opts: TrainOptions, procs: Processes,
             device: torch.device, run_dir, progress: bool, log: logging.Logger,
-            resume: dict | None = None) -> dict:
+            resume: dict | None = None, on_epoch: Callable[[int, dict], bool] | None = None) -> dict:
     state = resume or {"epoch": 0, "best": None, "best_epoch": None, "since_best": 0,
                        "stopped": None, "records": []}
     best, best_epoch, since_best = state["best"], state["best_epoch"], state["since_best"]
@@ -458,6 +481,9 @@ def _epochs(objective, model: Recommender, optimizer, batches: SequenceBatches,
     status, message = state["stopped"] or ("completed", "")
     epoch = state["epoch"]
     first = opts.epochs + 1 if state["stopped"] else epoch + 1
+    from eval.evaluate import popularity_metrics
+
+    popular = popularity_metrics(dataset, "valid", ks=(10,)) if procs.main else None
     for epoch in range(first, opts.epochs + 1):
         torch.manual_seed(epoch_seed(opts.seed, procs.rank, epoch))  # negatives, dropout
         batches.set_epoch(epoch)
@@ -494,9 +520,9 @@ def _epochs(objective, model: Recommender, optimizer, batches: SequenceBatches,
         terms = {name: procs.mean(part / max(steps, 1), device) for name, part in term_totals.items()}
 
         decision = None
+        eval_start = time.perf_counter()
+        metrics = validate(model, dataset)  # every process: the users are sharded across them
         if procs.main:
-            eval_start = time.perf_counter()
-            metrics = validate(model, dataset)
             record = {
                 "epoch": epoch, "loss": mean_loss, "valid": metrics, "seconds": seconds,
                 "sec_per_step": seconds / max(steps, 1), "steps": steps,
@@ -522,10 +548,15 @@ def _epochs(objective, model: Recommender, optimizer, batches: SequenceBatches,
                 best, best_epoch, since_best = metrics, epoch, 0
             else:
                 since_best += 1
-                if since_best >= opts.patience:
+                patience = opts.patience if _left_plateau(best, popular) else opts.plateau_patience
+                if since_best >= patience:
                     decision = ("early_stopped",
                                 f"early stop at epoch {epoch}: no better validation "
-                                f"{MONITOR[0]} for {opts.patience} epochs.")
+                                f"{MONITOR[0]} for {patience} epochs"
+                                + ("." if patience == opts.patience else
+                                   " while still at popularity's level (--plateau-patience)."))
+            if decision is None and on_epoch is not None and on_epoch(epoch, metrics):
+                decision = ("pruned", f"pruned at epoch {epoch} by the hyper-parameter search.")
             records.append(record)
             # resumable state first; the best checkpoint is only ever written after a state
             # that names it (see _restore_run_files), and metrics.jsonl is rebuilt on resume
@@ -546,7 +577,31 @@ def _epochs(objective, model: Recommender, optimizer, batches: SequenceBatches,
     summary = (f"best validation {', '.join(f'{k} {v:.4f}' for k, v in best.items())} at epoch "
                f"{best_epoch}" if best else "no epoch was validated")
     return {"status": status, "best_epoch": best_epoch, "best": best or {}, "epochs": epoch,
-            "message": f"{message} {summary}; checkpoint {CHECKPOINT if best else 'none'}."}
+            "message": f"{message} {summary}; checkpoint {CHECKPOINT if best else 'none'}.",
+            "popularity": popular, "warning": popularity_warning(best, popular, opts) if procs.main else None}
+
+
+def _left_plateau(best: dict | None, popular: dict) -> bool:
+    """Whether the best validation HR@10 so far is clearly above the popularity baseline's.
+
+    Sequential models first learn popularity and sit at its level, sometimes for tens of
+    epochs, before they learn sequences (001 Fig. 5; BERT4Rec and SASRec at small lr), so
+    early stopping counts ``--patience`` only once this is true, ``--plateau-patience`` before.
+    """
+    return best is not None and best[MONITOR[0]] >= CLEARLY_ABOVE * popular[MONITOR[0]]
+
+
+def popularity_warning(best: dict | None, popular: dict, opts: TrainOptions) -> str | None:
+    """What to tell the user when the run learned no more than item popularity (else None)."""
+    if _left_plateau(best, popular):
+        return None
+    score = f"{best[MONITOR[0]]:.4f}" if best else "none"
+    return (f"best validation {MONITOR[0]} {score} is not clearly above the popularity baseline's "
+            f"{popular[MONITOR[0]]:.4f} (under {CLEARLY_ABOVE:g}x): this model has learned no more than "
+            f"how popular items are, so its numbers say nothing about its item tower or backbone. It may "
+            f"have stopped on the popularity plateau or be set up badly. Try more --epochs or "
+            f"--plateau-patience, another --lr (now {opts.lr:g}; try {opts.lr * 3:g} and {opts.lr / 3:g}), "
+            f"--loss ce, or search with `recommend tune`.")
 
 
 def _step_terms(objective: nn.Module) -> dict[str, torch.Tensor]:
@@ -567,7 +622,8 @@ def _finished(run_dir) -> dict | None:
     if best.get("status") not in FINISHED:
         return None
     return {"status": best["status"], "best_epoch": best.get("epoch"), "best": best.get("metrics", {}),
-            "epochs": len(read_metrics(run_dir)),
+            "epochs": len(read_metrics(run_dir)), "popularity": best.get("popularity"),
+            "warning": best.get("warning"),
             "message": f"already finished, nothing to do: {best.get('message', '')}".strip()}
 
 

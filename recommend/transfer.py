@@ -49,8 +49,7 @@ from featurestore.cliutil import UserError
 from featurestore.store import parse_group_name
 from featurestore.workspace import Workspace
 from recommend.adapters import adapter_places
-from recommend.e2e import LIVE_MODES, live_towers, reopen_live_inputs
-from recommend.features import open_source
+from recommend.item_towers import ITEM_TOWERS
 from recommend.model import Recommender, build_recommender
 from recommend.registry import Registry
 from recommend.run import best_checkpoint, load_best_weights, read_config, resolve_run
@@ -187,8 +186,8 @@ def compatibility_problems(source: dict, target_spec: dict, target_features: Seq
     if ITEM in parts:
         problems += _setting_differences(model["item_tower"], target_spec["item_tower"], ITEM_SETTINGS,
                                          "item tower")
-        if target_spec["item_tower"]["name"] not in LIVE_MODES:
-            problems += feature_differences(source.get("features", []), target_features)
+        problems += ITEM_TOWERS.get(target_spec["item_tower"]["name"]).feature_problems(
+            source.get("features", []), target_features)
     if USER in parts:
         problems += _setting_differences(model["user_encoder"], target_spec["user_encoder"], USER_SETTINGS,
                                          "user encoder")
@@ -249,12 +248,8 @@ def copy_parts(model: Recommender, state: dict[str, torch.Tensor], parts: Sequen
 
 
 def _target_spec_with_weights(spec: dict, model: Recommender) -> dict:
-    """The spec with the live encoder's weights identity, as the source's config records it."""
-    towers = live_towers(model)
-    if not towers:
-        return spec
-    return {**spec, "item_tower": {**spec["item_tower"],
-                                   "state_sha256": towers[0].encoder.provenance["state_sha256"]}}
+    """The spec with the built tower's identity (a frozen encoder's weights), as the source's config records it."""
+    return {**spec, "item_tower": {**spec["item_tower"], **model.item_tower.identity()}}
 
 
 def init_from_run(ws: Workspace, opts: Any, model: Recommender, spec: dict, sources: Sequence[Any]) -> dict | None:
@@ -325,19 +320,11 @@ def zero_shot_model(ws: Workspace, run_dir: Path, target: str, untrained: bool =
 
 def _target_sources(ws: Workspace, config: dict, dataset: PreparedDataset) -> tuple[dict, list]:
     """(model spec over the target's items, the target's opened inputs), checked against the source."""
-    model = config["model"]
-    tower = model["item_tower"]
-    if tower["name"] in LIVE_MODES:
-        if tower.get("group"):
-            tower = {**tower, "group": retarget_group(tower["group"], dataset.name)}
-        moved = {**config, "dataset": {"name": dataset.name, "fingerprint": dataset.fingerprint},
-                 "model": {**model, "n_items": dataset.n_items, "item_tower": tower}}
-        return moved["model"], reopen_live_inputs(ws, moved)
-    features = config.get("features", [])
-    sources = [open_source(ws, retarget_group(f["group"], dataset.name), dataset.fingerprint, dataset.n_items)
-               for f in features]
-    problems = feature_differences(features, [s.record() for s in sources])
+    kind = ITEM_TOWERS.get(config["model"]["item_tower"]["name"])
+    moved = kind.retarget(config, dataset)
+    sources = kind.reopen(ws, moved)
+    problems = kind.feature_problems(config.get("features", []), [s.record() for s in sources])
     if problems:
         raise UserError(f"dataset {dataset.name}'s store groups cannot feed the run's item tower: "
                         f"{'; '.join(problems)}; extract them with the run's encoder, variant and weights")
-    return {**model, "n_items": dataset.n_items}, sources
+    return moved["model"], sources

@@ -10,7 +10,9 @@ including ``truth.json`` (item orig id -> cluster), are in ``ws.root / "raw" / "
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 
 import pytest
 import torch
@@ -18,6 +20,12 @@ import torch
 from data.dataset import PreparedDataset
 from data.prepare import synthetic_dataset
 from featurestore.workspace import Workspace
+
+# Tests never touch the network: the model hub is switched off and its cache is an empty folder of
+# the session's own (a developer's real cache must not change what a test sees); subprocesses inherit both.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="hf_home_")
+os.environ.pop("HF_HUB_CACHE", None)
 
 SYNTH_USERS = 560  # about 400 remain after the 5-interaction filter
 SYNTH_ITEMS = 150

@@ -15,7 +15,8 @@ from featurestore.workspace import Workspace
 from recommend.adapters import ITEM_SITES, Adapter, attach_adapter
 from recommend.batches import training_rows
 from recommend.cost import parameter_breakdown
-from recommend.e2e import open_live_inputs, optimizer_groups
+from recommend.e2e import open_live_inputs
+from recommend.trainer import optimizer_groups
 from recommend.losses import LossContext, create_loss
 from recommend.model import build_recommender
 from recommend.run import load_run

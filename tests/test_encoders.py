@@ -61,7 +61,7 @@ def test_unknown_encoder_lists_known_names():
 
 def test_paper_encoders_refuse_without_weights():
     for name in ("swin-b", "bert-base", "mae-b"):
-        with pytest.raises(UserError, match="--weights PATH_OR_HUB_ID.*--random-init"):
+        with pytest.raises(UserError, match="HF_HUB_OFFLINE.*--weights PATH.*--random-init"):
             create_encoder(name)
     with pytest.raises(UserError, match="not both"):
         create_encoder("swin-t", weights="x.pth", random_init=True)

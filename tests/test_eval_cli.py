@@ -67,8 +67,9 @@ def test_rank_exports_vectors_that_recompute_the_metrics(trained, tmp_path):
     assert out["users"] > 300 and out["split"] == "test" and out["exclude_history"] is True
     files = out["export"]["files"]
     assert sorted(Path(p).name for p in files.values()) == sorted(
-        ["items.npy", "users.npy", "targets.npy", "history_indptr.npy", "history_indices.npy"])
+        ["items.npy", "users.npy", "targets.npy", "history_indptr.npy", "history_indices.npy", "ranks.npy"])
     recomputed = metrics_from_export(files, (10, 20, 50))
+    assert metrics_from_ranks(np.load(files["ranks"]), (10, 20, 50)) == pytest.approx(recomputed)
     for key, value in recomputed.items():
         assert out[key] == pytest.approx(value), key
 

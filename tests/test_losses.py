@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 
 from featurestore.cliutil import UserError
-from recommend.losses import LossContext, create_loss, list_losses, sample_negatives
+from recommend.features import FeatureSource
+from recommend.item_towers import create_item_tower
+from recommend.losses import (LossContext, catalogue_vectors, chunked_logsumexp, create_loss, embed_step,
+                              list_losses, sample_negatives)
 
 
 def test_sampled_negatives_are_never_in_the_users_sequence_and_cover_the_rest():
@@ -52,7 +57,10 @@ def _inputs(seed: int = 0, n_items: int = 30, rows: int = 4, width: int = 6, dim
 
 
 def _loss(loss_fn, table, sequence, hidden):
-    """Call a loss the way the trainer does: extras embedded by the same table."""
+    """Call a loss the way the trainer does: extras embedded by the same table (a catalogue
+    loss gets the whole table)."""
+    if loss_fn.catalogue:
+        return loss_fn(hidden, sequence, table[sequence], None, table)
     extra = loss_fn.extra_items(sequence)
     return loss_fn(hidden, sequence, table[sequence], extra, None if extra is None else table[extra])
 
@@ -122,3 +130,143 @@ def test_losses_ignore_padding_positions(name):
 def test_unknown_loss_names_the_known_ones():
     with pytest.raises(UserError, match="unknown loss 'softmax'.*bce.*inbatch"):
         create_loss("softmax", LossContext(30, np.ones(31)))
+
+
+def _positions(sequence):
+    """(row, input position, target id) of every position that counts, in order."""
+    return [(b, t, int(sequence[b, t + 1])) for b in range(sequence.shape[0])
+            for t in range(sequence.shape[1] - 1) if sequence[b, t] != 0]
+
+
+def test_ce_is_softmax_over_the_whole_catalogue():
+    table, sequence, hidden = _inputs(seed=7)
+    loss = _loss(create_loss("ce", LossContext(30, np.ones(31))), table, sequence, hidden).item()
+    terms = []
+    for b, t, target in _positions(sequence):
+        logits = [float(hidden[b, t] @ table[i]) for i in range(1, 31)]  # items 1..N, never padding
+        terms.append(np.logaddexp.reduce(logits) - logits[target - 1])
+    assert loss == pytest.approx(np.mean(terms), rel=1e-5)
+
+
+def test_ce_in_chunks_has_the_same_value_and_gradient():
+    gen = torch.Generator().manual_seed(8)
+    h, items = torch.randn(40, 16, generator=gen), torch.randn(1000, 16, generator=gen)
+    grads = []
+    for budget in (10**9, 40 * 4 * 64):  # one chunk; chunks of 64 items, recomputed in backward
+        h1, items1 = h.clone().requires_grad_(), items.clone().requires_grad_()
+        value = chunked_logsumexp(h1, items1, budget)
+        (value * torch.arange(40.0)).sum().backward()
+        grads.append((value.detach(), h1.grad, items1.grad))
+    for one, chunked in zip(*grads):
+        assert torch.allclose(one, chunked, atol=1e-5)
+    assert torch.allclose(grads[0][0], torch.logsumexp(h @ items.T, 1), atol=1e-5)
+
+
+class _Model(torch.nn.Module):
+    """The two verbs of a Recommender that :func:`embed_step` uses."""
+
+    def __init__(self, tower):
+        super().__init__()
+        self.item_tower = tower
+
+    def embed(self, ids):
+        return self.item_tower(ids) * (ids > 0).unsqueeze(-1)
+
+
+def _ts_dnn(n_items=57, dim=8, layers=3):
+    rows = np.random.default_rng(9).standard_normal((n_items + 1, 12)).astype(np.float32)
+    source = FeatureSource(group="t/text/x", rows=rows, present=np.ones(n_items + 1, bool), dim=12,
+                           fingerprint="f")
+    return create_item_tower({"name": "ts-dnn", "n_items": n_items, "dim": dim, "layers": layers,
+                              "dropout": 0.1, "whiten": False}, [source], True)
+
+
+def test_ce_through_a_content_tower_in_chunks_has_the_exact_gradient():
+    """Chunked, checkpointed catalogue vectors give the same loss and parameter gradients as
+    one plain forward of the whole catalogue (dropout included: recomputation replays it)."""
+    model = _Model(_ts_dnn())
+    loss_fn = create_loss("ce", LossContext(57, np.ones(58)))
+    gen = torch.Generator().manual_seed(10)
+    rows = torch.randint(1, 58, (5, 8), generator=gen)
+    rows[0, :4] = 0
+    hidden = torch.randn(5, 7, 8, generator=gen)
+
+    def step(table):
+        value = loss_fn(hidden, rows, table[rows], None, table)
+        model.zero_grad()
+        value.backward()
+        return value.item(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    for train_mode in (False, True):
+        model.train(train_mode)
+        torch.manual_seed(3)
+        plain = step(model.embed(torch.arange(58)))
+        torch.manual_seed(3)
+        vectors, extra, table = embed_step(model, loss_fn, rows)
+        assert extra is None and table.shape == (58, 8) and torch.equal(vectors, table[rows])
+        torch.manual_seed(3)
+        chunked = step(catalogue_vectors(model, chunk=58 if train_mode else 10))
+        assert chunked[0] == pytest.approx(plain[0], rel=1e-6)
+        for a, b in zip(plain[1], chunked[1]):
+            assert torch.allclose(a, b, atol=1e-6)
+    assert torch.count_nonzero(table[0]) == 0  # padding is the zero vector
+
+
+def test_ce_recomputed_chunks_replay_dropout_exactly():
+    """With dropout on, each chunk's recomputation in backward draws the masks its forward drew:
+    the gradient equals that of the same chunks kept in memory."""
+    model = _Model(_ts_dnn()).train()
+    ids = torch.arange(58)
+
+    def grads(checkpointed):
+        torch.manual_seed(4)
+        chunks = [catalogue_vectors(model, chunk=10)] if checkpointed else [
+            model.embed(ids[i:i + 10]) for i in range(0, 58, 10)]
+        table = torch.cat(chunks)
+        model.zero_grad()
+        (table ** 2).sum().backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    for a, b in zip(grads(False), grads(True)):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_ce_on_an_id_table_is_the_table_itself():
+    tower = create_item_tower({"name": "id", "n_items": 30, "dim": 8}, [], True)
+    table = catalogue_vectors(_Model(tower))
+    assert torch.equal(table[1:], tower.table.weight[1:]) and torch.count_nonzero(table[0]) == 0
+    table.sum().backward()
+    assert torch.equal(tower.table.weight.grad[1:], torch.ones(30, 8))
+
+
+def test_gbce_is_gsasrecs_formula():
+    table, sequence, hidden = _inputs(seed=11)
+    k, t, n = 5, 0.75, 30
+    loss_fn = create_loss("gbce", LossContext(n, np.ones(n + 1), negatives=k, gbce_t=t))
+    torch.manual_seed(12)
+    loss = _loss(loss_fn, table, sequence, hidden).item()
+    torch.manual_seed(12)
+    negatives = sample_negatives(sequence, n, k)
+    assert negatives.shape == (4, 6 * k)
+    alpha = k / (n - 1)
+    beta = alpha * (t * (1 - 1 / alpha) + 1 / alpha)
+    sigmoid = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    terms = []
+    for b, pos, target in _positions(sequence):
+        h = hidden[b, pos]
+        term = -math.log(sigmoid(float(h @ table[target])) ** beta)
+        for j in range(k):
+            negative = int(negatives[b, pos * k + j])
+            assert negative not in sequence[b].tolist()
+            term -= math.log(1 - sigmoid(float(h @ table[negative])))
+        terms.append(term / (k + 1))
+    assert loss == pytest.approx(np.mean(terms), rel=1e-5)
+
+
+def test_gbce_calibration_ends():
+    """t = 0 is plain BCE over K negatives (beta = 1); t = 1 gives beta = alpha = K / (N - 1)."""
+    plain = create_loss("gbce", LossContext(30, np.ones(31), negatives=4, gbce_t=0.0))
+    full = create_loss("gbce", LossContext(30, np.ones(31), negatives=4, gbce_t=1.0))
+    assert plain.beta == pytest.approx(1.0) and full.beta == pytest.approx(4 / 29)
+    with pytest.raises(UserError, match="--negatives 30"):
+        create_loss("gbce", LossContext(30, np.ones(31), negatives=30))

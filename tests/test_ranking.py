@@ -1,4 +1,8 @@
-"""rank_targets against a brute-force numpy reference: exact ranks, ties, exclusion."""
+"""rank_targets against a brute-force numpy reference: exact ranks, ties, exclusion.
+
+Every CPU ranker (faiss flat, torch matmul + top-k, the bf16 two-pass) must give the
+reference's ranks on every test.
+"""
 
 from __future__ import annotations
 
@@ -35,12 +39,16 @@ def random_histories(rng, n_users, n_items, max_len):
     return indptr, indices
 
 
+CPU_INDEXES = ("flat", "torch", "torch-twopass")
+
+
 def check(users, items, targets, indptr, indices, max_k, batch_size=64):
     for exclude in (True, False):
-        got = rank_targets(users, items, targets, indptr, indices, exclude_history=exclude,
-                           max_k=max_k, batch_size=batch_size, progress=False)
         want = reference_ranks(users, items, targets, indptr, indices, exclude, max_k)
-        np.testing.assert_array_equal(got, want, err_msg=f"exclude_history={exclude}")
+        for index in CPU_INDEXES:
+            got = rank_targets(users, items, targets, indptr, indices, exclude_history=exclude,
+                               max_k=max_k, batch_size=batch_size, progress=False, index=index)
+            np.testing.assert_array_equal(got, want, err_msg=f"index={index}, exclude_history={exclude}")
 
 
 @pytest.mark.parametrize("max_k", [1, 10, 50])
@@ -67,9 +75,10 @@ def test_exact_ties_rank_target_below_equal_scores():
     check(users, items, targets, indptr, indices, max_k=20)
     # a user scoring every item equally: the target is last among the N items
     flat = np.zeros((1, dim), dtype=np.float32)
-    rank = rank_targets(flat, items, np.array([5]), np.array([0, 0]), np.array([], dtype=np.int64),
-                        max_k=500, progress=False)
-    assert rank[0] == n_items
+    for index in CPU_INDEXES:
+        rank = rank_targets(flat, items, np.array([5]), np.array([0, 0]), np.array([], dtype=np.int64),
+                            max_k=500, progress=False, index=index)
+        assert rank[0] == n_items, index
 
 
 def test_history_holding_the_top_items_is_skipped_exactly():

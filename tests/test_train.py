@@ -104,6 +104,34 @@ def test_other_backbones_and_inbatch_train_end_to_end(synth_ws, backbone, pop_hr
     assert result["epochs"] == 3 and 0 < result["best"]["HR@10"] <= 1
 
 
+def test_catalogue_ce_beats_popularity(synth_ws, pop_hr):
+    ws, _ = synth_ws
+    result = run(ws, mode="id", loss="ce", epochs=8, run_name="loss-ce")
+    assert result["best"]["HR@10"] > pop_hr + 0.05, (result["best"], pop_hr)
+
+
+def test_gbce_with_one_negative_and_no_calibration_trains_exactly_as_bce(synth_ws):
+    """gBCE at K = 1, t = 0 is the papers' BCE (half of it: the mean over K + 1 terms, which
+    Adam does not see); the same seed draws the same negatives, so the runs agree."""
+    ws, _ = synth_ws
+    bce = run(ws, mode="id", loss="bce", epochs=3, run_name="loss-bce-3")
+    gbce = run(ws, mode="id", loss="gbce", negatives=1, gbce_t=0.0, epochs=3, run_name="loss-gbce-3")
+    assert gbce["best"]["HR@10"] == pytest.approx(bce["best"]["HR@10"], abs=1e-9)
+    assert gbce["best"]["NDCG@10"] == pytest.approx(bce["best"]["NDCG@10"], rel=1e-4)
+    options = json.loads((ws.run_dir("loss-gbce-3") / "config.json").read_text())["options"]
+    assert options["negatives"] == 1 and options["gbce_t"] == 0.0
+    default = run(ws, mode="id", loss="gbce", negatives=8, epochs=1, run_name="loss-gbce-default")
+    assert json.loads((ws.run_dir("loss-gbce-default") / "config.json").read_text())["options"]["gbce_t"] == 0.75
+    assert default["epochs"] == 1
+
+
+def test_cloze_training_with_ce_and_gbce(synth_ws):
+    ws, _ = synth_ws
+    for loss, extra in (("ce", {}), ("gbce", {"negatives": 4})):
+        result = run(ws, mode="id", backbone="bert4rec", loss=loss, epochs=2, run_name=f"cloze-{loss}", **extra)
+        assert result["epochs"] == 2 and 0 < result["best"]["HR@10"] <= 1
+
+
 def test_validation_collapse_stops_and_keeps_the_best(synth_ws, monkeypatch):
     ws, _ = synth_ws
     scores = iter([0.20, 0.30, 0.001, 0.5])
@@ -115,6 +143,39 @@ def test_validation_collapse_stops_and_keeps_the_best(synth_ws, monkeypatch):
     assert "--lr" in result["message"] and "epoch 2" in result["message"]
     assert (ws.run_dir("collapse-valid") / "model.safetensors").exists()
     assert json.loads((ws.run_dir("collapse-valid") / "best.json").read_text())["status"] == "collapsed"
+
+
+def _scripted_validation(monkeypatch, scores):
+    scores = iter(scores)
+    monkeypatch.setattr(trainer_module, "validate",
+                        lambda model, dataset: {"HR@10": (s := next(scores)), "NDCG@10": s / 2})
+
+
+def test_patience_waits_out_the_popularity_plateau(synth_ws, monkeypatch, pop_hr):
+    """Nine epochs at popularity's level, then the model learns: a patience of 4 would have
+    stopped at epoch 5 on the plateau; counted from leaving it, the run reaches epoch 10."""
+    ws, _ = synth_ws
+    _scripted_validation(monkeypatch, [pop_hr] * 9 + [2 * pop_hr] * 11)
+    result = run(ws, mode="id", epochs=20, patience=4, plateau_patience=12, run_name="plateau-left")
+    assert result["status"] == "early_stopped" and result["best_epoch"] == 10 and result["epochs"] == 14
+    assert result["warning"] is None
+    assert json.loads((ws.run_dir("plateau-left") / "best.json").read_text())["warning"] is None
+
+
+def test_a_run_no_better_than_popularity_ends_with_a_warning(synth_ws, monkeypatch, pop_hr):
+    ws, _ = synth_ws
+    _scripted_validation(monkeypatch, [1.05 * pop_hr] + [pop_hr] * 9)
+    out = CliRunner().invoke(cli, ["train", "--root", str(ws.root), "--dataset", "synth", "--mode", "id",
+                                   "--dim", "16", "--epochs", "10", "--patience", "2", "--plateau-patience",
+                                   "5", "--run-name", "plateau-stuck", "--quiet"])
+    assert out.exit_code == 0, out.output
+    assert "plateau-patience" in out.output and "at epoch 1" in out.output
+    assert "warning: best validation HR@10" in out.output and "recommend tune" in out.output
+    best = json.loads((ws.run_dir("plateau-stuck") / "best.json").read_text())
+    assert best["epoch"] == 1 and "not clearly above the popularity baseline" in best["warning"]
+    assert best["popularity"]["HR@10"] == pytest.approx(pop_hr)
+    assert "warning: best validation HR@10" in (ws.run_dir("plateau-stuck") / "train.log").read_text()
+    assert len((ws.run_dir("plateau-stuck") / "metrics.jsonl").read_text().splitlines()) == 6
 
 
 def test_nan_loss_stops_and_keeps_the_best(synth_ws, synth_dataset, monkeypatch):
@@ -129,7 +190,7 @@ def test_nan_loss_stops_and_keeps_the_best(synth_ws, synth_dataset, monkeypatch)
         return value * float("nan") if calls["n"] > steps_per_epoch + 2 else value  # in epoch 2
 
     monkeypatch.setattr(SampledBCE, "forward", poisoned)
-    result = run(ws, mode="id", epochs=5, run_name="collapse-nan")
+    result = run(ws, mode="id", loss="bce", epochs=5, run_name="collapse-nan")
     assert result["status"] == "collapsed" and result["best_epoch"] == 1
     assert "nan" in result["message"] and "--lr" in result["message"]
     model, _ = load_run(ws.run_dir("collapse-nan"))

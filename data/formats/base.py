@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -26,6 +27,10 @@ CHUNK_ROWS = 1_000_000
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 TEXT_FIRST_MAX_SEQ_LEN = 23
 IMAGE_FIRST_MAX_SEQ_LEN = 13
+# Excel and many exporters start a UTF-8 file with a byte-order mark; it is not part of the
+# first column's name (or the first id), so every reader decodes with "utf-8-sig".
+ENCODING = "utf-8-sig"
+SEPARATOR_NAMES = {",": "commas", "\t": "tabs", ";": "semicolons", "|": "bars"}
 
 
 @dataclass
@@ -92,12 +97,55 @@ def require_file(path: Path, what: str) -> Path:
 def require_columns(path: Path, present: Sequence[str], needed: Sequence[str]) -> None:
     missing = [c for c in needed if c not in present]
     if missing:
-        raise UserError(f"{path.name} lacks column(s) {', '.join(missing)}; found {', '.join(map(str, present))}")
+        raise UserError(f"{path} lacks column(s) {', '.join(missing)} in its header (line 1); found {', '.join(map(str, present))}; "
+                        f"the header line must name {', '.join(needed)}")
+
+
+def not_utf8(path: Path) -> UserError:
+    """The error for a file that is not UTF-8 text, naming the first bad line (scanned only
+    after a decoder failed, so a good file is never read twice)."""
+    with open(path, "rb") as fh:
+        for number, raw in enumerate(fh, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                return UserError(f"{path} line {number}: byte 0x{raw[err.start]:02x} at column {err.start + 1} is "
+                                 f"not UTF-8 text; save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`) "
+                                 "and prepare again")
+    return UserError(f"{path} is not UTF-8 text; save it as UTF-8 and prepare again")
+
+
+def first_line(path: Path, sep: str) -> str:
+    """The first line (BOM and line ending removed), refusing an empty file, text that is
+    not UTF-8 and a line separated by something other than ``sep``."""
+    try:
+        with open(path, encoding=ENCODING, newline="") as fh:
+            line = fh.readline().rstrip("\r\n")
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
+    if not line.strip():
+        raise UserError(f"{path} is empty (or its line 1 is blank); expected rows separated by "
+                        f"{SEPARATOR_NAMES[sep]}, see `featurestore dataset prepare --help` for the layout")
+    if sep not in line:
+        other = next((s for s in SEPARATOR_NAMES if s != sep and s in line), None)
+        if other is not None:
+            raise UserError(f"{path} line 1 is separated by {SEPARATOR_NAMES[other]}, but this format uses "
+                            f"{SEPARATOR_NAMES[sep]}; re-export the file with {SEPARATOR_NAMES[sep]}")
+    return line
 
 
 def csv_header(path: Path, sep: str = ",") -> list[str]:
-    with open(path, newline="", encoding="utf-8") as fh:
-        return next(csv.reader(fh, delimiter=sep), [])
+    return next(csv.reader([first_line(path, sep)], delimiter=sep), [])
+
+
+def _parse_error(path: Path, err: Exception) -> UserError:
+    """A pandas tokenizer error as one line naming the file and the line."""
+    text = str(err).strip()
+    row = re.search(r"(?:row|line) (\d+)", text)
+    where = f" line {int(row.group(1)) + 1}" if row and "row" in row.group(0) else f" line {row.group(1)}" if row else ""
+    fix = ("a quote opened there is never closed; close or remove it" if "inside string" in text
+           else "fix that line or remove it")
+    return UserError(f"{path}{where}: cannot parse ({text.splitlines()[-1]}); {fix}, then prepare again")
 
 
 def read_table_chunks(path: Path, chunk_rows: int, **kwargs) -> Iterator[tuple[pd.DataFrame, int]]:
@@ -109,10 +157,16 @@ def read_table_chunks(path: Path, chunk_rows: int, **kwargs) -> Iterator[tuple[p
     kwargs.setdefault("dtype", str)
     kwargs.setdefault("keep_default_na", False)
     kwargs.setdefault("na_values", [""])
+    kwargs.setdefault("encoding", ENCODING)
+    first_line(path, kwargs.get("sep", ","))
     try:
         reader = pd.read_csv(path, chunksize=chunk_rows, on_bad_lines="warn", **kwargs)
     except pd.errors.EmptyDataError:
         raise UserError(f"{path} is empty") from None
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
+    except pd.errors.ParserError as err:
+        raise _parse_error(path, err) from None
     frame = None
     with reader:
         while True:
@@ -123,8 +177,10 @@ def read_table_chunks(path: Path, chunk_rows: int, **kwargs) -> Iterator[tuple[p
                     frame = next(reader)
                 except StopIteration:
                     done = True  # a bad last line is only reported now
-                except (pd.errors.ParserError, UnicodeDecodeError) as err:
-                    raise UserError(f"cannot parse {path}: {str(err).strip()}") from err
+                except UnicodeDecodeError:
+                    raise not_utf8(path) from None
+                except pd.errors.ParserError as err:
+                    raise _parse_error(path, err) from None
             skipped = sum(str(w.message).count("Skipping line") for w in caught)
             if done:
                 if skipped and frame is not None:
@@ -137,7 +193,7 @@ def read_table(path: Path, **kwargs) -> tuple[pd.DataFrame, int]:
     """A whole (catalogue-sized) table as strings, and the count of malformed lines skipped."""
     chunks = list(read_table_chunks(path, CHUNK_ROWS, **kwargs))
     if not chunks or not sum(len(frame) for frame, _ in chunks):
-        raise UserError(f"{path} has no rows")
+        raise UserError(f"{path} has no rows below line 1; add the catalogue's rows (one item per line)")
     return pd.concat([frame for frame, _ in chunks], ignore_index=True), sum(s for _, s in chunks)
 
 
@@ -146,10 +202,10 @@ def positional_columns(path: Path, names: Sequence[str], header_words: set[str] 
     """read_csv arguments naming columns by position: ``names`` for the first columns,
     ``extraK`` for any beyond, and the first line skipped when it is a header (its first
     cell is one of ``header_words``). At least two columns are required."""
-    with open(path, encoding="utf-8") as fh:
-        first = fh.readline().rstrip("\r\n").split(sep)
+    first = first_line(path, sep).split(sep)
     if len(first) < 2:
-        raise UserError(f"{path.name} needs at least {names[0]} and {names[1]} columns, found {len(first)}")
+        raise UserError(f"{path} line 1 has {len(first)} column; this file needs at least {names[0]} and "
+                        f"{names[1]}, separated by {SEPARATOR_NAMES[sep]}")
     columns = [*names, *(f"extra{k}" for k in range(len(first) - len(names)))][: len(first)]
     header = 0 if first[0].strip().lower() in header_words else None
     return {"header": header, "names": columns, "usecols": columns[: len(names)], "sep": sep}
@@ -218,7 +274,10 @@ def parse_times(values: pd.Series, fmt: str | None = None) -> np.ndarray:
         return numeric.to_numpy(dtype=np.float64).astype(np.int64)
     text = numeric.isna()
     stamps = pd.to_datetime(values[text], errors="coerce", format=fmt or "mixed", utc=True)
-    numeric[text] = (stamps - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)
+    # whole seconds in the stamps' own resolution: dates before 1677 or after 2262 (e.g. year 1)
+    # overflow nanoseconds, and are still valid times
+    seconds = stamps.dt.as_unit("s").dt.tz_localize(None).to_numpy().astype(np.int64).astype(np.float64)
+    numeric[text] = np.where(stamps.isna().to_numpy(), np.nan, seconds)
     return numeric.fillna(INVALID_TIME).to_numpy(dtype=np.float64).astype(np.int64)
 
 
