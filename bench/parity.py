@@ -1,0 +1,299 @@
+"""Parity with RecBole 1.2.1: its SASRec / GRU4Rec against ours on the identical split.
+
+A comparison table is only worth reading if our IDRec baseline is as strong as a peer
+library's. This bench trains RecBole's model (its defaults: CE loss over the catalogue,
+Adam 1e-3, batch 2048, its early stopping) and ours (``recommend train --mode id`` with
+the same backbone and width) on the same prepared dataset, and prints test HR@10 and
+NDCG@10 for both under both protocols:
+
+- ``kept``: the user's history stays in the ranking (RecBole's protocol for sequential
+  models). RecBole's own evaluator reports it; we also rescore its model with our ranking
+  code as a check that the two agree.
+- ``excluded``: history removed from the ranking (the papers' protocol and our default):
+  RecBole's trained model is rescored with ``eval.ranking`` (its exported item table and
+  sequence outputs), ours by ``eval.evaluate``.
+
+The split RecBole sees is built from our prepared sequences (``bench.recbole_split``), not
+from its own filtering, and checked target by target and history by history against ours
+before any number is printed. RecBole reads the same history window as our model
+(``MAX_ITEM_LIST_LENGTH`` = our ``max_seq_len``) and scores the same catalogue (an
+``.item`` file lists every item).
+
+RecBole needs numpy < 2 and our zarr 3 needs numpy 2, so RecBole runs in its own
+virtualenv (created on first use from :data:`PINS`, outside the repository) as a
+subprocess (``bench/recbole_runner.py``); data goes both ways through files.
+
+    python bench/parity.py                                   # synthetic generic, SASRec, seed 0
+    python bench/parity.py --model gru4rec --seeds 0,1
+    python bench/parity.py --ours "tuned=--lr 1e-3 --loss inbatch" --seeds 0,1,2
+    python bench/parity.py --dataset HM --root /data/ws --dim 64   # any prepared dataset
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import venv
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import numpy as np
+
+from recbole_split import check_split, write_inter, write_item  # bench/ is the script folder
+from data.dataset import PreparedDataset
+from data.prepare import synthetic_dataset
+from eval.evaluate import EvalVectors, evaluate, popularity_metrics, vector_ranks
+from eval.metrics import metrics_from_ranks
+from eval.ranking import csr_rows
+from featurestore.cliutil import UserError
+from featurestore.workspace import Workspace
+from recommend.batches import model_seq_len
+from recommend.run import load_run
+
+# RecBole's environment: known to work with these (numpy < 2 for np.float_, pandas < 2.3;
+# torch 2.13.0 is the CPU wheel this machine keeps on disk: no multi-GB CUDA download)
+PINS = ("recbole==1.2.1", "torch==2.13.0", "numpy==1.26.4", "pandas==2.2.3")
+DEFAULT_VENV = Path.home() / ".cache" / "morec-store" / "recbole-1.2.1"
+RUNNER = Path(__file__).with_name("recbole_runner.py")
+KS = (10,)
+PROTOCOLS = {"kept": False, "excluded": True}  # name -> exclude_history
+
+
+@dataclass(frozen=True)
+class ModelPair:
+    """One architecture in both libraries: RecBole's model name and width settings at d, our backbone."""
+
+    recbole: str
+    backbone: str
+    widths: tuple[tuple[str, int], ...]  # RecBole setting -> multiple of d (its defaults' ratios)
+
+
+MODELS = {
+    "sasrec": ModelPair("SASRec", "sasrec", (("hidden_size", 1), ("inner_size", 4))),
+    "gru4rec": ModelPair("GRU4Rec", "gru4rec", (("embedding_size", 1), ("hidden_size", 2))),
+}
+REPORT_KEYS = ("learning_rate", "train_batch_size", "epochs", "stopping_step", "valid_metric", "weight_decay",
+               "loss_type", "MAX_ITEM_LIST_LENGTH", "hidden_size", "embedding_size", "inner_size", "n_layers",
+               "num_layers", "hidden_dropout_prob", "attn_dropout_prob", "dropout_prob", "seed")
+
+
+def ensure_venv(path: Path) -> Path:
+    """RecBole's virtualenv at ``path`` with :data:`PINS` installed (created when missing); its python."""
+    python = path / "bin" / "python"
+    if not _pinned(python):
+        click.echo(f"creating RecBole's virtualenv at {path} ({', '.join(PINS)}) ...", err=True)
+        venv.create(path, with_pip=True, clear=python.exists())
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *PINS], check=True)
+        if not _pinned(python):
+            raise UserError(f"the virtualenv {path} does not hold {', '.join(PINS)} after pip install; "
+                            "remove it and rerun, or pass --venv")
+    return python
+
+
+def _pinned(python: Path) -> bool:
+    if not python.exists():
+        return False
+    probe = ("import json, recbole, torch, numpy, pandas; print(json.dumps({m.__name__: m.__version__ "
+             "for m in (recbole, torch, numpy, pandas)}))")
+    done = subprocess.run([str(python), "-c", probe], capture_output=True, text=True)
+    if done.returncode:
+        return False
+    found = json.loads(done.stdout)
+    return all(found.get(name, "").split("+")[0] == version
+               for name, version in (pin.split("==") for pin in PINS))
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def run_recbole(python: Path, ws: Workspace, dataset: PreparedDataset, pair: ModelPair, dim: int,
+                seed: int, overrides: dict, threads: int, device: str, redo: bool) -> dict:
+    """Train RecBole's model on our split in its venv; its result and export (cached by settings)."""
+    data_path = ws.root / "parity" / "recbole-data"
+    write_inter(dataset, data_path / dataset.name / f"{dataset.name}.inter")
+    write_item(dataset, data_path / dataset.name / f"{dataset.name}.item")
+    settings = {"MAX_ITEM_LIST_LENGTH": model_seq_len(dataset),
+                **{key: ratio * dim for key, ratio in pair.widths}, **overrides}
+    job = {"work_dir": "", "data_path": str(data_path), "dataset": dataset.name, "model": pair.recbole,
+           "seed": seed, "threads": threads, "device": device, "n_items": dataset.n_items,
+           "overrides": settings, "report_keys": list(REPORT_KEYS),
+           "fingerprint": dataset.manifest["interactions_fingerprint"]}
+    work = ws.root / "parity" / "recbole" / f"{dataset.name}-{pair.recbole}-d{dim}-s{seed}-{_digest(job)}"
+    job["work_dir"] = str(work)
+    if redo or not (work / "result.json").exists():
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "job.json").write_text(json.dumps(job, indent=2))
+        with open(work / "runner.log", "w") as log:
+            done = subprocess.run([str(python), str(RUNNER), str(work / "job.json")], stdout=log,
+                                  stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+        if done.returncode:
+            raise UserError(f"RecBole's {pair.recbole} failed (exit {done.returncode}); see {work / 'runner.log'}")
+    result = json.loads((work / "result.json").read_text())
+    with np.load(work / "export.npz") as arrays:
+        result["export"] = dict(arrays)
+    return result
+
+
+def rescore(dataset: PreparedDataset, export: dict) -> dict:
+    """RecBole's model under both protocols, ranked by our code, after checking its split."""
+    for split in ("valid", "test"):
+        check_split(dataset, split, export[f"{split}_users"], export[f"{split}_targets"],
+                    export[f"{split}_histories"])
+    users = export["test_users"]
+    order = np.argsort(users)  # our user order, so the excluded CSR rows line up
+    metrics = {}
+    for protocol, exclude in PROTOCOLS.items():
+        hist = csr_rows(*dataset.history("test"), users[order]) if exclude else (
+            np.zeros(len(users) + 1, dtype=np.int64), np.zeros(0, dtype=np.int64))
+        vectors = EvalVectors(export["items"], export["test_vectors"][order], export["test_targets"][order], *hist)
+        metrics[protocol] = metrics_from_ranks(vector_ranks(vectors, max(KS), exclude), KS)
+    return metrics
+
+
+def run_ours(ws: Workspace, dataset: PreparedDataset, pair: ModelPair, dim: int, seed: int,
+             variant: str, flags: list[str], threads: int) -> dict:
+    """``recommend train --mode id`` with ``flags``, then test metrics under both protocols."""
+    args = ["--dataset", dataset.name, "--mode", "id", "--backbone", pair.backbone, "--dim", str(dim),
+            "--seed", str(seed), *flags]
+    name = f"parity-{dataset.name}-{pair.backbone}-{variant}-{_digest(args)}-s{seed}"
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "recommend.cli", "train", *args, "--run-name", name,
+                           "--root", str(ws.root), "--json"], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    if done.returncode:
+        raise UserError(f"recommend train {' '.join(args)} failed: {done.stderr.strip().splitlines()[-1:]}")
+    summary = json.loads(done.stdout)
+    model, _ = load_run(ws.run_dir(name))
+    metrics = {protocol: evaluate(model, dataset, split="test", ks=KS, exclude_history=exclude)
+               for protocol, exclude in PROTOCOLS.items()}
+    return {"run": name, "flags": flags, "best_epoch": summary.get("best_epoch"),
+            "epochs": summary.get("epochs"), "status": summary.get("status"),
+            "seconds": time.perf_counter() - start, "metrics": metrics}
+
+
+def prepare_synthetic(ws: Workspace, users: int, items: int, seed: int) -> PreparedDataset:
+    """The bundled generator in the ``generic`` raw layout, prepared once per size."""
+    name = f"parity-generic-u{users}-i{items}-s{seed}"
+    if not ws.dataset_dir(name).exists():
+        synthetic_dataset(ws.root, name, "generic", users=users, items=items, seed=seed, images=False)
+    return PreparedDataset.load(ws.dataset_dir(name))
+
+
+def parse_variants(texts: tuple[str, ...]) -> dict[str, list[str]]:
+    variants = {}
+    for text in texts:
+        name, sep, flags = text.partition("=")
+        if not sep or not name:
+            raise UserError(f"--ours {text!r}: give NAME=FLAGS, e.g. 'tuned=--lr 1e-3 --loss inbatch'")
+        variants[name] = flags.split()
+    return variants
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Mean (and sd over seeds) per (library, config, protocol, metric)."""
+    table: dict[str, dict] = {}
+    for row in rows:
+        entry = table.setdefault(row["who"], {})
+        for protocol, metrics in row["metrics"].items():
+            for key in ("HR@10", "NDCG@10"):
+                entry.setdefault(f"{protocol} {key}", []).append(metrics[key])
+    return {who: {key: {"mean": statistics.fmean(v), "sd": statistics.stdev(v) if len(v) > 1 else 0.0,
+                        "values": v} for key, v in entry.items()} for who, entry in table.items()}
+
+
+@click.command()
+@click.option("--dataset", default=None, help="Prepared dataset under ROOT/datasets [default: synthesize one].")
+@click.option("--root", type=click.Path(path_type=Path), default=Path("workspace/bench-parity"), show_default=True,
+              help="Workspace: datasets, our runs and RecBole's work folders (ROOT/parity).")
+@click.option("--users", default=3000, show_default=True, help="Synthetic users to draw (before the 5+ filter).")
+@click.option("--items", default=500, show_default=True, help="Synthetic catalogue size.")
+@click.option("--model", "model_name", type=click.Choice(sorted(MODELS)), default="sasrec", show_default=True,
+              help="Architecture trained in both libraries.")
+@click.option("--dim", default=64, show_default=True,
+              help="Width d for both (RecBole's default; its other widths keep their default ratios to d).")
+@click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds, each run by both.")
+@click.option("--ours", "variants", multiple=True,
+              help="NAME=FLAGS: one configuration of ours (recommend train flags); repeatable "
+                   "[default: defaults= (every other option at its default)].")
+@click.option("--recbole-set", "recbole_sets", multiple=True,
+              help="KEY=JSON: a RecBole setting changed from its default, e.g. epochs=50; repeatable.")
+@click.option("--venv", "venv_path", type=click.Path(path_type=Path), default=DEFAULT_VENV, show_default=True,
+              help="RecBole's virtualenv (created from the pins in this script when missing).")
+@click.option("--threads", default=1, show_default=True, help="CPU threads per training process.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--redo", is_flag=True, help="Retrain RecBole even when a finished run with these settings exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def main(dataset, root, users, items, model_name, dim, seeds, variants, recbole_sets, venv_path, threads,
+         device, redo, as_json):
+    """Train RecBole's model and ours on one split (checked user by user); test HR@10 / NDCG@10 under
+    RecBole's protocol (history kept) and the papers' (history excluded), and ours / RecBole."""
+    ws = Workspace(root)
+    data = (PreparedDataset.load(ws.dataset_dir(dataset)) if dataset
+            else prepare_synthetic(ws, users, items, seed=0))
+    pair = MODELS[model_name]
+    seed_list = [int(s) for s in seeds.split(",")]
+    ours = parse_variants(variants or ("defaults=",))
+    overrides = {}
+    for text in recbole_sets:
+        key, sep, value = text.partition("=")
+        if not sep:
+            raise UserError(f"--recbole-set {text!r}: give KEY=JSON, e.g. epochs=50")
+        overrides[key] = json.loads(value)
+    python = ensure_venv(venv_path)
+    rows, recbole_info = [], []
+    for seed in seed_list:
+        click.echo(f"seed {seed}: RecBole {pair.recbole} ...", err=True)
+        result = run_recbole(python, ws, data, pair, dim, seed, overrides, threads, device, redo)
+        metrics = rescore(data, result.pop("export"))
+        rows.append({"who": f"RecBole {pair.recbole}", "seed": seed, "metrics": metrics})
+        recbole_info.append({"seed": seed, "own_test": result["test"], "rescored_kept_HR@10":
+                             metrics["kept"]["HR@10"], **{k: result[k] for k in
+                             ("best_epoch", "epochs", "train_seconds", "config")}})
+        for variant, flags in ours.items():
+            click.echo(f"seed {seed}: ours {variant} ({' '.join(flags) or 'defaults'}) ...", err=True)
+            run = run_ours(ws, data, pair, dim, seed, variant, flags, threads)
+            rows.append({"who": f"ours {variant}", "seed": seed, **run})
+    table = summarise(rows)
+    base = table[f"RecBole {pair.recbole}"]
+    ratios = {who: {key: entry[key]["mean"] / base[key]["mean"] for key in entry if base[key]["mean"]}
+              for who, entry in table.items() if who.startswith("ours")}
+    popularity = {p: popularity_metrics(data, "test", KS, exclude) for p, exclude in PROTOCOLS.items()}
+    out = {"dataset": data.name, "users": data.n_users, "items": data.n_items, "model": model_name, "dim": dim,
+           "seeds": seed_list, "pins": list(PINS), "split_checked": "valid and test, every user: targets and histories",
+           "table": table, "ratio_vs_recbole": ratios, "recbole": recbole_info,
+           "popularity": {p: {k: m[k] for k in ("HR@10", "NDCG@10")} for p, m in popularity.items()},
+           "runs": [{k: r[k] for k in r if k != "metrics"} for r in rows]}
+    if as_json:
+        click.echo(json.dumps(out, indent=2, default=str))
+        return
+    click.echo(f"{data.name}: {data.n_users} users, {data.n_items} items, {model_name} d={dim}, seeds {seed_list}; "
+               "split checked target by target (valid + test)")
+    click.echo(f"{'run':<28} {'kept HR@10':>11} {'kept NDCG@10':>13} {'excl HR@10':>11} {'excl NDCG@10':>13}")
+    for who, entry in [("popularity", {f"{p} {k}": {"mean": m[k], "sd": 0.0} for p, m in out["popularity"].items()
+                                       for k in ("HR@10", "NDCG@10")}), *table.items()]:
+        cells = [f"{entry[key]['mean']:.4f}±{entry[key]['sd']:.3f}"
+                 for key in ("kept HR@10", "kept NDCG@10", "excluded HR@10", "excluded NDCG@10")]
+        click.echo(f"{who:<28} {cells[0]:>11} {cells[1]:>13} {cells[2]:>11} {cells[3]:>13}")
+    for who, ratio in ratios.items():
+        click.echo(f"{who} / RecBole: " + ", ".join(f"{k} x{v:.3f}" for k, v in ratio.items()))
+    for info in recbole_info:
+        click.echo(f"RecBole seed {info['seed']}: its own test hit@10 {info['own_test'].get('hit@10', float('nan')):.4f}"
+                   f" (our rescoring, history kept: {info['rescored_kept_HR@10']:.4f}), best epoch "
+                   f"{info['best_epoch']} of {info['epochs']}, {info['train_seconds']:.0f}s")
+    for row in rows:
+        if row["who"].startswith("ours"):
+            click.echo(f"{row['who']} seed {row['seed']}: {row['status']}, best epoch {row['best_epoch']} of "
+                       f"{row['epochs']}, {row['seconds']:.0f}s, run {row['run']}")
+
+
+if __name__ == "__main__":
+    from featurestore.cliutil import run_cli
+
+    run_cli(main, "parity")
