@@ -110,6 +110,7 @@ class TrainOptions:
     init_from: str | None = None  # cross-dataset transfer; recommend.transfer
     transfer: str | None = None
     objectives: list[str] = field(default_factory=list)  # PMMRec's auxiliary terms; recommend.objectives
+    side_dim: int | None = None  # --mode side: adapter bottleneck; recommend.side
 
 
 class Objective(nn.Module):
