@@ -16,7 +16,7 @@ from pathlib import Path
 from featurestore.cliutil import UserError
 
 
-MODE_LABELS = {"id": "IDRec", "ts": "TS", "e2e": "E2E", "adapter": "adapters"}
+MODE_LABELS = {"id": "IDRec", "ts": "TS", "e2e": "E2E", "adapter": "adapters", "side": "side (IISAN)"}
 
 
 @dataclass

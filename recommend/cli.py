@@ -24,6 +24,7 @@ from recommend.run import list_runs
 from recommend.study import DEFAULT_LAYERS, STUDY_MODES, StudyOptions, run_study
 from recommend.trainer import CLEARLY_ABOVE, DEFAULT_TS_DNN_LAYERS, Processes, TrainOptions, train
 from recommend.transfer import list_transfers
+from recommend.tune_cli import make_tune_command
 from recommend.user_encoders import list_user_encoders
 from recommend.warm_study import run_warm_study
 
@@ -57,15 +58,17 @@ def cli() -> None:
               help="Item tower: id = IDRec embedding table; ts = stored vectors through the DT "
                    "layer Linear(feat->d); ts-dnn = stored vectors through TS-DNN-N; e2e = the "
                    "encoder runs live, its top K blocks fine-tuned with the recommender; adapter = "
-                   "the encoder runs live, frozen, with Houlsby adapters trained.")
+                   "the encoder runs live, frozen, with Houlsby adapters trained; side = IISAN's side "
+                   "networks over every layer's pooled state, cached by `featurestore extract "
+                   "--cache-layer all` (the encoders never run).")
 @click.option("--layers", type=int, default=None,
               help=f"TS-DNN depth N: Linear(feat->d)+GELU, then N x [Dropout, Linear(d,d), GELU] "
                    f"(--mode ts-dnn only) [default: {DEFAULT_TS_DNN_LAYERS}].")
 @click.option("--encoder", default=None, metavar="ENC[,ENC]",
               help="Use the store group DATASET/<modality>/ENC written by `featurestore extract "
                    "--encoder ENC` (ENC@VARIANT for a variant); two names = text + image. "
-                   "e2e/adapter: the encoder to run live. [default for ts/ts-dnn: the dataset's only "
-                   "complete store group].")
+                   "e2e/adapter: the encoder to run live; side: the groups holding --cache-layer all "
+                   "[default for ts/ts-dnn: the dataset's only complete store group].")
 @click.option("--features", default=None, metavar="GROUP[,GROUP]",
               help="Store groups by full name DATASET/MODALITY/ENCODER[@VARIANT]; two = fused.")
 @click.option("--fusion", type=click.Choice(list_fusions() + list_token_fusions()), default=None,
@@ -169,6 +172,8 @@ def cli() -> None:
                    "contrastive learning (needs two groups: --encoder TEXT_ENC,IMAGE_ENC), nid = "
                    "noised item detection, rcl = robustness-aware contrastive learning "
                    f"(known: {', '.join(list_objectives())}).")
+@click.option("--side-dim", type=int, default=None,
+              help="side: bottleneck width of the side networks' adapters [default: 64, as IISAN].")
 @click.option("--quiet", is_flag=True, help="No progress bar or per-epoch log lines on stderr.")
 @config_option
 @root_option
@@ -208,6 +213,9 @@ def train_command(ws: Workspace, as_json: bool, encoder: str | None, features: s
     emit(result, as_json, text)
 
 
+cli.add_command(make_tune_command(train_command, _names))
+
+
 @cli.command("runs")
 @root_option
 @json_option
@@ -233,8 +241,9 @@ def runs_command(ws: Workspace, as_json: bool) -> None:
 @click.option("--layers", default=",".join(map(str, DEFAULT_LAYERS)), show_default=True,
               help="TS-DNN depths N to train, comma-separated (one run each).")
 @click.option("--modes", default=",".join(STUDY_MODES), show_default=True,
-              help="Item towers to compare: id (IDRec), ts, ts-dnn, e2e, adapter. A mode this "
-                   "installation lacks is listed as unavailable in the report.")
+              help="Item towers to compare: id (IDRec), ts, ts-dnn, e2e, adapter, side (IISAN side "
+                   "networks over the per-layer cache, extracted if missing). A mode this installation "
+                   "lacks is listed as unavailable in the report.")
 @click.option("--top-k", type=int, default=2, show_default=True,
               help="e2e: fine-tune the top K encoder blocks.")
 @click.option("--cached/--live", default=True, show_default=True,

@@ -1,7 +1,7 @@
 """``recommend study``: which item tower is worth its cost on one dataset (001 Tables 5 and 6).
 
 One command runs the papers' comparison: IDRec, TS, TS-DNN-N for each depth N, E2E
-(top-K blocks fine-tuned) and adapters, all on the same dataset, backbone, loss and
+(top-K blocks fine-tuned), adapters and IISAN's side networks, all on the same dataset, backbone, loss and
 budget, each ranked against the full item pool on the test split, next to the
 popularity baseline, with what each cost (trainable parameters, seconds per epoch,
 peak memory).
@@ -39,11 +39,12 @@ from eval.evaluate import evaluate
 from eval.ranking import TIES_RULE
 from featurestore.cliutil import UserError
 from featurestore.workspace import Workspace
+from extract.layers import ALL_LAYERS
 from recommend.item_towers import list_item_towers
 from recommend.run import BEST, CHECKPOINT, FINISHED, write_atomic
 from recommend.trainer import TrainOptions, train
 
-STUDY_MODES = ("id", "ts", "ts-dnn", "e2e", "adapter")
+STUDY_MODES = ("id", "ts", "ts-dnn", "e2e", "adapter", "side")
 DEFAULT_LAYERS = (2, 6, 8, 10, 12)
 STORE_MODES = ("ts", "ts-dnn")  # the modes that read the store group
 KS = (10,)  # 001 Table 5 reports HR@10 and NDCG@10
@@ -124,11 +125,12 @@ def run_name(dataset: PreparedDataset, label: str, options: TrainOptions,
 
 
 def plan(opts: StudyOptions, dataset: PreparedDataset, features: dict | None = None,
-         states: dict | None = None) -> list[Configuration]:
+         states: dict | None = None, layers: dict | None = None) -> list[Configuration]:
     """The configurations in report order; modes this installation lacks are marked unavailable.
 
     ``features`` is the store group's signature (see :func:`run_name`), for ts / ts-dnn;
-    ``states`` the signature of the cached-states group a cached e2e run reads.
+    ``states`` the signature of the cached-states group a cached e2e run reads; ``layers``
+    that of the per-layer group a side run reads.
     """
     registered = set(list_item_towers())
     common = TrainOptions(dataset=opts.dataset, dim=opts.dim, batch_size=opts.batch_size,
@@ -149,8 +151,10 @@ def plan(opts: StudyOptions, dataset: PreparedDataset, features: dict | None = N
             encoder = f"{opts.encoder}@{states_variant(opts.top_k)}" if opts.cached else opts.encoder
             rows.append((f"e2e-top{opts.top_k}", mode, {"encoders": [encoder], "top_k": opts.top_k,
                                                           "cached": opts.cached, "random_init": opts.random_init}))
-        else:
+        elif mode == "adapter":
             rows.append(("adapter", mode, {"encoders": [opts.encoder], "random_init": opts.random_init}))
+        else:
+            rows.append(("side", mode, {"encoders": [f"{opts.encoder}@{states_variant(ALL_LAYERS)}"]}))
     configs = []
     for label, mode, settings in rows:
         if mode not in registered:
@@ -159,19 +163,20 @@ def plan(opts: StudyOptions, dataset: PreparedDataset, features: dict | None = N
                                                 "installation"))
             continue
         options = replace(common, mode=mode, **settings)
-        group = features if mode in STORE_MODES else states if mode == "e2e" and opts.cached else None
+        group = features if mode in STORE_MODES else {"e2e": states if opts.cached else None, "side": layers}.get(mode)
         options.run_name = run_name(dataset, label, options, group)
         configs.append(Configuration(label, mode, options=options, run=options.run_name))
     return configs
 
 
-def states_variant(top_k: int) -> str:
-    """The store variant holding the states a cached e2e run of top-K trains from."""
-    return f"top{top_k}"
+def states_variant(top_k: int | str) -> str:
+    """The store variant holding the states a cached e2e run of top-K trains from (``layers``:
+    every layer's pooled state, for side runs)."""
+    return "layers" if top_k == ALL_LAYERS else f"top{top_k}"
 
 
 def ensure_features(ws: Workspace, opts: StudyOptions, progress: bool,
-                    cache_layer: int | None = None) -> tuple[dict, dict]:
+                    cache_layer: int | str | None = None) -> tuple[dict, dict]:
     """Extract the encoder's store group if it is missing or unfinished (resumes a killed job).
 
     Always goes through the extraction job, which checks that an existing group was
@@ -360,7 +365,11 @@ def run_study(ws: Workspace, opts: StudyOptions, progress: bool = True,
     if "e2e" in opts.modes and opts.cached:
         say(f"study: states entering the top {opts.top_k} blocks of {opts.encoder}, for cached e2e")
         _, states = ensure_features(ws, opts, progress, cache_layer=opts.top_k)
-    configs = plan(opts, dataset, signature, states)
+    layers = None
+    if "side" in opts.modes:
+        say(f"study: every layer's pooled state of {opts.encoder}, for side networks")
+        _, layers = ensure_features(ws, opts, progress, cache_layer=ALL_LAYERS)
+    configs = plan(opts, dataset, signature, states, layers)
     todo = [c for c in configs if c.options is not None]
     for number, config in enumerate(todo, 1):
         say(f"study: [{number}/{len(todo)}] {config.label}: run {config.run}")
