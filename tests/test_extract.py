@@ -263,7 +263,8 @@ def test_cli_json_summary_and_unknown_encoder_exit_status(ws):
     proc = subprocess.run([sys.executable, "-m", "featurestore.cli", "extract", "--dataset", "texts",
                            "--encoder", "bert-huge", "--root", str(ws.root)], capture_output=True, text=True)
     assert proc.returncode == 2
-    assert proc.stderr.startswith("error: unknown encoder 'bert-huge'; known encoders: bert-base, bert-small")
+    assert proc.stderr.startswith("error: unknown encoder 'bert-huge'; did you mean bert-base")  # nearest first
+    assert "known encoders: bert-base, bert-small" in proc.stderr and len(proc.stderr.splitlines()) == 1
     assert Path(ws.store / "texts/text/bert-tiny").exists()
 
 
