@@ -10,7 +10,7 @@ from data.dataset import COLD_THRESHOLD, PreparedDataset
 from data.formats import get_format, list_formats
 from data.popularity import bin_label, histogram, item_interactions, plot_histogram
 from data.prepare import prepare_dataset
-from data.synth import list_synth_formats, synthesize
+from data.synth import Signals, list_synth_formats, synthesize
 from featurestore.cliutil import emit, json_option, root_option
 from featurestore.workspace import Workspace
 
@@ -115,8 +115,12 @@ def dataset_info(ds: PreparedDataset) -> dict:
 @root_option
 @json_option
 def info(ws: Workspace, as_json: bool, name: str, plot: Path | None) -> None:
-    """Describe the prepared dataset NAME, with its item-popularity histogram."""
-    summary = dataset_info(PreparedDataset.load(ws.dataset_dir(name)))
+    """Describe the prepared dataset NAME, with its item-popularity histogram and the
+    popularity and (for a generated dataset) oracle rows on its test split."""
+    from data.oracle import reference_rows  # lazily: it needs eval (torch); prepare and synth do not
+
+    ds = PreparedDataset.load(ws.dataset_dir(name))
+    summary = {**dataset_info(ds), "baselines": reference_rows(ds)}
     if plot is not None:
         summary["plot"] = str(plot_histogram(summary["popularity"], plot, f"{name}: item popularity"))
     splits = summary["splits"]
@@ -131,8 +135,11 @@ def info(ws: Workspace, as_json: bool, name: str, plot: Path | None) -> None:
         f"fingerprint {summary['fingerprint']}, interactions {summary['interactions_fingerprint']}",
         "interactions per item: " + ", ".join(f"{bin_label(b)}: {b['items']}" for b in summary["popularity"]),
         *([f"plot: {summary['plot']}"] if "plot" in summary else []),
+        *(f"{row:<10} test HR@10 {metrics['HR@10']:.4f}  NDCG@10 {metrics['NDCG@10']:.4f} "
+          f"(full pool, history excluded)" for row, metrics in summary["baselines"].items()),
     ])
     emit(summary, as_json, text)
+
 
 
 @dataset.command()
@@ -143,19 +150,34 @@ def info(ws: Workspace, as_json: bool, name: str, plot: Path | None) -> None:
 @click.option("--users", type=click.IntRange(min=1), default=2000, show_default=True, help="Users to simulate.")
 @click.option("--items", type=click.IntRange(min=4), default=500, show_default=True, help="Catalogue size.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same files.")
-@click.option("--clusters", type=click.IntRange(2, 16), default=12, show_default=True,
-              help="Latent clusters shaping both pictures and words.")
+@click.option("--clusters", type=click.IntRange(min=2), default=None,
+              help="Latent regions (item latents lie near one region centre each) [default: items / 8, "
+                   "between 4 and 128].")
+@click.option("--content-signal", type=click.FloatRange(min=0), default=Signals.content, show_default=True,
+              help="Weight of the content component: a region near the user's taste and recent items, "
+                   "then an item of it by popularity (what image and text encoders can learn).")
+@click.option("--id-signal", type=click.FloatRange(min=0), default=Signals.id, show_default=True,
+              help="Weight of the idiosyncratic links: one of the last item's follow-ups, drawn "
+                   "independently of content (only an ID table can learn them).")
+@click.option("--popularity", type=click.FloatRange(min=0), default=Signals.popularity, show_default=True,
+              help="Weight of global popularity (itself partly a function of content). The three "
+                   "weights are normalised to sum to 1.")
+@click.option("--taste", type=click.FloatRange(0, 1), default=Signals.taste, show_default=True,
+              help="Share of the long-term taste in the content query; the rest is the recent items.")
 @click.option("--images/--no-images", default=True, show_default=True,
               help="Write the JPEGs (skip them for quick, large interaction-only tests).")
 @click.option("--prefix", default="synth", show_default=True, help="NineRec file prefix (PREFIX_pair.csv).")
 @root_option
 @json_option
 def synth(ws: Workspace, as_json: bool, fmt: str, out: Path | None, users: int, items: int, seed: int,
-          clusters: int, images: bool, prefix: str) -> None:
-    """Write a synthetic raw dataset with planted cluster structure (truth.json holds the clusters)."""
+          clusters: int | None, content_signal: float, id_signal: float, popularity: float, taste: float,
+          images: bool, prefix: str) -> None:
+    """Write a synthetic raw dataset from a world whose next-item distribution is known
+    (truth.json: each item's region; world.npz: what the oracle row is computed from)."""
     out = out or ws.root / "raw" / fmt
+    signals = Signals(content_signal, id_signal, popularity, taste)
     summary = synthesize(fmt, out, users=users, items=items, seed=seed, clusters=clusters, images=images,
-                         name=prefix)
+                         name=prefix, signals=signals)
     emit(summary, as_json, f"wrote synthetic {fmt} data to {out}: {summary['users']} users, "
                            f"{summary['items']} items ({summary['images']} images), "
-                           f"{summary['interactions']} interactions, {clusters} clusters")
+                           f"{summary['interactions']} interactions, {summary['clusters']} regions")

@@ -262,7 +262,7 @@ def prepare_dataset(fmt: str, source: Path, out: Path, *, name: str, max_seq_len
 
 
 def synthetic_dataset(root: Path, name: str = "synth", fmt: str = "hm", *, users: int = 2000, items: int = 500,
-                      seed: int = 0, images: bool = True, clusters: int = 12) -> Path:
+                      seed: int = 0, images: bool = True, clusters: int | None = None) -> Path:
     """Synthesize raw files into ``root/raw/NAME`` and prepare them as dataset NAME.
 
     The one-call fixture for tests and demos; returns the prepared folder

@@ -207,6 +207,8 @@ def _rank(ws: Workspace, as_json: bool, run_dir: Path, target: str | None, untra
     result["dataset"] = {"name": dataset.name, "fingerprint": dataset.fingerprint}
     if zero_shot is not None:
         result["zero_shot"] = zero_shot
+    else:
+        result.update(_references(dataset, result))
     eval_path = record_result(run_dir, result)
     out = {"run": run_dir.name, **result, "eval_json": str(eval_path)}
     if vectors is not None:
@@ -214,6 +216,17 @@ def _rank(ws: Workspace, as_json: bool, run_dir: Path, target: str | None, untra
         np.save(export_dir / "ranks.npy", ranks)
         out["export"] = {"dir": str(export_dir), "files": {**files, "ranks": str(export_dir / "ranks.npy")}}
     emit(out, as_json, _rank_text(out))
+
+
+def _references(dataset, result: dict) -> dict:
+    """Popularity and (generated datasets) oracle rows on the same users and protocol, and
+    the run's metrics as a percentage of the oracle's."""
+    from data.oracle import percent_of_oracle, reference_rows
+
+    rows = reference_rows(dataset, result["split"], result["ks"], result["exclude_history"], result["subset"])
+    if "oracle" in rows:
+        rows["percent_of_oracle"] = percent_of_oracle(result, rows["oracle"])
+    return rows
 
 
 def _rank_text(out: dict) -> str:
@@ -231,6 +244,12 @@ def _rank_text(out: dict) -> str:
         hr, ndcg = out[f"HR@{k}"], out[f"NDCG@{k}"]
         lines.append(f"  HR@{k:<3} {'-' if hr is None else f'{hr:.4f}'}   "
                      f"NDCG@{k:<3} {'-' if ndcg is None else f'{ndcg:.4f}'}")
+    for row in ("popularity", "oracle"):
+        if out.get(row) and out[row]["users"]:
+            lines.append(f"  {row}: " + "  ".join(f"HR@{k} {out[row][f'HR@{k}']:.4f}" for k in out["ks"]))
+    if out.get("percent_of_oracle"):
+        lines.append("  % of oracle: " + "  ".join(f"{name} {value:.1f}"
+                                                  for name, value in out["percent_of_oracle"].items()))
     lines.append(f"saved in {out['eval_json']}")
     if "export" in out:
         lines.append(f"vectors exported to {out['export']['dir']}")
@@ -251,6 +270,7 @@ def compare(ws: Workspace, as_json: bool, runs: tuple[str, ...], out: Path | Non
     parameters, time per epoch, peak memory and HR/NDCG@K (test results from eval.json if
     present, else best validation)."""
     summaries = [summarize_run(resolve_run(ws, run)) for run in runs]
+    summaries = _dataset_rows(ws, summaries) + summaries
     table = markdown_table(summaries)
     result: dict = {"runs": [s.__dict__ for s in summaries]}
     if out is not None:
@@ -262,6 +282,21 @@ def compare(ws: Workspace, as_json: bool, runs: tuple[str, ...], out: Path | Non
 
         result["plot"] = str(plot_compare(summaries, plot))
     emit(result, as_json, table.rstrip("\n"))
+
+
+def _dataset_rows(ws: Workspace, summaries: list) -> list:
+    """Popularity and oracle rows for each generated dataset the runs were trained on."""
+    from data.dataset import PreparedDataset
+    from data.oracle import is_synthetic
+    from eval.compare import reference_summaries
+
+    ks = sorted({int(name.split("@")[1]) for s in summaries for name in s.metrics}) or [10]
+    rows = []
+    for name in dict.fromkeys(s.dataset for s in summaries if s.dataset):
+        folder = ws.dataset_dir(name)
+        if (folder / "manifest.json").exists() and is_synthetic(dataset := PreparedDataset.load(folder)):
+            rows += reference_summaries(dataset, ks)
+    return rows
 
 
 @cli.command("plot-items")

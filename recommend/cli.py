@@ -24,6 +24,7 @@ from recommend.run import list_runs
 from recommend.study import DEFAULT_LAYERS, STUDY_MODES, StudyOptions, run_study
 from recommend.trainer import CLEARLY_ABOVE, DEFAULT_TS_DNN_LAYERS, Processes, TrainOptions, train
 from recommend.transfer import list_transfers
+from recommend.tune_cli import make_tune_command
 from recommend.user_encoders import list_user_encoders
 from recommend.warm_study import run_warm_study
 
@@ -210,6 +211,9 @@ def train_command(ws: Workspace, as_json: bool, encoder: str | None, features: s
             + f" at epoch {result['best_epoch']}\n{result['message']}"
             + (f"\nwarning: {result['warning']}" if result.get("warning") else ""))
     emit(result, as_json, text)
+
+
+cli.add_command(make_tune_command(train_command, _names))
 
 
 @cli.command("runs")

@@ -34,8 +34,8 @@ import torch
 
 from data.dataset import PreparedDataset
 from eval.cli import load_run_and_dataset, record_result, result_key
-from eval.compare import RunSummary, markdown_table, summarize_run
-from eval.evaluate import evaluate, popularity_metrics
+from eval.compare import markdown_table, reference_summaries, summarize_run
+from eval.evaluate import evaluate
 from eval.ranking import TIES_RULE
 from featurestore.cliutil import UserError
 from featurestore.workspace import Workspace
@@ -287,15 +287,6 @@ def _train_and_rank(ws: Workspace, config: Configuration, progress: bool, thread
     config.test = {k: v for k, v in rank_on_test(ws, run_dir).items() if k.startswith(("HR@", "NDCG@"))}
 
 
-def popularity_row(dataset: PreparedDataset) -> RunSummary:
-    """The popularity baseline as a table row (no parameters, no training)."""
-    metrics = popularity_metrics(dataset, split="test", ks=KS, exclude_history=True)
-    return RunSummary(name="popularity", mode="popularity", encoder="-", layers=None, trainable_params=0,
-                      total_params=0, epochs=0, sec_per_epoch=None, peak_rss_mb=None, peak_gpu_mb=None,
-                      metrics={k: v for k, v in metrics.items() if k.startswith(("HR@", "NDCG@"))},
-                      source="test (history excluded)")
-
-
 def default_out(ws: Workspace, opts: StudyOptions) -> Path:
     return opts.out or ws.study_dir(f"{opts.dataset}-{opts.encoder}")
 
@@ -308,7 +299,8 @@ def write_report(out: Path, opts: StudyOptions, dataset: PreparedDataset, config
         "",
         "Which item tower is worth its cost on this dataset: IDRec, TS (stored vectors + DT layer), "
         "TS-DNN-N (stored vectors + N dense layers), E2E (top-K encoder blocks fine-tuned) and "
-        "adapters, against the popularity baseline (001 Tables 5 and 6).",
+        "adapters, against the popularity baseline (001 Tables 5 and 6) and, on a generated dataset, "
+        "the oracle: the world's true next-item distribution ranked by the same protocol.",
         "",
         f"- dataset: `{dataset.name}`, {dataset.n_users} users, {dataset.n_items} items, "
         f"fingerprint `{dataset.fingerprint}`",
@@ -387,14 +379,15 @@ def run_study(ws: Workspace, opts: StudyOptions, progress: bool = True,
             config.status, config.reason = "failed", str(err)
             say(f"study: {config.label} failed: {err}")
 
-    summaries = [popularity_row(dataset)]
+    summaries = reference_summaries(dataset, KS)
     summaries += [summarize_run(ws.run_dir(c.run)) for c in configs if c.test is not None]
     table = markdown_table(summaries)
     for metric, name in PLOTS.items():
         plot_compare(summaries, out / name, metric=metric)
     report = write_report(out, opts, dataset, configs, table, features, command)
     result = {"report": str(report), "out": str(out), "table": table,
-              "popularity": summaries[0].metrics, "configurations": [c.to_dict() for c in configs],
+              "popularity": summaries[0].metrics,
+              "oracle": next((s.metrics for s in summaries if s.mode == "oracle"), None), "configurations": [c.to_dict() for c in configs],
               "features": features, "plots": [str(out / name) for name in PLOTS.values()]}
     write_atomic(out / SUMMARY, (json.dumps(result, indent=2, default=str) + "\n").encode())
     return result

@@ -40,6 +40,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data.dataset import PreparedDataset
+from eval.distributed import launched
 from featurestore.cliutil import UserError
 from featurestore.workspace import Workspace, check_name
 from recommend import __version__
@@ -393,12 +394,12 @@ def train(ws: Workspace, opts: TrainOptions, progress: bool = True, echo: bool =
     opts = check_options(opts)
     procs = Processes.from_env()
     device = resolve_device(opts.device, procs)
-    if procs.world_size > 1 and not dist.is_initialized():
+    if launched() and not dist.is_initialized():  # torchrun, even with one process (NCCL on 1 GPU)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         return _train(ws, opts, procs, device, progress, echo, on_epoch)
     finally:
-        if procs.world_size > 1 and dist.is_initialized():
+        if dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -425,7 +426,7 @@ def _train(ws: Workspace, opts: TrainOptions, procs: Processes, device: torch.de
     loss = create_loss(opts.loss, context).to(device)
     aux = attach_objectives(model, opts.objectives)  # on the model: NID's head trains and saves with it
     objective: nn.Module = Objective(model, loss, aux)
-    if procs.world_size > 1:
+    if dist.is_initialized():
         objective = DistributedDataParallel(
             objective, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(optimizer_groups(model, opts.lr, opts.encoder_lr), lr=opts.lr,

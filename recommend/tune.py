@@ -1,0 +1,309 @@
+"""``recommend tune``: hyper-parameter search for one configuration, on validation only.
+
+Paper 001 (§3) searches the learning rate and weight decay per model; one setting for
+every mode makes a comparison say more about the setting than about the modes. This
+is Optuna's search, not one of our own:
+
+- sampler: TPE; pruner: median (default) or Hyperband, fed after every epoch by the
+  trainer's own full-pool validation HR@10 (``train(on_epoch=...)``);
+- space: lr, weight decay, dropout, width d, and depth N for ts-dnn
+  (:data:`DEFAULT_SPACE`), or a YAML/JSON file (:func:`load_space`);
+- storage: any SQLAlchemy URL; by default a SQLite file in ROOT. Many workers (on many
+  machines, with a shared database server) given the same ``--storage`` and
+  ``--study-name`` share one search: Optuna's own distributed mode hands each trial to
+  exactly one worker.
+
+Every trial is an ordinary run folder (``ROOT/runs/STUDY-tN``), so ``eval rank`` and
+``eval compare`` work on it. Resumable: workers send heartbeats; a trial whose worker
+was killed is marked failed once its heartbeat is ``2 x --heartbeat`` seconds old and is
+re-queued with the same parameters, and the re-queued trial trains into the killed
+trial's run folder, so the trainer resumes it after its last saved epoch. The search
+never looks at the test split: a trial's value is its best validation HR@10.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import optuna
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import TrialState
+
+from featurestore.cliutil import UserError
+from featurestore.workspace import Workspace
+from recommend.run import write_atomic
+from recommend.trainer import MONITOR, TrainOptions, check_options, train
+
+# name -> distribution; "float"/"int" take low/high (and log), "categorical" takes choices
+DEFAULT_SPACE: dict[str, dict] = {
+    "lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+    "weight_decay": {"type": "float", "low": 1e-3, "high": 0.5, "log": True},
+    "dropout": {"type": "float", "low": 0.0, "high": 0.5},
+    "dim": {"type": "categorical", "choices": [32, 64, 128]},
+}
+TS_DNN_SPACE = {"layers": {"type": "int", "low": 1, "high": 10}}  # depth N, ts-dnn only
+PRUNERS = ("median", "hyperband", "none")
+DB_FILE = "tune.db"
+PLOT = "search.png"
+MAX_RETRY = 3  # a killed trial is re-queued at most this many times
+
+
+@dataclass
+class TuneOptions:
+    """Everything ``recommend tune`` takes besides the training options it searches around."""
+
+    base: TrainOptions
+    trials: int = 20
+    timeout: float | None = None
+    storage: str | None = None
+    study_name: str | None = None
+    space: dict = field(default_factory=dict)  # empty: the default space for the mode
+    pruner: str = "median"
+    sampler_seed: int | None = None
+    heartbeat: int = 60
+
+
+def default_space(mode: str) -> dict:
+    return {**DEFAULT_SPACE, **(TS_DNN_SPACE if mode == "ts-dnn" else {})}
+
+
+def load_space(path: Path) -> dict:
+    """A search space from YAML or JSON: ``{option: {type, low, high[, log] | choices}}``.
+
+    Example file::
+
+        lr: {type: float, low: 1.0e-4, high: 3.0e-3, log: true}
+        dim: {type: categorical, choices: [64, 128]}
+    """
+    import yaml
+
+    try:
+        space = yaml.safe_load(Path(path).read_text())  # JSON is YAML too
+    except OSError as err:
+        raise UserError(f"--space {path}: cannot read it ({err.strerror})") from None
+    except yaml.YAMLError as err:
+        raise UserError(f"--space {path}: not valid YAML/JSON ({str(err).splitlines()[0]})") from None
+    return check_space(space, str(path))
+
+
+def check_space(space, where: str = "the search space") -> dict:
+    """Every entry names a training option and a distribution Optuna can sample."""
+    known = {f.name for f in fields(TrainOptions)}
+    if not isinstance(space, dict) or not space:
+        raise UserError(f"{where}: give a mapping of option -> distribution, e.g. "
+                        "{lr: {type: float, low: 1e-4, high: 1e-2, log: true}}")
+    for name, dist in space.items():
+        if name not in known:
+            raise UserError(f"{where}: {name!r} is no option of `recommend train`; use e.g. "
+                            f"{', '.join(DEFAULT_SPACE)} or layers")
+        kind = dist.get("type") if isinstance(dist, dict) else None
+        if kind in ("float", "int"):
+            if not {"low", "high"} <= set(dist) or not dist["low"] <= dist["high"]:
+                raise UserError(f"{where}: {name} needs low <= high, got {dist}")
+        elif kind == "categorical":
+            if not dist.get("choices"):
+                raise UserError(f"{where}: {name} needs a non-empty choices list")
+        else:
+            raise UserError(f"{where}: {name} needs type float, int or categorical, got {kind!r}")
+    return space
+
+
+def suggest(trial: optuna.Trial, space: dict) -> dict:
+    """One value per option of ``space``, sampled by the study's sampler."""
+    params = {}
+    for name, dist in space.items():
+        if dist["type"] == "float":
+            params[name] = trial.suggest_float(name, float(dist["low"]), float(dist["high"]),
+                                               log=bool(dist.get("log", False)))
+        elif dist["type"] == "int":
+            params[name] = trial.suggest_int(name, int(dist["low"]), int(dist["high"]),
+                                             log=bool(dist.get("log", False)))
+        else:
+            params[name] = trial.suggest_categorical(name, list(dist["choices"]))
+    return params
+
+
+def default_study_name(base: TrainOptions) -> str:
+    mode = base.mode + (str(base.layers) if base.layers is not None else "")
+    groups = "-".join(g.replace("/", "_") for g in base.encoders + base.features)
+    return "-".join(filter(None, ["tune", base.dataset, mode, groups, base.backbone, base.loss]))
+
+
+def open_storage(ws: Workspace, url: str | None, heartbeat: int) -> RDBStorage:
+    """Optuna's SQLAlchemy storage with heartbeats and retry of killed trials."""
+    url = url or f"sqlite:///{(ws.root / DB_FILE).resolve()}"
+    if url.startswith("sqlite:///"):
+        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats, retries
+    for attempt in range(3):  # workers started together race to create the tables: the loser retries
+        try:
+            return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
+                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY))
+        except Exception as err:  # sqlalchemy's own errors: a bad URL, a missing driver, no server
+            if attempt == 2 or "://" not in url or type(err).__name__ not in ("OperationalError", "IntegrityError"):
+                raise UserError(f"--storage {url}: Optuna cannot open it ({type(err).__name__}: "
+                                f"{str(err).splitlines()[0]}); give a SQLAlchemy URL such as "
+                                "sqlite:///path/tune.db or postgresql://user@host/db") from None
+            time.sleep(1 + attempt)
+
+
+def _pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
+    if name == "median":  # after 3 finished trials, stop a trial below their median at the same epoch
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=2, max_resource=max(epochs, 2))
+    return optuna.pruners.NopPruner()
+
+
+def trial_run_name(study_name: str, trial: optuna.Trial) -> str:
+    """The run folder of a trial; a re-queued trial keeps the folder of the one it retries."""
+    frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
+    history = RetryHeartbeatStaleTrialCallback.retry_history(frozen)
+    return f"{study_name}-t{history[0] if history else trial.number}"
+
+
+def _finished_count(study: optuna.Study) -> int:
+    """Trials that count towards ``--trials``: complete, pruned, or failed and not re-queued."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {RetryHeartbeatStaleTrialCallback.retried_trial_number(t) for t in trials}
+    return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+               or (t.state == TrialState.FAIL and t.number not in retried) for t in trials)
+
+
+def run_tune(ws: Workspace, opts: TuneOptions, echo: bool = True) -> dict:
+    """Run (or continue) the search until ``opts.trials`` trials are done; its summary.
+
+    Returns:
+        :func:`summary` of the study, plus ``plot`` (the PNG of the search).
+
+    Example:
+        >>> run_tune(Workspace(root), TuneOptions(TrainOptions(dataset="demo", mode="id"), trials=20))
+    """
+    space = check_space(opts.space or default_space(opts.base.mode))
+    if opts.trials < 1:
+        raise UserError(f"--trials must be >= 1, got {opts.trials}")
+    if opts.pruner not in PRUNERS:
+        raise UserError(f"--pruner {opts.pruner}: choose from {', '.join(PRUNERS)}")
+    if opts.base.run_name:
+        raise UserError("--run-name: every trial gets its own run folder (STUDY-tN); drop --run-name")
+    check_options(replace(opts.base))  # bad base options fail here, not in every trial
+    name = opts.study_name or default_study_name(opts.base)
+    storage = open_storage(ws, opts.storage, opts.heartbeat)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True,
+                                sampler=optuna.samplers.TPESampler(seed=opts.sampler_seed),
+                                pruner=_pruner(opts.pruner, opts.base.epochs))
+    _record_setup(study, opts, space)
+
+    def objective(trial: optuna.Trial) -> float:
+        params = suggest(trial, space)
+        run = trial_run_name(name, trial)
+        trial.set_user_attr("run", run)
+        options = replace(opts.base, run_name=run, **params)
+
+        def report(epoch: int, metrics: dict) -> bool:
+            trial.report(metrics[MONITOR[0]], epoch)
+            return trial.should_prune()
+
+        result = train(ws, options, progress=False, echo=False, on_epoch=report)
+        if echo:
+            print(f"trial {trial.number} ({run}): {result['status']}, best validation {MONITOR[0]} "
+                  f"{result['best'].get(MONITOR[0], float('nan')):.4f} at epoch {result['best_epoch']}; "
+                  + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()),
+                  file=sys.stderr, flush=True)
+        if result["status"] == "pruned":
+            raise optuna.TrialPruned()
+        if not result["best"]:
+            raise UserError(f"trial {trial.number}: no epoch was validated ({result['message']})")
+        return result["best"][MONITOR[0]]
+
+    def stop_when_done(study: optuna.Study, _trial) -> None:
+        if _finished_count(study) >= opts.trials:
+            study.stop()
+
+    remaining = opts.trials - _finished_count(study)
+    if remaining > 0:
+        study.optimize(objective, n_trials=remaining, timeout=opts.timeout, catch=(UserError,),
+                       callbacks=[stop_when_done], gc_after_trial=True)
+    result = summary(study, ws)
+    result["plot"] = str(plot_search(study, ws.root / "tune" / name / PLOT))
+    write_atomic(ws.root / "tune" / name / "summary.json", (json.dumps(result, indent=2) + "\n").encode())
+    return result
+
+
+def _record_setup(study: optuna.Study, opts: TuneOptions, space: dict) -> None:
+    """What is searched around what, kept with the study (the first worker writes it)."""
+    if "base" not in study.user_attrs:
+        base = {k: v for k, v in asdict(opts.base).items() if k not in space and k != "run_name"}
+        study.set_user_attr("base", base)
+        study.set_user_attr("space", space)
+        study.set_user_attr("metric", f"validation {MONITOR[0]} (full pool, history excluded)")
+
+
+def summary(study: optuna.Study, ws: Workspace | None = None) -> dict:
+    """The best trial, its parameters and run, and how many trials ran, were pruned, failed."""
+    trials = study.get_trials(deepcopy=False)
+    states = {state.name.lower(): sum(t.state == state for t in trials) for state in TrialState}
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    best = max(complete, key=lambda t: t.value) if complete else None
+    return {
+        "study": study.study_name,
+        "metric": study.user_attrs.get("metric"),
+        "trials": len(trials),
+        "complete": states["complete"], "pruned": states["pruned"], "failed": states["fail"],
+        "running": states["running"] + states["waiting"],
+        "best": None if best is None else {
+            "trial": best.number, "value": best.value, "params": best.params, "run": best.user_attrs.get("run"),
+            "run_dir": None if ws is None else str(ws.run_dir(best.user_attrs.get("run", ""))),
+        },
+        "space": study.user_attrs.get("space"),
+        "base": study.user_attrs.get("base"),
+    }
+
+
+def plot_search(study: optuna.Study, path: Path) -> Path:
+    """PNG: validation metric per trial (pruned trials at their last reported value) with
+    the running best, and Optuna's parameter importances when it can compute them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+    importances = {}
+    if sum(t.state == TrialState.COMPLETE for t in trials) >= 2:
+        try:
+            importances = optuna.importance.get_param_importances(study)
+        except (RuntimeError, ValueError, ZeroDivisionError):  # too few distinct trials
+            importances = {}
+    fig, axes = plt.subplots(1, 2 if importances else 1, figsize=(11 if importances else 6, 4), squeeze=False)
+    ax = axes[0][0]
+    best, line = float("-inf"), []
+    for state, colour in ((TrialState.COMPLETE, "tab:blue"), (TrialState.PRUNED, "tab:orange")):
+        points = [(t.number, t.value if t.value is not None else t.intermediate_values[max(t.intermediate_values)])
+                  for t in trials if t.state == state and (t.value is not None or t.intermediate_values)]
+        if points:
+            ax.scatter(*zip(*points), c=colour, label=state.name.lower(), zorder=3)
+    for t in trials:
+        if t.state == TrialState.COMPLETE:
+            best = max(best, t.value)
+        line.append(best if best > float("-inf") else None)
+    ax.step([t.number for t in trials], [v if v is not None else float("nan") for v in line], where="post",
+            c="k", lw=1, label="best so far")
+    ax.set(xlabel="trial", ylabel=f"validation {MONITOR[0]}", title=study.study_name)
+    ax.legend(loc="lower right")
+    if importances:
+        names = list(importances)[::-1]
+        axes[0][1].barh(names, [importances[n] for n in names])
+        axes[0][1].set(xlabel="importance (fANOVA)", title="parameter importances")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
