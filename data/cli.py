@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import json
 from pathlib import Path
 
 import click
@@ -11,7 +13,7 @@ from data.formats import get_format, list_formats
 from data.popularity import bin_label, histogram, item_interactions, plot_histogram
 from data.prepare import prepare_dataset
 from data.synth import Signals, list_synth_formats, synthesize
-from featurestore.cliutil import emit, json_option, root_option
+from featurestore.cliutil import UserError, emit, json_option, root_option
 from featurestore.workspace import Workspace
 
 
@@ -54,16 +56,21 @@ def _split_fields(ctx: click.Context, param: click.Parameter, value: str | None)
                    "ninerec text_en if present else text; generic text; seqtsv text].")
 @click.option("--chunk-rows", type=click.IntRange(min=1000), default=1_000_000, show_default=True,
               help="Interaction rows read per chunk (memory vs. speed).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing dataset NAME prepared from other data (other items or interactions); "
+                   "its store groups and runs then no longer match it. Without this, that is refused.")
 @root_option
 @json_option
 def prepare(ws: Workspace, as_json: bool, fmt: str, source: Path, name: str, max_seq_len: int | None,
             min_interactions: int, min_item_interactions: int, iterate: bool, users: int | None, seed: int,
-            text_fields: list[str] | None, chunk_rows: int) -> None:
+            text_fields: list[str] | None, chunk_rows: int, overwrite: bool) -> None:
     """Read a raw dataset, filter and truncate it, and write ROOT/datasets/NAME atomically."""
+    guard = None if overwrite else functools.partial(refuse_other_data, ws, name)
     manifest = prepare_dataset(fmt, source, ws.dataset_dir(name), name=name, max_seq_len=max_seq_len,
                                min_interactions=min_interactions, users=users, seed=seed,
                                text_fields=text_fields, chunk_rows=chunk_rows, progress=not as_json,
-                               min_item_interactions=min_item_interactions, iterate=iterate)
+                               min_item_interactions=min_item_interactions, iterate=iterate,
+                               before_replace=guard)
     counts, stats = manifest["counts"], manifest["stats"]
     summary = {"name": name, "path": ws.dataset_dir(name), "users": counts["users"], "items": counts["items"],
                "interactions": counts["interactions"], "fingerprint": manifest["fingerprint"],
@@ -80,6 +87,40 @@ def prepare(ws: Workspace, as_json: bool, fmt: str, source: Path, name: str, max
             f"{stats['catalogue_bad_rows']} unreadable catalogue rows, "
             f"{stats['items_missing_image']} items without image")
     emit(summary, as_json, text)
+
+
+FINGERPRINTS = ("fingerprint", "interactions_fingerprint")
+
+
+def dependants(ws: Workspace, name: str, fingerprint: str) -> list[str]:
+    """Store groups and runs built on dataset ``name`` as it had ``fingerprint``."""
+    from featurestore.store import FeatureStore
+    from recommend.run import CONFIG
+
+    store = FeatureStore(ws.store)
+    found = [f"store group {g}" for g in store.groups()
+             if g.startswith(f"{name}/") and store.open(g).fingerprint == fingerprint]
+    if ws.runs.is_dir():
+        for run in sorted(ws.runs.iterdir()):
+            try:
+                dataset = json.loads((run / CONFIG).read_text()).get("dataset", {})
+            except (OSError, ValueError):
+                continue
+            if dataset.get("name") == name and dataset.get("fingerprint") == fingerprint:
+                found.append(f"run {run.name}")
+    return found
+
+
+def refuse_other_data(ws: Workspace, name: str, new: dict) -> None:
+    """Keep an existing dataset that ``new`` (a manifest) would replace with other data."""
+    old = PreparedDataset.load(ws.dataset_dir(name)).manifest
+    if all(old.get(key) == new.get(key) for key in FINGERPRINTS):
+        return  # the same data again: replacing it changes nothing that depends on it
+    using = dependants(ws, name, old.get("fingerprint", ""))
+    shown = ", ".join(using[:6]) + (f" and {len(using) - 6} more" if len(using) > 6 else "")
+    raise UserError(f"dataset {name} already exists, prepared from other data (fingerprint {old.get('fingerprint')}, "
+                    f"now {new.get('fingerprint')}); {'built on it: ' + shown if using else 'nothing is built on it yet'}; "
+                    f"pass --overwrite to replace it, or choose another --name")
 
 
 def dataset_info(ds: PreparedDataset) -> dict:

@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from eval.metrics import percent
 from featurestore.cliutil import UserError
 
 
@@ -138,7 +139,7 @@ def summarize_run(run_dir: Path) -> RunSummary:
     best = _read_json(run_dir / "best.json")
     if test is not None:
         excluded = "history excluded" if test.get("exclude_history") else "history kept"
-        metrics, source = test, f"test ({excluded})"
+        metrics, source = test, f"test ({excluded}{', run unfinished' if test.get('unfinished_run') else ''})"
     elif best and best.get("metrics"):
         metrics, source = best["metrics"], f"valid (best epoch {best.get('epoch')})"
     else:
@@ -199,7 +200,7 @@ def markdown_table(summaries: list[RunSummary]) -> str:
         row = [s.name, s.mode, s.encoder, _cell(s.layers, "d"), _cell(s.trainable_params, ",d"),
                _cell(s.total_params, ",d"), _cell(s.sec_per_epoch, ".1f"), _cell(s.peak_rss_mb, ".0f"),
                _cell(s.peak_gpu_mb, ".0f"),
-               *[_cell(None if s.metric(n) is None else 100 * s.metric(n), ".2f") for n in names],
+               *[percent(s.metric(n)) for n in names],
                *[_cell(_percent(s.metric(n), oracle and oracle.metric(n)), ".1f") for n in relative],
                s.source]
         lines.append("| " + " | ".join(row) + " |")

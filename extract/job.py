@@ -29,7 +29,6 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 import featurestore
 from data.dataset import Item, PreparedDataset
@@ -38,6 +37,7 @@ from extract.layers import ALL_LAYERS, LayerForward, plan_layers
 from extract.encoder import BadItem, Encoder, move_inputs
 from extract.registry import create_encoder, get_encoder_config
 from featurestore.cliutil import UserError
+from featurestore.progress import progress_bar
 from featurestore.store import (
     DEFAULT_CHUNK_ROWS,
     STATUS_COMPLETE,
@@ -275,7 +275,7 @@ def _run_chunks(group: FeatureGroup, dataset: PreparedDataset, encoder: Encoder,
     total = sum(len(batch) for chunk in plan for batch in chunk)
     bad: list[dict] = []
     batches = iter(loader)
-    with tqdm(total=total, unit="item", desc=group.name, disable=not (opts.progress and dist.main),
+    with progress_bar(total=total, unit="item", desc=group.name, disable=not (opts.progress and dist.main),
               dynamic_ncols=True, smoothing=0.1) as bar:
         for chunk, chunk_batches in zip(chunks, plan):
             start, stop = group.chunk_bounds(chunk)

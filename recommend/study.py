@@ -38,6 +38,7 @@ from eval.compare import markdown_table, reference_summaries, summarize_run
 from eval.evaluate import evaluate
 from eval.ranking import TIES_RULE
 from featurestore.cliutil import UserError
+from featurestore.store import GroupLock
 from featurestore.workspace import Workspace
 from extract.layers import ALL_LAYERS
 from recommend.item_towers import list_item_towers
@@ -52,6 +53,7 @@ REPORT = "report.md"
 SUMMARY = "study.json"
 PLOTS = {"HR@10": "compare-hr10.png", "NDCG@10": "compare-ndcg10.png"}
 PR_SET_PDEATHSIG = 1  # prctl(2)
+LOCK = "study.lock"
 
 
 @dataclass
@@ -211,7 +213,7 @@ def rank_on_test(ws: Workspace, run_dir: Path) -> dict:
             previous = json.loads(stored.read_text()).get(key)
         except json.JSONDecodeError:
             previous = None  # record_result sets the unreadable file aside
-        if previous is not None:
+        if previous is not None and "unfinished_run" not in previous:  # not a score of a checkpoint so far
             return previous
     model, _config, dataset = load_run_and_dataset(ws, run_dir)
     result = evaluate(model, dataset, split="test", ks=KS, exclude_history=True)
@@ -348,14 +350,21 @@ def run_study(ws: Workspace, opts: StudyOptions, progress: bool = True,
         >>> run_study(ws, StudyOptions(dataset="demo", encoder="efficientnet-lite0",
         ...                            layers=[2, 8], modes=["id", "ts", "ts-dnn"]))["report"]
     """
-    from eval.plots import plot_compare
-
     opts = check_options(opts)
     if opts.threads:
         torch.set_num_threads(opts.threads)
     dataset = PreparedDataset.load(ws.dataset_dir(opts.dataset))
     out = default_out(ws, opts)
     out.mkdir(parents=True, exist_ok=True)
+    # one study per folder: a second one would train the same runs and rewrite the same report
+    with GroupLock(out / LOCK, str(out), what="study folder", command=command):
+        return _study(ws, opts, dataset, out, progress, command)
+
+
+def _study(ws: Workspace, opts: StudyOptions, dataset: PreparedDataset, out: Path, progress: bool,
+           command: str) -> dict:
+    from eval.plots import plot_compare
+
     say = (lambda text: click.echo(text, err=True)) if progress else (lambda text: None)
 
     features, signature, states = None, None, None
