@@ -11,7 +11,8 @@ No interaction is read, so no user's held-out choice leaks into the encoder; lea
 the catalogue's own vocabulary and look is exactly what adaptation is for, and it is
 the standard practice of the papers.
 
-The objectives are a small registry (``mlm``, ``mae``; :func:`register_objective`).
+The objectives are a small registry (``mlm`` in :mod:`extract.adapt_mlm`, ``mae`` in
+:mod:`extract.adapt_mae`; protocol and :func:`register_objective` in :mod:`extract.adapt_objective`).
 Each wraps the encoder built by :func:`extract.registry.create_encoder` (so base
 weights resolve exactly as for extraction: bundled package, ``--weights``, hub id or
 ``--random-init``) in transformers' own pretraining head (``AutoModelForMaskedLM``,
@@ -37,9 +38,6 @@ for a default-named run; NAME otherwise) plus the provenance to record.
 
 from __future__ import annotations
 
-import abc
-import contextlib
-import copy
 import dataclasses
 import json
 import math
@@ -49,30 +47,27 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+import extract.adapt_mae  # noqa: F401  (registers ``mae``)
+import extract.adapt_mlm  # noqa: F401  (registers ``mlm``)
 import featurestore
 from data.dataset import PreparedDataset
+from extract.adapt_objective import Masker, Objective, _seeded, get_objective, list_objectives, register_objective
 from extract.encoder import Encoder, move_inputs, read_state_dict, state_sha256
-from extract.image import ImagePreprocessor
 from extract.job import Dist, ItemDataset, autocast_dtype, resolve_device
-from extract.registry import (
-    EncoderConfig,
-    create_encoder,
-    get_encoder_config,
-    list_encoders,
-    register_encoder,
-    resolve_weights,
-)
+from extract.registry import EncoderConfig, create_encoder, get_encoder_config, resolve_weights
 from featurestore.cliutil import UserError
 from featurestore.progress import progress_bar
 from featurestore.store import GroupLock
 from featurestore.workspace import Workspace
+
+__all__ = ["AdaptOptions", "AdaptResult", "get_objective", "list_objectives", "read_record", "register_objective",
+           "resolve_adapted", "run_adaptation"]
 
 RECORD = "adapt.json"
 CHECKPOINT = "checkpoint/last.safetensors"
@@ -80,207 +75,6 @@ STATUS_PARTIAL = "partial"
 STATUS_COMPLETE = "complete"
 CONTENT_NOTE = ("trained on the content (text or image) of every item, validation/test targets included; "
                 "no interactions are read")
-
-MAE_TINY = get_encoder_config("mae-tiny")
-
-
-# --------------------------------------------------------------------------- objectives
-
-Masker = Callable[[Any], tuple[dict[str, torch.Tensor], int]]
-
-
-@dataclass(frozen=True)
-class ObjectiveDefaults:
-    """Per-objective defaults, from the objective's own paper (BERT / MAE)."""
-
-    mask_ratio: float
-    lr: float
-    batch_size: int
-    weight_decay: float
-    betas: tuple[float, float]
-
-
-class Objective(abc.ABC):
-    """A self-supervised objective: the library pretraining model around an encoder, and its masking.
-
-    ``masker(encoder, settings)`` returns a function turning a collated batch of
-    encoder inputs into the pretraining model's keyword arguments (masks drawn from
-    torch's global RNG, on the CPU) and the number of predicted targets.
-    """
-
-    name: str
-    modality: str
-    families: tuple[str, ...]
-    defaults: ObjectiveDefaults
-
-    def fits(self, config: EncoderConfig) -> bool:
-        return config.modality == self.modality and config.family in self.families
-
-    def check(self, config: EncoderConfig) -> None:
-        """Refuse an encoder this objective cannot train (UserError naming the ones it can)."""
-        if not self.fits(config):
-            fitting = [n for n in list_encoders(modality=self.modality) if self.fits(get_encoder_config(n))]
-            others = [o for o in list_objectives() if get_objective(o).fits(config)]
-            hint = (f"; for {config.name} use --objective {' or '.join(others)}" if others
-                    else f"; no objective adapts {config.name} yet")
-            raise UserError(f"objective {self.name} adapts {self.modality} encoders ({', '.join(fitting)}), "
-                            f"not {config.name} ({config.modality}, {config.family}){hint}")
-
-    def extra_settings(self, encoder: Encoder) -> dict:
-        """Objective-specific settings recorded in adapt.json."""
-        return {}
-
-    @abc.abstractmethod
-    def pretraining_model(self, encoder: Encoder, settings: dict) -> nn.Module:
-        """The library's pretraining model (encoder + head) holding a copy of ``encoder``'s weights."""
-
-    def train_preprocessor(self, encoder: Encoder) -> Any:
-        """Preprocessing of training batches (default: the encoder's own)."""
-        return encoder.preprocessor
-
-    @abc.abstractmethod
-    def masker(self, encoder: Encoder, settings: dict) -> Masker:
-        """Collated encoder inputs -> (the pretraining model's keyword arguments, number of targets)."""
-
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The pretraining loss of one masked batch (default: the library model's own)."""
-        return model(**batch).loss
-
-    def save_extras(self, encoder: Encoder, folder: Path) -> None:
-        """Files besides the weights that extraction needs (the tokenizer, for text)."""
-
-
-_OBJECTIVES: dict[str, Objective] = {}
-
-
-def register_objective(cls: type[Objective]) -> type[Objective]:
-    """Class decorator: add an objective under ``cls.name``."""
-    _OBJECTIVES[cls.name] = cls()
-    return cls
-
-
-def list_objectives() -> list[str]:
-    return sorted(_OBJECTIVES)
-
-
-def get_objective(name: str) -> Objective:
-    if name not in _OBJECTIVES:
-        raise UserError(f"unknown objective {name!r}; choose one of: {', '.join(list_objectives())}")
-    return _OBJECTIVES[name]
-
-
-@contextlib.contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    """A block with torch's RNG seeded and the caller's state restored afterwards."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
-@register_objective
-class MaskedLanguageModel(Objective):
-    """BERT's MLM: 15% of the tokens are targets; of those 80% become [MASK], 10% a random token, 10% stay."""
-
-    name = "mlm"
-    modality = "text"
-    families = ("bert", "roberta")
-    defaults = ObjectiveDefaults(mask_ratio=0.15, lr=5e-5, batch_size=32, weight_decay=0.01, betas=(0.9, 0.999))
-
-    def extra_settings(self, encoder: Encoder) -> dict:
-        return {"masking": "80% [MASK] / 10% random token / 10% unchanged"}
-
-    def pretraining_model(self, encoder: Encoder, settings: dict) -> nn.Module:
-        from transformers import AutoModelForMaskedLM
-
-        with _seeded(settings["seed"]):
-            model = AutoModelForMaskedLM.from_config(copy.deepcopy(encoder.model.config))
-        getattr(model, model.base_model_prefix).load_state_dict(encoder.model.state_dict())
-        return model
-
-    def masker(self, encoder: Encoder, settings: dict) -> Masker:
-        from transformers import DataCollatorForLanguageModeling
-
-        tokenizer = encoder.preprocessor.tokenizer
-        collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=settings["mask_ratio"])
-        special = torch.tensor(tokenizer.all_special_ids)
-
-        def mask(inputs: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
-            ids = inputs["input_ids"]
-            masked, labels = collator.torch_mask_tokens(ids.clone(), special_tokens_mask=torch.isin(ids, special))
-            kwargs = {"input_ids": masked, "attention_mask": inputs["attention_mask"], "labels": labels}
-            return kwargs, int((labels != -100).sum())
-
-        return mask
-
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The library's MLM loss, with the vocabulary head run on the masked positions only.
-
-        Over all positions the head (hidden x 30522 logits) costs about as much as
-        the whole MiniLM encoder; 85% of those logits would be discarded.
-        """
-        base = getattr(model, model.base_model_prefix)
-        head = next(module for name, module in model.named_children() if name != model.base_model_prefix)
-        hidden = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        targets = batch["labels"] != -100
-        return nn.functional.cross_entropy(head(hidden[targets]).float(), batch["labels"][targets])
-
-    def save_extras(self, encoder: Encoder, folder: Path) -> None:
-        encoder.preprocessor.tokenizer.save_pretrained(str(folder))
-
-
-class AugmentingImagePreprocessor(ImagePreprocessor):
-    """MAE's pretraining augmentation: random resized crop (scale 0.2-1) and horizontal flip."""
-
-    SCALE = (0.2, 1.0)
-
-    @property
-    def transform(self) -> Callable:
-        if self._transform is None:
-            from timm.data import create_transform
-
-            self._transform = create_transform(**self.data_config, is_training=True, scale=self.SCALE,
-                                               hflip=0.5, color_jitter=None)
-        return self._transform
-
-    def describe(self) -> dict:
-        return {**super().describe(), "transform": "timm.data.create_transform (train)",
-                "scale": list(self.SCALE), "hflip": 0.5}
-
-
-@register_objective
-class MaskedAutoencoder(Objective):
-    """MAE: hide 75% of the patches, reconstruct their pixels from the rest (ViTMAEForPreTraining)."""
-
-    name = "mae"
-    modality = "image"
-    families = ("mae",)
-    defaults = ObjectiveDefaults(mask_ratio=0.75, lr=1e-4, batch_size=64, weight_decay=0.05, betas=(0.9, 0.95))
-
-    def extra_settings(self, encoder: Encoder) -> dict:
-        return {"norm_pix_loss": bool(encoder.model.config.norm_pix_loss),
-                "augmentation": self.train_preprocessor(encoder).describe()}
-
-    def pretraining_model(self, encoder: Encoder, settings: dict) -> nn.Module:
-        from transformers import ViTMAEForPreTraining
-
-        config = copy.deepcopy(encoder.model.config)
-        config.mask_ratio = settings["mask_ratio"]
-        with _seeded(settings["seed"]):
-            model = ViTMAEForPreTraining(config)
-        model.vit.load_state_dict(encoder.model.state_dict())
-        return model
-
-    def train_preprocessor(self, encoder: Encoder) -> Any:
-        return AugmentingImagePreprocessor(encoder.preprocessor.data_config, encoder.preprocessor.jpeg_draft)
-
-    def masker(self, encoder: Encoder, settings: dict) -> Masker:
-        patches = encoder.model.embeddings.patch_embeddings.num_patches
-        hidden = patches - int(patches * (1 - settings["mask_ratio"]))
-
-        def mask(pixels: torch.Tensor) -> tuple[dict[str, torch.Tensor], int]:
-            return {"pixel_values": pixels, "noise": torch.rand(len(pixels), patches)}, hidden * len(pixels)
-
-        return mask
 
 
 # --------------------------------------------------------------------------- options and records
