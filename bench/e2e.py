@@ -13,10 +13,14 @@ The side row (IISAN, ``recommend train --mode side``) trains side networks over 
 layer's pooled state, cached once by ``featurestore extract --cache-layer all``; no
 encoder runs while it trains.
 
-It prints seconds per training epoch (validation excluded; median over epochs) for
-each mode, peak memory (each run in a process of its own, so peaks do not carry over),
+It prints, for each mode, the median training step (forward, backward and optimiser
+step, batch assembly included: robust to the first step's warm-up and to a loaded
+machine's spikes), set apart from the two costs that do not grow with the steps: full-pool
+validation per epoch, and the fixed cost of the run (process start, imports, opening the
+store and caches, building the model: the run's wall time minus training and
+validation); then seconds per training epoch, peak memory (each run in a process of its own, so peaks do not carry over),
 validation accuracy, the ratios, the one-off cost of extracting with each cache and its
-size, the first-epoch training losses of the cached and naive runs (the same model:
+size; the ratios are of median steps. Then the first-epoch training losses of the cached and naive runs (the same model:
 they agree up to the float16 cache's rounding), and the FLOP-ideal speed-up of cached over
 naive E2E beside the measured one: per step naive runs stem + bottom forward and the top's
 forward + backward (about 3x its forward), cached only the latter, counted by
@@ -66,15 +70,20 @@ def _train_alone(root: Path, opts: TrainOptions, threads: int | None) -> tuple[d
 def timed_run(ws: Workspace, name: str, opts: TrainOptions, threads: int | None = None) -> dict:
     """Train one run in a fresh process (its own peak memory); per-epoch training seconds
     (validation excluded), peak memory, accuracy and cost record."""
+    started = time.perf_counter()
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         result, start_mb = pool.submit(_train_alone, ws.root, opts, threads).result()
+    wall = time.perf_counter() - started
     run_dir = Path(result["run_dir"])
     epochs = read_metrics(run_dir)
     config = json.loads((run_dir / "config.json").read_text())
     seconds = statistics.median(e["seconds"] for e in epochs)
-    return {"mode": name, "epoch_seconds": seconds, "epoch_seconds_all": [round(e["seconds"], 2) for e in epochs],
+    return {"mode": name, "step_seconds": statistics.median(e["sec_per_step_median"] for e in epochs),
+            "first_step_seconds": epochs[0]["first_step_seconds"], "steps": sum(e["steps"] for e in epochs),
+            "epoch_seconds": seconds, "epoch_seconds_all": [round(e["seconds"], 2) for e in epochs],
             "sec_per_step": seconds / epochs[0]["steps"], "eval_seconds": statistics.median(
                 e["eval_seconds"] for e in epochs),
+            "fixed_seconds": wall - sum(e["seconds"] + e["eval_seconds"] for e in epochs),
             "first_loss": epochs[0]["loss"], "peak_rss_mb": max(e["peak_rss_mb"] for e in epochs),
             "training_rss_mb": max(e["peak_rss_mb"] for e in epochs) - start_mb,
             "peak_gpu_mb": max((e["peak_gpu_mb"] or 0) for e in epochs) or None,
@@ -111,7 +120,8 @@ def flop_ideal(encoder_name: str, top_k: int, random_init: bool, item) -> float:
 @click.option("--layers", default=8, show_default=True, help="TS-DNN depth N.")
 @click.option("--dim", default=512, show_default=True, help="Recommender width d.")
 @click.option("--batch-size", default=64, show_default=True)
-@click.option("--epochs", default=1, show_default=True, help="Epochs per run (median epoch time reported).")
+@click.option("--epochs", default=1, show_default=True,
+              help="Epochs per run (the median step is over every epoch's steps; epoch time: median epoch).")
 @click.option("--cache-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda (training and extraction).")
 @click.option("--threads", type=int, default=None, help="torch CPU threads [default: torch's choice].")
@@ -153,7 +163,8 @@ def main(encoder: str, top_k: int, random_init: bool, users: int, items: int, la
                               ("e2e naive", live)):
             opts = TrainOptions(run_name=f"bench-{name.replace(' ', '-')}-{stamp}", **{**common, **options})
             runs.append(timed_run(ws, name, opts, threads))
-            click.echo(f"{name}: {runs[-1]['epoch_seconds_all']} s/epoch", err=True)
+            click.echo(f"{name}: {runs[-1]['step_seconds']:.3f} s/step (median of {runs[-1]['steps']}), "
+                       f"{runs[-1]['epoch_seconds_all']} s/epoch", err=True)
     ts, side, cached, naive = runs
     report = {
         "dataset": {"users": dataset.n_users, "items": dataset.n_items},
@@ -164,15 +175,16 @@ def main(encoder: str, top_k: int, random_init: bool, users: int, items: int, la
                        "cache_mb_per_1k_items": round(cache_mb / dataset.n_items * 1000, 1),
                        "all_layers_seconds": round(layers_seconds, 2), "all_layers_mb": round(layers_mb, 2)},
         "results": runs,
-        "naive_vs_cached": naive["epoch_seconds"] / cached["epoch_seconds"],
+        "ratios_of": "median training step",
+        "naive_vs_cached": naive["step_seconds"] / cached["step_seconds"],
         "naive_vs_cached_flop_ideal": ideal,
-        "naive_vs_side": naive["epoch_seconds"] / side["epoch_seconds"],
-        "cached_vs_side": cached["epoch_seconds"] / side["epoch_seconds"],
-        "side_vs_ts_dnn": side["epoch_seconds"] / ts["epoch_seconds"],
+        "naive_vs_side": naive["step_seconds"] / side["step_seconds"],
+        "cached_vs_side": cached["step_seconds"] / side["step_seconds"],
+        "side_vs_ts_dnn": side["step_seconds"] / ts["step_seconds"],
         "side_peak_share_of_naive": side["peak_rss_mb"] / naive["peak_rss_mb"],
         "side_training_rss_share_of_naive": side["training_rss_mb"] / max(naive["training_rss_mb"], 1e-9),
-        "cached_vs_ts_dnn": cached["epoch_seconds"] / ts["epoch_seconds"],
-        "naive_vs_ts_dnn": naive["epoch_seconds"] / ts["epoch_seconds"],
+        "cached_vs_ts_dnn": cached["step_seconds"] / ts["step_seconds"],
+        "naive_vs_ts_dnn": naive["step_seconds"] / ts["step_seconds"],
         "first_loss_rel_diff_cached_naive": abs(cached["first_loss"] - naive["first_loss"]) / abs(naive["first_loss"]),
     }
     if as_json:
@@ -183,14 +195,18 @@ def main(encoder: str, top_k: int, random_init: bool, users: int, items: int, la
     click.echo(f"extraction with --cache-layer {top_k}: {extract_seconds:.1f}s, cache {cache_mb:.1f} MB "
                f"({cache_dtype}, {report['extraction']['cache_mb_per_1k_items']} MB per 1k items)")
     click.echo(f"extraction with --cache-layer all: {layers_seconds:.1f}s, cache {layers_mb:.2f} MB")
-    click.echo(f"{'mode':12} {'s/epoch':>8} {'s/step':>8} {'eval s':>7} {'trainable':>11} {'total':>11} "
-               f"{'peak RSS MB':>11} {'+training':>9} {'peak GPU MB':>11} {'1st loss':>9} {'HR@10':>7} {'NDCG@10':>7}")
+    click.echo(f"{'mode':12} {'s/step':>7} {'1st step':>8} {'steps':>5} {'eval s':>7} {'fixed s':>7} {'s/epoch':>8} "
+               f"{'trainable':>11} {'total':>11} {'peak RSS MB':>11} {'+training':>9} {'peak GPU MB':>11} "
+               f"{'1st loss':>9} {'HR@10':>7} {'NDCG@10':>7}")
     for r in runs:
-        click.echo(f"{r['mode']:12} {r['epoch_seconds']:8.2f} {r['sec_per_step']:8.3f} {r['eval_seconds']:7.2f} "
+        click.echo(f"{r['mode']:12} {r['step_seconds']:7.3f} {r['first_step_seconds']:8.3f} {r['steps']:5d} "
+                   f"{r['eval_seconds']:7.2f} {r['fixed_seconds']:7.1f} {r['epoch_seconds']:8.2f} "
                    f"{r['trainable_params']:>11,} {r['total_params']:>11,} {r['peak_rss_mb']:11.0f} "
                    f"{r['training_rss_mb']:9.0f} {r['peak_gpu_mb'] or 0:11.0f} {r['first_loss']:9.4f} "
                    f"{r['best'].get('HR@10', 0):7.4f} {r['best'].get('NDCG@10', 0):7.4f}")
-    click.echo(f"epoch time: naive E2E / cached E2E x{report['naive_vs_cached']:.2f} (FLOP ideal "
+    click.echo("s/step: median training step; eval s: validation per epoch; fixed s: the run's start-up and "
+               "set-up, outside training and validation")
+    click.echo(f"step time: naive E2E / cached E2E x{report['naive_vs_cached']:.2f} (FLOP ideal "
                f"x{ideal:.2f}); cached E2E / TS-DNN x{report['cached_vs_ts_dnn']:.2f}; naive E2E / TS-DNN "
                f"x{report['naive_vs_ts_dnn']:.2f}")
     click.echo(f"side: naive E2E / side x{report['naive_vs_side']:.1f}; cached E2E / side "

@@ -88,7 +88,7 @@ class IntraModalNetwork(nn.Module):
         side = torch.zeros_like(states[0])
         for layer, (state, adapter) in enumerate(zip(states, self.adapters)):
             gate = _gate(self.gates[layer])
-            side = adapter(gate * state + (1 - gate) * side)
+            side = adapter(torch.lerp(side, state, gate))  # gate * state + (1 - gate) * side, in one op
         return self.head(side)
 
 
@@ -106,7 +106,7 @@ class InterModalNetwork(nn.Module):
         side = torch.zeros_like(text[0])
         for index, ((t, i), adapter) in enumerate(zip(self.pairs, self.adapters)):
             gate = _gate(self.gates[index])
-            side = adapter(side + gate * image[i] + (1 - gate) * text[t])
+            side = adapter(side + torch.lerp(text[t], image[i], gate))
         return self.head(side)
 
 

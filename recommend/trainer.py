@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import resource
+import statistics
 import sys
 import time
 from contextlib import contextmanager
@@ -495,10 +496,12 @@ def _epochs(objective, model: Recommender, optimizer, batches: SequenceBatches,
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         start, total, steps = time.perf_counter(), 0.0, 0
+        step_seconds: list[float] = []  # float(value) below waits for the device: these are true step times
         term_totals: dict[str, float] = {}
         bar = progress_bar(total=batches.n_sequences, unit="seq", desc=f"epoch {epoch}", leave=False,
                    disable=not (progress and procs.main), file=sys.stderr)
         finite = True
+        step_start = start
         for rows in batches:
             value = objective(rows.to(device, non_blocking=True))
             finite = procs.all_true(bool(torch.isfinite(value)), device)
@@ -508,6 +511,8 @@ def _epochs(objective, model: Recommender, optimizer, batches: SequenceBatches,
             value.backward()
             optimizer.step()
             total, steps = total + float(value.detach()), steps + 1
+            step_seconds.append(time.perf_counter() - step_start)
+            step_start = time.perf_counter()
             for name, part in _step_terms(objective).items():
                 term_totals[name] = term_totals.get(name, 0.0) + float(part)
             bar.update(len(rows))
@@ -530,6 +535,9 @@ def _epochs(objective, model: Recommender, optimizer, batches: SequenceBatches,
             record = {
                 "epoch": epoch, "loss": mean_loss, "valid": metrics, "seconds": seconds,
                 "sec_per_step": seconds / max(steps, 1), "steps": steps,
+                # the median step, robust to the first step's warm-up and to a loaded machine's spikes
+                "sec_per_step_median": statistics.median(step_seconds) if step_seconds else None,
+                "first_step_seconds": step_seconds[0] if step_seconds else None,
                 "sequences_per_sec": batches.n_sequences * procs.world_size / seconds,
                 "eval_seconds": time.perf_counter() - eval_start,
                 "peak_rss_mb": _peak_rss_mb(),
