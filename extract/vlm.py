@@ -206,7 +206,8 @@ register_pair("clip-b32", "clip", 512, 12, "openai/clip-vit-base-patch32",
               _towers({}, {"patch_size": 32}, projection_dim=512))
 register_pair("clip-b16", "clip", 512, 12, "openai/clip-vit-base-patch16",
               _towers({}, {"patch_size": 16}, projection_dim=512))
-register_pair("siglip-b16", "siglip", 768, 12, "google/siglip-base-patch16-224", _towers({}, {}))
+register_pair("siglip-b16", "siglip", 768, 12, "google/siglip-base-patch16-224",
+              _towers({"bos_token_id": None, "eos_token_id": 1, "pad_token_id": 1}, {}))
 # Tiny CLIP for tests and demos (random-init only): two blocks of width 32 per tower, 32 x 32 pixels,
 # the bundled WordPiece vocabulary and its [SEP] as the end-of-text token CLIP pools.
 register_pair("clip-tiny", "clip", 16, 2, None, _towers(
