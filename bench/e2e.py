@@ -1,4 +1,4 @@
-"""Training cost of the comparison path: TS-DNN vs cached E2E vs naive E2E, same data, one run.
+"""Training cost of the comparison path: TS-DNN vs side networks vs cached E2E vs naive E2E, same data, one run.
 
 Paper 001 (Table 6) reports E2E at 100x+ the cost of TS. The naive E2E path (the
 papers') decodes every item of a step and runs the whole encoder, the frozen bottom
@@ -9,10 +9,18 @@ All three train the same SASRec recommender (papers' settings: d = 512, 2 blocks
 2 heads, batch 64, BCE with one negative) on one synthetic dataset with real JPEGs
 and titles, with one small real encoder.
 
+The side row (IISAN, ``recommend train --mode side``) trains side networks over every
+layer's pooled state, cached once by ``featurestore extract --cache-layer all``; no
+encoder runs while it trains.
+
 It prints seconds per training epoch (validation excluded; median over epochs) for
-each mode, the ratios, the one-off cost of extracting with the cache and its size,
-and the first-epoch training losses of the cached and naive runs (the same model:
-they agree up to the float16 cache's rounding).
+each mode, peak memory (each run in a process of its own, so peaks do not carry over),
+validation accuracy, the ratios, the one-off cost of extracting with each cache and its
+size, the first-epoch training losses of the cached and naive runs (the same model:
+they agree up to the float16 cache's rounding), and the FLOP-ideal speed-up of cached over
+naive E2E beside the measured one: per step naive runs stem + bottom forward and the top's
+forward + backward (about 3x its forward), cached only the latter, counted by
+``torch.utils.flop_counter`` on one item.
 
     python bench/e2e.py                                   # CPU: efficientnet-lite0, top 2 stages
     python bench/e2e.py --encoder minilm-l6 --top-k 2     # text
@@ -22,9 +30,11 @@ they agree up to the float16 cache's rounding).
 from __future__ import annotations
 
 import json
+import multiprocessing
 import statistics
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import click
@@ -33,6 +43,7 @@ import torch
 from data.dataset import PreparedDataset
 from data.prepare import synthetic_dataset
 from extract.job import ExtractOptions, run_extraction
+from extract.registry import create_encoder
 from featurestore.workspace import Workspace
 from recommend.run import read_metrics
 from recommend.trainer import TrainOptions, train
@@ -42,9 +53,21 @@ def folder_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
 
 
-def timed_run(ws: Workspace, name: str, opts: TrainOptions) -> dict:
-    """Train one run; its per-epoch training seconds (validation excluded) and cost record."""
-    result = train(ws, opts, progress=False, echo=False)
+def _train_alone(root: Path, opts: TrainOptions, threads: int | None) -> tuple[dict, float]:
+    """Train in this (fresh) process; also its peak RSS before training (the imports' share)."""
+    from recommend.trainer import _peak_rss_mb
+
+    if threads:
+        torch.set_num_threads(threads)
+    start = _peak_rss_mb()
+    return train(Workspace(root), opts, progress=False, echo=False), start
+
+
+def timed_run(ws: Workspace, name: str, opts: TrainOptions, threads: int | None = None) -> dict:
+    """Train one run in a fresh process (its own peak memory); per-epoch training seconds
+    (validation excluded), peak memory, accuracy and cost record."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        result, start_mb = pool.submit(_train_alone, ws.root, opts, threads).result()
     run_dir = Path(result["run_dir"])
     epochs = read_metrics(run_dir)
     config = json.loads((run_dir / "config.json").read_text())
@@ -53,9 +76,30 @@ def timed_run(ws: Workspace, name: str, opts: TrainOptions) -> dict:
             "sec_per_step": seconds / epochs[0]["steps"], "eval_seconds": statistics.median(
                 e["eval_seconds"] for e in epochs),
             "first_loss": epochs[0]["loss"], "peak_rss_mb": max(e["peak_rss_mb"] for e in epochs),
+            "training_rss_mb": max(e["peak_rss_mb"] for e in epochs) - start_mb,
             "peak_gpu_mb": max((e["peak_gpu_mb"] or 0) for e in epochs) or None,
             "trainable_params": config["cost"]["trainable_params"], "total_params": config["cost"]["total_params"],
             "best": result["best"]}
+
+
+def flop_ideal(encoder_name: str, top_k: int, random_init: bool, item) -> float:
+    """Ideal naive / cached E2E step ratio from counted FLOPs: (stem + bottom + 3 top) / (3 top)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    encoder = create_encoder(encoder_name, random_init=random_init).eval()
+    inputs = encoder.preprocessor.collate([encoder.preprocessor.load(item)])
+    first = encoder.depth - top_k
+
+    def flops(fn):
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            out = fn()
+        return counter.get_total_flops(), out
+
+    stem, hidden = flops(lambda: encoder.stem(inputs))
+    bottom, hidden = flops(lambda: encoder.run_blocks(hidden, 0, first))
+    top, _ = flops(lambda: encoder.pool(encoder.run_blocks(hidden, first)))
+    return (stem + bottom + 3 * top) / (3 * top)
 
 
 @click.command()
@@ -91,27 +135,42 @@ def main(encoder: str, top_k: int, random_init: bool, users: int, items: int, la
         extract_seconds = time.perf_counter() - started
         group_path = Path(extraction.path)
         cache_mb = folder_mb(group_path / "cache")
+        started = time.perf_counter()
+        layers_group = run_extraction(ws, ExtractOptions(
+            dataset="bench", encoder=encoder, random_init=random_init, cache_layer="all", cache_dtype=cache_dtype,
+            variant="layers", device="cuda" if device.startswith("cuda") else "cpu", progress=False))
+        layers_seconds = time.perf_counter() - started
+        layers_mb = folder_mb(Path(layers_group.path) / "cache")
+        ideal = flop_ideal(encoder, top_k, random_init, next(i for i in dataset.items if i.text and i.image))
         common = dict(dataset="bench", encoders=[encoder], dim=dim, batch_size=batch_size, epochs=epochs, loss="bce",
                       patience=epochs, device=device, seed=0)
         live = dict(mode="e2e", top_k=top_k, random_init=random_init)
         stamp = time.strftime("%H%M%S")
         runs = []
         for name, options in ((f"ts-dnn-{layers}", dict(mode="ts-dnn", layers=layers)),
+                              ("side", dict(mode="side", encoders=[f"{encoder}@layers"])),
                               ("e2e cached", {**live, "cached": True, "random_init": False}),
                               ("e2e naive", live)):
-            opts = TrainOptions(run_name=f"bench-{name.replace(' ', '-')}-{stamp}", **options, **common)
-            runs.append(timed_run(ws, name, opts))
+            opts = TrainOptions(run_name=f"bench-{name.replace(' ', '-')}-{stamp}", **{**common, **options})
+            runs.append(timed_run(ws, name, opts, threads))
             click.echo(f"{name}: {runs[-1]['epoch_seconds_all']} s/epoch", err=True)
-    ts, cached, naive = runs
+    ts, side, cached, naive = runs
     report = {
         "dataset": {"users": dataset.n_users, "items": dataset.n_items},
         "settings": {"encoder": encoder, "top_k": top_k, "random_init": random_init, "dim": dim,
                      "batch_size": batch_size, "epochs": epochs, "layers": layers, "cache_dtype": cache_dtype,
                      "device": device, "threads": torch.get_num_threads()},
         "extraction": {"seconds": round(extract_seconds, 2), "cache_mb": round(cache_mb, 1),
-                       "cache_mb_per_1k_items": round(cache_mb / dataset.n_items * 1000, 1)},
+                       "cache_mb_per_1k_items": round(cache_mb / dataset.n_items * 1000, 1),
+                       "all_layers_seconds": round(layers_seconds, 2), "all_layers_mb": round(layers_mb, 2)},
         "results": runs,
         "naive_vs_cached": naive["epoch_seconds"] / cached["epoch_seconds"],
+        "naive_vs_cached_flop_ideal": ideal,
+        "naive_vs_side": naive["epoch_seconds"] / side["epoch_seconds"],
+        "cached_vs_side": cached["epoch_seconds"] / side["epoch_seconds"],
+        "side_vs_ts_dnn": side["epoch_seconds"] / ts["epoch_seconds"],
+        "side_peak_share_of_naive": side["peak_rss_mb"] / naive["peak_rss_mb"],
+        "side_training_rss_share_of_naive": side["training_rss_mb"] / max(naive["training_rss_mb"], 1e-9),
         "cached_vs_ts_dnn": cached["epoch_seconds"] / ts["epoch_seconds"],
         "naive_vs_ts_dnn": naive["epoch_seconds"] / ts["epoch_seconds"],
         "first_loss_rel_diff_cached_naive": abs(cached["first_loss"] - naive["first_loss"]) / abs(naive["first_loss"]),
@@ -123,14 +182,22 @@ def main(encoder: str, top_k: int, random_init: bool, users: int, items: int, la
                f"batch {batch_size}; device {device}, {torch.get_num_threads()} threads; median of {epochs} epochs")
     click.echo(f"extraction with --cache-layer {top_k}: {extract_seconds:.1f}s, cache {cache_mb:.1f} MB "
                f"({cache_dtype}, {report['extraction']['cache_mb_per_1k_items']} MB per 1k items)")
+    click.echo(f"extraction with --cache-layer all: {layers_seconds:.1f}s, cache {layers_mb:.2f} MB")
     click.echo(f"{'mode':12} {'s/epoch':>8} {'s/step':>8} {'eval s':>7} {'trainable':>11} {'total':>11} "
-               f"{'peak RSS MB':>11} {'1st loss':>9}")
+               f"{'peak RSS MB':>11} {'+training':>9} {'peak GPU MB':>11} {'1st loss':>9} {'HR@10':>7} {'NDCG@10':>7}")
     for r in runs:
         click.echo(f"{r['mode']:12} {r['epoch_seconds']:8.2f} {r['sec_per_step']:8.3f} {r['eval_seconds']:7.2f} "
                    f"{r['trainable_params']:>11,} {r['total_params']:>11,} {r['peak_rss_mb']:11.0f} "
-                   f"{r['first_loss']:9.4f}")
-    click.echo(f"epoch time: naive E2E / cached E2E x{report['naive_vs_cached']:.2f}; cached E2E / TS-DNN "
-               f"x{report['cached_vs_ts_dnn']:.2f}; naive E2E / TS-DNN x{report['naive_vs_ts_dnn']:.2f}")
+                   f"{r['training_rss_mb']:9.0f} {r['peak_gpu_mb'] or 0:11.0f} {r['first_loss']:9.4f} "
+                   f"{r['best'].get('HR@10', 0):7.4f} {r['best'].get('NDCG@10', 0):7.4f}")
+    click.echo(f"epoch time: naive E2E / cached E2E x{report['naive_vs_cached']:.2f} (FLOP ideal "
+               f"x{ideal:.2f}); cached E2E / TS-DNN x{report['cached_vs_ts_dnn']:.2f}; naive E2E / TS-DNN "
+               f"x{report['naive_vs_ts_dnn']:.2f}")
+    click.echo(f"side: naive E2E / side x{report['naive_vs_side']:.1f}; cached E2E / side "
+               f"x{report['cached_vs_side']:.1f}; side / TS-DNN x{report['side_vs_ts_dnn']:.2f}; side peak RSS "
+               f"{100 * report['side_peak_share_of_naive']:.0f}% of naive E2E's, its growth during training "
+               f"(+training: peak minus the process's peak before training) "
+               f"{100 * report['side_training_rss_share_of_naive']:.0f}%")
     click.echo(f"first-epoch loss, cached vs naive: relative difference "
                f"{report['first_loss_rel_diff_cached_naive']:.1e} ({cache_dtype} cache)")
 

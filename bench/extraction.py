@@ -22,6 +22,7 @@ an HM-like photo size to show what decoding costs on a small CPU.
     python bench/extraction.py
     python bench/extraction.py --items 1024 --image-size 600x900
     python bench/extraction.py --device cuda --batch-size 256 --workers 8 --items 8192
+    python bench/extraction.py --device cuda --encoders efficientnet-lite0,swin-b,bert-base --random-init swin-b,bert-base
 """
 
 from __future__ import annotations
@@ -114,6 +115,9 @@ def time_job(ws: Workspace, encoder: str, opts: dict, round_: int, build_cpu: fl
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--encoders", default="efficientnet-lite0,minilm-l6", show_default=True,
               help="Comma-separated encoder names (with weights available here).")
+@click.option("--random-init", default="", metavar="ENC[,ENC]",
+              help="Encoders built untrained (seed 0), for those without local weights; the time of "
+                   "a forward does not depend on the weights' values.")
 @click.option("--items", default=512, show_default=True, help="Catalogue size.")
 @click.option("--batch-size", default=32, show_default=True, help="Batch size of both (a) and (b).")
 @click.option("--workers", default=DEFAULT_WORKERS, show_default=True, help="DataLoader workers of the job.")
@@ -125,17 +129,18 @@ def time_job(ws: Workspace, encoder: str, opts: dict, round_: int, build_cpu: fl
 @click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Workspace to build the catalogue in [default: a temporary folder].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def main(encoders, items, batch_size, workers, device, rounds, image_size, root, as_json):
+def main(encoders, random_init, items, batch_size, workers, device, rounds, image_size, root, as_json):
     """Time the extraction job against the bare forward of the same model on the same batches."""
     with tempfile.TemporaryDirectory(prefix="bench-extract-") as tmp:
         ws = Workspace(root or Path(tmp))
         dataset = make_catalogue(ws.root, items, image_size)
+        untrained = set(filter(None, random_init.split(",")))
         opts = {"batch_size": batch_size, "workers": workers, "device": device, "chunk_rows": 1024}
         results = []
         for name in encoders.split(","):
-            encoder = create_encoder(name)
+            encoder = create_encoder(name, random_init=name in untrained)
             build_cpu = cpu_seconds()  # a second build, with the libraries imported: what the job pays
-            create_encoder(name)
+            create_encoder(name, random_init=name in untrained)
             build_cpu = cpu_seconds() - build_cpu
             forward = Forward(encoder, torch.device("cuda" if device == "cuda" else "cpu"), "float32")
             batches = ready_batches(encoder, dataset, batch_size)
@@ -145,12 +150,13 @@ def main(encoders, items, batch_size, workers, device, rounds, image_size, root,
                 seconds, cpu, n = time_bare(forward, batches)
                 bare.append(n / seconds)
                 bare_cpu.append(cpu / n)
-                seconds, cpu, n, load = time_job(ws, name, opts, round_, build_cpu)
+                seconds, cpu, n, load = time_job(ws, name, {**opts, "random_init": name in untrained}, round_,
+                                             build_cpu)
                 job.append(n / seconds)
                 job_cpu.append(cpu / n)
                 loads.append(load)
             results.append({
-                "encoder": name, "items": dataset.n_items, "embedded": n, "batch_size": batch_size,
+                "encoder": name, "random_init": name in untrained, "items": dataset.n_items, "embedded": n, "batch_size": batch_size,
                 "workers": workers, "device": device, "torch_threads": torch.get_num_threads(),
                 "bare_items_per_s": round(max(bare), 1), "job_items_per_s": round(max(job), 1),
                 "ratio": round(max(job) / max(bare), 3),

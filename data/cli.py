@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import json
 from pathlib import Path
 
 import click
@@ -10,8 +12,8 @@ from data.dataset import COLD_THRESHOLD, PreparedDataset
 from data.formats import get_format, list_formats
 from data.popularity import bin_label, histogram, item_interactions, plot_histogram
 from data.prepare import prepare_dataset
-from data.synth import list_synth_formats, synthesize
-from featurestore.cliutil import emit, json_option, root_option
+from data.synth import Signals, list_synth_formats, synthesize
+from featurestore.cliutil import UserError, emit, json_option, root_option
 from featurestore.workspace import Workspace
 
 
@@ -54,16 +56,21 @@ def _split_fields(ctx: click.Context, param: click.Parameter, value: str | None)
                    "ninerec text_en if present else text; generic text; seqtsv text].")
 @click.option("--chunk-rows", type=click.IntRange(min=1000), default=1_000_000, show_default=True,
               help="Interaction rows read per chunk (memory vs. speed).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing dataset NAME prepared from other data (other items or interactions); "
+                   "its store groups and runs then no longer match it. Without this, that is refused.")
 @root_option
 @json_option
 def prepare(ws: Workspace, as_json: bool, fmt: str, source: Path, name: str, max_seq_len: int | None,
             min_interactions: int, min_item_interactions: int, iterate: bool, users: int | None, seed: int,
-            text_fields: list[str] | None, chunk_rows: int) -> None:
+            text_fields: list[str] | None, chunk_rows: int, overwrite: bool) -> None:
     """Read a raw dataset, filter and truncate it, and write ROOT/datasets/NAME atomically."""
+    guard = None if overwrite else functools.partial(refuse_other_data, ws, name)
     manifest = prepare_dataset(fmt, source, ws.dataset_dir(name), name=name, max_seq_len=max_seq_len,
                                min_interactions=min_interactions, users=users, seed=seed,
                                text_fields=text_fields, chunk_rows=chunk_rows, progress=not as_json,
-                               min_item_interactions=min_item_interactions, iterate=iterate)
+                               min_item_interactions=min_item_interactions, iterate=iterate,
+                               before_replace=guard)
     counts, stats = manifest["counts"], manifest["stats"]
     summary = {"name": name, "path": ws.dataset_dir(name), "users": counts["users"], "items": counts["items"],
                "interactions": counts["interactions"], "fingerprint": manifest["fingerprint"],
@@ -80,6 +87,40 @@ def prepare(ws: Workspace, as_json: bool, fmt: str, source: Path, name: str, max
             f"{stats['catalogue_bad_rows']} unreadable catalogue rows, "
             f"{stats['items_missing_image']} items without image")
     emit(summary, as_json, text)
+
+
+FINGERPRINTS = ("fingerprint", "interactions_fingerprint")
+
+
+def dependants(ws: Workspace, name: str, fingerprint: str) -> list[str]:
+    """Store groups and runs built on dataset ``name`` as it had ``fingerprint``."""
+    from featurestore.store import FeatureStore
+    from recommend.run import CONFIG
+
+    store = FeatureStore(ws.store)
+    found = [f"store group {g}" for g in store.groups()
+             if g.startswith(f"{name}/") and store.open(g).fingerprint == fingerprint]
+    if ws.runs.is_dir():
+        for run in sorted(ws.runs.iterdir()):
+            try:
+                dataset = json.loads((run / CONFIG).read_text()).get("dataset", {})
+            except (OSError, ValueError):
+                continue
+            if dataset.get("name") == name and dataset.get("fingerprint") == fingerprint:
+                found.append(f"run {run.name}")
+    return found
+
+
+def refuse_other_data(ws: Workspace, name: str, new: dict) -> None:
+    """Keep an existing dataset that ``new`` (a manifest) would replace with other data."""
+    old = PreparedDataset.load(ws.dataset_dir(name)).manifest
+    if all(old.get(key) == new.get(key) for key in FINGERPRINTS):
+        return  # the same data again: replacing it changes nothing that depends on it
+    using = dependants(ws, name, old.get("fingerprint", ""))
+    shown = ", ".join(using[:6]) + (f" and {len(using) - 6} more" if len(using) > 6 else "")
+    raise UserError(f"dataset {name} already exists, prepared from other data (fingerprint {old.get('fingerprint')}, "
+                    f"now {new.get('fingerprint')}); {'built on it: ' + shown if using else 'nothing is built on it yet'}; "
+                    f"pass --overwrite to replace it, or choose another --name")
 
 
 def dataset_info(ds: PreparedDataset) -> dict:
@@ -115,8 +156,12 @@ def dataset_info(ds: PreparedDataset) -> dict:
 @root_option
 @json_option
 def info(ws: Workspace, as_json: bool, name: str, plot: Path | None) -> None:
-    """Describe the prepared dataset NAME, with its item-popularity histogram."""
-    summary = dataset_info(PreparedDataset.load(ws.dataset_dir(name)))
+    """Describe the prepared dataset NAME, with its item-popularity histogram and the
+    popularity and (for a generated dataset) oracle rows on its test split."""
+    from data.oracle import reference_rows  # lazily: it needs eval (torch); prepare and synth do not
+
+    ds = PreparedDataset.load(ws.dataset_dir(name))
+    summary = {**dataset_info(ds), "baselines": reference_rows(ds)}
     if plot is not None:
         summary["plot"] = str(plot_histogram(summary["popularity"], plot, f"{name}: item popularity"))
     splits = summary["splits"]
@@ -131,8 +176,11 @@ def info(ws: Workspace, as_json: bool, name: str, plot: Path | None) -> None:
         f"fingerprint {summary['fingerprint']}, interactions {summary['interactions_fingerprint']}",
         "interactions per item: " + ", ".join(f"{bin_label(b)}: {b['items']}" for b in summary["popularity"]),
         *([f"plot: {summary['plot']}"] if "plot" in summary else []),
+        *(f"{row:<10} test HR@10 {metrics['HR@10']:.4f}  NDCG@10 {metrics['NDCG@10']:.4f} "
+          f"(full pool, history excluded)" for row, metrics in summary["baselines"].items()),
     ])
     emit(summary, as_json, text)
+
 
 
 @dataset.command()
@@ -143,19 +191,34 @@ def info(ws: Workspace, as_json: bool, name: str, plot: Path | None) -> None:
 @click.option("--users", type=click.IntRange(min=1), default=2000, show_default=True, help="Users to simulate.")
 @click.option("--items", type=click.IntRange(min=4), default=500, show_default=True, help="Catalogue size.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same files.")
-@click.option("--clusters", type=click.IntRange(2, 16), default=12, show_default=True,
-              help="Latent clusters shaping both pictures and words.")
+@click.option("--clusters", type=click.IntRange(min=2), default=None,
+              help="Latent regions (item latents lie near one region centre each) [default: items / 8, "
+                   "between 4 and 128].")
+@click.option("--content-signal", type=click.FloatRange(min=0), default=Signals.content, show_default=True,
+              help="Weight of the content component: a region near the user's taste and recent items, "
+                   "then an item of it by popularity (what image and text encoders can learn).")
+@click.option("--id-signal", type=click.FloatRange(min=0), default=Signals.id, show_default=True,
+              help="Weight of the idiosyncratic links: one of the last item's follow-ups, drawn "
+                   "independently of content (only an ID table can learn them).")
+@click.option("--popularity", type=click.FloatRange(min=0), default=Signals.popularity, show_default=True,
+              help="Weight of global popularity (itself partly a function of content). The three "
+                   "weights are normalised to sum to 1.")
+@click.option("--taste", type=click.FloatRange(0, 1), default=Signals.taste, show_default=True,
+              help="Share of the long-term taste in the content query; the rest is the recent items.")
 @click.option("--images/--no-images", default=True, show_default=True,
               help="Write the JPEGs (skip them for quick, large interaction-only tests).")
 @click.option("--prefix", default="synth", show_default=True, help="NineRec file prefix (PREFIX_pair.csv).")
 @root_option
 @json_option
 def synth(ws: Workspace, as_json: bool, fmt: str, out: Path | None, users: int, items: int, seed: int,
-          clusters: int, images: bool, prefix: str) -> None:
-    """Write a synthetic raw dataset with planted cluster structure (truth.json holds the clusters)."""
+          clusters: int | None, content_signal: float, id_signal: float, popularity: float, taste: float,
+          images: bool, prefix: str) -> None:
+    """Write a synthetic raw dataset from a world whose next-item distribution is known
+    (truth.json: each item's region; world.npz: what the oracle row is computed from)."""
     out = out or ws.root / "raw" / fmt
+    signals = Signals(content_signal, id_signal, popularity, taste)
     summary = synthesize(fmt, out, users=users, items=items, seed=seed, clusters=clusters, images=images,
-                         name=prefix)
+                         name=prefix, signals=signals)
     emit(summary, as_json, f"wrote synthetic {fmt} data to {out}: {summary['users']} users, "
                            f"{summary['items']} items ({summary['images']} images), "
-                           f"{summary['interactions']} interactions, {clusters} clusters")
+                           f"{summary['interactions']} interactions, {summary['clusters']} regions")

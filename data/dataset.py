@@ -25,7 +25,7 @@ import tempfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -173,12 +173,14 @@ def write_prepared(
     indptr: np.ndarray,
     seq_items: np.ndarray,
     manifest: dict,
+    before_replace: Callable[[dict], None] | None = None,
 ) -> dict:
     """Write a prepared dataset atomically: a temporary folder renamed into place.
 
     ``manifest`` gets ``counts``, ``fingerprint``, ``interactions_fingerprint`` and
     ``format_version`` filled in; the completed manifest is returned. A crash leaves
-    either the old folder or the new one, never half of one.
+    either the old folder or the new one, never half of one. ``before_replace`` sees the
+    completed manifest before an existing folder is replaced; raising there keeps the old one.
     """
     path = Path(path)
     items = list(items)
@@ -211,6 +213,8 @@ def write_prepared(
         np.save(tmp / "seq_indptr.npy", np.asarray(indptr, dtype=np.int64))
         np.save(tmp / "seq_items.npy", np.asarray(seq_items, dtype=np.int32))
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        if path.exists() and before_replace is not None:
+            before_replace(manifest)
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)

@@ -32,17 +32,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from data.dataset import Item, write_prepared
 from data.formats import get_format
 from data.formats.base import CHUNK_ROWS, Catalogue, RawFormat
 from data.synth import synthesize
 from featurestore.cliutil import UserError
+from featurestore.progress import progress_bar
 from featurestore.workspace import Workspace
 
 MIN_SEQUENCE = 3  # leave-one-out needs one training item, one validation, one test
@@ -83,7 +83,7 @@ def read_interaction_log(reader: RawFormat, source: Path, catalogue: Catalogue,
     users_codes = UserCodes()
     users, items, times = [], [], []
     rows = bad = unknown = 0
-    with tqdm(desc=f"reading {reader.name} interactions", unit=" rows", unit_scale=True, disable=not progress) as bar:
+    with progress_bar(desc=f"reading {reader.name} interactions", unit=" rows", unit_scale=True, disable=not progress) as bar:
         for chunk in reader.read_interactions(source, chunk_rows):
             rows += chunk.rows
             bad += chunk.bad_rows
@@ -182,7 +182,8 @@ def build_sequences(users: np.ndarray, items: np.ndarray, times: np.ndarray, *, 
 def prepare_dataset(fmt: str, source: Path, out: Path, *, name: str, max_seq_len: int | None = None,
                     min_interactions: int = 5, users: int | None = None, seed: int = 0,
                     text_fields: Sequence[str] | None = None, chunk_rows: int = CHUNK_ROWS,
-                    progress: bool = False, min_item_interactions: int = 1, iterate: bool = False) -> dict:
+                    progress: bool = False, min_item_interactions: int = 1, iterate: bool = False,
+                    before_replace: Callable[[dict], None] | None = None) -> dict:
     """Prepare the raw dataset in ``source`` (layout ``fmt``) into the folder ``out``.
 
     Args:
@@ -199,6 +200,8 @@ def prepare_dataset(fmt: str, source: Path, out: Path, *, name: str, max_seq_len
         text_fields: which catalogue fields make an item's text (format default if None).
         chunk_rows: interaction rows read per chunk.
         progress: show a tqdm bar while reading.
+        before_replace: called with the new manifest before an existing ``out`` is replaced
+            (it may refuse by raising; see ``featurestore dataset prepare --overwrite``).
 
     Returns:
         the written manifest (counts, options, stats, fingerprints).
@@ -258,11 +261,12 @@ def prepare_dataset(fmt: str, source: Path, out: Path, *, name: str, max_seq_len
         "has_images": catalogue.has_images,
         "stats": stats,
     }
-    return write_prepared(Path(out), items, user_names[by_name[kept]].tolist(), indptr, new_id[cat_items], manifest)
+    return write_prepared(Path(out), items, user_names[by_name[kept]].tolist(), indptr, new_id[cat_items], manifest,
+                          before_replace)
 
 
 def synthetic_dataset(root: Path, name: str = "synth", fmt: str = "hm", *, users: int = 2000, items: int = 500,
-                      seed: int = 0, images: bool = True, clusters: int = 12) -> Path:
+                      seed: int = 0, images: bool = True, clusters: int | None = None) -> Path:
     """Synthesize raw files into ``root/raw/NAME`` and prepare them as dataset NAME.
 
     The one-call fixture for tests and demos; returns the prepared folder

@@ -17,12 +17,12 @@ import numpy as np
 from eval.compare import markdown_table, run_mode, summarize_run
 from eval.distributed import local_device, process_group
 from eval.evaluate import SUBSETS, evaluate
-from eval.metrics import parse_ks
+from eval.metrics import parse_ks, percent
 from eval.ranking import INDEXES
 from featurestore.cliutil import UserError, emit, json_option, root_option, run_cli
 from featurestore.workspace import Workspace
 from recommend.defaults import latest_finished_run
-from recommend.run import read_config, resolve_run
+from recommend.run import read_config, resolve_run, unfinished
 
 EVAL_FILE = "eval.json"
 ZERO_SHOT = "zero-shot"  # eval.json section for rankings of other datasets (never read as own results)
@@ -113,10 +113,10 @@ def cli() -> None:
     """Stage three: rank every user's target against the full item pool, compare runs.
 
     \b
-    eval rank RUN --full-pool --split test
+    recommend eval rank RUN --full-pool --split test
     torchrun --nproc-per-node 8 $(which recommend) eval rank RUN --index torch
-    eval compare RUN1 RUN2 --out report.md --plot report.png
-    eval plot-items RUN --out items.png
+    recommend eval compare RUN1 RUN2 --out report.md --plot report.png
+    recommend eval plot-items RUN --out items.png
     """
 
 
@@ -197,6 +197,7 @@ def _rank(ws: Workspace, as_json: bool, run_dir: Path, target: str | None, untra
                         "a dataset other than the run's own")
     else:
         model, _config, dataset = load_run_and_dataset(ws, run_dir, device)
+    state = unfinished(run_dir)  # checked before ranking: the run may finish meanwhile
     result = evaluate(model, dataset, split=split, ks=parse_ks(ks), exclude_history=exclude_history,
                       subset=subset, batch_size=batch_size, index=index,
                       return_vectors=export_dir is not None, progress=main, device=device)
@@ -207,6 +208,10 @@ def _rank(ws: Workspace, as_json: bool, run_dir: Path, target: str | None, untra
     result["dataset"] = {"name": dataset.name, "fingerprint": dataset.fingerprint}
     if zero_shot is not None:
         result["zero_shot"] = zero_shot
+    else:
+        result.update(_references(dataset, result))
+    if state is not None:
+        result["unfinished_run"] = state
     eval_path = record_result(run_dir, result)
     out = {"run": run_dir.name, **result, "eval_json": str(eval_path)}
     if vectors is not None:
@@ -214,6 +219,17 @@ def _rank(ws: Workspace, as_json: bool, run_dir: Path, target: str | None, untra
         np.save(export_dir / "ranks.npy", ranks)
         out["export"] = {"dir": str(export_dir), "files": {**files, "ranks": str(export_dir / "ranks.npy")}}
     emit(out, as_json, _rank_text(out))
+
+
+def _references(dataset, result: dict) -> dict:
+    """Popularity and (generated datasets) oracle rows on the same users and protocol, and
+    the run's metrics as a percentage of the oracle's."""
+    from data.oracle import percent_of_oracle, reference_rows
+
+    rows = reference_rows(dataset, result["split"], result["ks"], result["exclude_history"], result["subset"])
+    if "oracle" in rows:
+        rows["percent_of_oracle"] = percent_of_oracle(result, rows["oracle"])
+    return rows
 
 
 def _rank_text(out: dict) -> str:
@@ -227,10 +243,21 @@ def _rank_text(out: dict) -> str:
                         f"{zero_shot['seed']}), trained on nothing" if zero_shot["weights"] == "untrained" else
                         f"zero-shot on {target}: the run's model as trained on {zero_shot['source_dataset']}, "
                         f"never trained on {target}")
+    state = out.get("unfinished_run")
+    if state:
+        doing = (f"still training (pid {state['pid']})" if state["status"] == "training"
+                 else f"{state['status']} before finishing")
+        lines.append(f"note: run {out['run']} is {doing}; this scores its best checkpoint so far (epoch "
+                     f"{state['best_epoch']} of {state['epochs_done']} done); rank it again when training has ended")
     for k in out["ks"]:
         hr, ndcg = out[f"HR@{k}"], out[f"NDCG@{k}"]
-        lines.append(f"  HR@{k:<3} {'-' if hr is None else f'{hr:.4f}'}   "
-                     f"NDCG@{k:<3} {'-' if ndcg is None else f'{ndcg:.4f}'}")
+        lines.append(f"  HR@{k:<3} {percent(hr):>6}%   NDCG@{k:<3} {percent(ndcg):>6}%")
+    for row in ("popularity", "oracle"):
+        if out.get(row) and out[row]["users"]:
+            lines.append(f"  {row}: " + "  ".join(f"HR@{k} {percent(out[row][f'HR@{k}'])}%" for k in out["ks"]))
+    if out.get("percent_of_oracle"):
+        lines.append("  % of oracle: " + "  ".join(f"{name} {value:.1f}"
+                                                  for name, value in out["percent_of_oracle"].items()))
     lines.append(f"saved in {out['eval_json']}")
     if "export" in out:
         lines.append(f"vectors exported to {out['export']['dir']}")
@@ -251,6 +278,7 @@ def compare(ws: Workspace, as_json: bool, runs: tuple[str, ...], out: Path | Non
     parameters, time per epoch, peak memory and HR/NDCG@K (test results from eval.json if
     present, else best validation)."""
     summaries = [summarize_run(resolve_run(ws, run)) for run in runs]
+    summaries = _dataset_rows(ws, summaries) + summaries
     table = markdown_table(summaries)
     result: dict = {"runs": [s.__dict__ for s in summaries]}
     if out is not None:
@@ -262,6 +290,21 @@ def compare(ws: Workspace, as_json: bool, runs: tuple[str, ...], out: Path | Non
 
         result["plot"] = str(plot_compare(summaries, plot))
     emit(result, as_json, table.rstrip("\n"))
+
+
+def _dataset_rows(ws: Workspace, summaries: list) -> list:
+    """Popularity and oracle rows for each generated dataset the runs were trained on."""
+    from data.dataset import PreparedDataset
+    from data.oracle import is_synthetic
+    from eval.compare import reference_summaries
+
+    ks = sorted({int(name.split("@")[1]) for s in summaries for name in s.metrics}) or [10]
+    rows = []
+    for name in dict.fromkeys(s.dataset for s in summaries if s.dataset):
+        folder = ws.dataset_dir(name)
+        if (folder / "manifest.json").exists() and is_synthetic(dataset := PreparedDataset.load(folder)):
+            rows += reference_summaries(dataset, ks)
+    return rows
 
 
 @cli.command("plot-items")

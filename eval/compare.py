@@ -13,10 +13,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from eval.metrics import percent
 from featurestore.cliutil import UserError
 
 
-MODE_LABELS = {"id": "IDRec", "ts": "TS", "e2e": "E2E", "adapter": "adapters"}
+MODE_LABELS = {"id": "IDRec", "ts": "TS", "e2e": "E2E", "adapter": "adapters", "side": "side (IISAN)"}
 
 
 @dataclass
@@ -35,6 +36,7 @@ class RunSummary:
     peak_gpu_mb: float | None
     metrics: dict = field(default_factory=dict)
     source: str = "none"
+    dataset: str | None = None
 
     def metric(self, name: str) -> float | None:
         value = self.metrics.get(name)
@@ -137,7 +139,7 @@ def summarize_run(run_dir: Path) -> RunSummary:
     best = _read_json(run_dir / "best.json")
     if test is not None:
         excluded = "history excluded" if test.get("exclude_history") else "history kept"
-        metrics, source = test, f"test ({excluded})"
+        metrics, source = test, f"test ({excluded}{', run unfinished' if test.get('unfinished_run') else ''})"
     elif best and best.get("metrics"):
         metrics, source = best["metrics"], f"valid (best epoch {best.get('epoch')})"
     else:
@@ -155,7 +157,19 @@ def summarize_run(run_dir: Path) -> RunSummary:
         peak_gpu_mb=_max(epochs, "peak_gpu_mb"),
         metrics={k: v for k, v in metrics.items() if k.startswith(("HR@", "NDCG@"))},
         source=source,
+        dataset=(config.get("dataset") or {}).get("name"),
     )
+
+
+def reference_summaries(dataset, ks) -> list[RunSummary]:
+    """Popularity and (for a generated dataset) oracle rows: test split, history excluded."""
+    from data.oracle import reference_rows
+
+    return [RunSummary(name=name, mode=name, encoder="-", layers=None, trainable_params=0, total_params=0,
+                       epochs=0, sec_per_epoch=None, peak_rss_mb=None, peak_gpu_mb=None,
+                       metrics={k: v for k, v in row.items() if k.startswith(("HR@", "NDCG@"))},
+                       source="test (history excluded)", dataset=dataset.name)
+            for name, row in reference_rows(dataset, "test", ks).items()]
 
 
 def metric_names(summaries: list[RunSummary]) -> list[str]:
@@ -168,17 +182,26 @@ def _cell(value, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def _percent(value: float | None, oracle: float | None) -> float | None:
+    return None if value is None or not oracle else 100 * value / oracle
+
+
 def markdown_table(summaries: list[RunSummary]) -> str:
     """The comparison as a markdown table; metrics shown in percent, as the papers do."""
     names = metric_names(summaries)
+    oracles = {s.dataset: s for s in summaries if s.mode == "oracle"}
+    relative = [n for n in names if n.startswith("HR@")][:1] if oracles else []
     header = ["run", "mode", "encoder", "layers", "trainable params", "total params",
-              "s/epoch", "peak RSS MB", "peak GPU MB", *[f"{n} (%)" for n in names], "source"]
+              "s/epoch", "peak RSS MB", "peak GPU MB", *[f"{n} (%)" for n in names],
+              *[f"{n} % of oracle" for n in relative], "source"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for s in summaries:
+        oracle = oracles.get(s.dataset)
         row = [s.name, s.mode, s.encoder, _cell(s.layers, "d"), _cell(s.trainable_params, ",d"),
                _cell(s.total_params, ",d"), _cell(s.sec_per_epoch, ".1f"), _cell(s.peak_rss_mb, ".0f"),
                _cell(s.peak_gpu_mb, ".0f"),
-               *[_cell(None if s.metric(n) is None else 100 * s.metric(n), ".2f") for n in names],
+               *[percent(s.metric(n)) for n in names],
+               *[_cell(_percent(s.metric(n), oracle and oracle.metric(n)), ".1f") for n in relative],
                s.source]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"

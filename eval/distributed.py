@@ -75,8 +75,9 @@ def _collective_device() -> torch.device:
 
 
 def launched() -> bool:
-    """Whether this process is one of several started by torchrun."""
-    return int(os.environ.get("WORLD_SIZE", 1)) > 1
+    """Whether torchrun started this process (even as its only one: ``--nproc-per-node 1``
+    still joins a process group, so one GPU exercises the NCCL path)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", 1)) > 1
 
 
 def local_device(device: str) -> str:
@@ -90,8 +91,7 @@ def local_device(device: str) -> str:
 def process_group(device: str) -> Iterator[Shard]:
     """Join torchrun's process group for one ranking (NCCL on CUDA, gloo on CPU) and leave it.
 
-    Without torchrun (``WORLD_SIZE`` unset or 1) this is the single process's whole
-    shard. A group someone else initialised (the trainer's) is used and left alone.
+    Without torchrun this is the single process's whole shard. A group someone else initialised (the trainer's) is used and left alone.
     """
     created = False
     if launched() and not dist.is_initialized():

@@ -17,11 +17,11 @@ from typing import Iterable
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from eval.distributed import Shard
 from eval.metrics import DEFAULT_KS, metrics_from_ranks
 from eval.ranking import DEFAULT_BATCH_SIZE, TIES_RULE, csr_rows, popularity_ranks, rank_targets
+from featurestore.progress import progress_bar
 
 SUBSETS = ("all", "cold", "warm")
 SPLITS = ("valid", "test")
@@ -107,7 +107,7 @@ def model_vectors(
             items = model.item_vectors(batch_size=batch_size).detach().float().cpu().numpy()
             users = np.empty((len(rows), items.shape[1]), dtype=np.float32)
             length = int(model.max_seq_len)
-            with tqdm(total=len(rows), unit="user", desc="user vectors", disable=not progress) as bar:
+            with progress_bar(total=len(rows), unit="user", desc="user vectors", disable=not progress) as bar:
                 for start in range(0, len(rows), batch_size):
                     chunk = rows[start : start + batch_size]
                     history = torch.from_numpy(left_padded(hist_indptr, hist_items, chunk, length))

@@ -15,6 +15,22 @@ import numpy as np
 DEFAULT_KS = (10, 20, 50)
 
 
+def percent(value: float | None) -> str:
+    """A metric for people: percent with two decimals (``0.4334`` -> ``"43.34"``), ``"-"`` when absent.
+
+    Every human-readable output (logs, summaries, tables, reports) goes through here and
+    labels the unit, so a run's HR@10 reads the same in ``recommend runs``, ``eval rank``
+    and a study report; ``--json`` keeps the fractions.
+    """
+    return "-" if value is None else f"{100 * value:.2f}"
+
+
+def format_metrics(metrics: dict) -> str:
+    """``"HR@10 43.34%, NDCG@10 21.10%"``: the metrics of ``metrics`` (other keys skipped)."""
+    return ", ".join(f"{name} {percent(value)}%" for name, value in metrics.items()
+                     if name.startswith(("HR@", "NDCG@")))
+
+
 def parse_ks(text: str) -> tuple[int, ...]:
     """``"10,20,50"`` -> (10, 20, 50), sorted and de-duplicated."""
     try:

@@ -30,11 +30,11 @@ import os
 from typing import Protocol
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from eval.distributed import launched
 from eval.torch_ranking import TorchRanker, TwoPassRanker
 from featurestore.cliutil import UserError
+from featurestore.progress import progress_bar
 from recommend.registry import Registry
 
 TIES_RULE = "pessimistic: the target ranks below every item with an equal score"
@@ -262,7 +262,7 @@ def rank_targets(
         order = np.arange(len(users))
     no_history = np.zeros(1, dtype=np.int64)
 
-    with tqdm(total=len(users), unit="user", desc="ranking", disable=not progress) as bar:
+    with progress_bar(total=len(users), unit="user", desc="ranking", disable=not progress) as bar:
         for start in range(0, len(users), batch_size):
             rows = order[start : start + batch_size]
             if exclude_history:

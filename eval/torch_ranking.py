@@ -24,9 +24,11 @@ rounding ``eps |acc|``, and the fp64 rescoring below; Cauchy-Schwarz bounds
 ``t`` only if ``s' >= tau_lo``, and surely does if ``s' >= tau_hi`` (:func:`thresholds`).
 The first pass keeps the top ``max_k`` by ``s'`` (excluded items and the target at
 ``-inf``): if the last of them is ``>= tau_hi``, ``max_k`` items outscore the target and
-the rank is ``max_k + 1``; if it is ``< tau_lo``, the listed items at ``>= tau_lo`` are all
-the candidates; otherwise (a crowd of near-ties at the cut-off) the candidates are found
-in the user's whole row. The candidates and the target are rescored in float64 (fp32
+the rank is ``max_k + 1``; if it is ``< tau_lo``, the listed items at ``>= tau_hi`` are
+counted as above the target and those in ``[tau_lo, tau_hi)`` are all the candidates;
+otherwise (a crowd of near-ties at the cut-off) the same is tried with a top-k
+:data:`DEEPER` times as deep, and failing that the candidates are every item of the
+user's row at ``>= tau_lo``. The candidates and the target are rescored in float64 (fp32
 inputs, so every product is exact) in one batched dot product, which gives equal items
 equal scores (ties stay pessimistic), and counted.
 
@@ -48,6 +50,7 @@ import torch
 
 EPS_BF16 = 2.0**-8
 SCORE_BUDGET = {"cpu": 2**25, "cuda": 2**28}  # score-matrix elements per block of users
+DEEPER = 8  # a crowded row's second top-k is this many times max_k deep
 
 
 def _gamma(dim: int, unit: float) -> float:
@@ -155,6 +158,7 @@ class TwoPassRanker(TorchRanker):
         self.coefficient = error_coefficient(dim)
         self.tiny = dim * 2.0**-120 * (1 + float(self.pool.abs().max()))
         self.candidates = 0  # rescored (user, item) pairs so far, for the benchmark's report
+        self.crowded = 0  # users whose candidates were searched in their whole row
 
     def _masked_scores(self, u, cols, rows, excluded):
         scores = u.to(torch.bfloat16) @ self.pool_lo.T
@@ -172,26 +176,36 @@ class TwoPassRanker(TorchRanker):
         user_norm = torch.linalg.vector_norm(u.double(), dim=1) * (1 + 1e-9)
         tiny = self.tiny * (1 + float(u.abs().max()))  # underflow, see the module docstring
         tau_lo, tau_hi = thresholds(target, self.coefficient * user_norm * self.item_norm + tiny)
-        top = scores.topk(min(max_k, scores.shape[1]), dim=1, sorted=True)
-        kth = top.values[:, -1].double()
-        capped = kth >= tau_hi
-        complete = kth < tau_lo
-        listed = (top.values.double() >= tau_lo[:, None]) & complete[:, None]
-        pair_rows, pair_slot = listed.nonzero(as_tuple=True)
-        pair_cols = top.indices[pair_rows, pair_slot]
-        crowded = (~capped & ~complete).nonzero(as_tuple=True)[0]
-        if len(crowded):
+        sure = torch.zeros(n, dtype=torch.int64, device=self.device)
+        capped = torch.zeros(n, dtype=torch.bool, device=self.device)
+        pairs_r, pairs_c = [], []
+        left = block
+        for depth in (max_k, DEEPER * max_k):  # the first pass's top-k, then deeper for crowded rows
+            depth = min(depth, scores.shape[1])
+            top = (scores if len(left) == n else scores[left]).topk(depth, dim=1, sorted=True)
+            values, lo, hi = top.values.double(), tau_lo[left, None], tau_hi[left, None]
+            if depth >= max_k:  # max_k items surely above: the rank is beyond max_k
+                capped[left] = values[:, max_k - 1] >= hi[:, 0]
+            complete = (values[:, -1] < lo[:, 0]) & ~capped[left]
+            sure[left] = ((values >= hi) & complete[:, None]).sum(dim=1)  # above the target, no rescoring
+            rows, slots = ((values >= lo) & (values < hi) & complete[:, None]).nonzero(as_tuple=True)
+            pairs_r.append(left[rows])
+            pairs_c.append(top.indices[rows, slots])
+            left = left[~capped[left] & ~complete]
+            if len(left) == 0 or depth == scores.shape[1]:
+                break
+        self.crowded += len(left)
+        if len(left):
             # a bf16 grid value >= tau_lo is >= tau_lo rounded to the grid: compare in bf16
-            floor = tau_lo[crowded].to(torch.bfloat16)[:, None]
-            more_rows, more_cols = (scores[crowded] >= floor).nonzero(as_tuple=True)
-            pair_rows = torch.cat([pair_rows, crowded[more_rows]])
-            pair_cols = torch.cat([pair_cols, more_cols])
+            rows, more_cols = (scores[left] >= tau_lo[left].to(torch.bfloat16)[:, None]).nonzero(as_tuple=True)
+            pairs_r.append(left[rows])
+            pairs_c.append(more_cols)
+        pair_rows, pair_cols = torch.cat(pairs_r), torch.cat(pairs_c)
         self.candidates += len(pair_rows)
         # candidates and targets in one batched float64 dot product: the same rounding for both
         exact = self._rescore(u, torch.cat([pair_rows, block]), torch.cat([pair_cols, cols]))
         reached = exact[: len(pair_rows)] >= exact[len(pair_rows):][pair_rows]
-        counts = torch.bincount(pair_rows[reached], minlength=n)
-        ranks = 1 + counts
+        ranks = 1 + sure + torch.bincount(pair_rows[reached], minlength=n)
         ranks[capped] = max_k + 1
         return torch.clamp(ranks, max=max_k + 1)
 

@@ -55,7 +55,6 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 import featurestore
 from data.dataset import PreparedDataset
@@ -71,6 +70,7 @@ from extract.registry import (
     resolve_weights,
 )
 from featurestore.cliutil import UserError
+from featurestore.progress import progress_bar
 from featurestore.store import GroupLock
 from featurestore.workspace import Workspace
 
@@ -533,7 +533,7 @@ def _train_epoch(run: _Training, epoch: int) -> dict:
     total_steps = settings["epochs"] * len(batches)
     run.model.train()
     weighted, targets, items = 0.0, 0, 0
-    bar = tqdm(loader, total=len(batches), unit="batch", desc=f"{run.name} epoch {epoch}/{settings['epochs']}",
+    bar = progress_bar(loader, total=len(batches), unit="batch", desc=f"{run.name} epoch {epoch}/{settings['epochs']}",
                disable=not run.progress, dynamic_ncols=True)
     for index, batch in enumerate(bar):
         run.skipped.update(item_id for item_id, _, _ in batch.bad)
@@ -689,7 +689,7 @@ def run_adaptation(ws: Workspace, opts: AdaptOptions) -> AdaptResult:
     settings = _settings(opts, objective)
     spec = resolve_weights(config, opts.weights, opts.random_init, opts.seed)
     folder = ws.adapted_dir(name).resolve()
-    lock = GroupLock(ws.adapted / ".locks" / f"{name}.lock", f"adapted/{name}")
+    lock = GroupLock(ws.adapted / ".locks" / f"{name}.lock", name, what="adapted encoder")
     lock.acquire(command=_command(opts, name, settings))
     try:
         old = read_record(folder)

@@ -129,7 +129,7 @@ def ensure_cache_arrays(group: FeatureGroup) -> None:
     if "cache" not in zgroup:
         zgroup.create_array("cache", shape=(group.rows, *shape), chunks=(group.chunk_rows, *shape),
                             dtype=group.attrs["cache_dtype"], compressors=None, filters=None, fill_value=0)
-    if group.attrs.get("modality") == "text" and "cache_tokens" not in zgroup:
+    if group.attrs.get("modality") == "text" and group.attrs["cache_layout"] != "layers" and "cache_tokens" not in zgroup:
         zgroup.create_array("cache_tokens", shape=(group.rows,), chunks=(group.chunk_rows,), dtype="int16",
                             fill_value=0)
 
@@ -337,10 +337,19 @@ def open_final_states(group: FeatureGroup) -> StateCache:
     parsed = parse_group_name(group.name)
     variant = f"{parsed.variant}-tokens" if parsed.variant else "tokens"
     held = ("holds no cached states (extracted without --cache-layer)" if cached is None
-            else f"caches the input of the top {cached} blocks, not the last block's output")
+            else f"caches {held_states(cached)}, not the last block's output")
     raise UserError(f"store group {group.name} {held}; --fusion merge-attn reads the token states leaving the "
                     f"last block: write them with `{states_command(group, FINAL_LAYER, variant)}` and train on "
                     f"--encoder {parsed.encoder}@{variant}")
+
+
+def held_states(cached: int | str) -> str:
+    """What a group's ``cache_layer`` attribute says it holds, for refusals."""
+    if cached == FINAL_LAYER:
+        return "the states leaving the last block (--cache-layer 0, for --fusion merge-attn)"
+    if cached == "all":
+        return "the pooled state of every layer (--cache-layer all, for --mode side)"
+    return f"the input of the top {cached} blocks"
 
 
 def open_state_cache(store_path: Path, group: str, top_k: int, fingerprint: str, n_items: int) -> StateCache:
@@ -348,7 +357,7 @@ def open_state_cache(store_path: Path, group: str, top_k: int, fingerprint: str,
     fg = FeatureStore(store_path).open(group, complete=True)
     command = group_extract_command(fg.name)
     cached = fg.attrs.get("cache_layer")
-    if cached is None or int(cached) != top_k:
+    if cached != top_k:
         from extract.job import states_command
 
         fix = f"`{states_command(fg, top_k, f'top{top_k}')}`"  # the group's own weights and settings
@@ -356,11 +365,9 @@ def open_state_cache(store_path: Path, group: str, top_k: int, fingerprint: str,
             raise UserError(f"store group {fg.name} holds no cached states (extracted without --cache-layer); "
                             f"write them with {fix} and train with "
                             f"--encoder {parse_group_name(fg.name).encoder}@top{top_k}")
-        final = int(cached) == FINAL_LAYER
-        held = ("holds the states leaving the last block (--cache-layer 0, for --fusion merge-attn)" if final
-                else f"caches the input of the top {cached} blocks")
-        raise UserError(f"store group {fg.name} {held}, but this run asks --top-k {top_k}; "
-                        f"{'' if final else f'train with --top-k {cached}, or '}extract another variant: {fix}")
+        other_k = isinstance(cached, int) and cached != FINAL_LAYER
+        raise UserError(f"store group {fg.name} caches {held_states(cached)}, but this run asks --top-k {top_k}; "
+                        f"{f'train with --top-k {cached}, or ' if other_k else ''}extract another variant: {fix}")
     if fg.fingerprint != fingerprint:
         raise UserError(f"store group {fg.name} was built for dataset fingerprint {fg.fingerprint or 'unknown'}, "
                         f"but the prepared dataset has {fingerprint}; re-extract it "

@@ -7,12 +7,29 @@ the store verbs stay quick.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import click
 
 from featurestore.cliutil import UserError, emit, json_option, root_option
 from featurestore.store import DEFAULT_CHUNK_ROWS
 from featurestore.workspace import Workspace
+
+ALL_LAYERS = "all"  # the same word as extract.layers.ALL_LAYERS, which imports torch
+
+
+class CacheLayer(click.ParamType):
+    """``--cache-layer``: a block count K >= 0, or ``all`` (every layer, pooled)."""
+
+    name = "K|all"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int | str:
+        if isinstance(value, int) or value == ALL_LAYERS:
+            return value
+        if str(value).isdigit():
+            return int(value)
+        self.fail(f"{value!r} is neither a block count K >= 0 nor {ALL_LAYERS!r}", param, ctx)
+
 
 # Half the cores decode/tokenise, the rest feed the model: on a 2-core machine one
 # worker, since a second would only take CPU from the forward it is waiting for.
@@ -56,10 +73,12 @@ DEFAULT_WORKERS = max(1, min(8, (os.cpu_count() or 2) // 2))
               help="Cut texts to this many tokens, special tokens included (the papers use 30).")
 @click.option("--chunk-rows", type=click.IntRange(min=1), default=DEFAULT_CHUNK_ROWS, show_default=True,
               help="Rows per store chunk: the unit of resuming and of work split across torchrun ranks.")
-@click.option("--cache-layer", type=click.IntRange(min=0), default=None, metavar="K",
+@click.option("--cache-layer", type=CacheLayer(), default=None, metavar="K|all",
               help="Also store, per item, the hidden states entering the encoder's top K blocks (tokens or "
                    "patches x width), for `recommend train --mode e2e --cached --top-k K`; 0: the states "
-                   "leaving the last block (before pooling), for `recommend train --fusion merge-attn`.")
+                   "leaving the last block (before pooling), for `recommend train --fusion merge-attn`; "
+                   "all: the pooled state after the stem and after every block, (depth + 1) vectors, for "
+                   "`recommend train --mode side`.")
 @click.option("--cache-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
               help="Stored dtype of the --cache-layer states (float32 for bit-level comparisons).")
 @root_option

@@ -29,14 +29,15 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 import featurestore
 from data.dataset import Item, PreparedDataset
 from extract.cache import CachingForward, encoder_options, ensure_cache_arrays, plan_cache
+from extract.layers import ALL_LAYERS, LayerForward, plan_layers
 from extract.encoder import BadItem, Encoder, move_inputs
 from extract.registry import create_encoder, get_encoder_config
 from featurestore.cliutil import UserError
+from featurestore.progress import progress_bar
 from featurestore.store import (
     DEFAULT_CHUNK_ROWS,
     STATUS_COMPLETE,
@@ -53,6 +54,9 @@ from featurestore.workspace import Workspace
 # the group on all of them, or it would mix rows from two different setups.
 SIGNATURE_KEYS = ("encoder", "pooling", "state_sha256", "preprocessing", "dtype", "autocast", "cache_layer",
                   "cache_dtype")
+
+
+CACHING = (CachingForward, LayerForward)  # forwards that also keep states for the group's cache
 
 
 @dataclass
@@ -75,7 +79,7 @@ class ExtractOptions:
     max_text_tokens: int = 30
     chunk_rows: int = DEFAULT_CHUNK_ROWS
     progress: bool = True
-    cache_layer: int | None = None
+    cache_layer: int | str | None = None  # K, or "all" (extract.layers)
     cache_dtype: str = "float16"
 
     def command(self, root: Path | None = None) -> str:
@@ -271,13 +275,13 @@ def _run_chunks(group: FeatureGroup, dataset: PreparedDataset, encoder: Encoder,
     total = sum(len(batch) for chunk in plan for batch in chunk)
     bad: list[dict] = []
     batches = iter(loader)
-    with tqdm(total=total, unit="item", desc=group.name, disable=not (opts.progress and dist.main),
+    with progress_bar(total=total, unit="item", desc=group.name, disable=not (opts.progress and dist.main),
               dynamic_ncols=True, smoothing=0.1) as bar:
         for chunk, chunk_batches in zip(chunks, plan):
             start, stop = group.chunk_bounds(chunk)
             rows = np.zeros((stop - start, group.dim), dtype=forward.dtype)
             present = np.zeros(stop - start, dtype=bool)
-            states = forward.chunk(start, stop) if isinstance(forward, CachingForward) else None
+            states = forward.chunk(start, stop) if isinstance(forward, CACHING) else None
             for _ in chunk_batches:
                 batch = next(batches)
                 for item_id, reason, file in batch.bad:
@@ -428,11 +432,13 @@ def _run(ws: Workspace, opts: ExtractOptions, dist: Dist) -> ExtractResult:
     encoder = create_encoder(config.name, weights=opts.weights, random_init=opts.random_init,
                              pooling=opts.pooling, seed=opts.seed, max_text_tokens=opts.max_text_tokens)
     forward = Forward(encoder, resolve_device(opts.device, dist), opts.dtype)
-    if opts.cache_layer is not None:
+    if opts.cache_layer == ALL_LAYERS:
+        forward = LayerForward(forward, plan_layers(encoder, opts.cache_dtype))
+    elif opts.cache_layer is not None:
         forward = CachingForward(forward, plan_cache(encoder, opts.cache_layer, opts.cache_dtype))
     loaded = time.perf_counter()
     job_attrs = _job_attrs(name, dataset, encoder, forward, opts)
-    job_attrs.update(forward.plan.attrs() if isinstance(forward, CachingForward) else {})
+    job_attrs.update(forward.plan.attrs() if isinstance(forward, CACHING) else {})
     store = FeatureStore(ws.store)
     lock = store.lock(name)
     try:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from featurestore.cliutil import UserError
+from featurestore.cliutil import UserError, suggest
 
 if TYPE_CHECKING:
     from extract.encoder import Encoder
@@ -133,7 +133,8 @@ def get_encoder_config(name: str) -> EncoderConfig:
     """The config registered under ``name``; unknown names raise a UserError listing the known ones."""
     _load_builtins()
     if name not in _REGISTRY:
-        raise UserError(f"unknown encoder {name!r}; known encoders: {', '.join(list_encoders())}")
+        raise UserError(f"unknown encoder {name!r}; {suggest(name, list_encoders())}known encoders: "
+                        f"{', '.join(list_encoders())}")
     return _REGISTRY[name]
 
 

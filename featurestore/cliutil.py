@@ -7,6 +7,7 @@ to fix, and the message says how.
 
 from __future__ import annotations
 
+import difflib
 import errno
 import functools
 import json
@@ -19,7 +20,14 @@ import click
 from featurestore.errors import UserError
 from featurestore.workspace import ROOT_ENV, Workspace, default_root
 
-__all__ = ["UserError", "emit", "json_option", "root_option", "run_cli"]
+__all__ = ["UserError", "emit", "json_option", "root_option", "run_cli", "suggest"]
+
+
+def suggest(name: str, known: list[str]) -> str:
+    """``"did you mean minilm-l6? "`` for the nearest known names (difflib), or ``""``."""
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+    close += [k for k in known if name and k.startswith(name) and k not in close][: 3 - len(close)]
+    return f"did you mean {' or '.join(close)}? " if close else ""
 
 
 def root_option(func: Callable) -> Callable:
@@ -66,6 +74,10 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+INTERRUPTED = ("interrupted (Ctrl-C); everything finished so far is kept (prepared datasets, completed store "
+               "chunks, trained epochs and their best checkpoint, finished study runs); run the same command "
+               "again to resume from there")
+
 # A full disk or a root that cannot be written is the user's to fix, like bad input.
 _OS_PROBLEMS = {
     errno.ENOSPC: ("no space left on the device", "free some space and run the same command again"),
@@ -99,8 +111,11 @@ def run_cli(group: click.Group, prog_name: str) -> None:
             raise
         click.echo(f"error: {message}", err=True)
         sys.exit(2)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
+    except click.exceptions.Abort as err:
+        if isinstance(err.__cause__, KeyboardInterrupt):
+            click.echo(f"error: {INTERRUPTED}", err=True)
+        else:
+            click.echo("aborted", err=True)
         sys.exit(130)
     except click.ClickException as err:
         err.show()

@@ -435,9 +435,11 @@ class GroupLock:
     message naming it.
     """
 
-    def __init__(self, path: Path, name: str) -> None:
+    def __init__(self, path: Path, name: str, what: str = "store group", command: str = "") -> None:
         self.path = path
         self.name = name
+        self.what = what  # what is locked, for messages: "store group", "run", "study folder"
+        self.command = command
         self.held = False
 
     def _read(self) -> dict | None:
@@ -468,7 +470,7 @@ class GroupLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         record = {
             "pid": os.getpid(), "host": socket.gethostname(), "start": _process_start(os.getpid()),
-            "since": time.strftime("%Y-%m-%d %H:%M:%S"), "command": command,
+            "since": time.strftime("%Y-%m-%d %H:%M:%S"), "command": command or self.command,
         }
         for _ in range(3):
             try:
@@ -477,7 +479,7 @@ class GroupLock:
                 holder = self.live_holder()
                 if holder is not None:
                     raise UserError(
-                        f"store group {self.name} is being written by {self.describe(holder)}; "
+                        f"{self.what} {self.name} is being written by {self.describe(holder)}; "
                         "wait for it to finish, or delete the lock file if that job is gone"
                     ) from None
                 stale = self.path.with_name(f"{self.path.name}.stale-{os.getpid()}")
@@ -491,7 +493,7 @@ class GroupLock:
                 json.dump(record, fh)
             self.held = True
             return
-        raise UserError(f"could not take the lock of store group {self.name} ({self.path}); try again")
+        raise UserError(f"could not take the lock of {self.what} {self.name} ({self.path}); try again")
 
     def release(self) -> None:
         if self.held:

@@ -17,6 +17,7 @@ import click
 import numpy as np
 
 from featurestore.cliutil import UserError, emit, json_option, root_option
+from featurestore.ecosystem import WRITERS
 from featurestore.store import (
     DEFAULT_CHUNK_ROWS,
     STATUS_COMPLETE,
@@ -146,16 +147,29 @@ def _refuse_existing(out: Path, force: bool) -> None:
 
 @click.command()
 @group_argument
-@click.option("--format", "fmt", type=click.Choice(["npy", "h5"]), required=True,
+@click.option("--format", "fmt", type=click.Choice(["npy", "h5", "mmrec", "recbole"]), required=True,
               help="npy: the embeddings array as stored (row = item id, row 0 padding); "
-                   "h5: embeddings, present and the provenance (JSON attribute), re-importable.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="File to write.")
+                   "h5: embeddings, present and the provenance (JSON attribute), re-importable; "
+                   "mmrec: image_feat.npy / text_feat.npy (row = MMRec item index = id - 1) and "
+                   "DATASET.inter with x_label from our split; recbole: atomic DATASET.inter / .item "
+                   "files and the binary DATASET.feat1CLS (text) / .feat2CLS (image) its "
+                   "pretrained-text models read.")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="File to write (npy, h5), or folder (mmrec, recbole; two groups may share one).")
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
 @root_option
 @json_option
 def export(ws: Workspace, as_json: bool, group: str, fmt: str, out: Path, force: bool) -> None:
-    """Write a group to one .npy or .h5 file, streaming chunk by chunk."""
-    fg = FeatureStore(ws.store).open(group)
+    """Write a group to one .npy or .h5 file (streamed chunk by chunk), or MMRec / RecBole files."""
+    fg = FeatureStore(ws.store).open(group, complete=fmt in WRITERS)
+    if fmt in WRITERS:
+        from data.dataset import PreparedDataset
+
+        out.mkdir(parents=True, exist_ok=True)
+        files = WRITERS[fmt](fg, PreparedDataset.load(ws.dataset_dir(parse_group_name(fg.name).dataset)), out)
+        emit({"group": fg.name, "format": fmt, "out": str(out), "files": [str(f) for f in files]}, as_json,
+             f"wrote {fg.name} for {fmt} to {out}: " + ", ".join(f.name for f in files))
+        return
     _refuse_existing(out, force)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     if fmt == "npy":
@@ -242,8 +256,53 @@ def _check_rows(path: Path, rows: Any, chunk_rows: int, dtype: str) -> None:
                             "numpy.nan_to_num) or zero the row to mark the item absent, then import again")
 
 
+def _read_ducho(ws: Workspace, folder: Path, group: str | None) -> tuple[np.ndarray, np.ndarray, dict, list[Path]]:
+    """Ducho's output (one ``ITEM.npy`` per item, named by the item's original id or its image's
+    file name) as store rows: (rows, present, provenance, the files read)."""
+    from data.dataset import PreparedDataset
+
+    if not folder.is_dir():
+        raise UserError(f"--from ducho reads a folder of per-item .npy files; {folder} is not a folder")
+    if not group:
+        raise UserError("--from ducho: say which group the vectors become: --group DATASET/MODALITY/ENCODER")
+    dataset = PreparedDataset.load(ws.dataset_dir(parse_group_name(group).dataset))
+    files = {p.stem: p for p in sorted(folder.rglob("*.npy"))}
+    if not files:
+        raise UserError(f"{folder} holds no .npy files; point --from ducho at Ducho's embeddings folder")
+    found: dict[int, Path] = {}
+    for item in dataset.items:
+        names = [item.orig_id] + ([Path(item.image).stem] if item.image else [])
+        path = next((files[n] for n in names if n in files), None)
+        if path is not None:
+            found[item.id] = path
+    if not found:
+        raise UserError(f"none of the {len(files)} files in {folder} is named after an item of {dataset.name} "
+                        f"(e.g. {dataset.items[0].orig_id}.npy); import the folder made for this dataset")
+    vectors = {}
+    for item_id, path in found.items():
+        try:
+            vectors[item_id] = np.load(path, allow_pickle=False).reshape(-1)
+        except (ValueError, OSError) as err:
+            raise UserError(f"{path} is not a readable .npy array ({err})") from None
+    dims = {v.shape[0] for v in vectors.values()}
+    if len(dims) != 1:
+        raise UserError(f"{folder}: the per-item vectors have different lengths ({sorted(dims)[:4]}); "
+                        "import one Ducho extraction (one model and layer) at a time")
+    rows = np.zeros((dataset.n_items + 1, dims.pop()), dtype=np.float32)
+    present = np.zeros(dataset.n_items + 1, dtype=bool)
+    for item_id, vector in vectors.items():
+        rows[item_id], present[item_id] = vector, True
+    used = sorted(found.values())
+    provenance = {"group": group, "imported": "imported from Ducho", "ducho_folder": str(folder.resolve()),
+                  "ducho_files": len(used), "weights": f"Ducho output {folder.resolve()}"}
+    return rows, present, provenance, used
+
+
 @click.command(name="import")
-@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("file", type=click.Path(exists=True, path_type=Path))
+@click.option("--from", "source", type=click.Choice(["file", "ducho"]), default="file", show_default=True,
+              help="file: FILE is an .npy/.h5 array (row = item id); ducho: FILE is Ducho's output folder, "
+                   "one ITEM.npy per item named by its original id (or image file name); needs --group.")
 @click.option("--group", "group", default=None, metavar="GROUP",
               help="Target group DATASET/MODALITY/ENCODER[@VARIANT] [default for .h5: the group it was exported from].")
 @click.option("--provenance", "provenance_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -253,16 +312,22 @@ def _check_rows(path: Path, rows: Any, chunk_rows: int, dtype: str) -> None:
               help="Rows per store chunk.")
 @root_option
 @json_option
-def import_(ws: Workspace, as_json: bool, file: Path, group: str | None, provenance_file: Path | None,
-            chunk_rows: int) -> None:
-    """Create a group from an .npy (rows = item ids, row 0 padding) or an exported .h5 file.
+def import_(ws: Workspace, as_json: bool, file: Path, source: str, group: str | None,
+            provenance_file: Path | None, chunk_rows: int) -> None:
+    """Create a group from an .npy (rows = item ids, row 0 padding), an exported .h5 file, or
+    (--from ducho) Ducho's folder of one .npy per item; items without a file are marked absent.
 
     The prepared dataset must match: the row count is N + 1, and a recorded
     fingerprint must equal the dataset's (absent one: the dataset's is taken).
     """
     from data.dataset import PreparedDataset
 
-    rows, present, provenance, handle = _read_import(file, provenance_file)
+    if source == "ducho":
+        rows, present, provenance, read = _read_ducho(ws, file, group)
+        provenance, handle = {**provenance, **_read_provenance(provenance_file)}, None
+    else:
+        rows, present, provenance, handle = _read_import(file, provenance_file)
+        read = [file]
     try:
         name = group or provenance.get("group")
         if not name:
@@ -285,7 +350,7 @@ def import_(ws: Workspace, as_json: bool, file: Path, group: str | None, provena
         attrs = {**provenance, "group": str(parsed), "dataset": parsed.dataset, "dataset_fingerprint": fingerprint,
                  "n_items": dataset.n_items, "modality": parsed.modality,
                  "encoder": provenance.get("encoder", parsed.encoder), "variant": parsed.variant, "dtype": dtype,
-                 "imported_from": str(file.resolve()), "imported_sha256": file_sha256([file])}
+                 "imported_from": str(file.resolve()), "imported_sha256": file_sha256(read)}
         lock = store.lock(str(parsed))
         lock.acquire(command=f"featurestore import {file}")
         try:

@@ -10,8 +10,10 @@ import sys
 from pathlib import Path
 
 import click
+import torch
 
 from eval.cli import cli as eval_cli
+from eval.metrics import percent
 from featurestore.cliutil import UserError, emit, json_option, root_option, run_cli
 from featurestore.configfile import config_option
 from featurestore.workspace import Workspace
@@ -58,15 +60,17 @@ def cli() -> None:
               help="Item tower: id = IDRec embedding table; ts = stored vectors through the DT "
                    "layer Linear(feat->d); ts-dnn = stored vectors through TS-DNN-N; e2e = the "
                    "encoder runs live, its top K blocks fine-tuned with the recommender; adapter = "
-                   "the encoder runs live, frozen, with Houlsby adapters trained.")
+                   "the encoder runs live, frozen, with Houlsby adapters trained; side = IISAN's side "
+                   "networks over every layer's pooled state, cached by `featurestore extract "
+                   "--cache-layer all` (the encoders never run).")
 @click.option("--layers", type=int, default=None,
               help=f"TS-DNN depth N: Linear(feat->d)+GELU, then N x [Dropout, Linear(d,d), GELU] "
                    f"(--mode ts-dnn only) [default: {DEFAULT_TS_DNN_LAYERS}].")
 @click.option("--encoder", default=None, metavar="ENC[,ENC]",
               help="Use the store group DATASET/<modality>/ENC written by `featurestore extract "
                    "--encoder ENC` (ENC@VARIANT for a variant); two names = text + image. "
-                   "e2e/adapter: the encoder to run live. [default for ts/ts-dnn: the dataset's only "
-                   "complete store group].")
+                   "e2e/adapter: the encoder to run live; side: the groups holding --cache-layer all "
+                   "[default for ts/ts-dnn: the dataset's only complete store group].")
 @click.option("--features", default=None, metavar="GROUP[,GROUP]",
               help="Store groups by full name DATASET/MODALITY/ENCODER[@VARIANT]; two = fused.")
 @click.option("--fusion", type=click.Choice(list_fusions() + list_token_fusions()), default=None,
@@ -170,12 +174,17 @@ def cli() -> None:
                    "contrastive learning (needs two groups: --encoder TEXT_ENC,IMAGE_ENC), nid = "
                    "noised item detection, rcl = robustness-aware contrastive learning "
                    f"(known: {', '.join(list_objectives())}).")
+@click.option("--side-dim", type=int, default=None,
+              help="side: bottleneck width of the side networks' adapters [default: 64, as IISAN].")
 @click.option("--quiet", is_flag=True, help="No progress bar or per-epoch log lines on stderr.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads for torch [default: torch's]. On a small machine shared with other jobs, "
+                   "1 avoids oversubscription, which can slow small models down many times over.")
 @config_option
 @root_option
 @json_option
 def train_command(ws: Workspace, as_json: bool, encoder: str | None, features: str | None,
-                  objectives: str | None, quiet: bool, **options) -> None:
+                  objectives: str | None, quiet: bool, threads: int | None, **options) -> None:
     """Train a recommender (IDRec, TS, TS-DNN, E2E, adapters) into ROOT/runs/RUN.
 
     Validates on the full item pool every epoch (HR@10/NDCG@10, the same scoring as
@@ -198,15 +207,15 @@ def train_command(ws: Workspace, as_json: bool, encoder: str | None, features: s
         features = _inferred(only_group(ws, options["dataset"], options["mode"]), inferred)
     opts = TrainOptions(encoders=_names(encoder), features=_names(features),
                         objectives=_names(objectives), **options)
+    if threads:
+        torch.set_num_threads(threads)  # how fast, not what is trained: kept out of config.json
     result = train(ws, opts, progress=not quiet, echo=not quiet)
     result["inferred"] = inferred
     if not Processes.from_env().main:
         return  # under torchrun, process 0 reports for all
-    text = (f"run {result['run']} ({result['status']}): "
-            + ", ".join(f"{k} {v:.4f}" for k, v in result["best"].items())
-            + f" at epoch {result['best_epoch']}\n{result['message']}"
-            + (f"\nwarning: {result['warning']}" if result.get("warning") else ""))
-    emit(result, as_json, text)
+    # one line: the trainer's own last log lines (the same message) went to train.log only
+    emit(result, as_json, f"run {result['run']} ({result['status']}) in {result['run_dir']}: {result['message']}"
+         + (f"\nwarning: {result['warning']}" if result.get("warning") else ""))
 
 
 cli.add_command(make_tune_command(train_command, _names))
@@ -218,14 +227,14 @@ cli.add_command(make_tune_command(train_command, _names))
 def runs_command(ws: Workspace, as_json: bool) -> None:
     """List the runs under ROOT/runs with their mode, settings and best validation metrics."""
     runs = list_runs(ws)
-    lines = [f"{'run':40} {'mode':14} {'backbone':9} {'loss':7} {'epochs':>6} {'HR@10':>7} "
-             f"{'NDCG@10':>7}  status"]
+    lines = [f"{'run':40} {'mode':14} {'backbone':9} {'loss':7} {'epochs':>6} {'HR@10 (%)':>9} "
+             f"{'NDCG@10 (%)':>11}  status"]
     for r in runs:
         mode = r["mode"] + (str(r["layers"]) if r["layers"] is not None else "")
         mode += f"+id-{r['with_id']}" if r["with_id"] else ""
         hr, ndcg = r["best"].get("HR@10"), r["best"].get("NDCG@10")
         lines.append(f"{r['run']:40} {mode:14} {r['backbone']:9} {r['loss']:7} {r['epochs']:>6} "
-                     f"{_fmt(hr):>7} {_fmt(ndcg):>7}  {r['status']}")
+                     f"{percent(hr):>9} {percent(ndcg):>11}  {r['status']}")
     emit({"runs": runs}, as_json, "\n".join(lines) if runs else f"no runs under {ws.runs}")
 
 
@@ -237,8 +246,9 @@ def runs_command(ws: Workspace, as_json: bool) -> None:
 @click.option("--layers", default=",".join(map(str, DEFAULT_LAYERS)), show_default=True,
               help="TS-DNN depths N to train, comma-separated (one run each).")
 @click.option("--modes", default=",".join(STUDY_MODES), show_default=True,
-              help="Item towers to compare: id (IDRec), ts, ts-dnn, e2e, adapter. A mode this "
-                   "installation lacks is listed as unavailable in the report.")
+              help="Item towers to compare: id (IDRec), ts, ts-dnn, e2e, adapter, side (IISAN side "
+                   "networks over the per-layer cache, extracted if missing). A mode this installation "
+                   "lacks is listed as unavailable in the report.")
 @click.option("--top-k", type=int, default=2, show_default=True,
               help="e2e: fine-tune the top K encoder blocks.")
 @click.option("--cached/--live", default=True, show_default=True,
@@ -315,10 +325,6 @@ def _inferred(found: Inferred, notes: list[str]) -> str:
     click.echo(f"using {found.note}", err=True)
     notes.append(found.note)
     return found.value
-
-
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
 
 
 cli.add_command(eval_cli, name="eval")

@@ -312,7 +312,32 @@ class IdKind(TowerKind):
             raise UserError(self.refusal)
 
 
-class StoredRowsKind(TowerKind):
+class StoreGroupsKind(TowerKind):
+    """A kind whose inputs are store groups listed under config.json's ``features``, each opened by
+    :meth:`open_group` (which refuses a group of another dataset fingerprint)."""
+
+    def open_group(self, ws: Workspace, group: str, fingerprint: str, n_items: int) -> Any:
+        raise NotImplementedError
+
+    def reopen(self, ws: Workspace, config: dict) -> list:
+        return [self.open_group(ws, f["group"], config["dataset"]["fingerprint"], config["model"]["n_items"])
+                for f in config.get("features", [])]
+
+    def retarget(self, config: dict, dataset: PreparedDataset) -> dict:
+        from recommend.transfer import retarget_group
+
+        moved = super().retarget(config, dataset)
+        moved["features"] = [{**f, "group": retarget_group(f["group"], dataset.name)}
+                             for f in config.get("features", [])]
+        return moved
+
+    def feature_problems(self, source: Sequence[dict], target: Sequence[dict]) -> list[str]:
+        from recommend.transfer import feature_differences
+
+        return feature_differences(source, target)
+
+
+class StoredRowsKind(StoreGroupsKind):
     """``ts`` / ``ts-dnn``: rows of one or two store groups (or, for ``--fusion merge-attn``,
     their token states), each through the mode's projection, then fused."""
 
@@ -343,22 +368,8 @@ class StoredRowsKind(TowerKind):
         states = f"--cache-layer {FINAL_LAYER}" if opts.fusion in TOKEN_FUSIONS else ""  # a missing group's fix
         return [open_source(ws, g, dataset.fingerprint, dataset.n_items, states) for g in groups]
 
-    def reopen(self, ws: Workspace, config: dict) -> list[FeatureSource]:
-        return [open_source(ws, f["group"], config["dataset"]["fingerprint"], config["model"]["n_items"])
-                for f in config.get("features", [])]
-
-    def retarget(self, config: dict, dataset: PreparedDataset) -> dict:
-        from recommend.transfer import retarget_group
-
-        moved = super().retarget(config, dataset)
-        moved["features"] = [{**f, "group": retarget_group(f["group"], dataset.name)}
-                             for f in config.get("features", [])]
-        return moved
-
-    def feature_problems(self, source: Sequence[dict], target: Sequence[dict]) -> list[str]:
-        from recommend.transfer import feature_differences
-
-        return feature_differences(source, target)
+    def open_group(self, ws: Workspace, group: str, fingerprint: str, n_items: int) -> FeatureSource:
+        return open_source(ws, group, fingerprint, n_items)
 
 
 def _ts_dnn_projection(spec: dict) -> Callable[[int, int], nn.Module]:

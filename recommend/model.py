@@ -14,7 +14,7 @@ from torch import nn
 
 from recommend.features import FeatureSource
 from recommend.item_towers import ItemTower, create_item_tower
-from recommend import adapters, e2e  # noqa: F401  (register the live-encoder towers: e2e, adapter)
+from recommend import adapters, e2e, side  # noqa: F401  (register the live-encoder and side towers)
 from recommend.user_encoders import EncoderConfig, UserEncoder, create_user_encoder
 
 

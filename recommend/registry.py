@@ -11,7 +11,7 @@ from __future__ import annotations
 import fnmatch
 from typing import Callable, Generic, TypeVar
 
-from featurestore.cliutil import UserError
+from featurestore.cliutil import UserError, suggest
 
 T = TypeVar("T")
 
@@ -48,7 +48,7 @@ class Registry(Generic[T]):
             return self._builders[name]
         except KeyError:
             raise UserError(
-                f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}"
+                f"unknown {self.kind} {name!r}; {suggest(name, self.names())}known: {', '.join(self.names())}"
             ) from None
 
     def create(self, name: str, *args, **kwargs) -> T:

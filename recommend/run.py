@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors import safe_open
@@ -20,6 +23,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from featurestore.cliutil import UserError
+from featurestore.store import GroupLock
 from featurestore.workspace import Workspace, name_problem
 from recommend.item_towers import ITEM_TOWERS
 from recommend.model import Recommender, build_recommender
@@ -31,6 +35,7 @@ METRICS = "metrics.jsonl"
 BEST = "best.json"
 LOG = "train.log"
 LAST = "last.safetensors"
+WRITER_LOCK = "writer.lock"  # held by the process training the run (see run_lock)
 FINISHED = ("completed", "early_stopped", "collapsed", "pruned")  # best.json statuses of a run that is done
 
 
@@ -87,6 +92,40 @@ def setup_differences(stored: dict, wanted: dict) -> list[str]:
 
     a, b = entries(stored), entries(wanted)
     return sorted(k for k in a.keys() | b.keys() if k not in _VOLATILE and a.get(k) != b.get(k))
+
+
+def writer_lock(run_dir: Path) -> GroupLock:
+    """The lock a training process holds on its run folder: one writer per run, as per store group."""
+    return GroupLock(Path(run_dir) / WRITER_LOCK, Path(run_dir).name, what="run",
+                     command=" ".join(sys.argv))
+
+
+@contextmanager
+def run_lock(run_dir: Path, main: bool = True) -> Iterator[None]:
+    """Hold the run's writer lock (process 0 only under torchrun); a second ``recommend train``
+    with the same --run-name is refused, naming the first, instead of mixing their epochs."""
+    lock = writer_lock(run_dir) if main else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def unfinished(run_dir: Path) -> dict | None:
+    """None for a run that has ended; else where it stands, for ``eval rank`` to say that it
+    scored the best checkpoint so far: ``status`` is ``training`` (a live process holds the
+    run's lock), ``interrupted`` (Ctrl-C) or ``stopped`` (killed)."""
+    path = Path(run_dir) / BEST
+    best = json.loads(path.read_text()) if path.exists() else {}
+    if best.get("status") in FINISHED:
+        return None
+    holder = writer_lock(run_dir).live_holder()
+    status = "training" if holder else "interrupted" if best.get("status") == "interrupted" else "stopped"
+    return {"status": status, "pid": holder.get("pid") if holder else None, "best_epoch": best.get("epoch"),
+            "epochs_done": len(read_metrics(run_dir))}
 
 
 def write_atomic(path: Path, data: bytes) -> None:

@@ -1,7 +1,7 @@
 """``recommend study``: which item tower is worth its cost on one dataset (001 Tables 5 and 6).
 
 One command runs the papers' comparison: IDRec, TS, TS-DNN-N for each depth N, E2E
-(top-K blocks fine-tuned) and adapters, all on the same dataset, backbone, loss and
+(top-K blocks fine-tuned), adapters and IISAN's side networks, all on the same dataset, backbone, loss and
 budget, each ranked against the full item pool on the test split, next to the
 popularity baseline, with what each cost (trainable parameters, seconds per epoch,
 peak memory).
@@ -34,16 +34,18 @@ import torch
 
 from data.dataset import PreparedDataset
 from eval.cli import load_run_and_dataset, record_result, result_key
-from eval.compare import RunSummary, markdown_table, summarize_run
-from eval.evaluate import evaluate, popularity_metrics
+from eval.compare import markdown_table, reference_summaries, summarize_run
+from eval.evaluate import evaluate
 from eval.ranking import TIES_RULE
 from featurestore.cliutil import UserError
+from featurestore.store import GroupLock
 from featurestore.workspace import Workspace
+from extract.layers import ALL_LAYERS
 from recommend.item_towers import list_item_towers
 from recommend.run import BEST, CHECKPOINT, FINISHED, write_atomic
 from recommend.trainer import TrainOptions, train
 
-STUDY_MODES = ("id", "ts", "ts-dnn", "e2e", "adapter")
+STUDY_MODES = ("id", "ts", "ts-dnn", "e2e", "adapter", "side")
 DEFAULT_LAYERS = (2, 6, 8, 10, 12)
 STORE_MODES = ("ts", "ts-dnn")  # the modes that read the store group
 KS = (10,)  # 001 Table 5 reports HR@10 and NDCG@10
@@ -51,6 +53,7 @@ REPORT = "report.md"
 SUMMARY = "study.json"
 PLOTS = {"HR@10": "compare-hr10.png", "NDCG@10": "compare-ndcg10.png"}
 PR_SET_PDEATHSIG = 1  # prctl(2)
+LOCK = "study.lock"
 
 
 @dataclass
@@ -124,11 +127,12 @@ def run_name(dataset: PreparedDataset, label: str, options: TrainOptions,
 
 
 def plan(opts: StudyOptions, dataset: PreparedDataset, features: dict | None = None,
-         states: dict | None = None) -> list[Configuration]:
+         states: dict | None = None, layers: dict | None = None) -> list[Configuration]:
     """The configurations in report order; modes this installation lacks are marked unavailable.
 
     ``features`` is the store group's signature (see :func:`run_name`), for ts / ts-dnn;
-    ``states`` the signature of the cached-states group a cached e2e run reads.
+    ``states`` the signature of the cached-states group a cached e2e run reads; ``layers``
+    that of the per-layer group a side run reads.
     """
     registered = set(list_item_towers())
     common = TrainOptions(dataset=opts.dataset, dim=opts.dim, batch_size=opts.batch_size,
@@ -149,8 +153,10 @@ def plan(opts: StudyOptions, dataset: PreparedDataset, features: dict | None = N
             encoder = f"{opts.encoder}@{states_variant(opts.top_k)}" if opts.cached else opts.encoder
             rows.append((f"e2e-top{opts.top_k}", mode, {"encoders": [encoder], "top_k": opts.top_k,
                                                           "cached": opts.cached, "random_init": opts.random_init}))
-        else:
+        elif mode == "adapter":
             rows.append(("adapter", mode, {"encoders": [opts.encoder], "random_init": opts.random_init}))
+        else:
+            rows.append(("side", mode, {"encoders": [f"{opts.encoder}@{states_variant(ALL_LAYERS)}"]}))
     configs = []
     for label, mode, settings in rows:
         if mode not in registered:
@@ -159,19 +165,20 @@ def plan(opts: StudyOptions, dataset: PreparedDataset, features: dict | None = N
                                                 "installation"))
             continue
         options = replace(common, mode=mode, **settings)
-        group = features if mode in STORE_MODES else states if mode == "e2e" and opts.cached else None
+        group = features if mode in STORE_MODES else {"e2e": states if opts.cached else None, "side": layers}.get(mode)
         options.run_name = run_name(dataset, label, options, group)
         configs.append(Configuration(label, mode, options=options, run=options.run_name))
     return configs
 
 
-def states_variant(top_k: int) -> str:
-    """The store variant holding the states a cached e2e run of top-K trains from."""
-    return f"top{top_k}"
+def states_variant(top_k: int | str) -> str:
+    """The store variant holding the states a cached e2e run of top-K trains from (``layers``:
+    every layer's pooled state, for side runs)."""
+    return "layers" if top_k == ALL_LAYERS else f"top{top_k}"
 
 
 def ensure_features(ws: Workspace, opts: StudyOptions, progress: bool,
-                    cache_layer: int | None = None) -> tuple[dict, dict]:
+                    cache_layer: int | str | None = None) -> tuple[dict, dict]:
     """Extract the encoder's store group if it is missing or unfinished (resumes a killed job).
 
     Always goes through the extraction job, which checks that an existing group was
@@ -206,7 +213,7 @@ def rank_on_test(ws: Workspace, run_dir: Path) -> dict:
             previous = json.loads(stored.read_text()).get(key)
         except json.JSONDecodeError:
             previous = None  # record_result sets the unreadable file aside
-        if previous is not None:
+        if previous is not None and "unfinished_run" not in previous:  # not a score of a checkpoint so far
             return previous
     model, _config, dataset = load_run_and_dataset(ws, run_dir)
     result = evaluate(model, dataset, split="test", ks=KS, exclude_history=True)
@@ -282,15 +289,6 @@ def _train_and_rank(ws: Workspace, config: Configuration, progress: bool, thread
     config.test = {k: v for k, v in rank_on_test(ws, run_dir).items() if k.startswith(("HR@", "NDCG@"))}
 
 
-def popularity_row(dataset: PreparedDataset) -> RunSummary:
-    """The popularity baseline as a table row (no parameters, no training)."""
-    metrics = popularity_metrics(dataset, split="test", ks=KS, exclude_history=True)
-    return RunSummary(name="popularity", mode="popularity", encoder="-", layers=None, trainable_params=0,
-                      total_params=0, epochs=0, sec_per_epoch=None, peak_rss_mb=None, peak_gpu_mb=None,
-                      metrics={k: v for k, v in metrics.items() if k.startswith(("HR@", "NDCG@"))},
-                      source="test (history excluded)")
-
-
 def default_out(ws: Workspace, opts: StudyOptions) -> Path:
     return opts.out or ws.study_dir(f"{opts.dataset}-{opts.encoder}")
 
@@ -303,7 +301,8 @@ def write_report(out: Path, opts: StudyOptions, dataset: PreparedDataset, config
         "",
         "Which item tower is worth its cost on this dataset: IDRec, TS (stored vectors + DT layer), "
         "TS-DNN-N (stored vectors + N dense layers), E2E (top-K encoder blocks fine-tuned) and "
-        "adapters, against the popularity baseline (001 Tables 5 and 6).",
+        "adapters, against the popularity baseline (001 Tables 5 and 6) and, on a generated dataset, "
+        "the oracle: the world's true next-item distribution ranked by the same protocol.",
         "",
         f"- dataset: `{dataset.name}`, {dataset.n_users} users, {dataset.n_items} items, "
         f"fingerprint `{dataset.fingerprint}`",
@@ -351,14 +350,21 @@ def run_study(ws: Workspace, opts: StudyOptions, progress: bool = True,
         >>> run_study(ws, StudyOptions(dataset="demo", encoder="efficientnet-lite0",
         ...                            layers=[2, 8], modes=["id", "ts", "ts-dnn"]))["report"]
     """
-    from eval.plots import plot_compare
-
     opts = check_options(opts)
     if opts.threads:
         torch.set_num_threads(opts.threads)
     dataset = PreparedDataset.load(ws.dataset_dir(opts.dataset))
     out = default_out(ws, opts)
     out.mkdir(parents=True, exist_ok=True)
+    # one study per folder: a second one would train the same runs and rewrite the same report
+    with GroupLock(out / LOCK, str(out), what="study folder", command=command):
+        return _study(ws, opts, dataset, out, progress, command)
+
+
+def _study(ws: Workspace, opts: StudyOptions, dataset: PreparedDataset, out: Path, progress: bool,
+           command: str) -> dict:
+    from eval.plots import plot_compare
+
     say = (lambda text: click.echo(text, err=True)) if progress else (lambda text: None)
 
     features, signature, states = None, None, None
@@ -368,7 +374,11 @@ def run_study(ws: Workspace, opts: StudyOptions, progress: bool = True,
     if "e2e" in opts.modes and opts.cached:
         say(f"study: states entering the top {opts.top_k} blocks of {opts.encoder}, for cached e2e")
         _, states = ensure_features(ws, opts, progress, cache_layer=opts.top_k)
-    configs = plan(opts, dataset, signature, states)
+    layers = None
+    if "side" in opts.modes:
+        say(f"study: every layer's pooled state of {opts.encoder}, for side networks")
+        _, layers = ensure_features(ws, opts, progress, cache_layer=ALL_LAYERS)
+    configs = plan(opts, dataset, signature, states, layers)
     todo = [c for c in configs if c.options is not None]
     for number, config in enumerate(todo, 1):
         say(f"study: [{number}/{len(todo)}] {config.label}: run {config.run}")
@@ -378,14 +388,15 @@ def run_study(ws: Workspace, opts: StudyOptions, progress: bool = True,
             config.status, config.reason = "failed", str(err)
             say(f"study: {config.label} failed: {err}")
 
-    summaries = [popularity_row(dataset)]
+    summaries = reference_summaries(dataset, KS)
     summaries += [summarize_run(ws.run_dir(c.run)) for c in configs if c.test is not None]
     table = markdown_table(summaries)
     for metric, name in PLOTS.items():
         plot_compare(summaries, out / name, metric=metric)
     report = write_report(out, opts, dataset, configs, table, features, command)
     result = {"report": str(report), "out": str(out), "table": table,
-              "popularity": summaries[0].metrics, "configurations": [c.to_dict() for c in configs],
+              "popularity": summaries[0].metrics,
+              "oracle": next((s.metrics for s in summaries if s.mode == "oracle"), None), "configurations": [c.to_dict() for c in configs],
               "features": features, "plots": [str(out / name) for name in PLOTS.values()]}
     write_atomic(out / SUMMARY, (json.dumps(result, indent=2, default=str) + "\n").encode())
     return result

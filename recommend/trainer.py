@@ -37,10 +37,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from data.dataset import PreparedDataset
+from eval.distributed import launched
+from eval.metrics import format_metrics, percent
 from featurestore.cliutil import UserError
+from featurestore.progress import progress_bar
 from featurestore.workspace import Workspace, check_name
 from recommend import __version__
 from recommend.batches import SequenceBatches, model_seq_len, training_rows
@@ -52,7 +54,7 @@ from recommend.losses import LOSSES, Loss, LossContext, check_loss_options, crea
 from recommend.model import Recommender, build_recommender
 from recommend.objectives import AuxObjectives, Step, attach_objectives, check_objectives
 from recommend.transfer import check_transfer_options, init_from_run
-from recommend.run import (BEST, CHECKPOINT, FINISHED, LAST, LOG, append_metrics, default_run_name,
+from recommend.run import (BEST, CHECKPOINT, FINISHED, LAST, LOG, append_metrics, default_run_name, run_lock,
                            load_training_state, open_run, read_metrics, rewrite_metrics,
                            save_checkpoint, save_training_state, write_json)
 from recommend.user_encoders import USER_ENCODERS
@@ -108,6 +110,7 @@ class TrainOptions:
     init_from: str | None = None  # cross-dataset transfer; recommend.transfer
     transfer: str | None = None
     objectives: list[str] = field(default_factory=list)  # PMMRec's auxiliary terms; recommend.objectives
+    side_dim: int | None = None  # --mode side: adapter bottleneck; recommend.side
 
 
 class Objective(nn.Module):
@@ -329,6 +332,7 @@ def _run_logger(run_dir, main: bool, echo: bool) -> Iterator[logging.Logger]:
         handlers.append(logging.FileHandler(run_dir / LOG))
         if echo:
             handlers.append(logging.StreamHandler(sys.stderr))
+            handlers[-1].addFilter(lambda record: not getattr(record, "file_only", False))
     for handler in handlers:
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         logger.addHandler(handler)
@@ -392,12 +396,12 @@ def train(ws: Workspace, opts: TrainOptions, progress: bool = True, echo: bool =
     opts = check_options(opts)
     procs = Processes.from_env()
     device = resolve_device(opts.device, procs)
-    if procs.world_size > 1 and not dist.is_initialized():
+    if launched() and not dist.is_initialized():  # torchrun, even with one process (NCCL on 1 GPU)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         return _train(ws, opts, procs, device, progress, echo, on_epoch)
     finally:
-        if procs.world_size > 1 and dist.is_initialized():
+        if dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -424,7 +428,7 @@ def _train(ws: Workspace, opts: TrainOptions, procs: Processes, device: torch.de
     loss = create_loss(opts.loss, context).to(device)
     aux = attach_objectives(model, opts.objectives)  # on the model: NID's head trains and saves with it
     objective: nn.Module = Objective(model, loss, aux)
-    if procs.world_size > 1:
+    if dist.is_initialized():
         objective = DistributedDataParallel(
             objective, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(optimizer_groups(model, opts.lr, opts.encoder_lr), lr=opts.lr,
@@ -443,7 +447,7 @@ def _train(ws: Workspace, opts: TrainOptions, procs: Processes, device: torch.de
         return {"run": name, "run_dir": str(run_dir), **finished}
     resume = load_training_state(run_dir, model, optimizer)  # every process: same weights
 
-    with _run_logger(run_dir, procs.main, echo) as log:
+    with run_lock(run_dir, procs.main), _run_logger(run_dir, procs.main, echo) as log:
         log.info("run %s: %s on %s, %d training sequences, %d items, %s trainable parameters "
                  "(%.2f%% of %s), device %s x%d", name, opts.mode, dataset.name, len(rows), dataset.n_items,
                  f"{config['cost']['trainable_params']:,}", 100 * config["parameters"]["trainable_share"],
@@ -464,9 +468,9 @@ def _train(ws: Workspace, opts: TrainOptions, procs: Processes, device: torch.de
                                         "status": outcome["status"], "message": outcome["message"],
                                         "popularity": outcome["popularity"], "warning": outcome["warning"]})
             (run_dir / LAST).unlink(missing_ok=True)  # finished: nothing left to resume
-        log.info("%s", outcome["message"])
+        log.info("%s", outcome["message"], extra={"file_only": True})  # the caller prints it once
         if outcome["warning"]:
-            log.warning("warning: %s", outcome["warning"])
+            log.warning("warning: %s", outcome["warning"], extra={"file_only": True})
     return {"run": name, "run_dir": str(run_dir), **outcome}
 
 
@@ -492,7 +496,7 @@ def _epochs(objective, model: Recommender, optimizer, batches: SequenceBatches,
             torch.cuda.reset_peak_memory_stats(device)
         start, total, steps = time.perf_counter(), 0.0, 0
         term_totals: dict[str, float] = {}
-        bar = tqdm(total=batches.n_sequences, unit="seq", desc=f"epoch {epoch}", leave=False,
+        bar = progress_bar(total=batches.n_sequences, unit="seq", desc=f"epoch {epoch}", leave=False,
                    disable=not (progress and procs.main), file=sys.stderr)
         finite = True
         for rows in batches:
@@ -536,13 +540,13 @@ def _epochs(objective, model: Recommender, optimizer, batches: SequenceBatches,
                 record["terms"] = terms
             log.info("epoch %d: loss %.4f%s, valid %s, %.1fs (%.1f seq/s)", epoch, mean_loss,
                      f" ({', '.join(f'{k} {v:.4f}' for k, v in terms.items())})" if terms else "",
-                     ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), seconds,
+                     format_metrics(metrics), seconds,
                      record["sequences_per_sec"])
             if _collapsed(metrics, best):
                 decision = ("collapsed",
                             f"training collapsed at epoch {epoch}: validation {MONITOR[0]} fell "
-                            f"from {best[MONITOR[0]]:.4f} (epoch {best_epoch}) to "
-                            f"{metrics[MONITOR[0]]:.4f}. {_kept(best_epoch)} Lower --lr (now "
+                            f"from {percent(best[MONITOR[0]])}% (epoch {best_epoch}) to "
+                            f"{percent(metrics[MONITOR[0]])}%. {_kept(best_epoch)} Lower --lr (now "
                             f"{opts.lr:g}; try {opts.lr / 10:g}).")
             elif _better(metrics, best):
                 best, best_epoch, since_best = metrics, epoch, 0
@@ -574,7 +578,7 @@ def _epochs(objective, model: Recommender, optimizer, batches: SequenceBatches,
     best_epoch, best = procs.broadcast((best_epoch, best))
     if status == "completed":
         message = f"finished {opts.epochs} epochs."
-    summary = (f"best validation {', '.join(f'{k} {v:.4f}' for k, v in best.items())} at epoch "
+    summary = (f"best validation {format_metrics(best)} at epoch "
                f"{best_epoch}" if best else "no epoch was validated")
     return {"status": status, "best_epoch": best_epoch, "best": best or {}, "epochs": epoch,
             "message": f"{message} {summary}; checkpoint {CHECKPOINT if best else 'none'}.",
@@ -595,9 +599,9 @@ def popularity_warning(best: dict | None, popular: dict, opts: TrainOptions) -> 
     """What to tell the user when the run learned no more than item popularity (else None)."""
     if _left_plateau(best, popular):
         return None
-    score = f"{best[MONITOR[0]]:.4f}" if best else "none"
+    score = f"{percent(best[MONITOR[0]])}%" if best else "none"
     return (f"best validation {MONITOR[0]} {score} is not clearly above the popularity baseline's "
-            f"{popular[MONITOR[0]]:.4f} (under {CLEARLY_ABOVE:g}x): this model has learned no more than "
+            f"{percent(popular[MONITOR[0]])}% (under {CLEARLY_ABOVE:g}x): this model has learned no more than "
             f"how popular items are, so its numbers say nothing about its item tower or backbone. It may "
             f"have stopped on the popularity plateau or be set up badly. Try more --epochs or "
             f"--plateau-patience, another --lr (now {opts.lr:g}; try {opts.lr * 3:g} and {opts.lr / 3:g}), "

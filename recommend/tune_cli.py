@@ -13,6 +13,7 @@ from typing import Callable
 import click
 
 from featurestore.cliutil import UserError, emit, json_option, root_option
+from featurestore.configfile import config_option
 from featurestore.workspace import Workspace
 from recommend.trainer import TrainOptions
 from recommend.tune import DEFAULT_SPACE, PRUNERS, TS_DNN_SPACE, TuneOptions, load_space, run_tune
@@ -63,6 +64,7 @@ def make_tune_command(train_command: click.Command, names: Callable[[str | None]
     @click.option("--heartbeat", type=int, default=60, show_default=True,
                   help="Seconds between a worker's heartbeats; a trial silent for twice this is taken as "
                        "killed and re-queued.")
+    @config_option
     @root_option
     @json_option
     def tune_command(ws: Workspace, as_json: bool, trials: int, timeout: float | None, storage: str | None,

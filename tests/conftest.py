@@ -3,7 +3,7 @@
 ``synth_ws`` -> ``(Workspace, "synth")``; ``synth_dataset`` -> its PreparedDataset;
 ``private_ws(tag)`` -> a new Workspace holding a copy of it (a store and runs of one's own);
 ``one_thread``: one torch thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``).
-About 400 users (560 drawn) and 150 items in 12 clusters with real JPEGs and English titles;
+About 400 users (560 drawn) and 150 items in 18 latent regions with real JPEGs and English titles;
 built once (a couple of seconds) under a session temporary folder. The raw files,
 including ``truth.json`` (item orig id -> cluster), are in ``ws.root / "raw" / "synth"``.
 """

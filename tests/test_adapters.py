@@ -16,11 +16,10 @@ from recommend.adapters import ITEM_SITES, Adapter, attach_adapter
 from recommend.batches import training_rows
 from recommend.cost import parameter_breakdown
 from recommend.e2e import open_live_inputs
-from recommend.trainer import optimizer_groups
 from recommend.losses import LossContext, create_loss
 from recommend.model import build_recommender
 from recommend.run import load_run
-from recommend.trainer import Objective, TrainOptions, check_options, model_spec, train
+from recommend.trainer import Objective, TrainOptions, check_options, model_spec, optimizer_groups, train
 from recommend.user_encoders import EncoderConfig, SASRec
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -84,3 +84,14 @@ def test_a_runs_config_json_reruns_it_with_one_change(private_ws):
     rerun = json.loads((ws.run_dir("second") / "config.json").read_text())["options"]
     changed = {k for k in rerun if rerun[k] != original["options"][k]}
     assert changed == {"seed", "run_name"} and rerun["seed"] == 2
+
+
+def test_tune_reads_train_and_its_own_options_from_a_file(tmp_path):
+    from recommend.cli import cli as recommend_cli
+
+    path = tmp_path / "tune.yaml"
+    path.write_text("dataset: demo\nmode: ts-dnn\nencoder: minilm-l6\ntrials: 7\nepochs: 3\n")
+    ctx = recommend_cli.commands["tune"].make_context("tune", ["--config", str(path), "--trials", "9"])
+    params = ctx.params
+    assert (params["dataset"], params["mode"], params["encoder"], params["epochs"], params["trials"]) == (
+        "demo", "ts-dnn", "minilm-l6", 3, 9)

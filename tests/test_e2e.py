@@ -24,11 +24,10 @@ from featurestore.workspace import Workspace
 from recommend.batches import training_rows
 from recommend.cli import cli as recommend_cli
 from recommend.e2e import open_live_inputs
-from recommend.trainer import optimizer_groups
 from recommend.losses import LossContext, create_loss
 from recommend.model import build_recommender
 from recommend.run import load_run
-from recommend.trainer import Objective, TrainOptions, check_options, model_spec, train
+from recommend.trainer import Objective, TrainOptions, check_options, model_spec, optimizer_groups, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

