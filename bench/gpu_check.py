@@ -117,7 +117,7 @@ def steps(out: Path) -> list[Step]:
               "--name", "gpucheck", *root, "--json"], 15),
         Step("featurestore extract on cuda",
              [console("featurestore"), "extract", "--dataset", "gpucheck", "--encoder", "efficientnet-lite0",
-              "--device", "cuda", "--batch-size", "128", *root, "--json"], 30),
+              "--device", "cuda", "--batch-size", "128", "--cache-layer", "all", *root, "--json"], 30),  # side reads it
         Step("side-network epoch",
              [console("recommend"), "train", "--dataset", "gpucheck", "--mode", side, "--encoder",
               "efficientnet-lite0", "--epochs", "1", "--device", "cuda", "--run-name", "gpucheck-side",

@@ -41,6 +41,8 @@ from featurestore.progress import progress_bar
 from featurestore.store import (
     DEFAULT_CHUNK_ROWS,
     STATUS_COMPLETE,
+    STATUS_FAILED,
+    STATUS_PARTIAL,
     FeatureGroup,
     FeatureStore,
     GroupLock,
@@ -410,7 +412,7 @@ def _claim(store: FeatureStore, lock: GroupLock, dataset: PreparedDataset, job_a
             todo = [int(c) for c in np.flatnonzero(~group.done_chunks())]
             if todo:
                 group.drop_flat()
-                group.update_attrs(status="partial", versions=job_attrs["versions"])
+                group.update_attrs(status=STATUS_PARTIAL, failure=None, versions=job_attrs["versions"])
         except UserError as err:
             todo = err
     todo = dist.broadcast(todo)
@@ -445,7 +447,11 @@ def _run(ws: Workspace, opts: ExtractOptions, dist: Dist) -> ExtractResult:
         todo = _claim(store, lock, dataset, job_attrs, opts, encoder.width, dist)
         group = store.open(name)
         mine = todo[dist.rank :: dist.world]
-        counts = _run_chunks(group, dataset, encoder, forward, mine, opts, dist) if mine else {"items": 0, "bad": []}
+        try:
+            counts = _run_chunks(group, dataset, encoder, forward, mine, opts, dist) if mine else {"items": 0, "bad": []}
+        except UserError as err:  # a bad item under --on-bad-item fail, broken weights: say so in `ls`
+            group.update_attrs(status=STATUS_FAILED, failure=str(err))
+            raise
         everyone = dist.gather(counts)  # also the barrier: every rank's chunks are written
         seconds = time.perf_counter() - loaded
         computed = sum(c["items"] for c in everyone)

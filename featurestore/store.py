@@ -14,7 +14,8 @@ A group ``DATASET/MODALITY/ENCODER[@VARIANT]`` holds
   maps without loading it (readers gather batches of rows without RAM for the whole);
 - attributes: provenance (encoder, weights and their sha256, pooling,
   preprocessing, dtype, dataset name and fingerprint, bad items, timings, versions)
-  and ``status`` (``partial`` until every chunk is written, then ``complete``).
+  and ``status`` (``partial`` until every chunk is written, then ``complete``;
+  ``failed``, with the reason in ``failure``, when an error stopped the extraction).
 
 Locks live beside the store (``store.zarr.locks/``), not inside it, so every Zarr
 client sees a clean hierarchy.
@@ -49,6 +50,7 @@ from featurestore.workspace import check_name
 FORMAT = "morec-featurestore/1"
 DEFAULT_CHUNK_ROWS = 1024
 STATUS_PARTIAL = "partial"
+STATUS_FAILED = "failed"  # stopped by an error (attribute ``failure``); a rerun resumes it
 STATUS_COMPLETE = "complete"
 STORED_DTYPES = ("float32", "float16")
 
@@ -312,6 +314,7 @@ class FeatureGroup:
             "chunks_done": f"{int(done.sum())}/{len(done)}",
             "present": int(present[1:].sum()),
             "bad_items": len(self.attrs.get("bad_items", [])),
+            "failure": self.attrs.get("failure") if self.status == STATUS_FAILED else None,
             "size_mb": round(_folder_bytes(self.path) / 2**20, 2),
             "attrs": self.attrs,
         }
@@ -359,6 +362,9 @@ class FeatureStore:
             known = ", ".join(self.groups()) or "none"
             raise UserError(f"no store group {name} in {self.path} (groups: {known}); create it with `{command}`")
         group = FeatureGroup(self, name, zarr.open_group(self._zarr_store(), path=name, mode="r+"))
+        if complete and group.status == STATUS_FAILED:
+            raise UserError(f"store group {name} failed: {group.attrs.get('failure')}; fix that and rerun "
+                            f"`{command}`, or remove it: `featurestore rm {name}`")
         if complete and group.status != STATUS_COMPLETE:
             raise UserError(
                 f"store group {name} is {group.status} (an extraction did not finish); resume it with `{command}`"

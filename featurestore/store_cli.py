@@ -8,6 +8,7 @@ must match the stored ones.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from pathlib import Path
@@ -41,29 +42,65 @@ def ls(ws: Workspace, as_json: bool) -> None:
     for name in store.groups():
         info = store.open(name).describe()
         rows.append({k: info[k] for k in ("group", "status", "rows", "dim", "dtype", "encoder", "pooling",
-                                          "chunks_done", "bad_items", "size_mb")})
+                                          "chunks_done", "bad_items", "failure", "size_mb")})
     lines = [f"{'group':<44}{'status':<10}{'rows':>9}{'dim':>6}  {'dtype':<8}{'chunks':>9}{'MB':>9}"]
-    lines += [f"{r['group']:<44}{r['status']:<10}{r['rows']:>9}{r['dim']:>6}  {r['dtype']:<8}"
-              f"{r['chunks_done']:>9}{r['size_mb']:>9}" for r in rows]
+    for r in rows:
+        lines.append(f"{r['group']:<44}{r['status']:<10}{r['rows']:>9}{r['dim']:>6}  {r['dtype']:<8}"
+                     f"{r['chunks_done']:>9}{r['size_mb']:>9}")
+        if r["failure"]:
+            lines.append(f"  failed: {r['failure']} (a rerun resumes it; `featurestore rm {r['group']}` removes it)")
     text = "\n".join(lines) if rows else f"no groups in {store.path}; create one with `featurestore extract`"
     emit({"store": str(store.path), "groups": rows}, as_json, text)
 
 
+BAD_ITEM_FIELDS = ("id", "orig_id", "reason", "file")
+BAD_ITEMS_SHOWN = 20  # in text; --json and --bad-items FILE carry all of them
+
+
+def _bad_item_lines(bad: list[dict], status: str) -> list[str]:
+    if status != STATUS_COMPLETE:
+        return ["bad items: listed when the extraction completes"]
+    lines = [f"bad items ({len(bad)}):" if bad else "bad items: none"]
+    lines += [f"  {b['id']} ({b['orig_id']}): {b['reason']}: {b['file']}" for b in bad[:BAD_ITEMS_SHOWN]]
+    if len(bad) > BAD_ITEMS_SHOWN:
+        lines.append(f"  ... and {len(bad) - BAD_ITEMS_SHOWN} more; --bad-items FILE writes them all")
+    return lines
+
+
+def _write_bad_items(path: Path, bad: list[dict]) -> None:
+    """CSV with one row per bad item (a header only when there are none), for a spreadsheet or a fix-up script."""
+    try:
+        with path.open("w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=BAD_ITEM_FIELDS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(bad)
+    except OSError as err:
+        raise UserError(f"--bad-items {path}: cannot write it ({err.strerror}); pick a writable path") from None
+
+
 @click.command()
 @group_argument
+@click.option("--bad-items", "bad_items_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the bad items (id, orig_id, reason, file) to this CSV file.")
 @root_option
 @json_option
-def info(ws: Workspace, as_json: bool, group: str) -> None:
-    """Show a group: path, shape, status, encoder, weights, dataset fingerprint and provenance."""
+def info(ws: Workspace, as_json: bool, group: str, bad_items_file: Path | None) -> None:
+    """Show a group: path, shape, status, encoder, weights, dataset fingerprint, provenance
+    and the items that have no row (bad items), each with its reason."""
     described = FeatureStore(ws.store).open(group).describe()
     attrs = described["attrs"]
-    text_keys = [k for k in described if k != "attrs"]
+    bad = attrs.get("bad_items", [])
+    text_keys = [k for k in described if k != "attrs" and not (k == "failure" and described[k] is None)]
     lines = [f"{k}: {described[k]}" for k in text_keys]
     prep = attrs.get("preprocessing") or {}
     lines.append(f"preprocessing: {', '.join(f'{k}={v}' for k, v in prep.items())}")
     lines.append(f"timings: {attrs.get('timings')}")
     lines.append(f"command: {attrs.get('command')}")
-    emit(described, as_json, "\n".join(lines))
+    lines += _bad_item_lines(bad, described["status"])
+    if bad_items_file is not None:
+        _write_bad_items(bad_items_file, bad)
+        lines.append(f"wrote {len(bad)} bad items to {bad_items_file}")
+    emit({**described, "bad_item_list": bad}, as_json, "\n".join(lines))
 
 
 def _tolerance(attrs: dict) -> float:

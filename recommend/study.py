@@ -36,6 +36,7 @@ from data.dataset import PreparedDataset
 from eval.cli import load_run_and_dataset, record_result, result_key
 from eval.compare import markdown_table, reference_summaries, summarize_run
 from eval.evaluate import evaluate
+from eval.metrics import format_metrics
 from eval.ranking import TIES_RULE
 from featurestore.cliutil import UserError
 from featurestore.store import GroupLock
@@ -237,7 +238,8 @@ def _train_child(conn, root: Path, options: TrainOptions, progress: bool, thread
     if threads:
         torch.set_num_threads(threads)
     try:
-        conn.send(("ok", train(Workspace(root), options, progress=progress, echo=False)))
+        # echo: each epoch's loss and validation metrics reach the study's stderr as they come
+        conn.send(("ok", train(Workspace(root), options, progress=progress, echo=progress)))
     except (UserError, OSError) as err:
         conn.send(("error", err))
     except BaseException:  # a bug: keep its traceback for the study's error
@@ -287,6 +289,13 @@ def _train_and_rank(ws: Workspace, config: Configuration, progress: bool, thread
         config.status, config.reason = "failed", f"no checkpoint: {message}"
         return
     config.test = {k: v for k, v in rank_on_test(ws, run_dir).items() if k.startswith(("HR@", "NDCG@"))}
+
+
+def _outcome(config: Configuration) -> str:
+    """The one line a configuration gets once it is done: its test metrics, or why it has none."""
+    if config.test is None:
+        return f"{config.status}: {config.reason}"
+    return f"{config.status}; test {format_metrics(config.test)}"
 
 
 def default_out(ws: Workspace, opts: StudyOptions) -> Path:
@@ -386,7 +395,7 @@ def _study(ws: Workspace, opts: StudyOptions, dataset: PreparedDataset, out: Pat
             _train_and_rank(ws, config, progress, opts.threads)
         except UserError as err:  # this configuration cannot run here; the others still can
             config.status, config.reason = "failed", str(err)
-            say(f"study: {config.label} failed: {err}")
+        say(f"study: [{number}/{len(todo)}] {config.label}: {_outcome(config)}")
 
     summaries = reference_summaries(dataset, KS)
     summaries += [summarize_run(ws.run_dir(c.run)) for c in configs if c.test is not None]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,7 +23,7 @@ from extract.job import ExtractOptions, ExtractResult, run_extraction
 from extract_helpers import copy_dataset, image_dataset, titles, write_dataset
 from featurestore.cliutil import UserError
 from featurestore.store import FeatureStore
-from featurestore.store_cli import verify
+from featurestore.store_cli import info, ls, rm, verify
 from featurestore.workspace import Workspace
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -112,13 +114,58 @@ def test_text_rows_equal_a_direct_forward(ws):
     assert fg.attrs["pooling"] == "mean" and fg.attrs["preprocessing"]["max_tokens"] == 30
 
 
-def test_on_bad_item_fail_names_the_item_and_file_and_leaves_the_group_partial(ws):
-    with pytest.raises(UserError, match=r"item 11 \(a0011\): unreadable image.*corrupt\.jpg.*--on-bad-item skip"):
-        job(ws, dataset="imgs", encoder="efficientnet-lite0", on_bad_item="fail")
-    fg = FeatureStore(ws.store).open("imgs/image/efficientnet-lite0")
-    assert fg.status == "partial"
-    assert fg.done_chunks().tolist() == [True, True, False, False]
-    assert not FeatureStore(ws.store).lock(fg.name).path.exists()  # the lock went with the job
+def store_cli(ws: Workspace, command, *args: str) -> str:
+    result = CliRunner().invoke(command, [*args, "--root", str(ws.root)])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_on_bad_item_fail_marks_the_group_failed_until_a_rerun_or_rm(ws):
+    name = "imgs/image/efficientnet-lite0"
+    for then in ("rm", "resume"):
+        with pytest.raises(UserError, match=r"item 11 \(a0011\): unreadable image.*corrupt\.jpg.*--on-bad-item skip"):
+            job(ws, dataset="imgs", encoder="efficientnet-lite0", on_bad_item="fail")
+        fg = FeatureStore(ws.store).open(name)
+        assert (fg.status, fg.done_chunks().tolist()) == ("failed", [True, True, False, False])
+        assert fg.attrs["failure"].startswith("item 11 (a0011): unreadable image")
+        assert not FeatureStore(ws.store).lock(fg.name).path.exists()  # the lock went with the job
+        listed = store_cli(ws, ls)
+        assert re.search(rf"^{re.escape(name)} +failed ", listed, re.M)
+        assert "  failed: item 11 (a0011): unreadable image" in listed and f"`featurestore rm {name}`" in listed
+        row, = json.loads(store_cli(ws, ls, "--json"))["groups"]
+        assert row["status"] == "failed" and row["failure"] == fg.attrs["failure"]
+        with pytest.raises(UserError, match=r"failed: item 11 .*featurestore rm"):
+            FeatureStore(ws.store).open(name, complete=True)
+        if then == "rm":
+            assert store_cli(ws, rm, name).strip() == f"removed {name}"
+            assert store_cli(ws, ls).startswith("no groups")
+    result = job(ws, dataset="imgs", encoder="efficientnet-lite0")
+    assert (result.status, result.computed_chunks, result.resumed_chunks, result.bad) == ("complete", 2, 2, 3)
+    listed = store_cli(ws, ls)
+    assert re.search(rf"^{re.escape(name)} +complete ", listed, re.M) and "failed" not in listed
+    assert json.loads(store_cli(ws, ls, "--json"))["groups"][0]["failure"] is None
+
+
+def test_info_lists_bad_items_with_reasons_in_text_json_and_csv(ws, tmp_path):
+    name = "imgs/image/efficientnet-lite0"
+    job(ws, dataset="imgs", encoder="efficientnet-lite0")
+    expected = {11: ("a0011", "unreadable image", "corrupt.jpg"), 12: ("a0012", "image file not found", "missing.jpg"),
+                13: ("a0013", "item has no image", "items.jsonl")}  # as image_dataset planted them
+    out = tmp_path / "bad.csv"
+    text = store_cli(ws, info, name, "--bad-items", str(out))
+    assert "bad items (3):" in text and f"wrote 3 bad items to {out}" in text
+    for item_id, (orig, reason, file) in expected.items():
+        line, = [l for l in text.splitlines() if l.startswith(f"  {item_id} ({orig}): ")]
+        assert reason in line and line.endswith(file)
+    with out.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["id"]) for r in rows] == sorted(expected)
+    for r in rows:
+        orig, reason, file = expected[int(r["id"])]
+        assert r["orig_id"] == orig and reason in r["reason"] and r["file"].endswith(file)
+    listed = json.loads(store_cli(ws, info, name, "--json"))["bad_item_list"]
+    assert [(b["id"], b["orig_id"], b["reason"], b["file"]) for b in listed] == [
+        (int(r["id"]), r["orig_id"], r["reason"], r["file"]) for r in rows]
 
 
 def test_resume_after_sigkill_is_bit_identical(ws, tmp_path):
@@ -216,7 +263,8 @@ def test_cli_json_summary_and_unknown_encoder_exit_status(ws):
     proc = subprocess.run([sys.executable, "-m", "featurestore.cli", "extract", "--dataset", "texts",
                            "--encoder", "bert-huge", "--root", str(ws.root)], capture_output=True, text=True)
     assert proc.returncode == 2
-    assert proc.stderr.startswith("error: unknown encoder 'bert-huge'; known encoders: bert-base, bert-small")
+    assert proc.stderr.startswith("error: unknown encoder 'bert-huge'; did you mean bert-base")  # nearest first
+    assert "known encoders: bert-base, bert-small" in proc.stderr and len(proc.stderr.splitlines()) == 1
     assert Path(ws.store / "texts/text/bert-tiny").exists()
 
 

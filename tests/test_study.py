@@ -8,6 +8,7 @@ report, its runs and a second, resumed invocation.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from data.dataset import PreparedDataset
+from eval.metrics import format_metrics
 from featurestore.cliutil import UserError
 from featurestore.store import FeatureStore
 from featurestore.workspace import Workspace
@@ -162,3 +164,18 @@ def test_plan_and_bad_options(synth_dataset):
         run_study(ws, replace(opts, modes=["e2e", "bert"]), progress=False)
     with pytest.raises(UserError, match="--layers"):
         run_study(ws, replace(opts, modes=["ts-dnn"], layers=[]), progress=False)
+
+
+def test_progress_shows_each_epochs_validation_and_one_line_per_configuration(private_ws, tmp_path, capfd):
+    ws = private_ws("study_progress")
+    opts = StudyOptions(dataset="synth", **{**OPTIONS, "modes": ["id"], "epochs": 2}, out=tmp_path / "study")
+    result = run_study(ws, opts, progress=True)
+    err = capfd.readouterr().err  # the training process writes to the same stderr
+    config, = result["configurations"]
+    records = [json.loads(line) for line in (ws.run_dir(config["run"]) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    for r in records:  # each epoch's validation line, with the numbers the run recorded
+        assert re.search(rf"epoch {r['epoch']}: loss {r['loss']:.4f}, valid {re.escape(format_metrics(r['valid']))}",
+                         err), err
+    assert [line for line in err.splitlines() if line.startswith("study: [1/1] id: ")] == [
+        f"study: [1/1] id: run {config['run']}", f"study: [1/1] id: trained; test {format_metrics(config['test'])}"]
