@@ -320,7 +320,7 @@ def write_report(out: Path, opts: StudyOptions, dataset: PreparedDataset, config
         lines.append(f"- features: store group `{features['group']}` ({features['status']}, "
                      f"{features['embedded']}/{features['items']} items embedded)")
     lines += [
-        f"- training: SASRec, BCE with one sampled negative, d = {opts.dim}, batch {opts.batch_size}, "
+        f"- training: SASRec, loss {TrainOptions.loss}, d = {opts.dim}, batch {opts.batch_size}, "
         f"lr {opts.lr:g}, at most {opts.epochs} epochs, early stopping after {opts.patience} epochs "
         f"without a better validation HR@10, seed {opts.seed}",
         f"- evaluation: test split (last item), ranked against all {dataset.n_items} items, the user's "
