@@ -24,6 +24,14 @@ the run it extends (the same data, width and rounds):
     python bench/train.py --epochs 3 --json        # one JSON object
     python bench/train.py --device cuda --users 100000 --items 20000
     python bench/train.py --extras fusion,objectives,bert4rec --dim 128 --rounds 2 --threads 1
+
+``--loss-steps N_ITEMS`` instead times one training step (forward, backward, AdamW) of
+``--loss ce`` (softmax over all N items; content towers run over the whole catalogue in
+checkpointed chunks) against ``inbatch`` on a catalogue of N items, for IDRec and
+TS-DNN-N, with the trainer's own Objective and random rows (step time does not depend on
+what the items mean):
+
+    python bench/train.py --loss-steps 87000 --dim 64 --threads 2
 """
 
 from __future__ import annotations
@@ -42,8 +50,11 @@ from data.dataset import PreparedDataset
 from data.prepare import synthetic_dataset
 from featurestore.store import FeatureStore
 from featurestore.workspace import Workspace
+from recommend.features import FeatureSource
+from recommend.losses import LossContext, create_loss
+from recommend.model import build_recommender
 from recommend.run import read_metrics
-from recommend.trainer import TrainOptions, train
+from recommend.trainer import Objective, TrainOptions, train
 
 
 # --extras: name -> (options added to the run it extends, the name of that run)
@@ -86,6 +97,43 @@ def run_once(ws: Workspace, opts: TrainOptions) -> dict:
             "best": result["best"]}
 
 
+def loss_steps(n_items: int, dim: int, layers: int, feat_dim: int, batch_size: int, rounds: int) -> dict:
+    """Median seconds per training step of ce and inbatch, per tower, alternating the losses."""
+    rows = np.random.default_rng(0).standard_normal((n_items + 1, feat_dim)).astype(np.float32)
+    source = FeatureSource(group="bench/image/random", rows=rows, present=np.ones(n_items + 1, bool),
+                           dim=feat_dim, fingerprint="bench")
+    batch = torch.randint(1, n_items + 1, (batch_size, 14), generator=torch.Generator().manual_seed(0))
+    towers = {"id": ({"name": "id"}, []),
+              f"ts-dnn-{layers}": ({"name": "ts-dnn", "layers": layers, "dropout": 0.1, "whiten": False}, [source])}
+    out = {}
+    for tower, (spec, sources) in towers.items():
+        model = build_recommender({"n_items": n_items, "dim": dim, "max_seq_len": 13, "item_tower": spec,
+                                   "user_encoder": {"name": "sasrec", "blocks": 2, "heads": 2, "dropout": 0.1}},
+                                  sources)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        objectives = {loss: Objective(model, create_loss(loss, LossContext(n_items, np.ones(n_items + 1))))
+                      for loss in ("inbatch", "ce")}
+        times: dict[str, list[float]] = {loss: [] for loss in objectives}
+        for round_ in range(rounds + 1):  # round 0 warms up
+            for loss, objective in objectives.items():
+                start = time.perf_counter()
+                value = objective(batch)
+                optimizer.zero_grad(set_to_none=True)
+                value.backward()
+                optimizer.step()
+                if round_:
+                    times[loss].append(time.perf_counter() - start)
+        out[tower] = {loss: statistics.median(t) for loss, t in times.items()}
+        out[tower]["ratio_ce_vs_inbatch"] = out[tower]["ce"] / out[tower]["inbatch"]
+    return out
+
+
+def loss_steps_report(n_items: int, dim: int, layers: int, feat_dim: int, batch_size: int, rounds: int) -> dict:
+    return {"items": n_items, "dim": dim, "batch_size": batch_size, "positions": batch_size * 13,
+            "feat_dim": feat_dim, "rounds": rounds, "threads": torch.get_num_threads(),
+            "towers": loss_steps(n_items, dim, layers, feat_dim, batch_size, rounds)}
+
+
 def summarise(mode: str, runs: list[dict]) -> dict:
     epochs = [e for r in runs for e in r["epochs"]]
     seconds = statistics.median(e["seconds"] for e in epochs)
@@ -116,6 +164,8 @@ def summarise(mode: str, runs: list[dict]) -> dict:
               help="Rounds; each trains IDRec then TS-DNN once; medians over all epochs.")
 @click.option("--extras", default="", show_default=True, metavar="NAME[,NAME]",
               help=f"Also time these, each against the run it extends: {', '.join(EXTRAS)}.")
+@click.option("--loss-steps", type=int, default=None, metavar="N_ITEMS",
+              help="Instead: seconds per training step of --loss ce vs inbatch on a catalogue of N_ITEMS items.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--threads", type=int, default=None,
               help="torch CPU threads [default: torch's choice]; 1 is steadier on a shared machine.")
@@ -123,16 +173,23 @@ def summarise(mode: str, runs: list[dict]) -> dict:
               help="Workspace to use (kept); default: a temporary folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def main(users: int, items: int, feat_dim: int, layers: int, dim: int, batch_size: int, epochs: int,
-         rounds: int, extras: str, device: str, threads: int | None, root: Path | None, as_json: bool) -> None:
+         rounds: int, extras: str, loss_steps: int | None, device: str, threads: int | None, root: Path | None,
+         as_json: bool) -> None:
     """Seconds per training epoch of TS-DNN-N against IDRec (and of --extras against their base runs)."""
+    if threads:
+        torch.set_num_threads(threads)
+    if loss_steps:
+        steps = loss_steps_report(loss_steps, dim, layers, feat_dim, batch_size, rounds)
+        click.echo(json.dumps(steps) if as_json else "\n".join(
+            f"{tower}: ce {r['ce']:.3f} s/step, inbatch {r['inbatch']:.3f} s/step, ce / inbatch "
+            f"x{r['ratio_ce_vs_inbatch']:.2f}" for tower, r in steps["towers"].items()))
+        return
     asked = {e.strip() for e in extras.split(",") if e.strip()}
     unknown = sorted(asked - set(EXTRAS))
     if unknown:
         raise click.BadParameter(f"unknown {', '.join(unknown)}; known: {', '.join(EXTRAS)}", param_hint="--extras")
     asked |= {EXTRAS[e][1] for e in asked if EXTRAS[e][1] in EXTRAS}  # an extra's base run is timed too
     extras_wanted = [e for e in EXTRAS if e in asked]
-    if threads:
-        torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         ws = Workspace(root or Path(tmp))
         if not ws.dataset_dir("bench").exists():

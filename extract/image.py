@@ -36,6 +36,22 @@ from extract.registry import EncoderConfig, WeightsSpec, get_encoder_config, reg
 from featurestore.cliutil import UserError
 
 
+def decode_rgb(item: Item, draft_size: int | None = None) -> Image.Image:
+    """An item's picture as RGB (JPEGs decoded at a reduced DCT scale not below ``draft_size``);
+    :class:`BadItem` when there is no readable picture."""
+    if not item.image:
+        raise BadItem("item has no image")
+    try:
+        with Image.open(item.image) as img:
+            if draft_size:
+                img.draft("RGB", (draft_size, draft_size))
+            return img.convert("RGB")
+    except FileNotFoundError as err:
+        raise BadItem("image file not found", item.image) from err
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise BadItem(f"unreadable image ({err})", item.image) from err
+
+
 class ImagePreprocessor:
     """Decode an item's picture and apply the model's eval transform (runs in DataLoader workers).
 
@@ -72,18 +88,7 @@ class ImagePreprocessor:
 
     def load(self, item: Item) -> torch.Tensor:
         """The model input for one item; :class:`BadItem` when there is no readable picture."""
-        if not item.image:
-            raise BadItem("item has no image")
-        try:
-            with Image.open(item.image) as img:
-                if self.jpeg_draft:
-                    img.draft("RGB", (self._draft_size(), self._draft_size()))
-                rgb = img.convert("RGB")
-        except FileNotFoundError as err:
-            raise BadItem("image file not found", item.image) from err
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-            raise BadItem(f"unreadable image ({err})", item.image) from err
-        return self.transform(rgb)
+        return self.transform(decode_rgb(item, self._draft_size() if self.jpeg_draft else None))
 
     def collate(self, samples: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack(samples)

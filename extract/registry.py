@@ -27,9 +27,11 @@ from featurestore.cliutil import UserError, suggest
 if TYPE_CHECKING:
     from extract.encoder import Encoder
 
-MODALITIES = ("image", "text")
+MODALITIES = ("image", "text", "multimodal")  # multimodal: one vector from image and text together
 POOLINGS = ("cls", "mean", "pooled")
-BUILTIN_FAMILIES = ("extract.image", "extract.text")
+BUILTIN_FAMILIES = ("extract.image", "extract.text", "extract.vlm")
+# Families used whole (their projection-head output): no blocks for caching, top-k tuning or adapters.
+WHOLE_MODEL_FAMILIES = ("clip", "siglip", "vilt")
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,7 @@ class EncoderConfig:
 
     Attributes:
         name: registry name, e.g. ``swin-b``.
-        modality: ``image`` or ``text``.
+        modality: ``image``, ``text`` or ``multimodal`` (a single-stream model reading both).
         family: architecture family (``swin``, ``resnet``, ``vit``, ``mae``,
             ``efficientnet``, ``bert``, ``roberta``); picks the stem/blocks/pool split.
         architecture: library id: a timm model name, or a transformers model type.
@@ -231,6 +233,14 @@ def weights_status(config: EncoderConfig) -> str:
     if config.local_package:
         return "bundled" if config.weights_available() else "unavailable offline"
     return hub.availability(config.hub_id)
+
+
+def require_blocks(config: EncoderConfig, flag: str) -> None:
+    """Refuse ``flag`` (``--cache-layer``, ``--top-k``, ``--adapter-in``) for an encoder used whole."""
+    if config.family in WHOLE_MODEL_FAMILIES:
+        raise UserError(f"{flag}: encoder {config.name} is a vision-language tower used whole (its projection-head "
+                        "output); it exposes no blocks for --cache-layer, --mode e2e --top-k or adapters; use its "
+                        "stored vectors (--mode ts / ts-dnn)")
 
 
 def _import_builder(config: EncoderConfig) -> Any:

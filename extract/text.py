@@ -46,10 +46,13 @@ def package_dir(package: str) -> Path:
 class TextPreprocessor:
     """Check an item's text, then tokenise a whole batch at once (runs in DataLoader workers)."""
 
-    def __init__(self, tokenizer: Any, source: str, max_tokens: int) -> None:
+    def __init__(self, tokenizer: Any, source: str, max_tokens: int, padding: str = "longest",
+                 keep_mask: bool = True) -> None:
         self.tokenizer = tokenizer
         self.source = source
         self.max_tokens = max_tokens
+        self.padding = padding  # "max_length" for models that pool the last position (SigLIP)
+        self.keep_mask = keep_mask
 
     def describe(self) -> dict:
         """The preprocessing, as stored in the provenance."""
@@ -61,7 +64,8 @@ class TextPreprocessor:
             "lowercase": getattr(self.tokenizer, "do_lower_case", None),
             "max_tokens": self.max_tokens,
             "truncation": "max_tokens including special tokens",
-            "padding": "longest in batch",
+            "padding": "longest in batch" if self.padding == "longest" else "to max_tokens",
+            "attention_mask": self.keep_mask,
         }
 
     def load(self, item: Item) -> str:
@@ -71,8 +75,10 @@ class TextPreprocessor:
         return text
 
     def collate(self, samples: list[str]) -> dict[str, torch.Tensor]:
-        batch = self.tokenizer(samples, padding="longest", truncation=True, max_length=self.max_tokens,
+        batch = self.tokenizer(samples, padding=self.padding, truncation=True, max_length=self.max_tokens,
                                return_tensors="pt", return_token_type_ids=False)
+        if not self.keep_mask:
+            return {"input_ids": batch["input_ids"]}
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from extract.encoder import Encoder
-from extract.registry import EncoderConfig
+from extract.registry import EncoderConfig, require_blocks
 from featurestore.cliutil import UserError
 from recommend.e2e import (_E2E_ONLY, ADAPTER_ONLY, LiveEncoderTower, LiveKind, _live_input, build_live_encoder,
                            option_given, tower_options)
@@ -183,6 +183,8 @@ def check_adapter_options(opts: Any, config: EncoderConfig) -> None:
     if opts.adapter_in not in ADAPTER_PLACES:
         raise UserError(f"--adapter-in {opts.adapter_in}: choose one of {', '.join(ADAPTER_PLACES)}")
     in_item, in_user = adapter_places(opts.adapter_in)
+    if in_item:
+        require_blocks(config, f"--adapter-in {opts.adapter_in}")
     if in_item and config.family not in ITEM_SITES:
         raise UserError(_no_sites(config))
     if in_user and opts.backbone != "sasrec":

@@ -265,7 +265,18 @@ def runs_command(ws: Workspace, as_json: bool) -> None:
               help="AdamW learning rate of every run, as `recommend train` (e2e encoder blocks: --lr / 10).")
 @click.option("--patience", type=int, default=10, show_default=True,
               help="Stop a run after this many epochs without a better validation HR@10.")
-@click.option("--seed", type=int, default=42, show_default=True, help="Seed of every run.")
+@click.option("--seed", type=int, default=42, show_default=True, help="Seed of every run (the first, with --seeds).")
+@click.option("--tune", type=int, default=0, show_default=True, metavar="N",
+              help="Tune each configuration of --tune-modes with N Optuna trials on validation (as "
+                   "`recommend tune`: lr, weight decay, dropout, d; TS-DNN-N keeps its N), then train and "
+                   "rank only the best of each on test. 0: no tuning.")
+@click.option("--tune-modes", default=",".join(STUDY_MODES), show_default=True,
+              help="With --tune: the modes to tune, e.g. id,ts,ts-dnn to keep a CPU study short; the "
+                   "others take the lr tuned for TS-DNN (e2e encoder blocks at lr / 10). The report "
+                   "says which rows were tuned.")
+@click.option("--seeds", type=int, default=1, show_default=True, metavar="S",
+              help="Train each configuration with S seeds (--seed, --seed + 1, ...) and report the test "
+                   "metrics' mean ± sample sd.")
 @click.option("--random-init", is_flag=True,
               help="Use an untrained, seeded encoder (for encoders without local weights: tests, "
                    "ablations); recorded in the store group and the runs.")
@@ -284,7 +295,8 @@ def runs_command(ws: Workspace, as_json: bool) -> None:
 @config_option
 @root_option
 @json_option
-def study_command(ws: Workspace, as_json: bool, layers: str, modes: str, warm: str | None, **options) -> None:
+def study_command(ws: Workspace, as_json: bool, layers: str, modes: str, tune_modes: str, warm: str | None,
+                  **options) -> None:
     """Compare IDRec, TS, TS-DNN-N, E2E and adapters on one dataset (001 Tables 5 and 6).
 
     Extracts the encoder's store group if missing, trains every configuration (runs
@@ -296,12 +308,13 @@ def study_command(ws: Workspace, as_json: bool, layers: str, modes: str, warm: s
 
     \b
     recommend study --dataset demo --encoder efficientnet-lite0 --layers 2,8 --modes id,ts,ts-dnn
+    recommend study --dataset demo --encoder minilm-l6 --layers 2,8 --tune 8 --tune-modes id,ts,ts-dnn --seeds 3
     """
     try:
         depths = [int(n) for n in _names(layers)]
     except ValueError:
         raise UserError(f"--layers {layers}: give whole numbers, e.g. --layers 2,6,8") from None
-    opts = StudyOptions(layers=depths, modes=_names(modes), **options)
+    opts = StudyOptions(layers=depths, modes=_names(modes), tune_modes=_names(tune_modes), **options)
     command = " ".join(["recommend", *sys.argv[1:]])
     if warm:
         try:

@@ -44,6 +44,7 @@ from featurestore.workspace import Workspace
 from extract.layers import ALL_LAYERS
 from recommend.item_towers import list_item_towers
 from recommend.run import BEST, CHECKPOINT, FINISHED, write_atomic
+from recommend.study_tune import plot_validation, seed_options, seed_statistics, tune_configurations
 from recommend.trainer import TrainOptions, train
 
 STUDY_MODES = ("id", "ts", "ts-dnn", "e2e", "adapter", "side")
@@ -77,6 +78,9 @@ class StudyOptions:
     device: str = "auto"
     threads: int | None = None
     out: Path | None = None
+    tune: int = 0  # Optuna trials per configuration on validation (0: no tuning); recommend.study_tune
+    tune_modes: list[str] = field(default_factory=lambda: list(STUDY_MODES))
+    seeds: int = 1  # runs per configuration, seeds seed .. seed + seeds - 1
 
 
 @dataclass
@@ -89,11 +93,21 @@ class Configuration:
     run: str | None = None
     status: str = "planned"  # planned, trained, finished earlier, failed, unavailable
     reason: str | None = None
-    test: dict | None = None
+    test: dict | None = None  # mean over the seeds' runs
+    group: dict | None = None  # signature of the store group its runs read (see run_name)
+    tuned: dict | None = None  # the parameters Optuna chose, when tuned
+    tune_study: str | None = None
+    borrowed: dict | None = None  # {"from": label, "lr": ...} for an untuned mode under --tune
+    sd: dict | None = None  # sample sd over the seeds (None for one seed)
+    seeds: list[dict] = field(default_factory=list)  # per seed: seed, run, status, test
+    curve: str | None = None  # validation-curve PNG, for a row below popularity
 
     def to_dict(self) -> dict:
         return {"label": self.label, "mode": self.mode, "run": self.run, "status": self.status,
-                "reason": self.reason, "test": self.test}
+                "reason": self.reason, "test": self.test, "sd": self.sd, "tuned": self.tuned is not None,
+                "tune_study": self.tune_study, "params": self.tuned, "borrowed": self.borrowed,
+                "hyperparameters": None if self.options is None else hyperparameters(self.options),
+                "seeds": self.seeds, "curve": self.curve}
 
 
 def check_options(opts: StudyOptions) -> StudyOptions:
@@ -104,6 +118,11 @@ def check_options(opts: StudyOptions) -> StudyOptions:
         raise UserError("--modes has ts-dnn but --layers is empty; give depths, e.g. --layers 2,8")
     if opts.threads is not None and opts.threads < 1:
         raise UserError(f"--threads must be >= 1, got {opts.threads}")
+    if opts.tune < 0 or opts.seeds < 1:
+        raise UserError(f"--tune must be >= 0 and --seeds >= 1, got --tune {opts.tune} --seeds {opts.seeds}")
+    unknown = [m for m in opts.tune_modes if m not in STUDY_MODES]
+    if unknown:
+        raise UserError(f"--tune-modes {','.join(opts.tune_modes)}: choose from {','.join(STUDY_MODES)}")
     if any(n < 0 for n in opts.layers):
         raise UserError(f"--layers must be >= 0, got {','.join(map(str, opts.layers))}")
     return opts
@@ -168,7 +187,7 @@ def plan(opts: StudyOptions, dataset: PreparedDataset, features: dict | None = N
         options = replace(common, mode=mode, **settings)
         group = features if mode in STORE_MODES else {"e2e": states if opts.cached else None, "side": layers}.get(mode)
         options.run_name = run_name(dataset, label, options, group)
-        configs.append(Configuration(label, mode, options=options, run=options.run_name))
+        configs.append(Configuration(label, mode, options=options, run=options.run_name, group=group))
     return configs
 
 
@@ -277,18 +296,51 @@ def _finished_message(run_dir: Path) -> str | None:
     return best.get("message", "") if best.get("status") in FINISHED else None
 
 
-def _train_and_rank(ws: Workspace, config: Configuration, progress: bool, threads: int | None) -> None:
-    run_dir = ws.run_dir(config.run)
-    message = _finished_message(run_dir)
-    if message is None:
-        message = train_in_child(ws, config.options, progress, threads)["message"]
-        config.status = "trained"
-    else:
-        config.status = "finished earlier"
-    if not (run_dir / CHECKPOINT).exists():
-        config.status, config.reason = "failed", f"no checkpoint: {message}"
-        return
-    config.test = {k: v for k, v in rank_on_test(ws, run_dir).items() if k.startswith(("HR@", "NDCG@"))}
+def _train_and_rank(ws: Workspace, config: Configuration, runs: list[TrainOptions], progress: bool,
+                    threads: int | None) -> None:
+    """Train (or find finished) each seed's run and rank it on test; the row's test is their mean."""
+    config.seeds = []
+    for options in runs:
+        run_dir = ws.run_dir(options.run_name)
+        message = _finished_message(run_dir)
+        if message is None:
+            message = train_in_child(ws, options, progress, threads)["message"]
+            status = "trained"
+        else:
+            status = "finished earlier"
+        if not (run_dir / CHECKPOINT).exists():
+            config.status, config.reason = "failed", f"no checkpoint in {options.run_name}: {message}"
+            return
+        test = {k: v for k, v in rank_on_test(ws, run_dir).items() if k.startswith(("HR@", "NDCG@"))}
+        config.seeds.append({"seed": options.seed, "run": options.run_name, "status": status, "test": test})
+    config.status = "trained" if any(s["status"] == "trained" for s in config.seeds) else "finished earlier"
+    config.test, config.sd = seed_statistics([s["test"] for s in config.seeds])
+
+
+def _row_summary(ws: Workspace, config: Configuration, seeds: int):
+    """The table row of a configuration: its first seed's run, with the mean over the seeds."""
+    first = summarize_run(ws.run_dir(config.run))
+    if seeds == 1:
+        return first
+    return replace(first, metrics=config.test, source=f"test mean of {seeds} seeds (history excluded)")
+
+
+def _draw_curves(ws: Workspace, configs: list[Configuration], popularity: dict, out: Path) -> None:
+    """A validation-curve PNG for each configuration whose mean test HR@10 is below popularity's."""
+    metric = f"HR@{KS[0]}"
+    for config in configs:
+        if config.test[metric] >= popularity[metric]:
+            continue
+        runs = [ws.run_dir(s["run"]) for s in config.seeds]
+        valid = json.loads((runs[0] / BEST).read_text()).get("popularity") or {}
+        name = f"valid-{config.label}.png"
+        plot_validation(runs, valid.get(metric), out / name, f"{config.label}: below popularity on test")
+        config.curve = name
+
+
+def hyperparameters(options: TrainOptions) -> dict:
+    """The searched hyper-parameters and width a report row states."""
+    return {k: getattr(options, k) for k in ("lr", "weight_decay", "dropout", "dim")}
 
 
 def _outcome(config: Configuration) -> str:
@@ -320,7 +372,7 @@ def write_report(out: Path, opts: StudyOptions, dataset: PreparedDataset, config
         lines.append(f"- features: store group `{features['group']}` ({features['status']}, "
                      f"{features['embedded']}/{features['items']} items embedded)")
     lines += [
-        f"- training: SASRec, BCE with one sampled negative, d = {opts.dim}, batch {opts.batch_size}, "
+        f"- training: SASRec, loss {TrainOptions.loss}, d = {opts.dim}, batch {opts.batch_size}, "
         f"lr {opts.lr:g}, at most {opts.epochs} epochs, early stopping after {opts.patience} epochs "
         f"without a better validation HR@10, seed {opts.seed}",
         f"- evaluation: test split (last item), ranked against all {dataset.n_items} items, the user's "
@@ -335,6 +387,7 @@ def write_report(out: Path, opts: StudyOptions, dataset: PreparedDataset, config
         "memory of the training process; `source` says where the metrics come from.",
         "",
     ]
+    lines += _settings_section(opts, configs)
     missing = [c for c in configs if c.status in ("unavailable", "failed")]
     if missing:
         lines += ["## Not run", ""]
@@ -346,6 +399,34 @@ def write_report(out: Path, opts: StudyOptions, dataset: PreparedDataset, config
     path = out / REPORT
     write_atomic(path, "\n".join(lines).encode())
     return path
+
+
+def _settings_section(opts: StudyOptions, configs: list[Configuration]) -> list[str]:
+    """Per row: the hyper-parameters used, whether they were tuned, mean ± sd over the seeds,
+    and the validation curve of a row below popularity."""
+    if opts.tune:
+        tuned = ",".join(m for m in opts.tune_modes if m in opts.modes) or "none"
+        how = (f"Tuned: modes {tuned}, {opts.tune} Optuna trials each (TPE, median pruning) on validation "
+               "HR@10 over lr, weight decay, dropout and d; the test split ranks only each one's best. "
+               "Untuned modes take the lr tuned for the row named under `lr from` (e2e encoder blocks at "
+               "that lr / 10) and keep the other defaults.")
+    else:
+        how = "Not tuned: every row uses the options above (`--tune N` searches them per row)."
+    spread = (f"mean ± sample sd over seeds {opts.seed}..{opts.seed + opts.seeds - 1}" if opts.seeds > 1
+              else f"seed {opts.seed}")
+    lines = ["## Hyper-parameters and seeds", "", how, "",
+             f"| configuration | tuned | lr | weight decay | dropout | d | lr from | test HR@10 (%) | "
+             f"test NDCG@10 (%) | runs | validation curve |", "|" + "---|" * 11]
+    for c in configs:
+        if c.options is None or c.test is None:
+            continue
+        h = hyperparameters(c.options)
+        cells = [f"{100 * c.test[m]:.2f}" + (f" ± {100 * c.sd[m]:.2f}" if c.sd else "") for m in ("HR@10", "NDCG@10")]
+        lines.append(f"| {c.label} | {'yes' if c.tuned else 'no'} | {h['lr']:.3g} | {h['weight_decay']:.3g} | "
+                     f"{h['dropout']:.3g} | {h['dim']} | {c.borrowed['from'] if c.borrowed else '-'} | "
+                     f"{cells[0]} | {cells[1]} | {', '.join(s['run'] for s in c.seeds)} | "
+                     f"{f'[below popularity]({c.curve})' if c.curve else '-'} |")
+    return [*lines, "", f"Test metrics: {spread}.", ""]
 
 
 def run_study(ws: Workspace, opts: StudyOptions, progress: bool = True,
@@ -389,17 +470,25 @@ def _study(ws: Workspace, opts: StudyOptions, dataset: PreparedDataset, out: Pat
         _, layers = ensure_features(ws, opts, progress, cache_layer=ALL_LAYERS)
     configs = plan(opts, dataset, signature, states, layers)
     todo = [c for c in configs if c.options is not None]
+
+    def rename(config: Configuration, options: TrainOptions) -> str:
+        return run_name(dataset, config.label, options, config.group)
+
+    if opts.tune:
+        tune_configurations(ws, todo, opts.tune, opts.tune_modes, opts.seed, rename, say)
     for number, config in enumerate(todo, 1):
         say(f"study: [{number}/{len(todo)}] {config.label}: run {config.run}")
         try:
-            _train_and_rank(ws, config, progress, opts.threads)
+            _train_and_rank(ws, config, seed_options(config, opts.seeds, rename), progress, opts.threads)
         except UserError as err:  # this configuration cannot run here; the others still can
             config.status, config.reason = "failed", str(err)
         say(f"study: [{number}/{len(todo)}] {config.label}: {_outcome(config)}")
 
     summaries = reference_summaries(dataset, KS)
-    summaries += [summarize_run(ws.run_dir(c.run)) for c in configs if c.test is not None]
+    ranked = [c for c in configs if c.test is not None]
+    summaries += [_row_summary(ws, c, opts.seeds) for c in ranked]
     table = markdown_table(summaries)
+    _draw_curves(ws, ranked, summaries[0].metrics, out)
     for metric, name in PLOTS.items():
         plot_compare(summaries, out / name, metric=metric)
     report = write_report(out, opts, dataset, configs, table, features, command)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 import click
+import torch
 
 from featurestore.cliutil import UserError, emit, json_option, root_option
 from featurestore.configfile import config_option
@@ -70,9 +71,11 @@ def make_tune_command(train_command: click.Command, names: Callable[[str | None]
     def tune_command(ws: Workspace, as_json: bool, trials: int, timeout: float | None, storage: str | None,
                      study_name: str | None, space_file: Path | None, pruner: str, sampler_seed: int | None,
                      heartbeat: int, encoder: str | None, features: str | None, objectives: str | None,
-                     **options) -> None:
+                     threads: int | None = None, **options) -> None:
         if options["dataset"] is None:
             raise UserError("--dataset: name the prepared dataset to tune on (see `featurestore dataset ls`)")
+        if threads:
+            torch.set_num_threads(threads)  # how fast, not what is trained
         base = TrainOptions(encoders=names(encoder), features=names(features),
                             objectives=names(objectives), **options)
         opts = TuneOptions(base, trials=trials, timeout=timeout, storage=storage, study_name=study_name,
