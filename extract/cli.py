@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 
+from extract.registry import MODALITIES
 from featurestore.cliutil import UserError, emit, json_option, root_option
 from featurestore.store import DEFAULT_CHUNK_ROWS
 from featurestore.workspace import Workspace
@@ -42,7 +43,7 @@ DEFAULT_WORKERS = max(1, min(8, (os.cpu_count() or 2) // 2))
 @click.option("--encoder", required=True,
               help="Encoder name, e.g. efficientnet-lite0, minilm-l6, swin-b, bert-base "
                    "(list: `featurestore encoders`).")
-@click.option("--modality", type=click.Choice(["image", "text"]), default=None,
+@click.option("--modality", type=click.Choice(list(MODALITIES)), default=None,
               help="Item content to encode [default: the encoder's own; must match it].")
 @click.option("--pooling", type=click.Choice(["cls", "mean", "pooled"]), default=None,
               help="cls: first token (BERT/RoBERTa/ViT); mean: average over tokens or positions; "

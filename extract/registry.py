@@ -27,11 +27,11 @@ from featurestore.cliutil import UserError, suggest
 if TYPE_CHECKING:
     from extract.encoder import Encoder
 
-MODALITIES = ("image", "text")
+MODALITIES = ("image", "text", "multimodal")  # multimodal: one vector from image and text together
 POOLINGS = ("cls", "mean", "pooled")
 BUILTIN_FAMILIES = ("extract.image", "extract.text", "extract.vlm")
 # Families used whole (their projection-head output): no blocks for caching, top-k tuning or adapters.
-WHOLE_MODEL_FAMILIES = ("clip", "siglip")
+WHOLE_MODEL_FAMILIES = ("clip", "siglip", "vilt")
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class EncoderConfig:
 
     Attributes:
         name: registry name, e.g. ``swin-b``.
-        modality: ``image`` or ``text``.
+        modality: ``image``, ``text`` or ``multimodal`` (a single-stream model reading both).
         family: architecture family (``swin``, ``resnet``, ``vit``, ``mae``,
             ``efficientnet``, ``bert``, ``roberta``); picks the stem/blocks/pool split.
         architecture: library id: a timm model name, or a transformers model type.

@@ -1,4 +1,4 @@
-"""Vision-language encoders through transformers: CLIP and SigLIP, one registry name per tower.
+"""Vision-language encoders through transformers: CLIP and SigLIP towers, and single-stream ViLT.
 
 NineRec, MMSR and Ducho use these models as item encoders. Each checkpoint is two
 registry names, ``clip-b32-text`` and ``clip-b32-image``: both load the same hub
@@ -12,7 +12,12 @@ snapshot. SigLIP pools the last position of a text padded to its full length and
 was trained without an attention mask, so its texts are padded to the model's
 length and tokenised without one; CLIP pools its end-of-text token.
 
-The towers are used whole: their blocks are not exposed as ``Encoder.blocks``, so
+ViLT (``vilt-b32``) reads an item's title and picture together in one Transformer
+and gives one vector per item, stored as modality ``multimodal``; an item lacking
+either is a bad item (absent row). Its default pooling is the final [CLS] state:
+the pretraining checkpoint's pooler belongs to the image-text matching head.
+
+These models are used whole: their blocks are not exposed as ``Encoder.blocks``, so
 ``--cache-layer``, ``--mode e2e --top-k`` and adapters refuse these encoders
 (:func:`extract.registry.require_blocks`).
 """
@@ -29,6 +34,7 @@ from torch import nn
 
 from data.dataset import Item
 from extract.encoder import (
+    BadItem,
     Encoder,
     Part,
     base_provenance,
@@ -187,6 +193,62 @@ def _probe(config: EncoderConfig, model: nn.Module) -> Any:
     return torch.zeros(1, 3, size, size, device=device)
 
 
+class PairPreprocessor:
+    """An item's title and picture together, batched by the model's own processor (ViLT)."""
+
+    def __init__(self, processor: Any, source: str, max_tokens: int) -> None:
+        self.processor = processor
+        self.source = source
+        self.max_tokens = max_tokens
+
+    def describe(self) -> dict:
+        """The preprocessing, as stored in the provenance."""
+        return {"kind": "multimodal", "processor": type(self.processor).__name__, "source": self.source,
+                "tokenizer_class": type(self.processor.tokenizer).__name__, "max_tokens": self.max_tokens,
+                "padding": "longest in batch (tokens and pictures, with pixel_mask)",
+                "image": json.loads(self.processor.image_processor.to_json_string())}
+
+    def load(self, item: Item) -> tuple[str, Any]:
+        text = (item.text or "").strip()
+        if not text:
+            raise BadItem("empty text")
+        return text, decode_rgb(item)
+
+    def collate(self, samples: list[tuple[str, Any]]) -> dict[str, torch.Tensor]:
+        texts, images = zip(*samples)
+        return dict(self.processor(images=list(images), text=list(texts), padding="longest", truncation=True,
+                                   max_length=self.max_tokens, return_tensors="pt"))
+
+
+def _pair_preprocessor(config: EncoderConfig, spec: WeightsSpec, model: nn.Module, model_dir: Path | None,
+                       max_text_tokens: int) -> PairPreprocessor:
+    from transformers import AutoTokenizer, ViltImageProcessor, ViltProcessor
+
+    longest = min(max_text_tokens, model.config.max_position_embeddings)
+    if model_dir is not None and (model_dir / PROCESSOR_FILE).is_file():
+        return PairPreprocessor(ViltProcessor.from_pretrained(str(model_dir)), spec.source, longest)
+    size = model.config.image_size
+    processor = ViltProcessor(ViltImageProcessor(size={"shortest_edge": size}, size_divisor=model.config.patch_size),
+                              AutoTokenizer.from_pretrained(str(package_dir(config.tokenizer))))
+    return PairPreprocessor(processor, f"vilt processor at {size} px, package:{config.tokenizer} tokenizer", longest)
+
+
+def build_vilt(config: EncoderConfig, spec: WeightsSpec | None, pooling: str, *, meta: bool = False,
+               max_text_tokens: int = 30) -> Encoder:
+    """A single-stream ViLT: one vector per item from its title and picture together."""
+    model, files, model_dir = _vlm_model(config, spec, meta)
+    model.eval()
+    take = {"cls": lambda out: out.last_hidden_state[:, 0], "pooled": lambda out: out.pooler_output}[pooling]
+    pool = Part(lambda inputs: take(model(**inputs)), model=model)
+    preprocessor, provenance = None, {}
+    if not meta:
+        preprocessor = _pair_preprocessor(config, spec, model, model_dir, max_text_tokens)
+        provenance = {**base_provenance(config, spec, pooling, model, files, model.config.hidden_size),
+                      "tower_depth": len(model.encoder.layer), "preprocessing": preprocessor.describe()}
+    return Encoder(config, model, Part(lambda inputs: inputs), [], pool, pooling=pooling, preprocessor=preprocessor,
+                   provenance=provenance, width=model.config.hidden_size)
+
+
 def _towers(text: dict, vision: dict, **top: Any) -> dict:
     return {"text_config": text, "vision_config": vision, **top}
 
@@ -217,3 +279,11 @@ register_pair("clip-tiny", "clip", 16, 2, None, _towers(
     {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
      "image_size": 32, "patch_size": 8},
     projection_dim=16))
+
+register_encoder(EncoderConfig("vilt-b32", "multimodal", "vilt", "vilt", 768, 12, "cls", ("cls", "pooled"),
+                               "extract.vlm:build_vilt", hub_id="dandelin/vilt-b32-mlm", tokenizer=_TOKENIZER))
+# Tiny ViLT for tests and demos (random-init only): two blocks of width 32, 32-pixel pictures in 8-pixel patches.
+register_encoder(EncoderConfig("vilt-tiny", "multimodal", "vilt", "vilt", 32, 2, "cls", ("cls", "pooled"),
+                               "extract.vlm:build_vilt", tokenizer=_TOKENIZER,
+                               hparams={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                                        "num_attention_heads": 2, "image_size": 32, "patch_size": 8}))

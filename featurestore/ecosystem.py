@@ -26,10 +26,20 @@ from typing import Callable
 import numpy as np
 
 from data.dataset import PreparedDataset
+from featurestore.cliutil import UserError
 from featurestore.store import FeatureGroup
 
 MMREC_FILES = {"image": "image_feat.npy", "text": "text_feat.npy"}
 RECBOLE_SUFFIXES = {"text": "feat1CLS", "image": "feat2CLS"}
+
+
+def _modality(group: FeatureGroup, files: dict[str, str], fmt: str) -> str:
+    """The group's modality, when ``fmt`` has a feature file for it (a ``multimodal`` group has none)."""
+    modality = group.attrs["modality"]
+    if modality not in files:
+        raise UserError(f"--format {fmt} has feature files for {' and '.join(files)} groups only; {group.name} is "
+                        f"{modality}: export it with --format npy")
+    return modality
 
 
 def split_labels(dataset: PreparedDataset) -> np.ndarray:
@@ -58,7 +68,7 @@ def _write_tsv(path: Path, header: list[str], rows) -> None:
 
 def write_mmrec(group: FeatureGroup, dataset: PreparedDataset, out: Path) -> list[Path]:
     """MMRec's feature file for the group's modality and its ``.inter`` file with ``x_label``."""
-    features = out / MMREC_FILES[group.attrs["modality"]]
+    features = out / MMREC_FILES[_modality(group, MMREC_FILES, "mmrec")]
     np.save(features, np.asarray(group.read(), dtype=np.float32)[1:])
     users, items, positions = _interactions(dataset)
     inter = out / f"{dataset.name}.inter"
@@ -77,7 +87,7 @@ def write_recbole(group: FeatureGroup, dataset: PreparedDataset, out: Path) -> l
     item_file = out / f"{dataset.name}.item"
     _write_tsv(item_file, ["item_id:token", "text:token_seq"],
                ((item.id, " ".join((item.text or "").split())) for item in dataset.items))
-    features = out / f"{dataset.name}.{RECBOLE_SUFFIXES[group.attrs['modality']]}"
+    features = out / f"{dataset.name}.{RECBOLE_SUFFIXES[_modality(group, RECBOLE_SUFFIXES, 'recbole')]}"
     np.asarray(group.read(), dtype=np.float32).tofile(features)
     return [inter, item_file, features]
 

