@@ -475,7 +475,7 @@ def _study(ws: Workspace, opts: StudyOptions, dataset: PreparedDataset, out: Pat
         return run_name(dataset, config.label, options, config.group)
 
     if opts.tune:
-        tune_configurations(ws, todo, opts.tune, opts.tune_modes, opts.seed, rename, say)
+        tune_configurations(ws, todo, opts.tune, opts.tune_modes, opts.seed, rename, say, progress)
     for number, config in enumerate(todo, 1):
         say(f"study: [{number}/{len(todo)}] {config.label}: run {config.run}")
         try:

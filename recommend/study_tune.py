@@ -36,13 +36,16 @@ BORROWED = ("lr",)
 
 
 def tune_configurations(ws: Workspace, configs: list, trials: int, modes: list[str], sampler_seed: int,
-                        rename: Callable[[object, TrainOptions], str], say: Callable[[str], None]) -> None:
+                        rename: Callable[[object, TrainOptions], str], say: Callable[[str], None],
+                        echo: bool = False) -> None:
     """Tune each configuration of ``modes`` (``trials`` trials), then give the others the lr
     of the best tuned one of :data:`BORROW_FROM`; sets ``options``, ``run``, ``tuned`` and
-    ``borrowed`` of every configuration in place.
+    ``borrowed`` of every configuration in place; ``echo``: one line per trial on stderr.
 
     Each search is the Optuna study ``study-RUN`` (RUN: the configuration's untuned run
     name) in ROOT's tune database, so a rerun continues it and more trials extend it.
+    Every search's TPE sampler has the same seed, so each configuration's random start-up
+    trials try the same candidate points: no configuration is luckier in its draw.
     """
     best: dict[str, tuple[float, dict]] = {}  # label -> (validation metric, params)
     for config in configs:
@@ -51,7 +54,7 @@ def tune_configurations(ws: Workspace, configs: list, trials: int, modes: list[s
         name = f"study-{config.run}"
         say(f"study: tuning {config.label}: {trials} trials on validation (Optuna study {name})")
         result = run_tune(ws, TuneOptions(replace(config.options, run_name=None), trials=trials, study_name=name,
-                                          space=dict(DEFAULT_SPACE), sampler_seed=sampler_seed), echo=False)
+                                          space=dict(DEFAULT_SPACE), sampler_seed=sampler_seed), echo=echo)
         if result["best"] is None:  # every trial pruned or failed: keep the defaults, say so
             config.reason = f"tuning found no complete trial in {result['trials']}; defaults kept"
             continue

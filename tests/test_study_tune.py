@@ -116,3 +116,24 @@ def test_rerun_trains_nothing_and_bad_options_fail(studied):
     assert sorted(p.name for p in ws.runs.iterdir()) == runs
     bad = CliRunner().invoke(cli, ["study", "--root", str(ws.root), *ARGS, "--tune-modes", "bert"])
     assert bad.exit_code != 0 and "--tune-modes bert" in str(bad.exception)
+
+
+def test_a_row_below_popularity_gets_its_curve_linked(studied, tmp_path):
+    """Whatever the tiny runs reached: a row scored below popularity is drawn and linked."""
+    from recommend.study import Configuration, StudyOptions, _draw_curves, _settings_section
+    from recommend.trainer import TrainOptions
+
+    ws, result = studied
+    row = result["configurations"][0]
+    config = Configuration(row["label"], row["mode"], options=TrainOptions(dataset="synth", **row["hyperparameters"]),
+                           run=row["run"], seeds=row["seeds"], test={"HR@10": 0.0, "NDCG@10": 0.0},
+                           sd={"HR@10": 0.0, "NDCG@10": 0.0})
+    above = Configuration("above", "id", options=config.options, run=row["run"], seeds=row["seeds"],
+                          test={"HR@10": 1.0, "NDCG@10": 1.0})
+    _draw_curves(ws, [config, above], result["popularity"], tmp_path)
+    assert config.curve == f"valid-{row['label']}.png" and above.curve is None
+    assert (tmp_path / config.curve).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = _settings_section(StudyOptions(dataset="synth", encoder="bert-tiny", seeds=2), [config, above])
+    assert any(l.startswith(f"| {row['label']} |") and l.endswith(f"| [below popularity]({config.curve}) |")
+               for l in lines)
+    assert any(l.startswith("| above |") and l.endswith("| - |") for l in lines)
