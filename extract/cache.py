@@ -368,14 +368,22 @@ def open_state_cache(store_path: Path, group: str, top_k: int, fingerprint: str,
         other_k = isinstance(cached, int) and cached != FINAL_LAYER
         raise UserError(f"store group {fg.name} caches {held_states(cached)}, but this run asks --top-k {top_k}; "
                         f"{f'train with --top-k {cached}, or ' if other_k else ''}extract another variant: {fix}")
+    check_cache_matches(fg, fingerprint, n_items, f"{command} --cache-layer {top_k}")
+    return StateCache(fg)
+
+
+def check_cache_matches(fg: FeatureGroup, fingerprint: str, n_items: int, command: str) -> None:
+    """Refuse a cache built for other items: another dataset fingerprint or row count.
+
+    ``command`` is the extraction that rebuilds it, named in the error.
+    """
     if fg.fingerprint != fingerprint:
         raise UserError(f"store group {fg.name} was built for dataset fingerprint {fg.fingerprint or 'unknown'}, "
                         f"but the prepared dataset has {fingerprint}; re-extract it "
-                        f"(`featurestore rm {fg.name}`, then `{command} --cache-layer {top_k}`)")
+                        f"(`featurestore rm {fg.name}`, then `{command}`)")
     if fg.rows != n_items + 1:
         raise UserError(f"store group {fg.name} has {fg.rows} rows, the dataset needs {n_items + 1}; "
-                        f"re-extract it: `{command} --cache-layer {top_k}`")
-    return StateCache(fg)
+                        f"re-extract it: `{command}`")
 
 
 def restore_hidden(encoder: Encoder, states: torch.Tensor, tokens: torch.Tensor | None) -> Hidden:

@@ -147,7 +147,7 @@ class LayerForward:
 def open_layer_cache(store_path: Path, group: str, fingerprint: str, n_items: int) -> "LayerCache":
     """Open the per-layer states of ``group``; refuse a group without them, with another cache
     (another layer set), for another dataset fingerprint or row count, each with the fix."""
-    from extract.cache import held_states
+    from extract.cache import check_cache_matches, held_states
     from extract.job import states_command
     from featurestore.store import FeatureStore, group_extract_command, parse_group_name
 
@@ -160,14 +160,7 @@ def open_layer_cache(store_path: Path, group: str, fingerprint: str, n_items: in
         raise UserError(f"store group {fg.name} {held}, but --mode side reads the pooled state of every layer: "
                         f"write them with `{states_command(fg, ALL_LAYERS, 'layers')}` and train with "
                         f"--encoder {parsed.encoder}@layers")
-    command = f"{group_extract_command(fg.name)} --cache-layer {ALL_LAYERS}"
-    if fg.fingerprint != fingerprint:
-        raise UserError(f"store group {fg.name} was built for dataset fingerprint {fg.fingerprint or 'unknown'}, "
-                        f"but the prepared dataset has {fingerprint}; re-extract it "
-                        f"(`featurestore rm {fg.name}`, then `{command}`)")
-    if fg.rows != n_items + 1:
-        raise UserError(f"store group {fg.name} has {fg.rows} rows, the dataset needs {n_items + 1}; "
-                        f"re-extract it: `{command}`")
+    check_cache_matches(fg, fingerprint, n_items, f"{group_extract_command(fg.name)} --cache-layer {ALL_LAYERS}")
     return LayerCache(fg)
 
 
