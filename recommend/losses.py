@@ -45,6 +45,7 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from featurestore.cliutil import UserError
+from recommend.chunked_softmax import chunked_logsumexp
 from recommend.item_towers import IdEmbedding
 from recommend.registry import Registry
 
@@ -157,10 +158,10 @@ class InBatchSoftmax(Loss):
 class CatalogueSoftmax(Loss):
     """Softmax cross-entropy of each position's target against all N items.
 
-    ``log sum_i exp(h . v_i)`` is taken over item chunks whose logits fit
-    ``LOGIT_BYTES``; when more than one chunk is needed, each chunk's logits are
-    recomputed in backward instead of kept (``torch.utils.checkpoint``), so memory stays
-    bounded at any catalogue size and the gradient is the exact one.
+    ``log sum_i exp(h . v_i)`` is :func:`recommend.chunked_softmax.chunked_logsumexp`:
+    item chunks whose logits fit a byte budget, the softmax rebuilt chunk by chunk in
+    backward, so memory stays bounded at any catalogue size and the gradient is exact.
+    Only positions whose input is real are scored.
     """
 
     catalogue = True
@@ -175,22 +176,7 @@ class CatalogueSoftmax(Loss):
         return (chunked_logsumexp(h, extra_vectors[1:]) - target).mean()
 
 
-LOGIT_BYTES = 2**28  # the most memory one chunk of ce's logits may take (256 MiB)
 TOWER_CHUNK = 4096  # items per chunk when the catalogue goes through a content tower
-
-
-def chunked_logsumexp(h: torch.Tensor, items: torch.Tensor, budget: int = LOGIT_BYTES) -> torch.Tensor:
-    """``logsumexp(h @ items.T, dim=1)`` with at most ``budget`` bytes of logits alive."""
-    chunk = max(1, budget // max(1, h.shape[0] * h.element_size()))
-    if chunk >= len(items):
-        return torch.logsumexp(h @ items.T, dim=1)
-    parts = [checkpoint(_chunk_logsumexp, h, items[start:start + chunk], use_reentrant=False)
-             for start in range(0, len(items), chunk)]
-    return torch.logsumexp(torch.stack(parts, dim=1), dim=1)
-
-
-def _chunk_logsumexp(h: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-    return torch.logsumexp(h @ items.T, dim=1)
 
 
 def catalogue_vectors(model: nn.Module, chunk: int = TOWER_CHUNK) -> torch.Tensor:

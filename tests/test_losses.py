@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from featurestore.cliutil import UserError
+from recommend import chunked_softmax
+from recommend.chunked_softmax import MIN_CHUNK
 from recommend.features import FeatureSource
 from recommend.item_towers import create_item_tower
 from recommend.losses import (LossContext, catalogue_vectors, chunked_logsumexp, create_loss, embed_step,
@@ -152,7 +154,7 @@ def test_ce_in_chunks_has_the_same_value_and_gradient():
     gen = torch.Generator().manual_seed(8)
     h, items = torch.randn(40, 16, generator=gen), torch.randn(1000, 16, generator=gen)
     grads = []
-    for budget in (10**9, 40 * 4 * 64):  # one chunk; chunks of 64 items, recomputed in backward
+    for budget in (10**9, 40 * 4 * 64):  # one chunk; chunks of MIN_CHUNK items, rebuilt in backward
         h1, items1 = h.clone().requires_grad_(), items.clone().requires_grad_()
         value = chunked_logsumexp(h1, items1, budget)
         (value * torch.arange(40.0)).sum().backward()
@@ -160,6 +162,52 @@ def test_ce_in_chunks_has_the_same_value_and_gradient():
     for one, chunked in zip(*grads):
         assert torch.allclose(one, chunked, atol=1e-5)
     assert torch.allclose(grads[0][0], torch.logsumexp(h @ items.T, 1), atol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [1.0, 30.0])  # 30: logits in the thousands, exp overflows unless shifted
+def test_chunked_logsumexp_matches_autograd_of_the_plain_loss(scale):
+    """The hand-written backward against autograd through ``torch.logsumexp`` of the full
+    logits (float64): value, gradient for ``h`` and for ``items``, with a partial last chunk."""
+    gen = torch.Generator().manual_seed(13)
+    h = (torch.randn(37, 6, generator=gen, dtype=torch.float64) * scale).requires_grad_()
+    items = (torch.randn(1000, 6, generator=gen, dtype=torch.float64) * scale).requires_grad_()
+    upstream = torch.randn(37, generator=gen, dtype=torch.float64)
+    plain = torch.logsumexp(h @ items.T, 1)
+    plain_grads = torch.autograd.grad((plain * upstream).sum(), (h, items))
+    value = chunked_logsumexp(h, items, budget=37 * 8 * MIN_CHUNK)  # 8 chunks, the last 104 items
+    grads = torch.autograd.grad((value * upstream).sum(), (h, items))
+    assert torch.allclose(value, plain, rtol=1e-12, atol=1e-9)
+    for ours, reference in zip(grads, plain_grads):
+        assert torch.allclose(ours, reference, rtol=1e-10, atol=1e-10)
+
+
+def test_chunked_logsumexp_passes_gradcheck_and_skips_unneeded_gradients():
+    gen = torch.Generator().manual_seed(14)
+    h = torch.randn(4, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    items = torch.randn(300, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: chunked_logsumexp(a, b, budget=1), (h, items),
+                                    fast_mode=True)  # 3 chunks, the last partial
+    frozen = items.detach()
+    chunked_logsumexp(h, frozen, budget=1).sum().backward()
+    assert frozen.grad is None and h.grad is not None
+
+
+def test_ce_loss_in_chunks_matches_the_plain_softmax_with_padding(monkeypatch):
+    """The ce loss with many small chunks: value and gradients for the hidden states and the
+    catalogue table equal those of ``cross_entropy`` over full logits at the real positions;
+    padding positions get no gradient."""
+    table, sequence, hidden = _inputs(seed=15, n_items=700)
+    table, hidden = table.double().requires_grad_(), hidden.double().requires_grad_()
+    monkeypatch.setattr(chunked_softmax, "CPU_LOGIT_BYTES", 1)  # chunks of MIN_CHUNK items
+    loss = _loss(create_loss("ce", LossContext(700, np.ones(701))), table, sequence, hidden)
+    grads = torch.autograd.grad(loss, (hidden, table))
+    valid = sequence[:, :-1] > 0
+    reference = torch.nn.functional.cross_entropy(hidden[valid] @ table[1:].T, sequence[:, 1:][valid] - 1)
+    reference_grads = torch.autograd.grad(reference, (hidden, table))
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-12)
+    for ours, plain in zip(grads, reference_grads):
+        assert torch.allclose(ours, plain, rtol=1e-10, atol=1e-12)
+    assert torch.count_nonzero(grads[0][~valid]) == 0 and torch.count_nonzero(grads[1][0]) == 0
 
 
 class _Model(torch.nn.Module):
