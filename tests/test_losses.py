@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,8 +14,8 @@ from recommend import chunked_softmax
 from recommend.chunked_softmax import MIN_CHUNK
 from recommend.features import FeatureSource
 from recommend.item_towers import create_item_tower
-from recommend.losses import (LossContext, catalogue_vectors, chunked_logsumexp, create_loss, embed_step,
-                              list_losses, sample_negatives)
+from recommend.losses import (LossContext, catalogue_vectors, check_loss_options, chunked_logsumexp, create_loss,
+                              embed_step, list_losses, loss_options, sample_negatives)
 
 
 def test_sampled_negatives_are_never_in_the_users_sequence_and_cover_the_rest():
@@ -318,3 +319,73 @@ def test_gbce_calibration_ends():
     assert plain.beta == pytest.approx(1.0) and full.beta == pytest.approx(4 / 29)
     with pytest.raises(UserError, match="--negatives 30"):
         create_loss("gbce", LossContext(30, np.ones(31), negatives=30))
+
+
+def test_sce_is_the_target_against_shared_corrected_negatives():
+    """Hand reference: each real position's softmax over its target and the batch's K draws,
+    every draw's logit raised by log(N / K), a draw equal to the target left out."""
+    table, sequence, hidden = _inputs(seed=16, n_items=12)
+    n = 12  # 11 draws from 12 items: the target is drawn (and left out) at most positions
+    loss_fn = create_loss("sce", LossContext(n, np.ones(n + 1), negatives=11))
+    torch.manual_seed(17)
+    loss = _loss(loss_fn, table, sequence, hidden).item()
+    torch.manual_seed(17)
+    draws = loss_fn.extra_items(sequence)
+    assert draws.shape == (1, 11) and draws.min() >= 1 and draws.max() <= n
+    terms = []
+    for b, t, target in _positions(sequence):
+        h = hidden[b, t]
+        logits = [float(h @ table[target])] + [float(h @ table[d]) + math.log(n / 11)
+                                               for d in draws[0].tolist() if d != target]
+        terms.append(np.logaddexp.reduce(logits) - logits[0])
+    assert loss == pytest.approx(np.mean(terms), rel=1e-5)
+
+
+def test_sce_normaliser_is_an_unbiased_estimate_of_the_catalogues():
+    """With the logQ correction, exp(sampled logsumexp) averages to ce's full normaliser
+    (without it, it would be K / N of it): the loss is ce's estimate, not another objective."""
+    gen = torch.Generator().manual_seed(18)
+    n, k = 50, 5
+    table = torch.randn(n + 1, 4, generator=gen)
+    rows = torch.tensor([[7, 23]])  # one position: input item 7, target 23
+    hidden = torch.randn(1, 1, 4, generator=gen)
+    loss_fn = create_loss("sce", LossContext(n, np.ones(n + 1), negatives=k))
+    pos = float(hidden[0, 0] @ table[23])
+    torch.manual_seed(19)
+    estimates = [math.exp(_loss(loss_fn, table, rows, hidden).item() + pos) for _ in range(6000)]
+    full = float(torch.exp(hidden[0, 0] @ table[1:].T).sum())
+    assert np.mean(estimates) == pytest.approx(full, rel=0.03)
+
+
+def test_sce_embeds_its_shared_negatives_in_the_same_tower_call_and_trains_them():
+    tower = create_item_tower({"name": "id", "n_items": 30, "dim": 8}, [], True)
+    loss_fn = create_loss("sce", LossContext(30, np.ones(31), negatives=6))
+    _, sequence, hidden = _inputs(seed=20)
+    torch.manual_seed(21)
+    vectors, extra, extra_vectors = embed_step(_Model(tower), loss_fn, sequence)
+    assert extra.shape == (1, 6) and extra_vectors.shape == (1, 6, 8) and vectors.shape == (4, 7, 8)
+    assert torch.equal(extra_vectors[0], tower.table.weight[extra[0]])
+    loss_fn(hidden, sequence, vectors, extra, extra_vectors).backward()
+    targets = set(sequence[:, 1:][sequence[:, :-1] > 0].tolist())
+    trained = {int(i) for i in torch.nonzero(tower.table.weight.grad.abs().sum(1)).flatten()}
+    assert trained >= set(extra[0].tolist()) | targets  # the negatives and the targets
+    with pytest.raises(UserError, match="--loss ce"):
+        create_loss("sce", LossContext(30, np.ones(31), negatives=30))
+
+
+@pytest.mark.parametrize(("loss", "given", "filled", "error"), [
+    ("sce", {}, {"negatives": 1024, "gbce_t": None}, None),
+    ("gbce", {}, {"negatives": 256, "gbce_t": 0.75}, None),
+    ("sce", {"gbce_t": 0.5}, None, "--gbce-t is an option of --loss gbce, not --loss sce"),
+    ("ce", {"negatives": 8}, None, "--negatives is an option of --loss gbce / sce, not --loss ce"),
+    ("sce", {"negatives": 0}, None, "--negatives must be >= 1"),
+])
+def test_loss_options_belong_to_their_losses(loss, given, filled, error):
+    opts = SimpleNamespace(loss=loss, **{"negatives": None, "gbce_t": None, **given})
+    if error:
+        with pytest.raises(UserError, match=error):
+            check_loss_options(opts)
+        return
+    check_loss_options(opts)
+    assert vars(opts) == {"loss": loss, **filled}
+    assert loss_options(opts) == {name: value for name, value in filled.items() if value is not None}
