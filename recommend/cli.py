@@ -206,7 +206,8 @@ def train_command(ws: Workspace, as_json: bool, encoder: str | None, features: s
     strongest for SASRec), --dim 64, --lr 1e-3, and --patience counted only once
     validation is clearly above popularity (--plateau-patience before). The papers'
     setting: --loss bce --dim 512 --lr 1e-4 --plateau-patience 10. `recommend study`
-    uses the same defaults but ends every run at --epochs 20.
+    uses the same defaults (its --live-epochs may cap the e2e and adapter runs). TS-DNN
+    stacks differ too (--dnn).
     """
     inferred = []
     if options["dataset"] is None:
@@ -263,8 +264,12 @@ def runs_command(ws: Workspace, as_json: bool) -> None:
               help="e2e: train the top K blocks from states cached once per item (the store variant "
                    "ENC@topK, extracted if missing; same loss and gradients, about 2x faster), or run "
                    "the whole encoder live every step.")
-@click.option("--epochs", type=int, default=20, show_default=True,
-              help="Most epochs per run (early stopping on validation HR@10 may end a run sooner).")
+@click.option("--epochs", type=int, default=TRAIN_DEFAULTS.epochs, show_default=True,
+              help="Most epochs per run, as `recommend train` (early stopping on validation HR@10 ends "
+                   "most runs far sooner).")
+@click.option("--live-epochs", type=click.IntRange(min=1), default=None,
+              help="Most epochs of the e2e and adapter runs, which run the encoder every step and cost "
+                   "tens of times a TS epoch on a CPU; the report states the cap [default: --epochs].")
 @click.option("--dim", type=int, default=TRAIN_DEFAULTS.dim, show_default=True,
               help="Hidden width d of every run, as `recommend train` (the papers use 512; 64 keeps a "
                    "CPU study to minutes).")

@@ -42,6 +42,7 @@ from featurestore.cliutil import UserError
 from featurestore.store import GroupLock
 from featurestore.workspace import Workspace
 from extract.layers import ALL_LAYERS
+from recommend.e2e import LIVE_MODES
 from recommend.item_towers import list_item_towers
 from recommend.run import BEST, CHECKPOINT, FINISHED, write_atomic
 from recommend.study_tune import plot_validation, seed_options, seed_statistics, tune_configurations
@@ -68,7 +69,8 @@ class StudyOptions:
     modes: list[str] = field(default_factory=lambda: list(STUDY_MODES))
     top_k: int = 2
     cached: bool = True
-    epochs: int = 20
+    epochs: int = TrainOptions.epochs
+    live_epochs: int | None = None  # e2e / adapter runs stop at this many epochs (None: --epochs)
     dim: int = TrainOptions.dim  # one set of defaults with ``recommend train``
     batch_size: int = TrainOptions.batch_size
     lr: float = TrainOptions.lr
@@ -185,6 +187,8 @@ def plan(opts: StudyOptions, dataset: PreparedDataset, features: dict | None = N
                                                 "installation"))
             continue
         options = replace(common, mode=mode, **settings)
+        if mode in LIVE_MODES and opts.live_epochs is not None:
+            options.epochs = min(options.epochs, opts.live_epochs)
         group = features if mode in STORE_MODES else {"e2e": states if opts.cached else None, "side": layers}.get(mode)
         options.run_name = run_name(dataset, label, options, group)
         configs.append(Configuration(label, mode, options=options, run=options.run_name, group=group))
@@ -373,8 +377,10 @@ def write_report(out: Path, opts: StudyOptions, dataset: PreparedDataset, config
                      f"{features['embedded']}/{features['items']} items embedded)")
     lines += [
         f"- training: SASRec, loss {TrainOptions.loss}, d = {opts.dim}, batch {opts.batch_size}, "
-        f"lr {opts.lr:g}, at most {opts.epochs} epochs, early stopping after {opts.patience} epochs "
-        f"without a better validation HR@10, seed {opts.seed}",
+        f"lr {opts.lr:g}, at most {opts.epochs} epochs"
+        + (f" ({opts.live_epochs} for {' and '.join(LIVE_MODES)}, which run the encoder every step)"
+           if opts.live_epochs is not None else "")
+        + f", early stopping after {opts.patience} epochs without a better validation HR@10, seed {opts.seed}",
         f"- evaluation: test split (last item), ranked against all {dataset.n_items} items, the user's "
         f"history excluded, ties rank the target last ({TIES_RULE}); metrics in percent",
         f"- command: `{command}`",

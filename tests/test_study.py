@@ -159,6 +159,8 @@ def test_run_names_follow_settings_data_and_features(synth_dataset):
 def test_plan_and_bad_options(synth_dataset):
     opts = StudyOptions(dataset="synth", encoder="minilm-l6", layers=[8, 2, 8], modes=["ts-dnn", "id"])
     assert [c.label for c in plan(opts, synth_dataset)] == ["id", "ts-dnn2", "ts-dnn8"]
+    capped = plan(replace(opts, modes=["id", "e2e", "adapter", "side"], epochs=30, live_epochs=3), synth_dataset)
+    assert {c.label: c.options.epochs for c in capped} == {"id": 30, "e2e-top2": 3, "adapter": 3, "side": 30}
     ws = Workspace(synth_dataset.path.parent.parent)
     with pytest.raises(UserError, match="--modes"):
         run_study(ws, replace(opts, modes=["e2e", "bert"]), progress=False)
