@@ -339,7 +339,8 @@ def study_command(ws: Workspace, as_json: bool, layers: str, modes: str, tune_mo
     else:
         result = run_study(ws, opts, progress=not as_json, command=command)
         configurations = result["configurations"]
-    emit(result, as_json, f"{result['table'].rstrip()}\nreport: {result['report']}")
+    tables = [result[key].rstrip() for key in ("table", "subset_table") if key in result]  # warm studies: one
+    emit(result, as_json, "\n\n".join(tables) + f"\nreport: {result['report']}")
     failed = [c for c in configurations if c["status"] == "failed"]
     if failed:
         raise UserError(f"{len(failed)} configuration(s) failed ({failed[0]['label']}: {failed[0]['reason']}); "

@@ -63,6 +63,9 @@ def test_every_mode_is_trained_ranked_and_reported(studied):
         assert f"| {c['run']} | {c['mode']} |" in report
         assert (ws.run_dir(c["run"]) / "eval.json").exists()
     assert "| popularity | popularity |" in report
+    assert "## Warm and cold users" in report and result["subset_table"] in report
+    assert [line.split(" | ")[0] for line in result["subset_table"].splitlines()[2:]] == \
+        ["| popularity", "| oracle"] + [f"| {label}" for label in labels]
     for png in result["plots"]:
         with open(png, "rb") as fh:
             assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -99,6 +102,12 @@ def test_test_metrics_match_a_numpy_ranking(studied):
         hr, ndcg = hr_ndcg_at_10(scores, targets, excluded)
         assert config["test"]["HR@10"] == pytest.approx(hr, abs=1e-6)
         assert config["test"]["NDCG@10"] == pytest.approx(ndcg, abs=1e-6)
+        cold = dataset.train_counts()[targets] < 10
+        for subset, users in (("warm", ~cold), ("cold", cold)):
+            rows = np.flatnonzero(users)
+            hr, ndcg = hr_ndcg_at_10(scores[rows], targets[rows], [excluded[u] for u in rows])
+            assert config["subsets"][subset]["HR@10"] == pytest.approx(hr, abs=1e-6)
+            assert config["subsets"][subset]["NDCG@10"] == pytest.approx(ndcg, abs=1e-6)
 
 
 def test_popularity_row_matches_counting(studied):
