@@ -53,7 +53,7 @@ from extract.encoder import (
 )
 from extract.image import decode_rgb
 from extract.registry import EncoderConfig, WeightsSpec, register_encoder
-from extract.text import TOKENIZER_FILES, TextPreprocessor, _quiet_transformers, package_dir
+from extract.text import TOKENIZER_FILES, TextPreprocessor, _quiet_transformers, package_dir, token_hidden
 from featurestore.cliutil import UserError
 
 PROCESSOR_FILE = "preprocessor_config.json"
@@ -196,17 +196,9 @@ def _text_split(family: VlmFamily, model: nn.Module) -> tuple[Part, list[Part], 
     pool reads the last real token: the same position, found from the mask alone, which
     a cache keeps.
     """
-    from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
-
     text = model.text_model
     head = model.text_projection if hasattr(model, "text_projection") else text.head
-
-    def hidden(states: torch.Tensor, mask: torch.Tensor) -> Hidden:
-        if family.causal_text:
-            attn = create_causal_mask(config=text.config, inputs_embeds=states, attention_mask=mask, cache=None)
-        else:
-            attn = create_bidirectional_mask(config=text.config, inputs_embeds=states, attention_mask=mask)
-        return Hidden(states, token_mask=mask, attn_mask=attn)
+    hidden = token_hidden(text.config, causal=family.causal_text)
 
     def stem_fn(inputs: dict[str, torch.Tensor]) -> Hidden:
         ids = inputs["input_ids"]
@@ -338,14 +330,9 @@ def build_vilt(config: EncoderConfig, spec: WeightsSpec | None, pooling: str, *,
     One vector per item from its title and picture together; ``forward`` equals the
     model's own final [CLS] state (``pooled``: its pooler).
     """
-    from transformers.masking_utils import create_bidirectional_mask
-
     model, files, model_dir = _vlm_model(config, spec, meta)
     model.eval()
-
-    def hidden(states: torch.Tensor, mask: torch.Tensor) -> Hidden:
-        attn = create_bidirectional_mask(config=model.config, inputs_embeds=states, attention_mask=mask)
-        return Hidden(states, token_mask=mask, attn_mask=attn)
+    hidden = token_hidden(model.config)
 
     def stem_fn(inputs: dict[str, torch.Tensor]) -> Hidden:
         states, mask = model.embeddings(inputs["input_ids"], inputs["attention_mask"], inputs.get("token_type_ids"),

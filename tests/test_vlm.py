@@ -204,6 +204,11 @@ def both_items(dataset, n: int = 8):
     return [item for item in dataset.items if item.text and item.image][:n]
 
 
+def batch_of(encoder, items):
+    """The encoder's own preprocessing of ``items``, one batch."""
+    return encoder.preprocessor.collate([encoder.preprocessor.load(item) for item in items])
+
+
 def library_run(encoder, inputs):
     """(hidden states before every layer and after the last, the item vectors) from the library's own forward."""
     model = encoder.model
@@ -247,7 +252,7 @@ def test_cached_states_are_the_library_hidden_states_and_continue_to_its_vectors
     cache = StateCache(group)
     items = both_items(synth_dataset)
     ids = np.array([item.id for item in items])
-    inputs = encoder.preprocessor.collate([encoder.preprocessor.load(item) for item in items])
+    inputs = batch_of(encoder, items)
     library_states, want = library_run(encoder, inputs)
     states, tokens = cache.gather(ids)
     assert (tokens is None) == (config.modality == "image")
@@ -350,7 +355,7 @@ def _with_zero_adapters(encoder, bottleneck: int = 4):
 def test_adapters_sit_in_each_tower_block_after_attention_and_feed_forward(hub_cache, synth_dataset, name):
     encoder = create_encoder(name).eval()
     items = both_items(synth_dataset, 3)
-    inputs = encoder.preprocessor.collate([encoder.preprocessor.load(item) for item in items])
+    inputs = batch_of(encoder, items)
     torch.manual_seed(0)
     with torch.no_grad():
         plain = encoder(inputs)
@@ -414,7 +419,7 @@ def test_per_layer_cache_feeds_side_networks_without_running_the_towers(clip_ws,
         encoder = create_encoder(f"clip-b32-{tower}")
         cache = LayerCache(FeatureStore(clip_ws.store).open(f"synth/{tower}/clip-b32-{tower}@layers"))
         assert cache.widths == (32, 32, 32)  # embeddings, then each of the 2 layers, 32 wide
-        inputs = encoder.preprocessor.collate([encoder.preprocessor.load(item) for item in items])
+        inputs = batch_of(encoder, items)
         states, _ = library_run(encoder, inputs)
         at = (inputs["attention_mask"].sum(1) - 1) if pick == "last" else torch.zeros(len(ids), dtype=torch.long)
         want = np.concatenate([s[torch.arange(len(ids)), at].numpy() for s in states], axis=1)
@@ -424,7 +429,7 @@ def test_per_layer_cache_feeds_side_networks_without_running_the_towers(clip_ws,
     run_extraction(clip_ws, vilt)
     vilt_cache = LayerCache(FeatureStore(clip_ws.store).open("synth/multimodal/vilt-b32@layers"))
     encoder = create_encoder("vilt-b32")
-    inputs = encoder.preprocessor.collate([encoder.preprocessor.load(item) for item in items])
+    inputs = batch_of(encoder, items)
     want = np.concatenate([s[:, 0].numpy() for s in library_run(encoder, inputs)[0]], axis=1)  # [CLS] per layer
     np.testing.assert_allclose(vilt_cache.gather(ids), want, rtol=0, atol=2e-3)  # float16 cache
     calls = []
