@@ -24,6 +24,7 @@ from recommend.losses import list_losses
 from recommend.objectives import list_objectives
 from recommend.run import list_runs
 from recommend.study import DEFAULT_LAYERS, STUDY_MODES, StudyOptions, run_study
+from recommend.item_towers import DEFAULT_TS_DNN_STACK, TS_DNN_STACKS
 from recommend.trainer import CLEARLY_ABOVE, DEFAULT_TS_DNN_LAYERS, Processes, TrainOptions, train
 from recommend.transfer import list_transfers
 from recommend.tune_cli import make_tune_command
@@ -64,8 +65,15 @@ def cli() -> None:
                    "networks over every layer's pooled state, cached by `featurestore extract "
                    "--cache-layer all` (the encoders never run).")
 @click.option("--layers", type=int, default=None,
-              help=f"TS-DNN depth N: Linear(feat->d)+GELU, then N x [Dropout, Linear(d,d), GELU] "
-                   f"(--mode ts-dnn only) [default: {DEFAULT_TS_DNN_LAYERS}].")
+              help=f"TS-DNN depth N: N blocks on top of the DT layer (--mode ts-dnn only) "
+                   f"[default: {DEFAULT_TS_DNN_LAYERS}].")
+@click.option("--dnn", type=click.Choice(TS_DNN_STACKS.names()), default=None,
+              help="ts-dnn: the stack. residual = Linear(feat->d), then N x [LayerNorm, Linear(d,d), "
+                   "GELU, Dropout] added to its input, each branch starting at zero, so TS-DNN-N starts "
+                   "as TS; paper = the paper's code, Linear(feat->d)+GELU, then N x [Dropout, "
+                   "Linear(d,d), GELU]. Differs from the papers because their stack, Xavier-initialised, "
+                   "shrinks item vectors ~4x per layer and at d 64 a deep one sits on the popularity "
+                   f"plateau for tens of epochs [default: {DEFAULT_TS_DNN_STACK}].")
 @click.option("--encoder", default=None, metavar="ENC[,ENC]",
               help="Use the store group DATASET/<modality>/ENC written by `featurestore extract "
                    "--encoder ENC` (ENC@VARIANT for a variant); two names = text + image. "
