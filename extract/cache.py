@@ -16,8 +16,8 @@ Layout inside the group ``DATASET/MODALITY/ENCODER[@VARIANT]``:
   reader memory-maps it and gathers a batch of random items without decompressing
   whole chunks (activations barely compress anyway). Written with its chunk, before
   the chunk is marked done, so a resumed job never has rows without states.
-- ``cache_tokens``: ``(N + 1,)`` int16, text only: the real token count of each item;
-  its states are right-padded with zeros to ``max_tokens``.
+- ``cache_tokens``: ``(N + 1,)`` int16, text and multimodal (ViLT's title + patches) only:
+  the real token count of each item; its states are right-padded with zeros to ``max_tokens``.
 - attributes: ``cache_layer`` (the K it was made for), ``cache_block`` (index of the
   first block fed from the cache), ``cache_shape``, ``cache_dtype``, ``cache_layout``.
 
@@ -27,7 +27,7 @@ that token-level fusion (``recommend train --fusion merge-attn``) attends over. 
 arrays, chunks, resume and gather; only the cut moves to the top.
 
 The state layout is the library's own between blocks: ``tokens x width`` for
-Transformers (BERT, ViT, MAE), ``height x width x channels`` for Swin,
+Transformers (BERT, ViT, MAE, CLIP / SigLIP towers, ViLT), ``height x width x channels`` for Swin,
 ``channels x height x width`` for ResNet / EfficientNet stages;
 :meth:`StateCache.sequence` turns each into ``tokens x width`` with a validity mask.
 """
@@ -54,6 +54,7 @@ if TYPE_CHECKING:
 CACHE_DTYPES = ("float16", "float32")
 FINAL_LAYER = 0  # --cache-layer 0: the states leaving the last block, before pooling
 LAYOUTS = {"bert": "tokens,width", "roberta": "tokens,width", "vit": "tokens,width", "mae": "tokens,width",
+           "clip": "tokens,width", "siglip": "tokens,width", "vilt": "tokens,width",
            "swin": "height,width,channels", "resnet": "channels,height,width",
            "efficientnet": "channels,height,width"}
 # cache layout -> (states (B, *shape) -> tokens (B, T, width), axis of the width in the per-item shape)
@@ -73,7 +74,7 @@ class CachePlan:
     shape: tuple[int, ...]
     dtype: str
     layout: str
-    text: bool
+    counted: bool  # per-item token counts (text, ViLT): states vary in length
 
     def attrs(self) -> dict:
         """The group attributes recording which layer was cached (part of the job's signature)."""
@@ -91,9 +92,9 @@ def check_top_k(encoder_name: str, depth: int, top_k: int, flag: str, also: str 
 def plan_cache(encoder: Encoder, top_k: int, dtype: str = "float16") -> CachePlan:
     """Where the cache cuts ``encoder`` and the per-item state shape there.
 
-    Image shapes come from one dry run on a blank input of the model's input size;
-    text states are padded to the preprocessor's ``max_tokens``. ``top_k = 0`` cuts
-    after the last block.
+    Shapes come from one dry run on the preprocessor's blank probe; states of varying
+    length (text, ViLT: :class:`extract.encoder.TokenStates`) are padded to their
+    ``max_tokens``. ``top_k = 0`` cuts after the last block.
     """
     if top_k != FINAL_LAYER:
         check_top_k(encoder.name, encoder.depth, top_k, "--cache-layer",
@@ -101,16 +102,14 @@ def plan_cache(encoder: Encoder, top_k: int, dtype: str = "float16") -> CachePla
     if dtype not in CACHE_DTYPES:
         raise UserError(f"--cache-dtype {dtype}: choose one of {', '.join(CACHE_DTYPES)}")
     first = encoder.depth - top_k
-    text = encoder.config.modality == "text"
-    if text:
-        shape: tuple[int, ...] = (encoder.preprocessor.max_tokens, int(encoder.model.config.hidden_size))
-    else:
-        size = tuple(encoder.preprocessor.data_config["input_size"])
-        device = next(encoder.model.parameters()).device
-        with torch.inference_mode():
-            states = encoder.run_blocks(encoder.stem(torch.zeros(1, *size, device=device)), 0, first).states
-        shape = tuple(states.shape[1:])
-    return CachePlan(top_k, first, shape, dtype, LAYOUTS.get(encoder.config.family, "library"), text)
+    device = next(encoder.model.parameters()).device
+    with torch.inference_mode():
+        states = encoder.run_blocks(encoder.stem(move_inputs(encoder.preprocessor.probe(), device)), 0, first).states
+    shape = tuple(states.shape[1:])
+    if encoder.tokens is not None:
+        shape = (encoder.tokens.max_tokens, *shape[1:])
+    return CachePlan(top_k, first, shape, dtype, LAYOUTS.get(encoder.config.family, "library"),
+                     encoder.tokens is not None)
 
 
 def _zarr_group(group: FeatureGroup) -> zarr.Group:
@@ -118,7 +117,7 @@ def _zarr_group(group: FeatureGroup) -> zarr.Group:
 
 
 def ensure_cache_arrays(group: FeatureGroup) -> None:
-    """Add the ``cache`` (and, for text, ``cache_tokens``) arrays a group's attributes call for.
+    """Add the ``cache`` (and, for text and multimodal, ``cache_tokens``) arrays a group's attributes call for.
 
     A no-op for a group extracted without ``--cache-layer``, and for one that has them.
     """
@@ -129,7 +128,8 @@ def ensure_cache_arrays(group: FeatureGroup) -> None:
     if "cache" not in zgroup:
         zgroup.create_array("cache", shape=(group.rows, *shape), chunks=(group.chunk_rows, *shape),
                             dtype=group.attrs["cache_dtype"], compressors=None, filters=None, fill_value=0)
-    if group.attrs.get("modality") == "text" and group.attrs["cache_layout"] != "layers" and "cache_tokens" not in zgroup:
+    counted = group.attrs.get("modality") != "image" and group.attrs["cache_layout"] != "layers"
+    if counted and "cache_tokens" not in zgroup:
         zgroup.create_array("cache_tokens", shape=(group.rows,), chunks=(group.chunk_rows,), dtype="int16",
                             fill_value=0)
 
@@ -164,14 +164,14 @@ class CachingForward:
 
 
 def _to_rows(hidden: Hidden, plan: CachePlan) -> tuple[np.ndarray, np.ndarray | None]:
-    """(states in the stored dtype, padded to the cached shape; token counts for text).
+    """(states in the stored dtype, padded to the cached shape; token counts where they vary).
 
-    Text rows keep only the item's real tokens: the states the batch computed at its
+    Such rows keep only the item's real tokens (the stem put them first): the states the batch computed at its
     padding positions depend on which items shared the batch, so they are stored as
     zeros like the rest of the padding (readers mask them anyway).
     """
     states = hidden.states.float().cpu().numpy()
-    if not plan.text:
+    if not plan.counted:
         return states.astype(plan.dtype), None
     mask = hidden.token_mask.cpu().numpy().astype(bool)
     rows = np.zeros((len(states), *plan.shape), dtype=plan.dtype)
@@ -187,7 +187,7 @@ class StateChunk:
         self.start, self.stop = start, stop
         plan = forward.plan
         self.states = np.zeros((stop - start, *plan.shape), dtype=plan.dtype)
-        self.tokens = np.zeros(stop - start, dtype=np.int16) if plan.text else None
+        self.tokens = np.zeros(stop - start, dtype=np.int16) if plan.counted else None
 
     def put(self, ids: list[int]) -> None:
         """Keep the states of the last forward pass, whose rows are items ``ids``."""
@@ -251,7 +251,7 @@ class StateCache:
         return self._maps[chunk]
 
     def gather(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """float32 states ``(len(ids), *shape)`` and, for text, token counts, in ``ids`` order."""
+        """float32 states ``(len(ids), *shape)`` and, where they vary, token counts, in ``ids`` order."""
         ids = np.asarray(ids, dtype=np.int64)
         out = np.zeros((len(ids), *self.shape), dtype=np.float32)
         chunks = ids // self.chunk_rows
@@ -389,15 +389,13 @@ def check_cache_matches(fg: FeatureGroup, fingerprint: str, n_items: int, comman
 def restore_hidden(encoder: Encoder, states: torch.Tensor, tokens: torch.Tensor | None) -> Hidden:
     """The :class:`Hidden` the bottom blocks would hand to the top, rebuilt from cached states.
 
-    Text states are cut to the longest item of the batch (the naive path pads a batch
-    the same way) and get back the token mask and the attention mask the stem builds.
+    Variable-length states are cut to the longest item of the batch (the naive path
+    pads a batch the same way) and get back the token mask and the attention mask the
+    stem builds (:class:`extract.encoder.TokenStates`).
     """
     if tokens is None:
         return Hidden(states)
     length = max(int(tokens.max()), 1)
     states = states[:, :length]
     mask = (torch.arange(length, device=states.device)[None, :] < tokens[:, None]).long()
-    from transformers.masking_utils import create_bidirectional_mask
-
-    attn = create_bidirectional_mask(config=encoder.model.config, inputs_embeds=states, attention_mask=mask)
-    return Hidden(states, token_mask=mask, attn_mask=attn)
+    return encoder.tokens.hidden(states, mask)

@@ -44,7 +44,7 @@ class Hidden:
     """What flows between blocks.
 
     ``states``: (B, L, C) tokens or (B, C, H, W) / (B, H, W, C) feature maps.
-    ``token_mask``: (B, L) 1 for real tokens (text only; mean pooling needs it).
+    ``token_mask``: (B, L) 1 for real tokens (variable-length states: text, ViLT; pooling needs it).
     ``attn_mask``: the mask in the form the library's blocks expect, built once in
     the stem.
     """
@@ -55,6 +55,27 @@ class Hidden:
 
     def with_states(self, states: torch.Tensor) -> "Hidden":
         return dataclasses.replace(self, states=states)
+
+
+def last_real_token(hidden: Hidden) -> torch.Tensor:
+    """``(B, C)``: each item's state at its last real token (real tokens come first)."""
+    states = hidden.states
+    return states[torch.arange(len(states), device=states.device), hidden.token_mask.sum(1) - 1]
+
+
+@dataclass(frozen=True)
+class TokenStates:
+    """States between blocks whose length varies per item (text; ViLT's joint title + patches).
+
+    The stem puts an item's real tokens first, so a cache stores each item's first
+    ``count`` tokens, at most ``max_tokens``; ``hidden(states, mask)`` rebuilds from such
+    states and their (B, L) validity what the stem hands the blocks (the attention
+    mask in the library's form), so cached states continue through the top blocks
+    exactly as the naive path's do.
+    """
+
+    max_tokens: int
+    hidden: Callable[[torch.Tensor, torch.Tensor], Hidden]
 
 
 class Part(nn.Module):
@@ -100,6 +121,10 @@ class Encoder(nn.Module):
             the store's attributes.
         width: the pooled width of the loaded model (a hub snapshot or weights folder
             may hold another size of the family than the registry's default).
+        tokens: how variable-length states are cached and restored (None: every
+            item's states have one shape, e.g. an image's patches or feature map).
+        tower: the library module whose blocks these are: ``model`` itself, or one
+            tower of a two-tower model (CLIP's ``vision_model``); adapters go there.
     """
 
     def __init__(
@@ -114,14 +139,17 @@ class Encoder(nn.Module):
         preprocessor: Any,
         provenance: dict,
         width: int | None = None,
+        tokens: TokenStates | None = None,
+        tower: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.config = config
         self._width = width or config.width
         self.model = model
         # A tuple is not registered: the views must not duplicate state-dict keys.
-        self._views = (stem, nn.ModuleList(blocks), pool)
+        self._views = (stem, nn.ModuleList(blocks), pool, model if tower is None else tower)
         self.pooling = pooling
+        self.tokens = tokens
         self.preprocessor = preprocessor
         self.provenance = provenance
 
@@ -136,6 +164,10 @@ class Encoder(nn.Module):
     @property
     def pool(self) -> nn.Module:
         return self._views[2]
+
+    @property
+    def tower(self) -> nn.Module:
+        return self._views[3]
 
     @property
     def depth(self) -> int:

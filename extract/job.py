@@ -35,7 +35,7 @@ from data.dataset import Item, PreparedDataset
 from extract.cache import CachingForward, encoder_options, ensure_cache_arrays, plan_cache
 from extract.layers import ALL_LAYERS, LayerForward, plan_layers
 from extract.encoder import BadItem, Encoder, move_inputs
-from extract.registry import create_encoder, get_encoder_config, require_blocks
+from extract.registry import create_encoder, get_encoder_config
 from featurestore.cliutil import UserError
 from featurestore.progress import progress_bar
 from featurestore.store import (
@@ -429,8 +429,6 @@ def _run(ws: Workspace, opts: ExtractOptions, dist: Dist) -> ExtractResult:
     if opts.modality and opts.modality != config.modality:
         raise UserError(f"encoder {config.name} reads {config.modality}, not {opts.modality}; drop --modality "
                         f"or pick a {opts.modality} encoder ({', '.join(_names(opts.modality))})")
-    if opts.cache_layer is not None:
-        require_blocks(config, f"--cache-layer {opts.cache_layer}")
     dataset = PreparedDataset.load(ws.dataset_dir(opts.dataset))
     name = group_name(dataset.name, config.modality, config.name, opts.variant)
     encoder = create_encoder(config.name, weights=opts.weights, random_init=opts.random_init,

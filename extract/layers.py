@@ -15,6 +15,10 @@ where the encoder's head only fits its last stage:
 - ViT / MAE: the class token (``cls``, and ``pooled`` where the model pools by its class
   token), or the mean of the patch tokens (``mean``); the final norm is left out, since
   it belongs to the last layer only;
+- CLIP / SigLIP towers: the token their head reads where it is one token (CLIP's class
+  token; the last real token of a title: CLIP's end-of-text, SigLIP's last position),
+  else the mean of the patch tokens (SigLIP's attention-pooling head); ViLT: [CLS];
+  final norms and projection heads left out, as for ViT;
 - Swin, ResNet, EfficientNet: global average pooling of each stage's feature map.
 
 Convolutional stages differ in width, so a row is the layers' pooled vectors one after
@@ -32,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 import torch
 
-from extract.encoder import Encoder, Hidden, move_inputs
+from extract.encoder import Encoder, Hidden, last_real_token, move_inputs
 from featurestore.cliutil import UserError
 
 if TYPE_CHECKING:
@@ -50,6 +54,15 @@ def _tokens_pool(encoder: Encoder) -> Callable[[Hidden], torch.Tensor]:
     return lambda hidden: hidden.states[:, prefix:].mean(1)
 
 
+def _first_token(hidden: Hidden) -> torch.Tensor:
+    return hidden.states[:, 0]
+
+
+def _by_modality(text: Callable[[Hidden], torch.Tensor],
+                 image: Callable[[Hidden], torch.Tensor]) -> Callable[[Encoder], Callable[[Hidden], torch.Tensor]]:
+    return lambda encoder: text if encoder.config.modality == "text" else image
+
+
 LAYER_POOLS: dict[str, Callable[[Encoder], Callable[[Hidden], torch.Tensor]]] = {
     "bert": lambda encoder: encoder.pool,
     "roberta": lambda encoder: encoder.pool,
@@ -58,6 +71,9 @@ LAYER_POOLS: dict[str, Callable[[Encoder], Callable[[Hidden], torch.Tensor]]] = 
     "swin": lambda encoder: lambda hidden: hidden.states.mean((1, 2)),
     "resnet": lambda encoder: lambda hidden: hidden.states.mean((2, 3)),
     "efficientnet": lambda encoder: lambda hidden: hidden.states.mean((2, 3)),
+    "clip": _by_modality(last_real_token, _first_token),
+    "siglip": _by_modality(last_real_token, lambda hidden: hidden.states.mean(1)),
+    "vilt": lambda encoder: _first_token,
 }
 
 
@@ -86,12 +102,12 @@ class LayerPlan:
     """The per-layer cache of one encoder: widths of its ``depth + 1`` pooled states.
 
     Has the fields :class:`extract.cache.StateChunk` and ``ensure_cache_arrays`` read
-    (``shape``, ``dtype``, ``text``, ``attrs()``), so the chunks are written like a token cache's.
+    (``shape``, ``dtype``, ``counted``, ``attrs()``), so the chunks are written like a token cache's.
     """
 
     widths: tuple[int, ...]
     dtype: str
-    text: bool = False  # one row per item, no token counts
+    counted: bool = False  # one row per item, no token counts
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -103,18 +119,14 @@ class LayerPlan:
 
 
 def plan_layers(encoder: Encoder, dtype: str) -> LayerPlan:
-    """Widths from one dry run on a blank input (text: a one-token string)."""
+    """Widths from one dry run on the preprocessor's blank probe (text: a one-token string)."""
     from extract.cache import CACHE_DTYPES
 
     if dtype not in CACHE_DTYPES:
         raise UserError(f"--cache-dtype {dtype}: choose one of {', '.join(CACHE_DTYPES)}")
     device = next(encoder.model.parameters()).device
-    if encoder.config.modality == "text":
-        inputs = encoder.preprocessor.collate(["a"])
-    else:
-        inputs = torch.zeros(1, *encoder.preprocessor.data_config["input_size"])
     with torch.inference_mode():
-        pooled, _ = pooled_layers(encoder, move_inputs(inputs, device))
+        pooled, _ = pooled_layers(encoder, move_inputs(encoder.preprocessor.probe(), device))
     return LayerPlan(tuple(int(p.shape[-1]) for p in pooled), dtype)
 
 

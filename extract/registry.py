@@ -30,8 +30,6 @@ if TYPE_CHECKING:
 MODALITIES = ("image", "text", "multimodal")  # multimodal: one vector from image and text together
 POOLINGS = ("cls", "mean", "pooled")
 BUILTIN_FAMILIES = ("extract.image", "extract.text", "extract.vlm")
-# Families used whole (their projection-head output): no blocks for caching, top-k tuning or adapters.
-WHOLE_MODEL_FAMILIES = ("clip", "siglip", "vilt")
 
 
 @dataclass(frozen=True)
@@ -233,14 +231,6 @@ def weights_status(config: EncoderConfig) -> str:
     if config.local_package:
         return "bundled" if config.weights_available() else "unavailable offline"
     return hub.availability(config.hub_id)
-
-
-def require_blocks(config: EncoderConfig, flag: str) -> None:
-    """Refuse ``flag`` (``--cache-layer``, ``--top-k``, ``--adapter-in``) for an encoder used whole."""
-    if config.family in WHOLE_MODEL_FAMILIES:
-        raise UserError(f"{flag}: encoder {config.name} is a vision-language tower used whole (its projection-head "
-                        "output); it exposes no blocks for --cache-layer, --mode e2e --top-k or adapters; use its "
-                        "stored vectors (--mode ts / ts-dnn)")
 
 
 def _import_builder(config: EncoderConfig) -> Any:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -25,6 +25,7 @@ from extract.encoder import (
     Encoder,
     Hidden,
     Part,
+    TokenStates,
     base_provenance,
     build_context,
     hub_error,
@@ -73,6 +74,10 @@ class TextPreprocessor:
         if not text:
             raise BadItem("empty text")
         return text
+
+    def probe(self) -> dict[str, torch.Tensor]:
+        """A one-item batch for dry runs (state shapes, widths)."""
+        return self.collate(["a"])
 
     def collate(self, samples: list[str]) -> dict[str, torch.Tensor]:
         batch = self.tokenizer(samples, padding=self.padding, truncation=True, max_length=self.max_tokens,
@@ -130,6 +135,21 @@ def _tokenizer(config: EncoderConfig, spec: WeightsSpec, model_dir: Path | None)
     return AutoTokenizer.from_pretrained(str(folder)), f"package:{config.tokenizer} (bert-base-uncased WordPiece)"
 
 
+def token_hidden(config: Any, causal: bool = False) -> Callable[[torch.Tensor, torch.Tensor], Hidden]:
+    """``(states, mask) -> Hidden`` with the attention mask in the form ``config``'s library model builds:
+    both ways (BERT, SigLIP, ViLT) or causal (CLIP's text tower). The stem and a cache restore both use it."""
+    from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+
+    def hidden(states: torch.Tensor, mask: torch.Tensor) -> Hidden:
+        if causal:
+            attn = create_causal_mask(config=config, inputs_embeds=states, attention_mask=mask, cache=None)
+        else:
+            attn = create_bidirectional_mask(config=config, inputs_embeds=states, attention_mask=mask)
+        return Hidden(states, token_mask=mask, attn_mask=attn)
+
+    return hidden
+
+
 def _pool(pooling: str):
     def cls(hidden: Hidden) -> torch.Tensor:
         return hidden.states[:, 0]
@@ -144,18 +164,11 @@ def _pool(pooling: str):
 def build_text(config: EncoderConfig, spec: WeightsSpec | None, pooling: str, *, meta: bool = False,
                max_text_tokens: int = 30) -> Encoder:
     """Build a BERT-family text encoder split into embeddings / layers / pooling."""
-    from transformers.masking_utils import create_bidirectional_mask
-
     model, files, model_dir = _text_model(config, spec, meta)
     model.eval()
-
-    def stem_fn(inputs: dict[str, torch.Tensor]) -> Hidden:
-        states = model.embeddings(input_ids=inputs["input_ids"])
-        attn = create_bidirectional_mask(config=model.config, inputs_embeds=states,
-                                         attention_mask=inputs["attention_mask"])
-        return Hidden(states, token_mask=inputs["attention_mask"], attn_mask=attn)
-
-    stem = Part(stem_fn, embeddings=model.embeddings)
+    hidden = token_hidden(model.config)
+    stem = Part(lambda inputs: hidden(model.embeddings(input_ids=inputs["input_ids"]), inputs["attention_mask"]),
+                embeddings=model.embeddings)
     blocks = [Part(lambda h, layer=layer: h.with_states(layer(h.states, h.attn_mask)), layer=layer)
               for layer in model.encoder.layer]
     pool = Part(_pool(pooling))
@@ -169,7 +182,8 @@ def build_text(config: EncoderConfig, spec: WeightsSpec | None, pooling: str, *,
         provenance = {**base_provenance(config, spec, pooling, model, files, model.config.hidden_size),
                       "preprocessing": preprocessor.describe()}
     return Encoder(config, model, stem, blocks, pool, pooling=pooling, preprocessor=preprocessor,
-                   provenance=provenance, width=model.config.hidden_size)
+                   provenance=provenance, width=model.config.hidden_size,
+                   tokens=TokenStates(max_text_tokens, hidden))
 
 
 def _bert(layers: int, hidden: int, heads: int) -> dict:

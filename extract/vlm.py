@@ -17,9 +17,12 @@ and gives one vector per item, stored as modality ``multimodal``; an item lackin
 either is a bad item (absent row). Its default pooling is the final [CLS] state:
 the pretraining checkpoint's pooler belongs to the image-text matching head.
 
-These models are used whole: their blocks are not exposed as ``Encoder.blocks``, so
-``--cache-layer``, ``--mode e2e --top-k`` and adapters refuse these encoders
-(:func:`extract.registry.require_blocks`).
+Each tower is split like every encoder (``stem`` -> ``blocks`` -> ``pool``): its blocks
+are the tower's own encoder layers (ViLT's layers over its joint embedding of title
+and patches), so ``--cache-layer K`` / ``all``, ``--mode e2e --top-k K`` (naive and
+cached), adapters and ``--mode side`` work on them as on BERT or ViT; the pool is the
+tower's final norm and projection head, so ``forward`` still equals the library's
+feature functions.
 """
 
 from __future__ import annotations
@@ -30,23 +33,27 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from PIL import Image
 from torch import nn
 
 from data.dataset import Item
 from extract.encoder import (
     BadItem,
     Encoder,
+    Hidden,
     Part,
+    TokenStates,
     base_provenance,
     build_context,
     hub_error,
+    last_real_token,
     load_checked,
     read_state_dict,
     weight_files,
 )
 from extract.image import decode_rgb
 from extract.registry import EncoderConfig, WeightsSpec, register_encoder
-from extract.text import TOKENIZER_FILES, TextPreprocessor, _quiet_transformers, package_dir
+from extract.text import TOKENIZER_FILES, TextPreprocessor, _quiet_transformers, package_dir, token_hidden
 from featurestore.cliutil import UserError
 
 PROCESSOR_FILE = "preprocessor_config.json"
@@ -58,11 +65,16 @@ class VlmFamily:
 
     ``image_processor(size)``: the family's processor for a model without a saved one
     (random-init builds); ``pad_to_length``: pad texts to the model's full length and
-    drop the attention mask (SigLIP), instead of padding to the longest title (CLIP).
+    drop the attention mask (SigLIP), instead of padding to the longest title (CLIP);
+    ``causal_text``: the text tower attends causally (CLIP) rather than both ways;
+    ``image_tokens``: which of the vision tower's last states its head reads (CLIP: the
+    class token; SigLIP's attention-pooling head: all of them).
     """
 
     image_processor: Callable[[int], Any]
     pad_to_length: bool
+    causal_text: bool
+    image_tokens: Callable[[torch.Tensor], torch.Tensor]
 
 
 def _clip_processor(size: int) -> Any:
@@ -78,9 +90,13 @@ def _siglip_processor(size: int) -> Any:
 
 
 FAMILIES: dict[str, VlmFamily] = {
-    "clip": VlmFamily(_clip_processor, pad_to_length=False),
-    "siglip": VlmFamily(_siglip_processor, pad_to_length=True),
+    "clip": VlmFamily(_clip_processor, pad_to_length=False, causal_text=True, image_tokens=lambda s: s[:, 0]),
+    "siglip": VlmFamily(_siglip_processor, pad_to_length=True, causal_text=False, image_tokens=lambda s: s),
 }
+
+
+def _blank_picture() -> Image.Image:
+    return Image.new("RGB", (64, 64), (127, 127, 127))
 
 
 class ProcessorImagePreprocessor:
@@ -96,10 +112,17 @@ class ProcessorImagePreprocessor:
                 **json.loads(self.processor.to_json_string())}
 
     def load(self, item: Item) -> torch.Tensor:
-        return self.processor(images=decode_rgb(item), return_tensors="pt")["pixel_values"][0]
+        return self._pixels(decode_rgb(item))
+
+    def _pixels(self, picture: Image.Image) -> torch.Tensor:
+        return self.processor(images=picture, return_tensors="pt")["pixel_values"][0]
 
     def collate(self, samples: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack(samples)
+
+    def probe(self) -> torch.Tensor:
+        """A blank picture through the processor: a one-item batch for dry runs."""
+        return self.collate([self._pixels(_blank_picture())])
 
 
 def _vlm_model(config: EncoderConfig, spec: WeightsSpec | None,
@@ -159,38 +182,77 @@ def _image_preprocessor(config: EncoderConfig, spec: WeightsSpec, model: nn.Modu
                                       f"{config.family} image processor defaults at {size} px")
 
 
+def _layer_blocks(layers: nn.ModuleList, **kwargs: Any) -> list[Part]:
+    """One block per encoder layer, called as the library's own encoder calls it."""
+    return [Part(lambda h, layer=layer: h.with_states(layer(h.states, h.attn_mask, **kwargs)), layer=layer)
+            for layer in layers]
+
+
+def _text_split(family: VlmFamily, model: nn.Module) -> tuple[Part, list[Part], Part, Callable]:
+    """CLIP / SigLIP text tower as stem (embeddings + mask) / encoder layers / final norm, last token, head.
+
+    The library pools the end-of-text token, which the tokenizer puts after the title's
+    last token (SigLIP: the last position of a full-length text, all real here), so the
+    pool reads the last real token: the same position, found from the mask alone, which
+    a cache keeps.
+    """
+    text = model.text_model
+    head = model.text_projection if hasattr(model, "text_projection") else text.head
+    hidden = token_hidden(text.config, causal=family.causal_text)
+
+    def stem_fn(inputs: dict[str, torch.Tensor]) -> Hidden:
+        ids = inputs["input_ids"]
+        return hidden(text.embeddings(input_ids=ids), inputs.get("attention_mask", torch.ones_like(ids)))
+
+    blocks = _layer_blocks(text.encoder.layers, **({"is_causal": True} if family.causal_text else {}))
+    pool = Part(lambda h: head(text.final_layer_norm(last_real_token(h))),
+                norm=text.final_layer_norm, head=head)
+    return Part(stem_fn, embeddings=text.embeddings), blocks, pool, hidden
+
+
+def _image_split(family: VlmFamily, model: nn.Module) -> tuple[Part, list[Part], Part, None]:
+    """CLIP / SigLIP vision tower as stem (patch embeddings, CLIP's pre-norm) / encoder layers / norm and head."""
+    vision = model.vision_model
+    pre = getattr(vision, "pre_layrnorm", None)  # CLIP normalises the embeddings before its blocks
+    head = model.visual_projection if hasattr(model, "visual_projection") else vision.head
+    stem = Part(lambda pixels: Hidden(pre(vision.embeddings(pixels)) if pre else vision.embeddings(pixels)),
+                embeddings=vision.embeddings, pre=pre)
+    pool = Part(lambda h: head(vision.post_layernorm(family.image_tokens(h.states))),
+                norm=vision.post_layernorm, head=head)
+    return stem, _layer_blocks(vision.encoder.layers), pool, None
+
+
+def _dry_run(stem: nn.Module, blocks: list[nn.Module], pool: nn.Module, inputs: Any) -> torch.Tensor:
+    with torch.inference_mode():
+        hidden = stem(inputs)
+        for block in blocks:
+            hidden = block(hidden)
+        return pool(hidden)
+
+
 def build_vlm(config: EncoderConfig, spec: WeightsSpec | None, pooling: str, *, meta: bool = False,
               max_text_tokens: int = 30) -> Encoder:
-    """One tower of a CLIP/SigLIP model, its projection-head output as the item vector."""
+    """One tower of a CLIP/SigLIP model split into stem / its encoder layers / projection head.
+
+    ``forward`` equals ``get_text_features`` / ``get_image_features``; the blocks are the
+    tower's own encoder layers, so the top k can be cached, tuned or given adapters.
+    """
     model, files, model_dir = _vlm_model(config, spec, meta)
     model.eval()
-    if config.modality == "text":
-        tower, head = model.text_model, getattr(model, "text_projection", None)
-        pool = Part(lambda inputs: model.get_text_features(**inputs).pooler_output, tower=tower, head=head)
-    else:
-        tower, head = model.vision_model, getattr(model, "visual_projection", None)
-        pool = Part(lambda pixels: model.get_image_features(pixel_values=pixels).pooler_output,
-                    tower=tower, head=head)
-    width, preprocessor, provenance = None, None, {}
+    family = FAMILIES[config.family]
+    text = config.modality == "text"
+    stem, blocks, pool, hidden = (_text_split if text else _image_split)(family, model)
+    tower = model.text_model if text else model.vision_model
+    width, preprocessor, provenance, tokens = None, None, {}, None
     if not meta:
         preprocessor = (_text_preprocessor(config, spec, model, model_dir, max_text_tokens)
-                        if config.modality == "text" else _image_preprocessor(config, spec, model, model_dir))
-        with torch.inference_mode():
-            width = int(pool(_probe(config, model)).shape[-1])
+                        if text else _image_preprocessor(config, spec, model, model_dir))
+        width = int(_dry_run(stem, blocks, pool, preprocessor.probe()).shape[-1])
         provenance = {**base_provenance(config, spec, pooling, model, files, width),
-                      "tower_depth": len(tower.encoder.layers), "preprocessing": preprocessor.describe()}
-    stem = Part(lambda inputs: inputs)
-    return Encoder(config, model, stem, [], pool, pooling=pooling, preprocessor=preprocessor,
-                   provenance=provenance, width=width)
-
-
-def _probe(config: EncoderConfig, model: nn.Module) -> Any:
-    """A one-item input of the tower's shape (the loaded model's output width is measured, not assumed)."""
-    device = next(model.parameters()).device
-    if config.modality == "text":
-        return {"input_ids": torch.ones(1, 2, dtype=torch.long, device=device)}
-    size = model.config.vision_config.image_size
-    return torch.zeros(1, 3, size, size, device=device)
+                      "tower_depth": len(blocks), "preprocessing": preprocessor.describe()}
+        tokens = TokenStates(preprocessor.max_tokens, hidden) if text else None
+    return Encoder(config, model, stem, blocks, pool, pooling=pooling, preprocessor=preprocessor,
+                   provenance=provenance, width=width, tokens=tokens, tower=tower)
 
 
 class PairPreprocessor:
@@ -219,6 +281,20 @@ class PairPreprocessor:
         return dict(self.processor(images=list(images), text=list(texts), padding="longest", truncation=True,
                                    max_length=self.max_tokens, return_tensors="pt"))
 
+    def probe(self) -> dict[str, torch.Tensor]:
+        """A one-word title with a blank picture: a one-item batch for dry runs."""
+        return self.collate([("a", _blank_picture())])
+
+    def most_patches(self, patch_size: int, max_image_length: int) -> int:
+        """The most patch tokens a picture can give (the processor's largest resize; the model's cap, if any)."""
+        from transformers.models.vilt.image_processing_vilt import MAX_LONGER_EDGE, MAX_SHORTER_EDGE
+
+        images = self.processor.image_processor
+        shorter, divisor = images.size["shortest_edge"], images.size_divisor
+        longer = int(MAX_LONGER_EDGE / MAX_SHORTER_EDGE * shorter)
+        patches = (shorter // divisor * divisor // patch_size) * (longer // divisor * divisor // patch_size)
+        return min(patches, max_image_length) if max_image_length > 0 else patches
+
 
 def _pair_preprocessor(config: EncoderConfig, spec: WeightsSpec, model: nn.Module, model_dir: Path | None,
                        max_text_tokens: int) -> PairPreprocessor:
@@ -233,20 +309,52 @@ def _pair_preprocessor(config: EncoderConfig, spec: WeightsSpec, model: nn.Modul
     return PairPreprocessor(processor, f"vilt processor at {size} px, package:{config.tokenizer} tokenizer", longest)
 
 
+def _real_first(states: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move each item's real tokens to the front, in order, and cut the common padding.
+
+    ViLT's layers are the same for every position (positions are in the embeddings), so
+    a reordering of the tokens reorders their outputs and leaves the [CLS] state (first
+    either way) as it was; with the real tokens first, a cache stores an item as its
+    first ``count`` tokens, like a title.
+    """
+    order = torch.sort((mask == 0).to(torch.int8), dim=1, stable=True).indices
+    length = max(int(mask.sum(1).max()), 1)
+    order = order[:, :length]
+    return states.gather(1, order.unsqueeze(-1).expand(-1, -1, states.shape[-1])), mask.gather(1, order)
+
+
 def build_vilt(config: EncoderConfig, spec: WeightsSpec | None, pooling: str, *, meta: bool = False,
                max_text_tokens: int = 30) -> Encoder:
-    """A single-stream ViLT: one vector per item from its title and picture together."""
+    """A single-stream ViLT split into stem (joint embedding of title and patches) / its layers / final norm.
+
+    One vector per item from its title and picture together; ``forward`` equals the
+    model's own final [CLS] state (``pooled``: its pooler).
+    """
     model, files, model_dir = _vlm_model(config, spec, meta)
     model.eval()
-    take = {"cls": lambda out: out.last_hidden_state[:, 0], "pooled": lambda out: out.pooler_output}[pooling]
-    pool = Part(lambda inputs: take(model(**inputs)), model=model)
-    preprocessor, provenance = None, {}
+    hidden = token_hidden(model.config)
+
+    def stem_fn(inputs: dict[str, torch.Tensor]) -> Hidden:
+        states, mask = model.embeddings(inputs["input_ids"], inputs["attention_mask"], inputs.get("token_type_ids"),
+                                        inputs["pixel_values"], inputs["pixel_mask"], None, None,
+                                        image_token_type_idx=1)
+        return hidden(*_real_first(states, mask))
+
+    blocks = [Part(lambda h, layer=layer: h.with_states(layer(h.states, h.attn_mask)[0]), layer=layer)
+              for layer in model.encoder.layer]
+    take = {"cls": lambda states: model.layernorm(states[:, 0]),
+            "pooled": lambda states: model.pooler(model.layernorm(states[:, :1]))}[pooling]
+    pool = Part(lambda h: take(h.states), norm=model.layernorm, pooler=model.pooler if pooling == "pooled" else None)
+    preprocessor, provenance, tokens = None, {}, None
     if not meta:
         preprocessor = _pair_preprocessor(config, spec, model, model_dir, max_text_tokens)
         provenance = {**base_provenance(config, spec, pooling, model, files, model.config.hidden_size),
-                      "tower_depth": len(model.encoder.layer), "preprocessing": preprocessor.describe()}
-    return Encoder(config, model, Part(lambda inputs: inputs), [], pool, pooling=pooling, preprocessor=preprocessor,
-                   provenance=provenance, width=model.config.hidden_size)
+                      "tower_depth": len(blocks), "preprocessing": preprocessor.describe()}
+        most = preprocessor.max_tokens + 1 + preprocessor.most_patches(model.config.patch_size,
+                                                                       model.config.max_image_length)
+        tokens = TokenStates(most, hidden)
+    return Encoder(config, model, Part(stem_fn, embeddings=model.embeddings), blocks, pool, pooling=pooling,
+                   preprocessor=preprocessor, provenance=provenance, width=model.config.hidden_size, tokens=tokens)
 
 
 def _towers(text: dict, vision: dict, **top: Any) -> dict:

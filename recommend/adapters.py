@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from extract.encoder import Encoder
-from extract.registry import EncoderConfig, require_blocks
+from extract.registry import EncoderConfig
 from featurestore.cliutil import UserError
 from recommend.e2e import (_E2E_ONLY, ADAPTER_ONLY, LiveEncoderTower, LiveKind, _live_input, build_live_encoder,
                            option_given, tower_options)
@@ -85,6 +85,13 @@ def _timm_block_sites(blocks: list[nn.Module]) -> Sites:
         yield block.mlp.drop2, block.mlp.fc2.out_features
 
 
+def _vlm_sites(tower: nn.Module) -> Sites:
+    """CLIP / SigLIP tower layers: self_attn.out_proj -> [adapter] -> + residual; mlp.fc2 -> [adapter] -> + residual."""
+    for layer in tower.encoder.layers:
+        yield layer.self_attn.out_proj, layer.self_attn.out_proj.out_features
+        yield layer.mlp.fc2, layer.mlp.fc2.out_features
+
+
 def _mae_sites(model: nn.Module) -> Sites:
     """ViTMAELayer shares one dropout between its sub-layers: adapt after o_proj and fc2."""
     for layer in model.layers:
@@ -98,6 +105,9 @@ ITEM_SITES: dict[str, Callable[[nn.Module], Sites]] = {
     "vit": lambda model: _timm_block_sites(list(model.blocks)),
     "swin": lambda model: _timm_block_sites([b for stage in model.layers for b in stage.blocks]),
     "mae": _mae_sites,
+    "clip": _vlm_sites,  # the tower's layers (Encoder.tower: text_model or vision_model)
+    "siglip": _vlm_sites,
+    "vilt": _bert_sites,  # ViltLayer: BERT's sub-layer modules, its residuals added by the layer itself
 }
 
 
@@ -106,7 +116,7 @@ def add_item_adapters(encoder: Encoder, bottleneck: int) -> list[Adapter]:
     sites = ITEM_SITES.get(encoder.config.family)
     if sites is None:
         raise UserError(_no_sites(encoder.config))
-    return [attach_adapter(module, width, bottleneck) for module, width in sites(encoder.model)]
+    return [attach_adapter(module, width, bottleneck) for module, width in sites(encoder.tower)]
 
 
 def add_user_adapters(user_encoder: nn.Module, bottleneck: int) -> list[Adapter]:
@@ -183,8 +193,6 @@ def check_adapter_options(opts: Any, config: EncoderConfig) -> None:
     if opts.adapter_in not in ADAPTER_PLACES:
         raise UserError(f"--adapter-in {opts.adapter_in}: choose one of {', '.join(ADAPTER_PLACES)}")
     in_item, in_user = adapter_places(opts.adapter_in)
-    if in_item:
-        require_blocks(config, f"--adapter-in {opts.adapter_in}")
     if in_item and config.family not in ITEM_SITES:
         raise UserError(_no_sites(config))
     if in_user and opts.backbone != "sasrec":

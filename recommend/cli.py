@@ -24,6 +24,7 @@ from recommend.losses import list_losses
 from recommend.objectives import list_objectives
 from recommend.run import list_runs
 from recommend.study import DEFAULT_LAYERS, STUDY_MODES, StudyOptions, run_study
+from recommend.item_towers import DEFAULT_TS_DNN_STACK, TS_DNN_STACKS
 from recommend.trainer import CLEARLY_ABOVE, DEFAULT_TS_DNN_LAYERS, Processes, TrainOptions, train
 from recommend.transfer import list_transfers
 from recommend.tune_cli import make_tune_command
@@ -64,8 +65,15 @@ def cli() -> None:
                    "networks over every layer's pooled state, cached by `featurestore extract "
                    "--cache-layer all` (the encoders never run).")
 @click.option("--layers", type=int, default=None,
-              help=f"TS-DNN depth N: Linear(feat->d)+GELU, then N x [Dropout, Linear(d,d), GELU] "
-                   f"(--mode ts-dnn only) [default: {DEFAULT_TS_DNN_LAYERS}].")
+              help=f"TS-DNN depth N: N blocks on top of the DT layer (--mode ts-dnn only) "
+                   f"[default: {DEFAULT_TS_DNN_LAYERS}].")
+@click.option("--dnn", type=click.Choice(TS_DNN_STACKS.names()), default=None,
+              help="ts-dnn: the stack. residual = Linear(feat->d), then N x [LayerNorm, Linear(d,d), "
+                   "GELU, Dropout] added to its input, each branch starting at zero, so TS-DNN-N starts "
+                   "as TS; paper = the paper's code, Linear(feat->d)+GELU, then N x [Dropout, "
+                   "Linear(d,d), GELU]. Differs from the papers because their stack, Xavier-initialised, "
+                   "shrinks item vectors ~4x per layer and at d 64 a deep one sits on the popularity "
+                   f"plateau for tens of epochs [default: {DEFAULT_TS_DNN_STACK}].")
 @click.option("--encoder", default=None, metavar="ENC[,ENC]",
               help="Use the store group DATASET/<modality>/ENC written by `featurestore extract "
                    "--encoder ENC` (ENC@VARIANT for a variant); two names = text + image. "
@@ -203,7 +211,8 @@ def train_command(ws: Workspace, as_json: bool, encoder: str | None, features: s
     strongest for SASRec), --dim 64, --lr 1e-3, and --patience counted only once
     validation is clearly above popularity (--plateau-patience before). The papers'
     setting: --loss bce --dim 512 --lr 1e-4 --plateau-patience 10. `recommend study`
-    uses the same defaults but ends every run at --epochs 20.
+    uses the same defaults (its --live-epochs may cap the e2e and adapter runs). TS-DNN
+    stacks differ too (--dnn).
     """
     inferred = []
     if options["dataset"] is None:
@@ -260,8 +269,12 @@ def runs_command(ws: Workspace, as_json: bool) -> None:
               help="e2e: train the top K blocks from states cached once per item (the store variant "
                    "ENC@topK, extracted if missing; same loss and gradients, about 2x faster), or run "
                    "the whole encoder live every step.")
-@click.option("--epochs", type=int, default=20, show_default=True,
-              help="Most epochs per run (early stopping on validation HR@10 may end a run sooner).")
+@click.option("--epochs", type=int, default=TRAIN_DEFAULTS.epochs, show_default=True,
+              help="Most epochs per run, as `recommend train` (early stopping on validation HR@10 ends "
+                   "most runs far sooner).")
+@click.option("--live-epochs", type=click.IntRange(min=1), default=None,
+              help="Most epochs of the e2e and adapter runs, which run the encoder every step and cost "
+                   "tens of times a TS epoch on a CPU; the report states the cap [default: --epochs].")
 @click.option("--dim", type=int, default=TRAIN_DEFAULTS.dim, show_default=True,
               help="Hidden width d of every run, as `recommend train` (the papers use 512; 64 keeps a "
                    "CPU study to minutes).")
@@ -331,7 +344,8 @@ def study_command(ws: Workspace, as_json: bool, layers: str, modes: str, tune_mo
     else:
         result = run_study(ws, opts, progress=not as_json, command=command)
         configurations = result["configurations"]
-    emit(result, as_json, f"{result['table'].rstrip()}\nreport: {result['report']}")
+    tables = [result[key].rstrip() for key in ("table", "subset_table") if key in result]  # warm studies: one
+    emit(result, as_json, "\n\n".join(tables) + f"\nreport: {result['report']}")
     failed = [c for c in configurations if c["status"] == "failed"]
     if failed:
         raise UserError(f"{len(failed)} configuration(s) failed ({failed[0]['label']}: {failed[0]['reason']}); "

@@ -43,7 +43,7 @@ from torch.utils.checkpoint import checkpoint
 from data.dataset import Item, PreparedDataset
 from extract.cache import StateCache, check_top_k, open_state_cache, restore_hidden
 from extract.encoder import BadItem, Encoder, Hidden, move_inputs
-from extract.registry import create_encoder, get_encoder_config, require_blocks, resolve_weights
+from extract.registry import create_encoder, get_encoder_config, resolve_weights
 from featurestore.cliutil import UserError
 from featurestore.workspace import Workspace
 from recommend.inputs import TowerKind
@@ -349,7 +349,6 @@ class E2EKind(LiveKind):
             if option_given(getattr(opts, field)):
                 raise UserError(f"{flag} is for --mode adapter, not e2e")
         opts.top_k = DEFAULT_TOP_K if opts.top_k is None else opts.top_k
-        require_blocks(config, "--mode e2e --top-k")
         check_top_k(config.name, config.depth, opts.top_k, "--top-k")
         opts.encoder_lr = opts.lr * ENCODER_LR_FACTOR if opts.encoder_lr is None else opts.encoder_lr
         if not opts.encoder_lr > 0:

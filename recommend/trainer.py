@@ -73,6 +73,7 @@ class TrainOptions:
     dataset: str
     mode: str = "id"
     layers: int | None = None
+    dnn: str | None = None  # ts-dnn: which stack (recommend.item_towers.TS_DNN_STACKS)
     encoders: list[str] = field(default_factory=list)
     features: list[str] = field(default_factory=list)
     fusion: str | None = None
@@ -241,6 +242,8 @@ def model_spec(opts: TrainOptions, dataset: PreparedDataset) -> dict:
     tower = {"name": opts.mode, "dropout": opts.dropout, "whiten": opts.whiten}
     if opts.layers is not None:
         tower["layers"] = opts.layers
+    if opts.dnn is not None:
+        tower["dnn"] = opts.dnn
     if opts.fusion:
         tower["fusion"] = opts.fusion
     if opts.with_id:

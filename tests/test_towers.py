@@ -9,7 +9,7 @@ from torch import nn
 
 from featurestore.cliutil import UserError
 from recommend.features import FeatureSource, fit_whitening
-from recommend.item_towers import create_item_tower, list_fusions, ts_dnn_stack
+from recommend.item_towers import TS_DNN_STACKS, create_item_tower, list_fusions, ts_dnn_stack
 from recommend.losses import LossContext, create_loss
 from recommend.model import build_recommender
 from recommend.trainer import Objective
@@ -43,6 +43,26 @@ def test_ts_dnn_stack_has_the_papers_structure(layers):
     assert stack[0].in_features == FEAT and stack[0].out_features == DIM
     assert all(m.p == 0.1 for m in stack if isinstance(m, nn.Dropout))
     assert sum(p.numel() for p in stack.parameters()) == FEAT * DIM + DIM + layers * (DIM * DIM + DIM)
+
+
+def test_residual_ts_dnn_starts_as_ts_while_the_papers_stack_shrinks_its_vectors():
+    """Why ``--dnn residual`` is the default: at initialisation TS-DNN-8 equals its DT layer
+    (the blocks are identities, yet every block gets a gradient), while the paper's
+    Xavier-initialised GELU stack shrinks item vectors by orders of magnitude."""
+    x = torch.from_numpy(make_source().rows[1:])
+    torch.manual_seed(0)
+    residual = create_item_tower(tower_spec("ts-dnn", layers=8, dnn="residual"), [make_source()]).eval()
+    stack = residual.projections[0]
+    assert sum(p.numel() for p in stack.parameters()) == FEAT * DIM + DIM + 8 * (DIM * DIM + 3 * DIM)
+    assert torch.allclose(stack(x), stack[0](x))
+    stack(x).pow(2).sum().backward()
+    assert all(block.linear.weight.grad.abs().sum() > 0 for block in stack[1:])
+
+    torch.manual_seed(0)
+    paper = create_item_tower(tower_spec("ts-dnn", layers=8, dnn="paper"), [make_source()]).eval()
+    first = paper.projections[0][:2](x).norm(dim=1).mean()
+    assert paper.projections[0](x).norm(dim=1).mean() < first / 50
+    assert TS_DNN_STACKS.names() == ["paper", "residual"]
 
 
 def test_ts_tower_is_the_dt_layer_and_counts_parameters():

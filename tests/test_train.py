@@ -215,6 +215,8 @@ def test_cli_train_json_and_runs_listing(synth_ws):
 
 @pytest.mark.parametrize("options, message", [
     (dict(mode="id", layers=4), "--layers sets the TS-DNN depth"),
+    (dict(mode="ts", features=["synth/text/a"], dnn="paper"), "--dnn picks the TS-DNN stack"),
+    (dict(mode="ts-dnn", features=["synth/text/a"], dnn="resnet"), "unknown TS-DNN stack 'resnet'"),
     (dict(mode="ts"), "--encoder ENC or --features"),
     (dict(mode="id", whiten=True), "--whiten transforms stored features"),
     (dict(mode="ts", features=["synth/text/a"], fusion="gate"), "--fusion merges two"),
@@ -302,7 +304,7 @@ def test_ts_dnn_beats_popularity_on_real_text_vectors(synth_ws, text_group, pop_
     assert feature["group"] == text_group == "synth/text/minilm-l6@rectest"
     assert feature["fingerprint"] == group.fingerprint and feature["dim"] == 384
     assert feature["provenance"]["weights_sha256"] == group.attrs["weights_sha256"]
-    assert config["cost"]["trainable_params"] == (384 * 32 + 32) + 2 * (32 * 32 + 32) + 384 + \
+    assert config["cost"]["trainable_params"] == (384 * 32 + 32) + 2 * (32 * 32 + 3 * 32) + 384 + \
         sum(p.numel() for p in load_run(ws.run_dir("tsdnn-text"))[0].user_encoder.parameters())
 
 

@@ -153,18 +153,6 @@ def test_encoders_command_lists_the_towers(hub_cache):
     assert "clip-b16-image" in text.output and "siglip-b16-text" in text.output
 
 
-def test_per_block_uses_are_refused_in_one_line(private_ws):
-    ws = private_ws("vlm-refuse")
-    with pytest.raises(UserError, match=r"--cache-layer 1: encoder clip-tiny-image is a vision-language tower "
-                                        r"used whole.*--mode ts / ts-dnn"):
-        run_extraction(ws, ExtractOptions(dataset="synth", encoder="clip-tiny-image", random_init=True,
-                                          cache_layer=1, workers=0, progress=False))
-    for options in ({"mode": "e2e", "top_k": 1}, {"mode": "adapter", "adapter_dim": 8}):
-        with pytest.raises(UserError, match=r"encoder clip-tiny-text is a vision-language tower used whole"):
-            check_options(TrainOptions(dataset="synth", encoders=["clip-tiny-text"], random_init=True, dim=32,
-                                       **options))
-
-
 def test_random_init_tiny_pair_shares_one_model(synth_dataset):
     text, image = create_encoder("clip-tiny-text", random_init=True), create_encoder("clip-tiny-image",
                                                                                      random_init=True)
@@ -204,3 +192,252 @@ def test_vilt_reads_title_and_picture_together_into_one_multimodal_vector(clip_w
     with pytest.raises(UserError, match=r"--format mmrec has feature files for image and text groups only; "
                                         r"synth/multimodal/vilt-b32 is multimodal"):
         write_mmrec(group, PreparedDataset.load(clip_ws.dataset_dir("synth")), clip_ws.root)
+
+
+# --- per-block uses: the towers' own encoder layers as blocks -----------------------------------
+
+BLOCK_ENCODERS = ["clip-b32-text", "clip-b32-image", "siglip-b16-text", "siglip-b16-image", "vilt-b32"]
+
+
+def both_items(dataset, n: int = 8):
+    """Items with a title and a picture (ViLT reads both)."""
+    return [item for item in dataset.items if item.text and item.image][:n]
+
+
+def batch_of(encoder, items):
+    """The encoder's own preprocessing of ``items``, one batch."""
+    return encoder.preprocessor.collate([encoder.preprocessor.load(item) for item in items])
+
+
+def library_run(encoder, inputs):
+    """(hidden states before every layer and after the last, the item vectors) from the library's own forward."""
+    model = encoder.model
+    with torch.inference_mode():
+        if encoder.config.family == "vilt":
+            out = model(**inputs, output_hidden_states=True)
+            return out.hidden_states, out.last_hidden_state[:, 0]
+        if encoder.config.modality == "text":
+            return (model.text_model(**inputs, output_hidden_states=True).hidden_states,
+                    model.get_text_features(**inputs).pooler_output)
+        return (model.vision_model(pixel_values=inputs, output_hidden_states=True).hidden_states,
+                model.get_image_features(pixel_values=inputs).pooler_output)
+
+
+def real_tokens(encoder, inputs) -> list[int | None]:
+    """Per item, how many leading positions the library's and the cache's sequences share: a title's real
+    tokens (ViLT: its title's; the library pads the title before the patches, which come in a random order)."""
+    if encoder.config.modality == "image":
+        return [None] * len(inputs)
+    ids = inputs["input_ids"]
+    return inputs.get("attention_mask", torch.ones_like(ids)).sum(1).tolist()
+
+
+@pytest.fixture(scope="module")
+def top1_ws(clip_ws):
+    """Float32 caches of the states entering the top block (K = 1 of 2) for every tiny hub tower."""
+    for name in BLOCK_ENCODERS:
+        run_extraction(clip_ws, ExtractOptions(dataset="synth", encoder=name, cache_layer=1, cache_dtype="float32",
+                                               variant="top1", batch_size=16, workers=0, progress=False))
+    return clip_ws
+
+
+@pytest.mark.parametrize("name", BLOCK_ENCODERS)
+def test_cached_states_are_the_library_hidden_states_and_continue_to_its_vectors(top1_ws, synth_dataset, name):
+    from extract.cache import StateCache, restore_hidden
+
+    encoder = create_encoder(name)
+    config = get_encoder_config(name)
+    group = FeatureStore(top1_ws.store).open(f"synth/{config.modality}/{name}@top1")
+    assert [group.attrs[k] for k in ("cache_layer", "cache_block", "cache_layout")] == [1, 1, "tokens,width"]
+    cache = StateCache(group)
+    items = both_items(synth_dataset)
+    ids = np.array([item.id for item in items])
+    inputs = batch_of(encoder, items)
+    library_states, want = library_run(encoder, inputs)
+    states, tokens = cache.gather(ids)
+    assert (tokens is None) == (config.modality == "image")
+    expected = library_states[1].numpy()  # entering block 1 = leaving block 0
+    for row, (got, count) in enumerate(zip(states, real_tokens(encoder, inputs))):
+        if count is None:
+            np.testing.assert_allclose(got, expected[row], rtol=0, atol=2e-5)
+        else:
+            np.testing.assert_allclose(got[:count], expected[row, :count], rtol=0, atol=2e-5)
+            assert not got[tokens[row]:].any()  # padding is stored as zeros
+    if config.family == "vilt":  # title + [CLS] + the picture's patches, real ones only
+        assert (tokens > inputs["attention_mask"].sum(1).numpy() + 1).all()
+    with torch.inference_mode():
+        hidden = restore_hidden(encoder, torch.from_numpy(states), None if tokens is None else torch.from_numpy(tokens))
+        got = encoder.pool(encoder.run_blocks(hidden, 1))
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
+    np.testing.assert_allclose(group.read()[ids], want.numpy(), rtol=0, atol=2e-5)  # the group's own vectors too
+
+
+E2E_CASES = {"clip-b32-image": 4, "clip-b32-text": 8, "siglip-b16-text": 8, "vilt-b32": 4}  # rows per test batch
+
+
+def build_e2e(ws, dataset, name, **options):
+    from recommend.e2e import open_live_inputs
+    from recommend.model import build_recommender
+    from recommend.trainer import model_spec
+
+    opts = check_options(TrainOptions(dataset="synth", mode="e2e", dim=32, top_k=1, **options,
+                                      encoders=[f"{name}@top1" if options.get("cached") else name]))
+    torch.manual_seed(0)
+    return build_recommender(model_spec(opts, dataset), open_live_inputs(ws, opts, dataset))
+
+
+@pytest.mark.parametrize("name", list(E2E_CASES))
+def test_e2e_top_block_trains_alone_and_cached_equals_naive(top1_ws, synth_dataset, name):
+    from recommend.batches import training_rows
+    from test_e2e import loss_and_grads
+
+    naive, cached = build_e2e(top1_ws, synth_dataset, name), build_e2e(top1_ws, synth_dataset, name, cached=True)
+    assert cached.item_tower.live.cache is not None and naive.item_tower.live.items is not None
+    rows = torch.from_numpy(training_rows(synth_dataset, naive.max_seq_len)[: E2E_CASES[name]])
+    for model in (naive, cached):
+        model.eval()  # no dropout: the same function on both paths
+    loss_n, grads_n = loss_and_grads(naive, synth_dataset, rows)
+    loss_c, grads_c = loss_and_grads(cached, synth_dataset, rows)
+    assert loss_c == pytest.approx(loss_n, rel=1e-5)
+    assert set(grads_n) == set(grads_c)
+    for key, grad in grads_n.items():
+        # atol floor: a key bias's gradient is zero up to rounding (softmax ignores it), and ViLT's naive
+        # path meets the patches in another order than the cache stores them
+        torch.testing.assert_close(grads_c[key], grad, rtol=1e-4, atol=1e-4 * float(grad.abs().max()) + 1e-7,
+                                   msg=lambda m, key=key: f"{key}: {m}")
+    encoder = naive.item_tower.encoder
+    top = {id(p) for m in (encoder.blocks[1], encoder.pool) for p in m.parameters()}
+    with_grad = {id(p) for p in encoder.parameters() if p.grad is not None}
+    assert with_grad == top and all(float(p.grad.abs().sum()) > 0 for p in encoder.blocks[1].parameters())
+    assert all(not p.requires_grad for m in (encoder.stem, encoder.blocks[0]) for p in m.parameters())
+    other = encoder.model.vision_model if encoder.config.modality == "text" else getattr(encoder.model, "text_model",
+                                                                                         None)
+    assert other is None or not any(p.requires_grad for p in other.parameters())  # the other tower stays frozen
+
+
+def test_e2e_run_from_the_cache_trains_reloads_and_ranks_the_same(top1_ws):
+    from safetensors import safe_open
+
+    from eval.cli import cli as eval_cli
+    from recommend.cli import cli as recommend_cli
+
+    root = ["--root", str(top1_ws.root)]
+    out = CliRunner().invoke(recommend_cli, ["train", *root, "--dataset", "synth", "--mode", "e2e", "--encoder",
+                                             "vilt-b32@top1", "--cached", "--top-k", "1", "--dim", "32",
+                                             "--batch-size", "64", "--epochs", "1", "--run-name", "vilt-e2e",
+                                             "--quiet", "--json"])
+    assert out.exit_code == 0, out.output
+    run_dir = top1_ws.run_dir("vilt-e2e")
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["item_encoder"]["first_tuned_block"] == 1
+    assert config["features"][0]["group"] == "synth/multimodal/vilt-b32@top1"
+    with safe_open(str(run_dir / "model.safetensors"), "pt") as fh:
+        saved = [k for k in fh.keys() if k.startswith("item_tower.encoder.")]
+    top = ("item_tower.encoder.model.encoder.layer.1.", "item_tower.encoder.model.layernorm.")
+    assert saved and all(k.startswith(top) for k in saved)  # the top block and final norm; the rest is rebuilt
+    best = json.loads((run_dir / "best.json").read_text())
+    ranked = CliRunner().invoke(eval_cli, ["rank", *root, "--run", "vilt-e2e", "--split", "valid", "--k", "10",
+                                           "--json"])
+    assert ranked.exit_code == 0, ranked.output
+    assert json.loads(ranked.stdout)["HR@10"] == pytest.approx(best["metrics"]["HR@10"], abs=1e-9)
+
+
+def _with_zero_adapters(encoder, bottleneck: int = 4):
+    from recommend.adapters import add_item_adapters
+
+    adapters = add_item_adapters(encoder, bottleneck)
+    for adapter in adapters:
+        torch.nn.init.zeros_(adapter.up.weight)
+    return adapters
+
+
+@pytest.mark.parametrize("name", BLOCK_ENCODERS)
+def test_adapters_sit_in_each_tower_block_after_attention_and_feed_forward(hub_cache, synth_dataset, name):
+    encoder = create_encoder(name).eval()
+    items = both_items(synth_dataset, 3)
+    inputs = batch_of(encoder, items)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        plain = encoder(inputs)
+        adapters = _with_zero_adapters(encoder)
+        assert len(adapters) == 2 * encoder.depth
+        torch.testing.assert_close(encoder(inputs), plain)  # a zero adapter is the identity
+        for adapter in adapters:  # each one is on the path: perturbing it alone changes the item vectors
+            adapter.up.weight.normal_(std=0.5)
+            assert not torch.allclose(encoder(inputs), plain, atol=1e-4)
+            torch.nn.init.zeros_(adapter.up.weight)
+
+
+def test_adapter_run_trains_only_adapters_and_changes_the_vectors(clip_ws, synth_dataset):
+    from recommend.batches import training_rows
+    from recommend.e2e import open_live_inputs
+    from recommend.losses import LossContext, create_loss
+    from recommend.model import build_recommender
+    from recommend.trainer import Objective, model_spec, optimizer_groups
+
+    opts = check_options(TrainOptions(dataset="synth", mode="adapter", encoders=["clip-b32-image"], adapter_in="item",
+                                      adapter_dim=4, dim=32))
+    torch.manual_seed(0)
+    model = build_recommender(model_spec(opts, synth_dataset), open_live_inputs(clip_ws, opts, synth_dataset))
+    encoder = model.item_tower.encoder
+    assert sum(".adapter." in n for n, _ in encoder.tower.named_parameters()) == 4 * 2 * encoder.depth
+    assert not any(".adapter." in n for n, _ in encoder.model.text_model.named_parameters())
+    ids = torch.tensor([item.id for item in both_items(synth_dataset, 4)])
+    model.eval()
+    with torch.no_grad():
+        start = model.item_tower.content(ids)
+        pixels = torch.stack([encoder.preprocessor.load(item) for item in both_items(synth_dataset, 4)])
+        plain = create_encoder("clip-b32-image")(pixels)
+    torch.testing.assert_close(start, plain, rtol=0, atol=0.05 * float(plain.abs().max()))  # near-identity start
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW(optimizer_groups(model, 1e-2, opts.encoder_lr), lr=1e-2)
+    model.train()
+    loss = create_loss("bce", LossContext(synth_dataset.n_items, synth_dataset.train_counts()))
+    Objective(model, loss)(torch.from_numpy(training_rows(synth_dataset, model.max_seq_len)[:4])).backward()
+    optimizer.step()
+    after = dict(model.named_parameters())
+    adapters = {n for n in after if ".adapter." in n}
+    base = {n for n in after if n.startswith("item_tower.encoder.") and n not in adapters}
+    assert adapters and all(not torch.equal(after[n], before[n]) for n in adapters)
+    assert all(torch.equal(after[n], before[n]) for n in base)
+    model.eval()
+    with torch.no_grad():
+        assert (model.item_tower.content(ids) - start).abs().max() > 1e-4  # trained adapters change the vectors
+
+
+def test_per_layer_cache_feeds_side_networks_without_running_the_towers(clip_ws, synth_dataset, monkeypatch):
+    from extract.encoder import Encoder
+    from extract.layers import LayerCache
+
+    for tower in ("text", "image"):
+        run_extraction(clip_ws, ExtractOptions(dataset="synth", encoder=f"clip-b32-{tower}", cache_layer="all",
+                                               cache_dtype="float32", variant="layers", batch_size=16, workers=0,
+                                               progress=False))
+    items = both_items(synth_dataset)
+    ids = np.array([item.id for item in items])
+    for tower, pick in (("text", "last"), ("image", "first")):
+        encoder = create_encoder(f"clip-b32-{tower}")
+        cache = LayerCache(FeatureStore(clip_ws.store).open(f"synth/{tower}/clip-b32-{tower}@layers"))
+        assert cache.widths == (32, 32, 32)  # embeddings, then each of the 2 layers, 32 wide
+        inputs = batch_of(encoder, items)
+        states, _ = library_run(encoder, inputs)
+        at = (inputs["attention_mask"].sum(1) - 1) if pick == "last" else torch.zeros(len(ids), dtype=torch.long)
+        want = np.concatenate([s[torch.arange(len(ids)), at].numpy() for s in states], axis=1)
+        np.testing.assert_allclose(cache.gather(ids), want, rtol=0, atol=2e-5)
+    vilt = ExtractOptions(dataset="synth", encoder="vilt-b32", cache_layer="all", variant="layers", workers=0,
+                          batch_size=16, progress=False)
+    run_extraction(clip_ws, vilt)
+    vilt_cache = LayerCache(FeatureStore(clip_ws.store).open("synth/multimodal/vilt-b32@layers"))
+    encoder = create_encoder("vilt-b32")
+    inputs = batch_of(encoder, items)
+    want = np.concatenate([s[:, 0].numpy() for s in library_run(encoder, inputs)[0]], axis=1)  # [CLS] per layer
+    np.testing.assert_allclose(vilt_cache.gather(ids), want, rtol=0, atol=2e-3)  # float16 cache
+    calls = []
+    monkeypatch.setattr(Encoder, "forward", lambda self, *a, **k: calls.append("Encoder") or None)
+    monkeypatch.setattr(Encoder, "stem", property(lambda self: calls.append("stem")))
+    for encoders, run in ((["clip-b32-text@layers", "clip-b32-image@layers"], "clip-side"),
+                          (["vilt-b32@layers"], "vilt-side")):
+        result = train(clip_ws, TrainOptions(dataset="synth", mode="side", encoders=encoders, dim=32, lr=1e-3,
+                                             epochs=1, run_name=run), progress=False, echo=False)
+        assert result["epochs"] == 1 and np.isfinite(result["best"]["HR@10"])
+    assert calls == []
