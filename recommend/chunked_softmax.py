@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-CPU_LOGIT_BYTES = 2**22  # 4 MiB: 1260 items x 832 positions; fastest of 0.5-16 MiB measured on the dev CPU
+CPU_LOGIT_BYTES = 2**22  # 4 MiB = 1260 items x 832 positions; 1-8 MiB alike on the dev CPU, 64 MiB 1.5x slower
 GPU_LOGIT_BYTES = 2**28  # 256 MiB
 MIN_CHUNK = 128  # items per chunk at least, however many positions
 
