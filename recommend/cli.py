@@ -97,11 +97,16 @@ def cli() -> None:
 @click.option("--loss", type=click.Choice(list_losses()), default=TRAIN_DEFAULTS.loss, show_default=True,
               help="bce = BCE with one sampled negative per position not in the user's sequence "
                    "(the papers'); inbatch = in-batch softmax with log-popularity correction; ce = "
-                   "softmax cross-entropy over the whole catalogue (RecBole's SASRec default; content "
-                   "towers run over every item each step, in checkpointed chunks); gbce = gSASRec's "
-                   "generalised BCE with --negatives K and calibration --gbce-t.")
+                   "softmax cross-entropy over the whole catalogue (RecBole's SASRec default; exact, "
+                   "memory bounded, but a step scores every item, and a content tower runs over the "
+                   "whole catalogue forward and backward: on a 2-core CPU at 87K items about x6 an "
+                   "inbatch step for IDRec and x30 for TS-DNN-8, see BENCHMARKS.md); sce = ce's "
+                   "sampled estimate: --negatives K items shared by the batch, logQ-corrected, about "
+                   "inbatch's cost; gbce = gSASRec's generalised BCE with --negatives K and "
+                   "calibration --gbce-t.")
 @click.option("--negatives", type=int, default=None,
-              help="gbce: sampled negatives per position, outside the user's sequence [default: 256, gSASRec's].")
+              help="gbce: sampled negatives per position, outside the user's sequence [default: 256, "
+                   "gSASRec's]; sce: uniform negatives shared by the batch [default: 1024].")
 @click.option("--gbce-t", type=float, default=None,
               help="gbce: calibration t in [0, 1]; 0 = plain BCE over K negatives, 1 = fully "
                    "calibrated [default: 0.75, gSASRec's].")
@@ -206,7 +211,8 @@ def train_command(ws: Workspace, as_json: bool, encoder: str | None, features: s
     strongest for SASRec), --dim 64, --lr 1e-3, and --patience counted only once
     validation is clearly above popularity (--plateau-patience before). The papers'
     setting: --loss bce --dim 512 --lr 1e-4 --plateau-patience 10. `recommend study`
-    uses the same defaults but ends every run at --epochs 20.
+    uses the same defaults (its --live-epochs may cap the e2e and adapter runs). TS-DNN
+    stacks differ too (--dnn).
     """
     inferred = []
     if options["dataset"] is None:
@@ -263,8 +269,12 @@ def runs_command(ws: Workspace, as_json: bool) -> None:
               help="e2e: train the top K blocks from states cached once per item (the store variant "
                    "ENC@topK, extracted if missing; same loss and gradients, about 2x faster), or run "
                    "the whole encoder live every step.")
-@click.option("--epochs", type=int, default=20, show_default=True,
-              help="Most epochs per run (early stopping on validation HR@10 may end a run sooner).")
+@click.option("--epochs", type=int, default=TRAIN_DEFAULTS.epochs, show_default=True,
+              help="Most epochs per run, as `recommend train` (early stopping on validation HR@10 ends "
+                   "most runs far sooner).")
+@click.option("--live-epochs", type=click.IntRange(min=1), default=None,
+              help="Most epochs of the e2e and adapter runs, which run the encoder every step and cost "
+                   "tens of times a TS epoch on a CPU; the report states the cap [default: --epochs].")
 @click.option("--dim", type=int, default=TRAIN_DEFAULTS.dim, show_default=True,
               help="Hidden width d of every run, as `recommend train` (the papers use 512; 64 keeps a "
                    "CPU study to minutes).")
@@ -334,7 +344,8 @@ def study_command(ws: Workspace, as_json: bool, layers: str, modes: str, tune_mo
     else:
         result = run_study(ws, opts, progress=not as_json, command=command)
         configurations = result["configurations"]
-    emit(result, as_json, f"{result['table'].rstrip()}\nreport: {result['report']}")
+    tables = [result[key].rstrip() for key in ("table", "subset_table") if key in result]  # warm studies: one
+    emit(result, as_json, "\n\n".join(tables) + f"\nreport: {result['report']}")
     failed = [c for c in configurations if c["status"] == "failed"]
     if failed:
         raise UserError(f"{len(failed)} configuration(s) failed ({failed[0]['label']}: {failed[0]['reason']}); "

@@ -32,16 +32,17 @@ from pathlib import Path
 import click
 import torch
 
-from data.dataset import PreparedDataset
+from data.dataset import COLD_THRESHOLD, PreparedDataset
 from eval.cli import load_run_and_dataset, record_result, result_key
 from eval.compare import markdown_table, reference_summaries, summarize_run
-from eval.evaluate import evaluate
+from eval.evaluate import evaluate, subset_users
 from eval.metrics import format_metrics
 from eval.ranking import TIES_RULE
 from featurestore.cliutil import UserError
 from featurestore.store import GroupLock
 from featurestore.workspace import Workspace
 from extract.layers import ALL_LAYERS
+from recommend.e2e import LIVE_MODES
 from recommend.item_towers import list_item_towers
 from recommend.run import BEST, CHECKPOINT, FINISHED, write_atomic
 from recommend.study_tune import plot_validation, seed_options, seed_statistics, tune_configurations
@@ -56,6 +57,7 @@ SUMMARY = "study.json"
 PLOTS = {"HR@10": "compare-hr10.png", "NDCG@10": "compare-ndcg10.png"}
 PR_SET_PDEATHSIG = 1  # prctl(2)
 LOCK = "study.lock"
+SUBSET_TABLE = ("warm", "cold")  # the user subsets of the report's second table
 
 
 @dataclass
@@ -68,7 +70,8 @@ class StudyOptions:
     modes: list[str] = field(default_factory=lambda: list(STUDY_MODES))
     top_k: int = 2
     cached: bool = True
-    epochs: int = 20
+    epochs: int = TrainOptions.epochs
+    live_epochs: int | None = None  # e2e / adapter runs stop at this many epochs (None: --epochs)
     dim: int = TrainOptions.dim  # one set of defaults with ``recommend train``
     batch_size: int = TrainOptions.batch_size
     lr: float = TrainOptions.lr
@@ -101,13 +104,14 @@ class Configuration:
     sd: dict | None = None  # sample sd over the seeds (None for one seed)
     seeds: list[dict] = field(default_factory=list)  # per seed: seed, run, status, test
     curve: str | None = None  # validation-curve PNG, for a row below popularity
+    subsets: dict | None = None  # SUBSETS -> test metrics of those users, mean over the seeds
 
     def to_dict(self) -> dict:
         return {"label": self.label, "mode": self.mode, "run": self.run, "status": self.status,
                 "reason": self.reason, "test": self.test, "sd": self.sd, "tuned": self.tuned is not None,
                 "tune_study": self.tune_study, "params": self.tuned, "borrowed": self.borrowed,
                 "hyperparameters": None if self.options is None else hyperparameters(self.options),
-                "seeds": self.seeds, "curve": self.curve}
+                "seeds": self.seeds, "curve": self.curve, "subsets": self.subsets}
 
 
 def check_options(opts: StudyOptions) -> StudyOptions:
@@ -185,6 +189,8 @@ def plan(opts: StudyOptions, dataset: PreparedDataset, features: dict | None = N
                                                 "installation"))
             continue
         options = replace(common, mode=mode, **settings)
+        if mode in LIVE_MODES and opts.live_epochs is not None:
+            options.epochs = min(options.epochs, opts.live_epochs)
         group = features if mode in STORE_MODES else {"e2e": states if opts.cached else None, "side": layers}.get(mode)
         options.run_name = run_name(dataset, label, options, group)
         configs.append(Configuration(label, mode, options=options, run=options.run_name, group=group))
@@ -221,12 +227,13 @@ def ensure_features(ws: Workspace, opts: StudyOptions, progress: bool,
     return result.to_dict(), {key: attrs.get(key) for key in SIGNATURE_KEYS}
 
 
-def rank_on_test(ws: Workspace, run_dir: Path) -> dict:
-    """Full-pool test metrics of a finished run, as ``eval rank`` computes and stores them.
+def rank_on_test(ws: Workspace, run_dir: Path, subset: str = "all") -> dict:
+    """Full-pool test metrics of a finished run (its ``subset`` of users), as ``eval rank``
+    computes and stores them.
 
     Reuses the run's ``eval.json`` entry when one exists for these options.
     """
-    key = result_key({"split": "test", "subset": "all", "exclude_history": True, "ks": list(KS)})
+    key = result_key({"split": "test", "subset": subset, "exclude_history": True, "ks": list(KS)})
     stored = run_dir / "eval.json"
     if stored.exists():
         try:
@@ -236,7 +243,7 @@ def rank_on_test(ws: Workspace, run_dir: Path) -> dict:
         if previous is not None and "unfinished_run" not in previous:  # not a score of a checkpoint so far
             return previous
     model, _config, dataset = load_run_and_dataset(ws, run_dir)
-    result = evaluate(model, dataset, split="test", ks=KS, exclude_history=True)
+    result = evaluate(model, dataset, split="test", ks=KS, exclude_history=True, subset=subset)
     result["evaluated_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     result["dataset"] = {"name": dataset.name, "fingerprint": dataset.fingerprint}
     record_result(run_dir, result)
@@ -311,10 +318,37 @@ def _train_and_rank(ws: Workspace, config: Configuration, runs: list[TrainOption
         if not (run_dir / CHECKPOINT).exists():
             config.status, config.reason = "failed", f"no checkpoint in {options.run_name}: {message}"
             return
-        test = {k: v for k, v in rank_on_test(ws, run_dir).items() if k.startswith(("HR@", "NDCG@"))}
-        config.seeds.append({"seed": options.seed, "run": options.run_name, "status": status, "test": test})
+        subsets = {subset: _metrics(rank_on_test(ws, run_dir, subset)) for subset in SUBSET_TABLE}
+        config.seeds.append({"seed": options.seed, "run": options.run_name, "status": status,
+                             "test": _metrics(rank_on_test(ws, run_dir)), "subsets": subsets})
     config.status = "trained" if any(s["status"] == "trained" for s in config.seeds) else "finished earlier"
     config.test, config.sd = seed_statistics([s["test"] for s in config.seeds])
+    config.subsets = {subset: seed_statistics([s["subsets"][subset] for s in config.seeds])[0]
+                      for subset in SUBSET_TABLE}
+
+
+def _metrics(result: dict) -> dict:
+    return {k: v for k, v in result.items() if k.startswith(("HR@", "NDCG@"))}
+
+
+def subset_table(dataset: PreparedDataset, configs: list[Configuration]) -> str:
+    """Markdown: test HR@10 / NDCG@10 of warm and cold users (their target's training count at
+    least / under COLD_THRESHOLD), popularity and oracle rows first: where IDRec and content differ."""
+    from data.oracle import reference_rows
+
+    users = {subset: len(subset_users(dataset, "test", subset)) for subset in SUBSET_TABLE}
+    head = " | ".join(f"{subset} ({users[subset]} users) {metric} (%)" for subset in SUBSET_TABLE
+                      for metric in ("HR@10", "NDCG@10"))
+    lines = [f"| run | {head} |", "|---" * (1 + 2 * len(SUBSET_TABLE)) + "|"]
+    references = {subset: reference_rows(dataset, "test", KS, True, subset) for subset in SUBSET_TABLE}
+    rows = [(name, {subset: references[subset][name] for subset in SUBSET_TABLE})
+            for name in references[SUBSET_TABLE[0]]]
+    rows += [(c.label, c.subsets) for c in configs if c.subsets]
+    for name, metrics in rows:
+        cells = " | ".join("-" if not users[subset] else f"{100 * metrics[subset][metric]:.2f}"
+                           for subset in SUBSET_TABLE for metric in ("HR@10", "NDCG@10"))
+        lines.append(f"| {name} | {cells} |")
+    return "\n".join(lines) + "\n"
 
 
 def _row_summary(ws: Workspace, config: Configuration, seeds: int):
@@ -355,7 +389,7 @@ def default_out(ws: Workspace, opts: StudyOptions) -> Path:
 
 
 def write_report(out: Path, opts: StudyOptions, dataset: PreparedDataset, configs: list[Configuration],
-                 table: str, features: dict | None, command: str) -> Path:
+                 table: str, features: dict | None, command: str, subsets: str) -> Path:
     """``report.md``: setup, the accuracy/cost table, what was not run and why, figures."""
     lines = [
         f"# Study: {dataset.name} with {opts.encoder}",
@@ -373,8 +407,10 @@ def write_report(out: Path, opts: StudyOptions, dataset: PreparedDataset, config
                      f"{features['embedded']}/{features['items']} items embedded)")
     lines += [
         f"- training: SASRec, loss {TrainOptions.loss}, d = {opts.dim}, batch {opts.batch_size}, "
-        f"lr {opts.lr:g}, at most {opts.epochs} epochs, early stopping after {opts.patience} epochs "
-        f"without a better validation HR@10, seed {opts.seed}",
+        f"lr {opts.lr:g}, at most {opts.epochs} epochs"
+        + (f" ({opts.live_epochs} for {' and '.join(LIVE_MODES)}, which run the encoder every step)"
+           if opts.live_epochs is not None else "")
+        + f", early stopping after {opts.patience} epochs without a better validation HR@10, seed {opts.seed}",
         f"- evaluation: test split (last item), ranked against all {dataset.n_items} items, the user's "
         f"history excluded, ties rank the target last ({TIES_RULE}); metrics in percent",
         f"- command: `{command}`",
@@ -385,6 +421,13 @@ def write_report(out: Path, opts: StudyOptions, dataset: PreparedDataset, config
         "",
         "`s/epoch` is training time per epoch without validation; `peak RSS MB` the largest resident "
         "memory of the training process; `source` says where the metrics come from.",
+        "",
+        "## Warm and cold users",
+        "",
+        f"Test users split by their target item's training interactions: warm at least {COLD_THRESHOLD}, "
+        f"cold fewer (001 §4.3: IDRec is strong on warm items, content is needed on cold ones).",
+        "",
+        subsets.rstrip("\n"),
         "",
     ]
     lines += _settings_section(opts, configs)
@@ -491,8 +534,9 @@ def _study(ws: Workspace, opts: StudyOptions, dataset: PreparedDataset, out: Pat
     _draw_curves(ws, ranked, summaries[0].metrics, out)
     for metric, name in PLOTS.items():
         plot_compare(summaries, out / name, metric=metric)
-    report = write_report(out, opts, dataset, configs, table, features, command)
-    result = {"report": str(report), "out": str(out), "table": table,
+    subsets = subset_table(dataset, ranked)
+    report = write_report(out, opts, dataset, configs, table, features, command, subsets)
+    result = {"report": str(report), "out": str(out), "table": table, "subset_table": subsets,
               "popularity": summaries[0].metrics,
               "oracle": next((s.metrics for s in summaries if s.mode == "oracle"), None), "configurations": [c.to_dict() for c in configs],
               "features": features, "plots": [str(out / name) for name in PLOTS.values()]}

@@ -63,6 +63,9 @@ def test_every_mode_is_trained_ranked_and_reported(studied):
         assert f"| {c['run']} | {c['mode']} |" in report
         assert (ws.run_dir(c["run"]) / "eval.json").exists()
     assert "| popularity | popularity |" in report
+    assert "## Warm and cold users" in report and result["subset_table"] in report
+    assert [line.split(" | ")[0] for line in result["subset_table"].splitlines()[2:]] == \
+        ["| popularity", "| oracle"] + [f"| {label}" for label in labels]
     for png in result["plots"]:
         with open(png, "rb") as fh:
             assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -99,6 +102,12 @@ def test_test_metrics_match_a_numpy_ranking(studied):
         hr, ndcg = hr_ndcg_at_10(scores, targets, excluded)
         assert config["test"]["HR@10"] == pytest.approx(hr, abs=1e-6)
         assert config["test"]["NDCG@10"] == pytest.approx(ndcg, abs=1e-6)
+        cold = dataset.train_counts()[targets] < 10
+        for subset, users in (("warm", ~cold), ("cold", cold)):
+            rows = np.flatnonzero(users)
+            hr, ndcg = hr_ndcg_at_10(scores[rows], targets[rows], [excluded[u] for u in rows])
+            assert config["subsets"][subset]["HR@10"] == pytest.approx(hr, abs=1e-6)
+            assert config["subsets"][subset]["NDCG@10"] == pytest.approx(ndcg, abs=1e-6)
 
 
 def test_popularity_row_matches_counting(studied):
@@ -159,6 +168,8 @@ def test_run_names_follow_settings_data_and_features(synth_dataset):
 def test_plan_and_bad_options(synth_dataset):
     opts = StudyOptions(dataset="synth", encoder="minilm-l6", layers=[8, 2, 8], modes=["ts-dnn", "id"])
     assert [c.label for c in plan(opts, synth_dataset)] == ["id", "ts-dnn2", "ts-dnn8"]
+    capped = plan(replace(opts, modes=["id", "e2e", "adapter", "side"], epochs=30, live_epochs=3), synth_dataset)
+    assert {c.label: c.options.epochs for c in capped} == {"id": 30, "e2e-top2": 3, "adapter": 3, "side": 30}
     ws = Workspace(synth_dataset.path.parent.parent)
     with pytest.raises(UserError, match="--modes"):
         run_study(ws, replace(opts, modes=["e2e", "bert"]), progress=False)
