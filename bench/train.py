@@ -27,9 +27,10 @@ the run it extends (the same data, width and rounds):
 
 ``--loss-steps N_ITEMS`` instead times one training step (forward, backward, AdamW) of
 ``--loss ce`` (softmax over all N items; content towers run over the whole catalogue in
-checkpointed chunks) against ``inbatch`` on a catalogue of N items, for IDRec and
-TS-DNN-N, with the trainer's own Objective and random rows (step time does not depend on
-what the items mean):
+checkpointed chunks) and of ``--loss sce`` (its sampled estimate, ``--negatives`` shared
+negatives) against ``inbatch`` on a catalogue of N items, for IDRec and TS-DNN-N, with
+the trainer's own Objective and random rows (step time does not depend on what the
+items mean):
 
     python bench/train.py --loss-steps 87000 --dim 64 --threads 2
 """
@@ -51,7 +52,7 @@ from data.prepare import synthetic_dataset
 from featurestore.store import FeatureStore
 from featurestore.workspace import Workspace
 from recommend.features import FeatureSource
-from recommend.losses import LossContext, create_loss
+from recommend.losses import SCE_NEGATIVES, LossContext, create_loss
 from recommend.model import build_recommender
 from recommend.run import read_metrics
 from recommend.trainer import Objective, TrainOptions, train
@@ -97,8 +98,12 @@ def run_once(ws: Workspace, opts: TrainOptions) -> dict:
             "best": result["best"]}
 
 
-def loss_steps(n_items: int, dim: int, layers: int, feat_dim: int, batch_size: int, rounds: int) -> dict:
-    """Median seconds per training step of ce and inbatch, per tower, alternating the losses."""
+STEP_LOSSES = ("inbatch", "ce", "sce")  # inbatch first: the baseline of the ratios
+
+
+def loss_steps(n_items: int, dim: int, layers: int, feat_dim: int, batch_size: int, rounds: int,
+               negatives: int = SCE_NEGATIVES) -> dict:
+    """Median seconds per training step of each of STEP_LOSSES, per tower, alternating the losses."""
     rows = np.random.default_rng(0).standard_normal((n_items + 1, feat_dim)).astype(np.float32)
     source = FeatureSource(group="bench/image/random", rows=rows, present=np.ones(n_items + 1, bool),
                            dim=feat_dim, fingerprint="bench")
@@ -111,8 +116,8 @@ def loss_steps(n_items: int, dim: int, layers: int, feat_dim: int, batch_size: i
                                    "user_encoder": {"name": "sasrec", "blocks": 2, "heads": 2, "dropout": 0.1}},
                                   sources)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        objectives = {loss: Objective(model, create_loss(loss, LossContext(n_items, np.ones(n_items + 1))))
-                      for loss in ("inbatch", "ce")}
+        context = LossContext(n_items, np.ones(n_items + 1), negatives=negatives)
+        objectives = {loss: Objective(model, create_loss(loss, context)) for loss in STEP_LOSSES}
         times: dict[str, list[float]] = {loss: [] for loss in objectives}
         for round_ in range(rounds + 1):  # round 0 warms up
             for loss, objective in objectives.items():
@@ -124,14 +129,16 @@ def loss_steps(n_items: int, dim: int, layers: int, feat_dim: int, batch_size: i
                 if round_:
                     times[loss].append(time.perf_counter() - start)
         out[tower] = {loss: statistics.median(t) for loss, t in times.items()}
-        out[tower]["ratio_ce_vs_inbatch"] = out[tower]["ce"] / out[tower]["inbatch"]
+        for loss in STEP_LOSSES[1:]:
+            out[tower][f"ratio_{loss}_vs_inbatch"] = out[tower][loss] / out[tower]["inbatch"]
     return out
 
 
-def loss_steps_report(n_items: int, dim: int, layers: int, feat_dim: int, batch_size: int, rounds: int) -> dict:
+def loss_steps_report(n_items: int, dim: int, layers: int, feat_dim: int, batch_size: int, rounds: int,
+                      negatives: int) -> dict:
     return {"items": n_items, "dim": dim, "batch_size": batch_size, "positions": batch_size * 13,
-            "feat_dim": feat_dim, "rounds": rounds, "threads": torch.get_num_threads(),
-            "towers": loss_steps(n_items, dim, layers, feat_dim, batch_size, rounds)}
+            "feat_dim": feat_dim, "rounds": rounds, "threads": torch.get_num_threads(), "sce_negatives": negatives,
+            "towers": loss_steps(n_items, dim, layers, feat_dim, batch_size, rounds, negatives)}
 
 
 def summarise(mode: str, runs: list[dict]) -> dict:
@@ -165,7 +172,9 @@ def summarise(mode: str, runs: list[dict]) -> dict:
 @click.option("--extras", default="", show_default=True, metavar="NAME[,NAME]",
               help=f"Also time these, each against the run it extends: {', '.join(EXTRAS)}.")
 @click.option("--loss-steps", type=int, default=None, metavar="N_ITEMS",
-              help="Instead: seconds per training step of --loss ce vs inbatch on a catalogue of N_ITEMS items.")
+              help="Instead: seconds per training step of --loss ce and sce vs inbatch on a catalogue of N_ITEMS items.")
+@click.option("--negatives", default=SCE_NEGATIVES, show_default=True,
+              help="--loss-steps: the shared negatives of sce.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--threads", type=int, default=None,
               help="torch CPU threads [default: torch's choice]; 1 is steadier on a shared machine.")
@@ -173,16 +182,18 @@ def summarise(mode: str, runs: list[dict]) -> dict:
               help="Workspace to use (kept); default: a temporary folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def main(users: int, items: int, feat_dim: int, layers: int, dim: int, batch_size: int, epochs: int,
-         rounds: int, extras: str, loss_steps: int | None, device: str, threads: int | None, root: Path | None,
+         rounds: int, extras: str, loss_steps: int | None, negatives: int, device: str, threads: int | None,
+         root: Path | None,
          as_json: bool) -> None:
     """Seconds per training epoch of TS-DNN-N against IDRec (and of --extras against their base runs)."""
     if threads:
         torch.set_num_threads(threads)
     if loss_steps:
-        steps = loss_steps_report(loss_steps, dim, layers, feat_dim, batch_size, rounds)
+        steps = loss_steps_report(loss_steps, dim, layers, feat_dim, batch_size, rounds, negatives)
         click.echo(json.dumps(steps) if as_json else "\n".join(
-            f"{tower}: ce {r['ce']:.3f} s/step, inbatch {r['inbatch']:.3f} s/step, ce / inbatch "
-            f"x{r['ratio_ce_vs_inbatch']:.2f}" for tower, r in steps["towers"].items()))
+            f"{tower}: inbatch {r['inbatch']:.3f} s/step; " + ", ".join(
+                f"{loss} {r[loss]:.3f} s/step (x{r[f'ratio_{loss}_vs_inbatch']:.2f})" for loss in STEP_LOSSES[1:])
+            for tower, r in steps["towers"].items()))
         return
     asked = {e.strip() for e in extras.split(",") if e.strip()}
     unknown = sorted(asked - set(EXTRAS))

@@ -97,11 +97,16 @@ def cli() -> None:
 @click.option("--loss", type=click.Choice(list_losses()), default=TRAIN_DEFAULTS.loss, show_default=True,
               help="bce = BCE with one sampled negative per position not in the user's sequence "
                    "(the papers'); inbatch = in-batch softmax with log-popularity correction; ce = "
-                   "softmax cross-entropy over the whole catalogue (RecBole's SASRec default; content "
-                   "towers run over every item each step, in checkpointed chunks); gbce = gSASRec's "
-                   "generalised BCE with --negatives K and calibration --gbce-t.")
+                   "softmax cross-entropy over the whole catalogue (RecBole's SASRec default; exact, "
+                   "memory bounded, but a step scores every item, and a content tower runs over the "
+                   "whole catalogue forward and backward: on a 2-core CPU at 87K items about x6 an "
+                   "inbatch step for IDRec and x30 for TS-DNN-8, see BENCHMARKS.md); sce = ce's "
+                   "sampled estimate: --negatives K items shared by the batch, logQ-corrected, about "
+                   "inbatch's cost; gbce = gSASRec's generalised BCE with --negatives K and "
+                   "calibration --gbce-t.")
 @click.option("--negatives", type=int, default=None,
-              help="gbce: sampled negatives per position, outside the user's sequence [default: 256, gSASRec's].")
+              help="gbce: sampled negatives per position, outside the user's sequence [default: 256, "
+                   "gSASRec's]; sce: uniform negatives shared by the batch [default: 1024].")
 @click.option("--gbce-t", type=float, default=None,
               help="gbce: calibration t in [0, 1]; 0 = plain BCE over K negatives, 1 = fully "
                    "calibrated [default: 0.75, gSASRec's].")

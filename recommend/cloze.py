@@ -20,7 +20,7 @@ The losses score position t's state against ``rows[:, t + 1]`` wherever the inpu
 right-aligned, into a chain ``[0, …, 0, t1, t1, t2, …, tK]`` (``t`` = the masked
 items in order): exactly K positions count and their targets are the masked items.
 Negatives come from ``loss.extra_items`` on the whole row (``bce``: never an item of
-the row). One difference from next-item training: ``inbatch`` masks same-user
+the row; ``sce``'s are shared by the batch and used as they are). One difference from next-item training: ``inbatch`` masks same-user
 candidates by the chain, so only the row's masked items (not its visible ones) are
 kept out of that user's negatives.
 """
@@ -108,7 +108,7 @@ def cloze_loss(model: Recommender, loss: Loss, rows: torch.Tensor,
     chain = F.pad(targets, (1, 0)).scatter(1, first, targets.gather(1, first))
 
     target_vectors = F.pad(pick_slots(vectors, index), (0, 0, 1, 0))
-    if extra is not None:  # per_position draws per row position, position-major: keep the chain's
+    if extra is not None and not loss.shared_extras:  # per-position draws, position-major: keep the chain's
         per_position = extra.shape[1] // rows.shape[1]
         slots = (index.unsqueeze(-1) * per_position + torch.arange(per_position, device=rows.device)).flatten(1)
         extra, extra_vectors = extra.gather(1, slots), pick_slots(extra_vectors, slots)

@@ -25,6 +25,10 @@ Losses:
   Such a loss sets ``catalogue = True``: instead of sampled extras it receives every
   item's vector, computed by :func:`catalogue_vectors` with an exact gradient and
   bounded memory (chunks through the tower, recomputed in backward).
+- ``sce``: sampled softmax, ``ce``'s cheap estimate: each position's target against K
+  items drawn uniformly for the whole batch (shared negatives, one tower call for all),
+  each negative's logit raised by ``log(N / K)`` (the logQ correction), so the
+  normaliser estimates the full catalogue's; a draw equal to the target is masked.
 - ``gbce``: gSASRec's generalised BCE (Petrov & Macdonald, RecSys 2023) with K
   sampled negatives per position and the calibration ``beta`` that undoes the
   overconfidence negative sampling teaches (``t = 1`` is full CE-like calibration,
@@ -37,6 +41,8 @@ next-item training and BERT4Rec's cloze step feed every loss alike.
 from __future__ import annotations
 
 from dataclasses import dataclass
+import math
+
 import numpy as np
 import torch
 from torch import nn
@@ -45,6 +51,7 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from featurestore.cliutil import UserError
+from recommend.chunked_softmax import chunked_logsumexp
 from recommend.item_towers import IdEmbedding
 from recommend.registry import Registry
 
@@ -56,12 +63,13 @@ class LossContext:
 
     n_items: int
     train_counts: np.ndarray  # interactions per item id in the training split, length N + 1
-    negatives: int = 1  # gbce: sampled negatives per position
+    negatives: int = 1  # gbce: sampled negatives per position; sce: per batch
     gbce_t: float = 0.75  # gbce: calibration t of gSASRec
 
 
 class Loss(nn.Module):
     catalogue = False  # True: ``extra_vectors`` is every item's vector (N + 1, d), ``extra`` None
+    shared_extras = False  # True: ``extra`` is (1, K), the same ids for every row of the batch
 
     def extra_items(self, rows: torch.Tensor) -> torch.Tensor | None:
         """Item ids ``(B, *)`` to embed besides ``rows`` (default: none)."""
@@ -157,10 +165,10 @@ class InBatchSoftmax(Loss):
 class CatalogueSoftmax(Loss):
     """Softmax cross-entropy of each position's target against all N items.
 
-    ``log sum_i exp(h . v_i)`` is taken over item chunks whose logits fit
-    ``LOGIT_BYTES``; when more than one chunk is needed, each chunk's logits are
-    recomputed in backward instead of kept (``torch.utils.checkpoint``), so memory stays
-    bounded at any catalogue size and the gradient is the exact one.
+    ``log sum_i exp(h . v_i)`` is :func:`recommend.chunked_softmax.chunked_logsumexp`:
+    item chunks whose logits fit a byte budget, the softmax rebuilt chunk by chunk in
+    backward, so memory stays bounded at any catalogue size and the gradient is exact.
+    Only positions whose input is real are scored.
     """
 
     catalogue = True
@@ -175,22 +183,41 @@ class CatalogueSoftmax(Loss):
         return (chunked_logsumexp(h, extra_vectors[1:]) - target).mean()
 
 
-LOGIT_BYTES = 2**28  # the most memory one chunk of ce's logits may take (256 MiB)
+@LOSSES.register("sce")
+class SampledSoftmax(Loss):
+    """Softmax of each position's target against K negatives shared by the batch.
+
+    The K draws are uniform over items 1..N with replacement, so item ``i`` is expected
+    ``K / N`` times; scoring a negative as ``h . v - log(K / N)`` (Bengio & Senecal's logQ
+    correction) makes ``exp(pos) + sum_k exp(neg_k)`` an unbiased estimate of ``ce``'s
+    full normaliser, and the loss approaches ``ce`` as K grows. Unlike ``inbatch``,
+    items of the user's own sequence are not masked (``ce`` does not mask them either);
+    only a draw that is the position's target is. One draw serves every position, so a
+    step embeds K extra items once and multiplies ``(positions, d)`` by ``(d, K)``.
+    """
+
+    shared_extras = True
+
+    def __init__(self, ctx: LossContext) -> None:
+        super().__init__()
+        if not 1 <= ctx.negatives < ctx.n_items:
+            raise UserError(f"--negatives {ctx.negatives}: the catalogue has {ctx.n_items} items; sample "
+                            f"fewer negatives than items, or train on all of them with --loss ce")
+        self.n_items, self.k = ctx.n_items, ctx.negatives
+        self.log_expected = math.log(ctx.negatives / ctx.n_items)
+
+    def extra_items(self, rows):
+        return torch.randint(1, self.n_items + 1, (1, self.k), device=rows.device)
+
+    def forward(self, hidden, rows, vectors, extra, extra_vectors):
+        valid = rows[:, :-1] > 0
+        h, targets = hidden[valid], rows[:, 1:][valid]
+        pos = (h * vectors[:, 1:][valid]).sum(-1, keepdim=True)
+        neg = (h @ extra_vectors[0].T - self.log_expected).masked_fill(extra[0] == targets[:, None], float("-inf"))
+        return (torch.logsumexp(torch.cat([pos, neg], 1), 1) - pos[:, 0]).mean()
+
+
 TOWER_CHUNK = 4096  # items per chunk when the catalogue goes through a content tower
-
-
-def chunked_logsumexp(h: torch.Tensor, items: torch.Tensor, budget: int = LOGIT_BYTES) -> torch.Tensor:
-    """``logsumexp(h @ items.T, dim=1)`` with at most ``budget`` bytes of logits alive."""
-    chunk = max(1, budget // max(1, h.shape[0] * h.element_size()))
-    if chunk >= len(items):
-        return torch.logsumexp(h @ items.T, dim=1)
-    parts = [checkpoint(_chunk_logsumexp, h, items[start:start + chunk], use_reentrant=False)
-             for start in range(0, len(items), chunk)]
-    return torch.logsumexp(torch.stack(parts, dim=1), dim=1)
-
-
-def _chunk_logsumexp(h: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-    return torch.logsumexp(h @ items.T, dim=1)
 
 
 def catalogue_vectors(model: nn.Module, chunk: int = TOWER_CHUNK) -> torch.Tensor:
@@ -245,23 +272,33 @@ class GeneralisedBCE(Loss):
 
 GBCE_NEGATIVES = 256  # gSASRec's default K
 GBCE_T = 0.75  # gSASRec's default calibration
+SCE_NEGATIVES = 1024  # about a batch's positions (64 x 13): inbatch's number of candidates
+# The options a loss takes, with their defaults; any other loss refuses them.
+LOSS_OPTIONS = {"gbce": {"negatives": GBCE_NEGATIVES, "gbce_t": GBCE_T}, "sce": {"negatives": SCE_NEGATIVES}}
+OPTION_NAMES = ("negatives", "gbce_t")
 
 
 def check_loss_options(opts) -> None:
-    """``--negatives`` / ``--gbce-t`` belong to ``--loss gbce``; fill their defaults there
-    (written into the options, so config.json records what the run trained with)."""
-    if opts.loss != "gbce":
-        for name in ("negatives", "gbce_t"):
-            if getattr(opts, name) is not None:
-                raise UserError(f"--{name.replace('_', '-')} is an option of --loss gbce, not "
-                                f"--loss {opts.loss}: drop it or use --loss gbce")
-        return
-    opts.negatives = GBCE_NEGATIVES if opts.negatives is None else opts.negatives
-    opts.gbce_t = GBCE_T if opts.gbce_t is None else opts.gbce_t
-    if opts.negatives < 1:
+    """``--negatives`` belongs to ``gbce`` and ``sce``, ``--gbce-t`` to ``gbce``; fill their
+    defaults there (written into the options, so config.json records what the run trained with)."""
+    own = LOSS_OPTIONS.get(opts.loss, {})
+    for name in OPTION_NAMES:
+        if name not in own and getattr(opts, name) is not None:
+            owners = [loss for loss, options in LOSS_OPTIONS.items() if name in options]
+            raise UserError(f"--{name.replace('_', '-')} is an option of --loss {' / '.join(owners)}, not "
+                            f"--loss {opts.loss}: drop it or use --loss {owners[0]}")
+    for name, default in own.items():
+        if getattr(opts, name) is None:
+            setattr(opts, name, default)
+    if opts.negatives is not None and opts.negatives < 1:
         raise UserError(f"--negatives must be >= 1, got {opts.negatives}")
-    if not 0.0 <= opts.gbce_t <= 1.0:
+    if opts.gbce_t is not None and not 0.0 <= opts.gbce_t <= 1.0:
         raise UserError(f"--gbce-t must be in [0, 1] (0 = plain BCE, 1 = fully calibrated), got {opts.gbce_t}")
+
+
+def loss_options(opts) -> dict:
+    """The checked options of ``opts`` that its loss takes, as :class:`LossContext` fields."""
+    return {name: getattr(opts, name) for name in LOSS_OPTIONS.get(opts.loss, {})}
 
 
 def embed_step(model: nn.Module, loss: Loss, rows: torch.Tensor,
@@ -269,18 +306,19 @@ def embed_step(model: nn.Module, loss: Loss, rows: torch.Tensor,
     """The item vectors one step needs, from one tower call.
 
     Returns ``(vectors of rows, extra ids, extra vectors)``: the loss's sampled extras
-    (drawn against ``sample_from``, default ``rows``) embedded together with ``rows``; for
-    a catalogue loss, every item's vector (:func:`catalogue_vectors`), of which ``rows``'
-    vectors are rows, and no extra ids.
+    (drawn against ``sample_from``, default ``rows``; of any shape, e.g. ``sce``'s shared
+    ``(1, K)``) embedded together with ``rows``; for a catalogue loss, every item's vector
+    (:func:`catalogue_vectors`), of which ``rows``' vectors are rows, and no extra ids.
     """
     if loss.catalogue:
         table = catalogue_vectors(model)
         return table[rows], None, table
     extra = loss.extra_items(rows if sample_from is None else sample_from)
-    ids = rows if extra is None else torch.cat([rows, extra], dim=1)
-    vectors = model.embed(ids)
-    width = rows.shape[1]
-    return vectors[:, :width], extra, None if extra is None else vectors[:, width:]
+    if extra is None:
+        return model.embed(rows), None, None
+    vectors = model.embed(torch.cat([rows.flatten(), extra.flatten()]))
+    return (vectors[:rows.numel()].reshape(*rows.shape, -1), extra,
+            vectors[rows.numel():].reshape(*extra.shape, -1))
 
 
 def create_loss(name: str, ctx: LossContext) -> Loss:

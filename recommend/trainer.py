@@ -30,7 +30,7 @@ import statistics
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator
 
 import numpy as np
@@ -51,7 +51,7 @@ from recommend.cloze import check_cloze_options, cloze_loss
 from recommend.cost import parameter_breakdown
 from recommend.inputs import refuse_foreign_options
 from recommend.item_towers import DEFAULT_TS_DNN_LAYERS, ITEM_TOWERS, FUSIONS, TOKEN_FUSIONS, WITH_ID_MODES
-from recommend.losses import LOSSES, Loss, LossContext, check_loss_options, create_loss, embed_step
+from recommend.losses import LOSSES, Loss, LossContext, check_loss_options, create_loss, embed_step, loss_options
 from recommend.model import Recommender, build_recommender
 from recommend.objectives import AuxObjectives, Step, attach_objectives, check_objectives
 from recommend.transfer import check_transfer_options, init_from_run
@@ -81,7 +81,7 @@ class TrainOptions:
     whiten: bool = False
     backbone: str = "sasrec"
     loss: str = "ce"  # defaults that differ from the papers' (bce, d 512, lr 1e-4): see ``recommend train --help``
-    negatives: int | None = None  # gbce: sampled negatives per position; recommend.losses
+    negatives: int | None = None  # gbce: sampled negatives per position, sce: per batch; recommend.losses
     gbce_t: float | None = None  # gbce: calibration t
     dim: int = 64
     blocks: int = 2
@@ -426,9 +426,7 @@ def _train(ws: Workspace, opts: TrainOptions, procs: Processes, device: torch.de
     np.random.seed(opts.seed)
     model = build_recommender(spec, sources, fit=True).to(device)
     transferred = init_from_run(ws, opts, model, spec, sources)  # --init-from: source weights, else None
-    context = LossContext(dataset.n_items, dataset.train_counts())
-    if opts.loss == "gbce":
-        context = replace(context, negatives=opts.negatives, gbce_t=opts.gbce_t)
+    context = LossContext(dataset.n_items, dataset.train_counts(), **loss_options(opts))
     loss = create_loss(opts.loss, context).to(device)
     aux = attach_objectives(model, opts.objectives)  # on the model: NID's head trains and saves with it
     objective: nn.Module = Objective(model, loss, aux)

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 from featurestore.cliutil import UserError
+from recommend import chunked_softmax
+from recommend.chunked_softmax import MIN_CHUNK
 from recommend.features import FeatureSource
 from recommend.item_towers import create_item_tower
-from recommend.losses import (LossContext, catalogue_vectors, chunked_logsumexp, create_loss, embed_step,
-                              list_losses, sample_negatives)
+from recommend.losses import (LossContext, catalogue_vectors, check_loss_options, chunked_logsumexp, create_loss,
+                              embed_step, list_losses, loss_options, sample_negatives)
 
 
 def test_sampled_negatives_are_never_in_the_users_sequence_and_cover_the_rest():
@@ -152,7 +155,7 @@ def test_ce_in_chunks_has_the_same_value_and_gradient():
     gen = torch.Generator().manual_seed(8)
     h, items = torch.randn(40, 16, generator=gen), torch.randn(1000, 16, generator=gen)
     grads = []
-    for budget in (10**9, 40 * 4 * 64):  # one chunk; chunks of 64 items, recomputed in backward
+    for budget in (10**9, 40 * 4 * 64):  # one chunk; chunks of MIN_CHUNK items, rebuilt in backward
         h1, items1 = h.clone().requires_grad_(), items.clone().requires_grad_()
         value = chunked_logsumexp(h1, items1, budget)
         (value * torch.arange(40.0)).sum().backward()
@@ -160,6 +163,52 @@ def test_ce_in_chunks_has_the_same_value_and_gradient():
     for one, chunked in zip(*grads):
         assert torch.allclose(one, chunked, atol=1e-5)
     assert torch.allclose(grads[0][0], torch.logsumexp(h @ items.T, 1), atol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [1.0, 30.0])  # 30: logits in the thousands, exp overflows unless shifted
+def test_chunked_logsumexp_matches_autograd_of_the_plain_loss(scale):
+    """The hand-written backward against autograd through ``torch.logsumexp`` of the full
+    logits (float64): value, gradient for ``h`` and for ``items``, with a partial last chunk."""
+    gen = torch.Generator().manual_seed(13)
+    h = (torch.randn(37, 6, generator=gen, dtype=torch.float64) * scale).requires_grad_()
+    items = (torch.randn(1000, 6, generator=gen, dtype=torch.float64) * scale).requires_grad_()
+    upstream = torch.randn(37, generator=gen, dtype=torch.float64)
+    plain = torch.logsumexp(h @ items.T, 1)
+    plain_grads = torch.autograd.grad((plain * upstream).sum(), (h, items))
+    value = chunked_logsumexp(h, items, budget=37 * 8 * MIN_CHUNK)  # 8 chunks, the last 104 items
+    grads = torch.autograd.grad((value * upstream).sum(), (h, items))
+    assert torch.allclose(value, plain, rtol=1e-12, atol=1e-9)
+    for ours, reference in zip(grads, plain_grads):
+        assert torch.allclose(ours, reference, rtol=1e-10, atol=1e-10)
+
+
+def test_chunked_logsumexp_passes_gradcheck_and_skips_unneeded_gradients():
+    gen = torch.Generator().manual_seed(14)
+    h = torch.randn(4, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    items = torch.randn(300, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: chunked_logsumexp(a, b, budget=1), (h, items),
+                                    fast_mode=True)  # 3 chunks, the last partial
+    frozen = items.detach()
+    chunked_logsumexp(h, frozen, budget=1).sum().backward()
+    assert frozen.grad is None and h.grad is not None
+
+
+def test_ce_loss_in_chunks_matches_the_plain_softmax_with_padding(monkeypatch):
+    """The ce loss with many small chunks: value and gradients for the hidden states and the
+    catalogue table equal those of ``cross_entropy`` over full logits at the real positions;
+    padding positions get no gradient."""
+    table, sequence, hidden = _inputs(seed=15, n_items=700)
+    table, hidden = table.double().requires_grad_(), hidden.double().requires_grad_()
+    monkeypatch.setattr(chunked_softmax, "CPU_LOGIT_BYTES", 1)  # chunks of MIN_CHUNK items
+    loss = _loss(create_loss("ce", LossContext(700, np.ones(701))), table, sequence, hidden)
+    grads = torch.autograd.grad(loss, (hidden, table))
+    valid = sequence[:, :-1] > 0
+    reference = torch.nn.functional.cross_entropy(hidden[valid] @ table[1:].T, sequence[:, 1:][valid] - 1)
+    reference_grads = torch.autograd.grad(reference, (hidden, table))
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-12)
+    for ours, plain in zip(grads, reference_grads):
+        assert torch.allclose(ours, plain, rtol=1e-10, atol=1e-12)
+    assert torch.count_nonzero(grads[0][~valid]) == 0 and torch.count_nonzero(grads[1][0]) == 0
 
 
 class _Model(torch.nn.Module):
@@ -270,3 +319,73 @@ def test_gbce_calibration_ends():
     assert plain.beta == pytest.approx(1.0) and full.beta == pytest.approx(4 / 29)
     with pytest.raises(UserError, match="--negatives 30"):
         create_loss("gbce", LossContext(30, np.ones(31), negatives=30))
+
+
+def test_sce_is_the_target_against_shared_corrected_negatives():
+    """Hand reference: each real position's softmax over its target and the batch's K draws,
+    every draw's logit raised by log(N / K), a draw equal to the target left out."""
+    table, sequence, hidden = _inputs(seed=16, n_items=12)
+    n = 12  # 11 draws from 12 items: the target is drawn (and left out) at most positions
+    loss_fn = create_loss("sce", LossContext(n, np.ones(n + 1), negatives=11))
+    torch.manual_seed(17)
+    loss = _loss(loss_fn, table, sequence, hidden).item()
+    torch.manual_seed(17)
+    draws = loss_fn.extra_items(sequence)
+    assert draws.shape == (1, 11) and draws.min() >= 1 and draws.max() <= n
+    terms = []
+    for b, t, target in _positions(sequence):
+        h = hidden[b, t]
+        logits = [float(h @ table[target])] + [float(h @ table[d]) + math.log(n / 11)
+                                               for d in draws[0].tolist() if d != target]
+        terms.append(np.logaddexp.reduce(logits) - logits[0])
+    assert loss == pytest.approx(np.mean(terms), rel=1e-5)
+
+
+def test_sce_normaliser_is_an_unbiased_estimate_of_the_catalogues():
+    """With the logQ correction, exp(sampled logsumexp) averages to ce's full normaliser
+    (without it, it would be K / N of it): the loss is ce's estimate, not another objective."""
+    gen = torch.Generator().manual_seed(18)
+    n, k = 50, 5
+    table = torch.randn(n + 1, 4, generator=gen)
+    rows = torch.tensor([[7, 23]])  # one position: input item 7, target 23
+    hidden = torch.randn(1, 1, 4, generator=gen)
+    loss_fn = create_loss("sce", LossContext(n, np.ones(n + 1), negatives=k))
+    pos = float(hidden[0, 0] @ table[23])
+    torch.manual_seed(19)
+    estimates = [math.exp(_loss(loss_fn, table, rows, hidden).item() + pos) for _ in range(6000)]
+    full = float(torch.exp(hidden[0, 0] @ table[1:].T).sum())
+    assert np.mean(estimates) == pytest.approx(full, rel=0.03)
+
+
+def test_sce_embeds_its_shared_negatives_in_the_same_tower_call_and_trains_them():
+    tower = create_item_tower({"name": "id", "n_items": 30, "dim": 8}, [], True)
+    loss_fn = create_loss("sce", LossContext(30, np.ones(31), negatives=6))
+    _, sequence, hidden = _inputs(seed=20)
+    torch.manual_seed(21)
+    vectors, extra, extra_vectors = embed_step(_Model(tower), loss_fn, sequence)
+    assert extra.shape == (1, 6) and extra_vectors.shape == (1, 6, 8) and vectors.shape == (4, 7, 8)
+    assert torch.equal(extra_vectors[0], tower.table.weight[extra[0]])
+    loss_fn(hidden, sequence, vectors, extra, extra_vectors).backward()
+    targets = set(sequence[:, 1:][sequence[:, :-1] > 0].tolist())
+    trained = {int(i) for i in torch.nonzero(tower.table.weight.grad.abs().sum(1)).flatten()}
+    assert trained >= set(extra[0].tolist()) | targets  # the negatives and the targets
+    with pytest.raises(UserError, match="--loss ce"):
+        create_loss("sce", LossContext(30, np.ones(31), negatives=30))
+
+
+@pytest.mark.parametrize(("loss", "given", "filled", "error"), [
+    ("sce", {}, {"negatives": 1024, "gbce_t": None}, None),
+    ("gbce", {}, {"negatives": 256, "gbce_t": 0.75}, None),
+    ("sce", {"gbce_t": 0.5}, None, "--gbce-t is an option of --loss gbce, not --loss sce"),
+    ("ce", {"negatives": 8}, None, "--negatives is an option of --loss gbce / sce, not --loss ce"),
+    ("sce", {"negatives": 0}, None, "--negatives must be >= 1"),
+])
+def test_loss_options_belong_to_their_losses(loss, given, filled, error):
+    opts = SimpleNamespace(loss=loss, **{"negatives": None, "gbce_t": None, **given})
+    if error:
+        with pytest.raises(UserError, match=error):
+            check_loss_options(opts)
+        return
+    check_loss_options(opts)
+    assert vars(opts) == {"loss": loss, **filled}
+    assert loss_options(opts) == {name: value for name, value in filled.items() if value is not None}

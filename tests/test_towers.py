@@ -85,6 +85,20 @@ def test_feature_tower_reads_rows_and_dedups_ids():
     torch.testing.assert_close(tower(ids), expected)
 
 
+@pytest.mark.parametrize("ids", [[5, 6, 7, 8], [0, 1, 2], [9, 3, 3, 12], [4], [7, 8, 10]])
+def test_gather_reads_any_ids_and_runs_of_ids_alike(ids):
+    """A run of consecutive ids takes the slice path, anything else the sorted read:
+    both give ``rows[ids]`` as a fresh, writable float32 array (also from float16 rows)."""
+    source = make_source()
+    half = FeatureSource("d/image/h", source.rows.astype(np.float16), source.present, FEAT, "fp", {})
+    for src in (source, half):
+        got = src.gather(np.array(ids))
+        assert got.dtype == np.float32 and got.flags.writeable
+        np.testing.assert_array_equal(got, src.rows[ids].astype(np.float32))
+        got[:] = 1.0
+        assert not (src.rows[ids] == 1.0).all()  # a copy, not a view of the store's rows
+
+
 def test_missing_content_uses_a_learned_vector_not_the_zero_row():
     source = make_source(missing=(3, 7))
     tower = create_item_tower(tower_spec("ts-dnn", layers=1, dropout=0.0), [source])

@@ -104,9 +104,10 @@ def test_other_backbones_and_inbatch_train_end_to_end(synth_ws, backbone, pop_hr
     assert result["epochs"] == 3 and 0 < result["best"]["HR@10"] <= 1
 
 
-def test_catalogue_ce_beats_popularity(synth_ws, pop_hr):
+@pytest.mark.parametrize(("loss", "extra"), [("ce", {}), ("sce", {"negatives": 64})])
+def test_catalogue_ce_and_its_sampled_estimate_beat_popularity(synth_ws, pop_hr, loss, extra):
     ws, _ = synth_ws
-    result = run(ws, mode="id", loss="ce", epochs=8, run_name="loss-ce")
+    result = run(ws, mode="id", loss=loss, epochs=8, run_name=f"loss-{loss}", **extra)
     assert result["best"]["HR@10"] > pop_hr + 0.05, (result["best"], pop_hr)
 
 
@@ -125,9 +126,9 @@ def test_gbce_with_one_negative_and_no_calibration_trains_exactly_as_bce(synth_w
     assert default["epochs"] == 1
 
 
-def test_cloze_training_with_ce_and_gbce(synth_ws):
+def test_cloze_training_with_ce_gbce_and_sce(synth_ws):
     ws, _ = synth_ws
-    for loss, extra in (("ce", {}), ("gbce", {"negatives": 4})):
+    for loss, extra in (("ce", {}), ("gbce", {"negatives": 4}), ("sce", {"negatives": 16})):
         result = run(ws, mode="id", backbone="bert4rec", loss=loss, epochs=2, run_name=f"cloze-{loss}", **extra)
         assert result["epochs"] == 2 and 0 < result["best"]["HR@10"] <= 1
 
