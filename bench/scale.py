@@ -9,8 +9,9 @@ own (``os.wait4``):
   3. ``featurestore extract``          a small real encoder over the whole catalogue
                                        (EfficientNet-Lite0 on pictures; MiniLM-L6 on
                                        texts with --no-images); a chunk in memory at a time
-  4. ``recommend train``               TS-DNN-8 for one epoch (+ its full-pool validation)
-  5. ``recommend eval rank``           full-pool HR/NDCG@10 on the whole test split
+  4. ``recommend train``               TS-DNN-8 for --epochs epochs (+ full-pool validation)
+  5. ``recommend eval rank``           full-pool HR/NDCG@10 on the whole test split, beside
+                                       popularity and the synthetic world's oracle
 
 Training deviates from the paper's d = 512 / batch 64 so one epoch fits in minutes on
 2 cores: ``--dim 64 --batch-size 512 --lr 1e-3`` by default (all three flags; at the
@@ -67,7 +68,7 @@ def tool(module: str, *args: object) -> list[str]:
 
 
 def stage_commands(work: Path, users: int, items: int, images: bool, encoder: str, dim: int,
-                   batch_size: int, lr: float, seed: int) -> dict[str, list[str]]:
+                   batch_size: int, lr: float, seed: int, epochs: int = 1) -> dict[str, list[str]]:
     root, raw = work / "root", work / "raw"
     synth_users = int(users * 1.3) + 100  # about 21% fall under the 5-interaction filter
     return {
@@ -79,7 +80,7 @@ def stage_commands(work: Path, users: int, items: int, images: bool, encoder: st
         "extract": tool("featurestore.cli", "extract", "--dataset", "scale", "--encoder", encoder,
                         "--batch-size", 64, "--root", root, "--json"),
         "train": tool("recommend.cli", "train", "--dataset", "scale", "--mode", "ts-dnn", "--layers", 8,
-                      "--encoder", encoder, "--loss", "bce", "--dim", dim, "--batch-size", batch_size, "--lr", lr, "--epochs", 1,
+                      "--encoder", encoder, "--loss", "bce", "--dim", dim, "--batch-size", batch_size, "--lr", lr, "--epochs", epochs,
                       "--run-name", RUN_NAME, "--device", "cpu", "--quiet", "--root", root, "--json"),
         "rank": tool("eval.cli", "rank", "--run", RUN_NAME, "--split", "test", "--k", "10",
                      "--device", "cpu", "--root", root, "--json"),
@@ -100,13 +101,17 @@ def stage_details(work: Path) -> dict:
         details["extract"] = {k: timings.get(k) for k in ("items_per_s", "computed_items", "extract_s")}
     metrics = root / "runs" / RUN_NAME / "metrics.jsonl"
     if metrics.exists():
-        epoch = json.loads(metrics.read_text().splitlines()[0])
-        details["epoch"] = {k: epoch.get(k) for k in ("seconds", "eval_seconds", "sequences_per_sec",
-                                                      "peak_rss_mb", "valid")}
+        epochs = [json.loads(line) for line in metrics.read_text().splitlines()]
+        details["epoch"] = {k: epochs[0].get(k) for k in ("seconds", "eval_seconds", "sequences_per_sec",
+                                                          "peak_rss_mb", "valid")}
+        details["valid_per_epoch"] = [e["valid"].get("HR@10") for e in epochs]
     eval_json = root / "runs" / RUN_NAME / "eval.json"
     if eval_json.exists():
         result = next(iter(json.loads(eval_json.read_text()).values()))
         details["test"] = {k: result[k] for k in ("HR@10", "NDCG@10", "users")}
+        for row in ("popularity", "oracle"):  # eval rank's reference rows, same users and protocol
+            if result.get(row):
+                details[row] = {k: result[row][k] for k in ("HR@10", "NDCG@10")}
     return details
 
 
@@ -120,7 +125,9 @@ def stage_details(work: Path) -> dict:
 @click.option("--dim", type=int, default=64, show_default=True,
               help="Recommender width d (the paper's 512 takes hours per epoch on 2 cores).")
 @click.option("--batch-size", type=int, default=512, show_default=True, help="Training users per step.")
-@click.option("--lr", type=float, default=1e-3, show_default=True, help="Learning rate of the one training epoch.")
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Learning rate of the training epochs.")
+@click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Training epochs of the train stage (the time ratio below is per epoch).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the synthetic data.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
               help="OMP/MKL threads of every stage. On a 2-core machine shared with other jobs, torch's "
@@ -131,9 +138,9 @@ def stage_details(work: Path) -> dict:
 @click.option("--redo", default="", metavar="STAGE[,STAGE]",
               help=f"Run these recorded stages again (e.g. train,rank after changing --lr); one of {', '.join(STAGES)}.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def main(users: int, items: int, images: bool, dim: int, batch_size: int, lr: float, seed: int, threads: int,
-         work: Path | None, fresh: bool, redo: str, as_json: bool) -> None:
-    """Synthesize, prepare, extract, train one TS-DNN epoch and rank at HM scale; time and memory per stage."""
+def main(users: int, items: int, images: bool, dim: int, batch_size: int, lr: float, epochs: int, seed: int,
+         threads: int, work: Path | None, fresh: bool, redo: str, as_json: bool) -> None:
+    """Synthesize, prepare, extract, train TS-DNN-8 and rank at HM scale; time and memory per stage."""
     encoder = "efficientnet-lite0" if images else "minilm-l6"
     work = work or OUT / f"scale-{users}u-{items}i-{'images' if images else 'texts'}"
     if fresh and work.exists():
@@ -147,7 +154,7 @@ def main(users: int, items: int, images: bool, dim: int, batch_size: int, lr: fl
         done.pop(stage, None)
         if stage == "train":  # a finished run is never retrained: start it over
             shutil.rmtree(work / "root" / "runs" / RUN_NAME, ignore_errors=True)
-    commands = stage_commands(work, users, items, images, encoder, dim, batch_size, lr, seed)
+    commands = stage_commands(work, users, items, images, encoder, dim, batch_size, lr, seed, epochs)
     for name in STAGES:
         if name in done:
             click.echo(f"{name}: recorded earlier ({done[name]['seconds']} s), skipped", err=True)
@@ -161,8 +168,9 @@ def main(users: int, items: int, images: bool, dim: int, batch_size: int, lr: fl
     rate = (details.get("extract") or {}).get("items_per_s")
     # a resumed extraction stage timed only its remainder: price the whole catalogue at its rate
     extract_seconds = items / rate if rate else done["extract"]["seconds"]
-    ratio = done["train"]["seconds"] / extract_seconds
+    ratio = done["train"]["seconds"] / epochs / extract_seconds
     result = {"users": users, "items": items, "encoder": encoder, "dim": dim, "batch_size": batch_size, "lr": lr,
+              "epochs": epochs,
               "stages": [done[name] for name in STAGES], "details": details,
               "train_epoch_over_extract": round(ratio, 3), "work": str(work)}
     if as_json:
@@ -175,7 +183,12 @@ def main(users: int, items: int, images: bool, dim: int, batch_size: int, lr: fl
         click.echo(f"{name:10}{done[name]['seconds']:>10.1f}{done[name]['peak_rss_mb']:>14.0f}"
                    f"{done[name].get('threads', '-'):>9}")
     click.echo(f"details: {json.dumps(details)}")
-    click.echo(f"one TS-DNN epoch (train stage, incl. validation) / one extraction: {ratio:.2f}x")
+    for row in ("popularity", "oracle", "test"):
+        if row in details:
+            label = "TS-DNN-8" if row == "test" else row
+            click.echo(f"test HR@10 {label:10} {100 * details[row]['HR@10']:7.3f}%  "
+                       f"NDCG@10 {100 * details[row]['NDCG@10']:7.3f}%")
+    click.echo(f"one TS-DNN epoch (train stage / epochs, incl. validation) / one extraction: {ratio:.2f}x")
 
 
 if __name__ == "__main__":
