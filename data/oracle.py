@@ -25,7 +25,6 @@ Ranks are cached in ``RAW/oracle/`` keyed by the prepared dataset's fingerprints
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -263,12 +262,3 @@ def percent_of_oracle(metrics: dict, oracle: dict | None) -> dict[str, float]:
     return {name: 100.0 * value / oracle[name] for name, value in metrics.items()
             if name.startswith(("HR@", "NDCG@")) and value is not None and oracle.get(name)}
 
-
-def truth_summary(dataset) -> dict | None:
-    """The generator's summary (signals, regions, seed) of a synthetic dataset."""
-    raw = raw_folder(dataset)
-    if raw is None:
-        return None
-    truth = json.loads((raw / TRUTH_FILE).read_text())
-    truth.pop("item_cluster", None)
-    return truth

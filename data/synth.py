@@ -75,8 +75,10 @@ class Signals:
 
     def __post_init__(self) -> None:
         weights = (self.content, self.id, self.popularity)
-        if min(weights) < 0 or sum(weights) <= 0:
-            raise UserError("--content-signal, --id-signal and --popularity must be >= 0 and not all 0")
+        if min(weights) < 0 or self.content + self.popularity <= 0:
+            raise UserError("--content-signal, --id-signal and --popularity must be >= 0, and --content-signal "
+                            "or --popularity above 0 (links alone run out: a user's last item may have no "
+                            "unseen follow-up)")
         if not 0 <= self.taste <= 1:
             raise UserError(f"--taste must lie in [0, 1], got {self.taste}")
 
@@ -109,10 +111,6 @@ class World:
     seq_days: np.ndarray
     has_image: np.ndarray
     text: dict = field(default_factory=dict)  # per-item word lists, see _item_text
-
-    @property
-    def cluster(self) -> np.ndarray:
-        return self.region
 
     @property
     def n_items(self) -> int:

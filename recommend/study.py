@@ -43,7 +43,7 @@ from featurestore.store import GroupLock
 from featurestore.workspace import Workspace
 from extract.layers import ALL_LAYERS
 from recommend.e2e import LIVE_MODES
-from recommend.item_towers import list_item_towers
+from recommend.item_towers import ITEM_TOWERS, list_item_towers
 from recommend.run import BEST, CHECKPOINT, FINISHED, write_atomic
 from recommend.study_tune import plot_validation, seed_options, seed_statistics, tune_configurations
 from recommend.trainer import TrainOptions, train
@@ -141,9 +141,10 @@ def run_name(dataset: PreparedDataset, label: str, options: TrainOptions,
     signature), so a rerun finds its runs and a changed setting, dataset or re-extracted
     group gets new ones. An ID run names no encoder: studies of several encoders share it.
     """
-    defaults = asdict(TrainOptions(dataset=options.dataset))  # options added later keep old names
-    settings = {k: v for k, v in asdict(options).items()
-                if k not in ("run_name", "device") and v != defaults[k]}
+    filled = replace(options)
+    ITEM_TOWERS.get(options.mode).check(filled)  # the mode's defaults (TS-DNN depth and stack) name it too
+    settings = {k: v for k, v in asdict(filled).items()  # every value: a changed default is a new run
+                if k not in ("run_name", "device") and v is not None}
     identity = {"options": settings, "dataset": dataset.fingerprint, "features": features}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
     encoder = "-" + options.encoders[0] if options.encoders else ""
@@ -345,7 +346,7 @@ def subset_table(dataset: PreparedDataset, configs: list[Configuration]) -> str:
             for name in references[SUBSET_TABLE[0]]]
     rows += [(c.label, c.subsets) for c in configs if c.subsets]
     for name, metrics in rows:
-        cells = " | ".join("-" if not users[subset] else f"{100 * metrics[subset][metric]:.2f}"
+        cells = " | ".join("-" if metrics[subset][metric] is None else f"{100 * metrics[subset][metric]:.2f}"
                            for subset in SUBSET_TABLE for metric in ("HR@10", "NDCG@10"))
         lines.append(f"| {name} | {cells} |")
     return "\n".join(lines) + "\n"
@@ -410,7 +411,8 @@ def write_report(out: Path, opts: StudyOptions, dataset: PreparedDataset, config
         f"lr {opts.lr:g}, at most {opts.epochs} epochs"
         + (f" ({opts.live_epochs} for {' and '.join(LIVE_MODES)}, which run the encoder every step)"
            if opts.live_epochs is not None else "")
-        + f", early stopping after {opts.patience} epochs without a better validation HR@10, seed {opts.seed}",
+        + f", early stopping after {opts.patience} epochs without a better validation HR@10 "
+        f"({TrainOptions.plateau_patience} while still at popularity's level), seed {opts.seed}",
         f"- evaluation: test split (last item), ranked against all {dataset.n_items} items, the user's "
         f"history excluded, ties rank the target last ({TIES_RULE}); metrics in percent",
         f"- command: `{command}`",
@@ -422,6 +424,9 @@ def write_report(out: Path, opts: StudyOptions, dataset: PreparedDataset, config
         "`s/epoch` is training time per epoch without validation; `peak RSS MB` the largest resident "
         "memory of the training process; `source` says where the metrics come from.",
         "",
+    ]
+    lines += _settings_section(opts, configs)
+    lines += [
         "## Warm and cold users",
         "",
         f"Test users split by their target item's training interactions: warm at least {COLD_THRESHOLD}, "
@@ -430,7 +435,6 @@ def write_report(out: Path, opts: StudyOptions, dataset: PreparedDataset, config
         subsets.rstrip("\n"),
         "",
     ]
-    lines += _settings_section(opts, configs)
     missing = [c for c in configs if c.status in ("unavailable", "failed")]
     if missing:
         lines += ["## Not run", ""]

@@ -30,7 +30,6 @@ from recommend.run import read_metrics
 from recommend.trainer import MONITOR, TrainOptions
 from recommend.tune import DEFAULT_SPACE, TuneOptions, run_tune
 
-CHEAP_MODES = ("id", "ts", "ts-dnn")  # seconds per epoch on CPU; e2e, adapter and side run an encoder
 BORROW_FROM = ("ts-dnn", "ts", "id")  # whose tuned lr an untuned mode takes, first found
 BORROWED = ("lr",)
 
@@ -97,9 +96,11 @@ def seed_options(config, seeds: int, rename: Callable[[object, TrainOptions], st
 
 
 def seed_statistics(tests: list[dict]) -> tuple[dict, dict | None]:
-    """Mean and sample sd (n - 1; None for one seed) of each metric over the seeds' test results."""
-    mean = {k: statistics.fmean(t[k] for t in tests) for k in tests[0]}
-    sd = {k: statistics.stdev(t[k] for t in tests) for k in tests[0]} if len(tests) > 1 else None
+    """Mean and sample sd (n - 1; None for one seed) of each metric over the seeds' test results;
+    a metric of no users (None: an empty warm or cold subset) stays None."""
+    values = {k: [t[k] for t in tests if t[k] is not None] for k in tests[0]}
+    mean = {k: statistics.fmean(v) if v else None for k, v in values.items()}
+    sd = {k: statistics.stdev(v) if len(v) > 1 else None for k, v in values.items()} if len(tests) > 1 else None
     return mean, sd
 
 

@@ -199,6 +199,8 @@ def run_tune(ws: Workspace, opts: TuneOptions, echo: bool = True) -> dict:
     study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True,
                                 sampler=optuna.samplers.TPESampler(seed=opts.sampler_seed),
                                 pruner=_pruner(opts.pruner, opts.base.epochs))
+    if opts.sampler_seed is not None and study.trials:  # a resumed or extended seeded search draws anew
+        study.sampler = optuna.samplers.TPESampler(seed=opts.sampler_seed + len(study.trials))
     _record_setup(study, opts, space)
 
     def objective(trial: optuna.Trial) -> float:

@@ -79,6 +79,8 @@ def test_unknown_synthetic_format_and_bad_sizes() -> None:
         synthesize("hm", Path("unused"), items=50, clusters=40)
     with pytest.raises(UserError, match="--content-signal, --id-signal and --popularity must be >= 0"):
         Signals(content=0, id=0, popularity=0)
+    with pytest.raises(UserError, match="links alone run out"):  # would loop forever in the sampler
+        Signals(content=0, id=1, popularity=0)
 
 
 def hit_rate(ds: PreparedDataset, score, k: int = 10) -> float:
