@@ -340,14 +340,18 @@ def run(out: Path, carry: Path) -> int:
             row["status"] = f"skipped: no {step.needs} here"
             continue
         began = time.perf_counter()
+        left = DEADLINE_S - (began - start)
+        if left <= 0:
+            row["status"] = "skipped: the deadline had passed"
+            continue
         log = out / "logs" / f"{index:02d}.log"
         try:
             done = subprocess.run(step.argv, cwd=REPO, capture_output=True, text=True, env=env_vars,
-                                  timeout=max(10, min(2 * step.budget_s, DEADLINE_S - (began - start))))
+                                  timeout=min(2 * step.budget_s, left))
             code, stdout, stderr = done.returncode, done.stdout, done.stderr
         except subprocess.TimeoutExpired as err:
-            code, stdout, stderr = "timeout", err.stdout or "", "ran past its time (2x its budget, or the deadline)"
-            stdout, stderr = (v.decode() if isinstance(v, bytes) else v for v in (stdout, stderr))
+            stdout, stderr = (v.decode() if isinstance(v, bytes) else (v or "") for v in (err.stdout, err.stderr))
+            code, stderr = "timeout", f"ran past its time (2x its budget, or the deadline)\n{stderr}"
         row["seconds"] = round(time.perf_counter() - began, 1)
         log.write_text(f"$ {' '.join(step.argv)}\n--- stdout\n{stdout}\n--- stderr\n{stderr}")
         if code != 0:
@@ -362,6 +366,7 @@ def run(out: Path, carry: Path) -> int:
             seconds = result["seconds_best_round"]["rank_targets"]
             row["figures"]["speedup_over_cpu_figure"] = round(CPU_RANK_S_PER_USER * 500_000 / seconds, 1)
         print(f"{step.name}: {row['seconds']} s", flush=True)
+        report(out / "gpu_check.md", env, rows, None)  # kept so far: a kill at the device's limit loses no step
     rows.append({"name": "total", "status": "-", "budget_s": BUDGET_S,
                  "seconds": round(time.perf_counter() - start, 1)})
     report(out / "gpu_check.md", env, rows, failed)
