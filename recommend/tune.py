@@ -240,9 +240,19 @@ def run_tune(ws: Workspace, opts: TuneOptions, echo: bool = True) -> dict:
 
 
 def _record_setup(study: optuna.Study, opts: TuneOptions, space: dict) -> None:
-    """What is searched around what, kept with the study (the first worker writes it)."""
-    if "base" not in study.user_attrs:
-        base = {k: v for k, v in asdict(opts.base).items() if k not in space and k != "run_name"}
+    """What is searched around what, kept with the study (the first worker writes it); a later
+    worker or restart with other fixed options or another space is refused, so trials of two
+    setups never compete for one "best"."""
+    base = {k: v for k, v in asdict(opts.base).items() if k not in space and k not in ("run_name", "device")}
+    base = json.loads(json.dumps(base, default=str))
+    if "base" in study.user_attrs:
+        stored = study.user_attrs["base"]
+        changed = sorted(k for k in set(base) | set(stored) if k != "device" and base.get(k) != stored.get(k))
+        if changed or json.loads(json.dumps(space)) != study.user_attrs.get("space"):
+            what = ", ".join(f"{k}: {stored.get(k)!r} there, {base.get(k)!r} here" for k in changed) or "the space"
+            raise UserError(f"Optuna study {study.study_name} searches other settings ({what}); "
+                            f"give --study-name NEW for this search")
+    else:
         study.set_user_attr("base", base)
         study.set_user_attr("space", space)
         study.set_user_attr("metric", f"validation {MONITOR[0]} (full pool, history excluded)")

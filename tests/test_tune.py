@@ -53,6 +53,8 @@ def test_pruning_stops_a_bad_trial_and_every_trial_is_a_run(private_ws):
     assert out.exit_code == 0, out.output  # a trial is an ordinary run folder
     again = run_tune(ws, TuneOptions(TrainOptions(**BASE, epochs=6), trials=4, study_name="prune"), echo=False)
     assert again["trials"] == 4  # done: nothing rerun
+    with pytest.raises(UserError, match=r"searches other settings \(epochs: 6 there, 7 here\); give --study-name"):
+        run_tune(ws, TuneOptions(TrainOptions(**BASE, epochs=7), trials=5, study_name="prune"), echo=False)
 
 
 def test_killed_tune_continues_where_it_stopped(private_ws):
