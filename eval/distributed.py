@@ -102,6 +102,8 @@ def process_group(device: str) -> Iterator[Shard]:
         created = True
     try:
         yield Shard.current()
+        if created:
+            dist.barrier()  # leave together: a rank tearing gloo down while another still uses it aborts
     finally:
         if created:
             dist.destroy_process_group()

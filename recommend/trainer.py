@@ -403,7 +403,10 @@ def train(ws: Workspace, opts: TrainOptions, progress: bool = True, echo: bool =
     if launched() and not dist.is_initialized():  # torchrun, even with one process (NCCL on 1 GPU)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        return _train(ws, opts, procs, device, progress, echo, on_epoch)
+        result = _train(ws, opts, procs, device, progress, echo, on_epoch)
+        if dist.is_initialized():
+            dist.barrier()  # leave together: a rank tearing gloo down while another still uses it aborts
+        return result
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
