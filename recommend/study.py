@@ -36,7 +36,7 @@ from data.dataset import COLD_THRESHOLD, PreparedDataset
 from eval.cli import load_run_and_dataset, record_result, result_key
 from eval.compare import markdown_table, reference_summaries, summarize_run
 from eval.evaluate import evaluate, subset_users
-from eval.metrics import format_metrics
+from eval.metrics import format_metrics, metrics_from_ranks
 from eval.ranking import TIES_RULE
 from featurestore.cliutil import UserError
 from featurestore.store import GroupLock
@@ -228,27 +228,38 @@ def ensure_features(ws: Workspace, opts: StudyOptions, progress: bool,
     return result.to_dict(), {key: attrs.get(key) for key in SIGNATURE_KEYS}
 
 
-def rank_on_test(ws: Workspace, run_dir: Path, subset: str = "all") -> dict:
-    """Full-pool test metrics of a finished run (its ``subset`` of users), as ``eval rank``
-    computes and stores them.
+def rank_on_test(ws: Workspace, run_dir: Path) -> dict[str, dict]:
+    """Full-pool test metrics of a finished run for all users and for each of
+    :data:`SUBSET_TABLE`, as ``eval rank --subset`` computes and stores them.
 
-    Reuses the run's ``eval.json`` entry when one exists for these options.
+    Reuses the run's ``eval.json`` entries when they exist for these options; otherwise the
+    model is loaded and every user ranked once, each subset's metrics taken from those ranks
+    (a user's rank does not depend on which other users are ranked).
     """
-    key = result_key({"split": "test", "subset": subset, "exclude_history": True, "ks": list(KS)})
+    subsets = ("all", *SUBSET_TABLE)
+    keys = {subset: result_key({"split": "test", "subset": subset, "exclude_history": True, "ks": list(KS)})
+            for subset in subsets}
     stored = run_dir / "eval.json"
-    if stored.exists():
-        try:
-            previous = json.loads(stored.read_text()).get(key)
-        except json.JSONDecodeError:
-            previous = None  # record_result sets the unreadable file aside
-        if previous is not None and "unfinished_run" not in previous:  # not a score of a checkpoint so far
-            return previous
+    try:
+        previous = json.loads(stored.read_text()) if stored.exists() else {}
+    except json.JSONDecodeError:
+        previous = {}  # record_result sets the unreadable file aside
+    found = {subset: previous.get(key) for subset, key in keys.items()}
+    if all(r is not None and "unfinished_run" not in r for r in found.values()):  # not scores of a checkpoint so far
+        return found
     model, _config, dataset = load_run_and_dataset(ws, run_dir)
-    result = evaluate(model, dataset, split="test", ks=KS, exclude_history=True, subset=subset)
-    result["evaluated_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    result["dataset"] = {"name": dataset.name, "fingerprint": dataset.fingerprint}
-    record_result(run_dir, result)
-    return result
+    everyone = evaluate(model, dataset, split="test", ks=KS, exclude_history=True, return_vectors=True)
+    everyone.pop("vectors")
+    ranks = everyone.pop("ranks")
+    everyone["evaluated_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    everyone["dataset"] = {"name": dataset.name, "fingerprint": dataset.fingerprint}
+    results = {"all": everyone}
+    for subset in SUBSET_TABLE:
+        rows = subset_users(dataset, "test", subset)
+        results[subset] = {**everyone, **metrics_from_ranks(ranks[rows], KS), "subset": subset, "users": len(rows)}
+    for result in results.values():
+        record_result(run_dir, result)
+    return results
 
 
 def _die_with_parent() -> None:
@@ -319,9 +330,10 @@ def _train_and_rank(ws: Workspace, config: Configuration, runs: list[TrainOption
         if not (run_dir / CHECKPOINT).exists():
             config.status, config.reason = "failed", f"no checkpoint in {options.run_name}: {message}"
             return
-        subsets = {subset: _metrics(rank_on_test(ws, run_dir, subset)) for subset in SUBSET_TABLE}
+        ranked = rank_on_test(ws, run_dir)
         config.seeds.append({"seed": options.seed, "run": options.run_name, "status": status,
-                             "test": _metrics(rank_on_test(ws, run_dir)), "subsets": subsets})
+                             "test": _metrics(ranked["all"]),
+                             "subsets": {subset: _metrics(ranked[subset]) for subset in SUBSET_TABLE}})
     config.status = "trained" if any(s["status"] == "trained" for s in config.seeds) else "finished earlier"
     config.test, config.sd = seed_statistics([s["test"] for s in config.seeds])
     config.subsets = {subset: seed_statistics([s["subsets"][subset] for s in config.seeds])[0]
