@@ -16,7 +16,7 @@ import numpy as np
 
 from eval.compare import markdown_table, run_mode, summarize_run
 from eval.distributed import local_device, process_group
-from eval.evaluate import SUBSETS, evaluate
+from eval.evaluate import SUBSETS, evaluate_subsets
 from eval.metrics import parse_ks, percent
 from eval.ranking import INDEXES
 from featurestore.cliutil import UserError, emit, json_option, root_option, run_cli
@@ -120,6 +120,15 @@ def cli() -> None:
     """
 
 
+def _subsets(_ctx, _param, value: str) -> list[str]:
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [n for n in names if n not in SUBSETS]
+    if unknown or not names:
+        raise click.BadParameter(f"{','.join(unknown) or value!r} is not a subset; give one or more of "
+                                 f"{', '.join(SUBSETS)}, comma-separated")
+    return list(dict.fromkeys(names))
+
+
 @cli.command("rank")
 @run_argument
 @click.option("--dataset", "target", default=None, metavar="TARGET",
@@ -137,8 +146,9 @@ def cli() -> None:
 @click.option("--exclude-history/--no-exclude-history", default=True, show_default=True,
               help="Remove the user's past items from the ranking (papers' code) or keep them "
                    "(RecBole). Every result records which.")
-@click.option("--subset", type=click.Choice(SUBSETS), default="all", show_default=True,
-              help="Users whose target is cold (< 10 training interactions), warm, or all.")
+@click.option("--subset", "subsets", default="all", show_default=True, callback=_subsets,
+              help="Users whose target is cold (< 10 training interactions), warm, or all; several, "
+                   "comma-separated (all,warm,cold), are read from one ranking, each saved as its own result.")
 @click.option("--index", type=click.Choice(INDEXES), default="flat", show_default=True,
               help="Exact ranker: flat (faiss, CPU), flat-gpu (faiss-gpu on every GPU, or this "
                    "process's under torchrun), torch (matmul + top-k on --device, no faiss needed), "
@@ -158,7 +168,7 @@ def cli() -> None:
 @json_option
 def rank(ws: Workspace, as_json: bool, run_arg: str | None, run_option: str | None, target: str | None,
          untrained: bool, full_pool: bool, split: str, ks: str,
-         exclude_history: bool, subset: str, index: str, batch_size: int, device: str | None,
+         exclude_history: bool, subsets: list[str], index: str, batch_size: int, device: str | None,
          export_dir: Path | None) -> None:
     """Exact full-pool HR@K / NDCG@K of a trained run RUN; saved in the run's eval.json.
 
@@ -173,6 +183,8 @@ def rank(ws: Workspace, as_json: bool, run_arg: str | None, run_option: str | No
     """
     if batch_size < 1:
         raise UserError("--batch-size must be at least 1")
+    if export_dir is not None and len(subsets) > 1:
+        raise UserError(f"--export writes one subset's users; give one --subset, not {','.join(subsets)}")
     if not (run_arg or run_option):
         latest = latest_finished_run(ws)
         click.echo(f"using {latest.note}", err=True)
@@ -180,12 +192,12 @@ def rank(ws: Workspace, as_json: bool, run_arg: str | None, run_option: str | No
     run_dir = resolve_run(ws, one_run(run_arg, run_option))
     device = local_device(device or _default_device())
     with process_group(device) as shard:
-        _rank(ws, as_json, run_dir, target, untrained, split, ks, exclude_history, subset, index,
+        _rank(ws, as_json, run_dir, target, untrained, split, ks, exclude_history, subsets, index,
               batch_size, device, export_dir, main=shard.rank == 0)
 
 
 def _rank(ws: Workspace, as_json: bool, run_dir: Path, target: str | None, untrained: bool, split: str,
-          ks: str, exclude_history: bool, subset: str, index: str, batch_size: int, device: str,
+          ks: str, exclude_history: bool, subsets: list[str], index: str, batch_size: int, device: str,
           export_dir: Path | None, main: bool) -> None:
     zero_shot = None
     if target is not None and target != read_config(run_dir)["dataset"]["name"]:
@@ -198,12 +210,22 @@ def _rank(ws: Workspace, as_json: bool, run_dir: Path, target: str | None, untra
     else:
         model, _config, dataset = load_run_and_dataset(ws, run_dir, device)
     state = unfinished(run_dir)  # checked before ranking: the run may finish meanwhile
-    result = evaluate(model, dataset, split=split, ks=parse_ks(ks), exclude_history=exclude_history,
-                      subset=subset, batch_size=batch_size, index=index,
-                      return_vectors=export_dir is not None, progress=main, device=device)
-    vectors, ranks = result.pop("vectors", None), result.pop("ranks", None)
+    options = dict(ks=parse_ks(ks), exclude_history=exclude_history, batch_size=batch_size, index=index,
+                   progress=main, device=device)
+    results = evaluate_subsets(model, dataset, subsets, split, return_vectors=export_dir is not None, **options)
     if not main:
         return  # process 0 writes the one result
+    outs = [_record(run_dir, dataset, result, zero_shot, state, export_dir) for result in results.values()]
+    if len(outs) == 1:
+        emit(outs[0], as_json, _rank_text(outs[0]))
+    else:
+        emit({"run": run_dir.name, "results": outs}, as_json, "\n".join(_rank_text(out) for out in outs))
+
+
+def _record(run_dir: Path, dataset, result: dict, zero_shot: dict | None, state: dict | None,
+            export_dir: Path | None) -> dict:
+    """Save one subset's result in the run's eval.json (with its reference rows); what rank prints."""
+    vectors, ranks = result.pop("vectors", None), result.pop("ranks", None)
     result["evaluated_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     result["dataset"] = {"name": dataset.name, "fingerprint": dataset.fingerprint}
     if zero_shot is not None:
@@ -218,7 +240,7 @@ def _rank(ws: Workspace, as_json: bool, run_dir: Path, target: str | None, untra
         files = vectors.save(export_dir)
         np.save(export_dir / "ranks.npy", ranks)
         out["export"] = {"dir": str(export_dir), "files": {**files, "ranks": str(export_dir / "ranks.npy")}}
-    emit(out, as_json, _rank_text(out))
+    return out
 
 
 def _references(dataset, result: dict) -> dict:

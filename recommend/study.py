@@ -35,8 +35,8 @@ import torch
 from data.dataset import COLD_THRESHOLD, PreparedDataset
 from eval.cli import load_run_and_dataset, record_result, result_key
 from eval.compare import markdown_table, reference_summaries, summarize_run
-from eval.evaluate import evaluate, subset_users
-from eval.metrics import format_metrics, metrics_from_ranks
+from eval.evaluate import evaluate_subsets, subset_users
+from eval.metrics import format_metrics
 from eval.ranking import TIES_RULE
 from featurestore.cliutil import UserError
 from featurestore.store import GroupLock
@@ -248,16 +248,10 @@ def rank_on_test(ws: Workspace, run_dir: Path) -> dict[str, dict]:
     if all(r is not None and "unfinished_run" not in r for r in found.values()):  # not scores of a checkpoint so far
         return found
     model, _config, dataset = load_run_and_dataset(ws, run_dir)
-    everyone = evaluate(model, dataset, split="test", ks=KS, exclude_history=True, return_vectors=True)
-    everyone.pop("vectors")
-    ranks = everyone.pop("ranks")
-    everyone["evaluated_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    everyone["dataset"] = {"name": dataset.name, "fingerprint": dataset.fingerprint}
-    results = {"all": everyone}
-    for subset in SUBSET_TABLE:
-        rows = subset_users(dataset, "test", subset)
-        results[subset] = {**everyone, **metrics_from_ranks(ranks[rows], KS), "subset": subset, "users": len(rows)}
+    results = evaluate_subsets(model, dataset, subsets, "test", ks=KS, exclude_history=True)
+    evaluated_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     for result in results.values():
+        result.update(evaluated_at=evaluated_at, dataset={"name": dataset.name, "fingerprint": dataset.fingerprint})
         record_result(run_dir, result)
     return results
 
@@ -474,8 +468,8 @@ def _settings_section(opts: StudyOptions, configs: list[Configuration]) -> list[
     spread = (f"mean ± sample sd over seeds {opts.seed}..{opts.seed + opts.seeds - 1}" if opts.seeds > 1
               else f"seed {opts.seed}")
     lines = ["## Hyper-parameters and seeds", "", how, "",
-             f"| configuration | tuned | lr | weight decay | dropout | d | lr from | test HR@10 (%) | "
-             f"test NDCG@10 (%) | runs | validation curve |", "|" + "---|" * 11]
+             "| configuration | tuned | lr | weight decay | dropout | d | lr from | test HR@10 (%) | "
+             "test NDCG@10 (%) | runs | validation curve |", "|" + "---|" * 11]
     for c in configs:
         if c.options is None or c.test is None:
             continue

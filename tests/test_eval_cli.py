@@ -115,6 +115,21 @@ def test_cold_and_warm_subsets_through_the_recommend_alias(trained, synth_ws):
     assert counts["cold"] > 0 and counts["cold"] + counts["warm"] == counts["all"]
 
 
+def test_several_subsets_from_one_ranking_equal_separate_calls(trained):
+    single = {s: invoke(trained, "rank", "--run", RUN, "--subset", s, "--k", "5,10") for s in ("warm", "cold", "all")}
+    joint = invoke(trained, "rank", "--run", RUN, "--subset", "all,warm,cold", "--k", "5,10")["results"]
+    assert [r["subset"] for r in joint] == ["all", "warm", "cold"]
+    for result in joint:
+        alone = single[result["subset"]]
+        for key in ("users", "HR@5", "HR@10", "NDCG@5", "NDCG@10"):
+            assert result[key] == alone[key], (result["subset"], key)
+        assert result["popularity"]["HR@10"] == alone["popularity"]["HR@10"]
+    for bad, says in ((["--subset", "all,lukewarm"], "lukewarm"), (["--subset", "all,cold", "--export", "x"], "--export")):
+        proc = subprocess.run([sys.executable, "-m", "eval", "rank", "--run", RUN, *bad, "--root", str(trained.root)],
+                              capture_output=True, text=True)
+        assert proc.returncode == 2 and says in proc.stderr.strip().splitlines()[-1], proc.stderr
+
+
 def test_changed_dataset_and_missing_run_are_refused(trained, tmp_path):
     ws = Workspace(tmp_path)
     shutil.copytree(trained.root / "datasets", ws.datasets)
