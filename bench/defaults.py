@@ -13,10 +13,11 @@ run (the same for defaults and trials) so the bench fits a shared 2-core machine
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import click
@@ -55,7 +56,9 @@ def main(users: int, items: int, trials: int, epochs: int, modes: str, threads: 
         for mode in [m.strip() for m in modes.split(",") if m.strip()]:
             base = TrainOptions(dataset="demo", mode=mode, epochs=epochs, **MODES[mode])
             start = time.perf_counter()
-            plain = train(ws, replace(base, run_name=f"defaults-{mode}-e{epochs}"), progress=False, echo=False)
+            # named by its options: a changed default is a new run, not the old one found finished
+            digest = hashlib.sha256(json.dumps(asdict(base), sort_keys=True).encode()).hexdigest()[:8]
+            plain = train(ws, replace(base, run_name=f"defaults-{mode}-e{epochs}-{digest}"), progress=False, echo=False)
             plain_seconds = time.perf_counter() - start
             start = time.perf_counter()
             tuned = run_tune(ws, TuneOptions(base, trials=trials, study_name=f"defaults-{mode}-e{epochs}"),

@@ -40,6 +40,7 @@ def tune_configurations(ws: Workspace, configs: list, trials: int, modes: list[s
     """Tune each configuration of ``modes`` (``trials`` trials), then give the others the lr
     of the best tuned one of :data:`BORROW_FROM`; sets ``options``, ``run``, ``tuned`` and
     ``borrowed`` of every configuration in place; ``echo``: one line per trial on stderr.
+    A tuned configuration's run is its best trial's run folder.
 
     Each search is the Optuna study ``study-RUN`` (RUN: the configuration's untuned run
     name) in ROOT's tune database, so a rerun continues it and more trials extend it.
@@ -61,6 +62,9 @@ def tune_configurations(ws: Workspace, configs: list, trials: int, modes: list[s
         config.tune_study = name
         best[config.label] = (result["best"]["value"], config.tuned)
         _apply(config, config.tuned, rename)
+        # the chosen trial was trained with exactly these options and the first seed: it is that
+        # seed's run, not trained a second time (test is first looked at after the choice)
+        config.run = config.options.run_name = result["best"]["run"]
     donor = _donor(configs, best)
     for config in configs:
         if config.mode in modes or donor is None:

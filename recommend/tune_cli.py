@@ -12,12 +12,13 @@ from typing import Callable
 
 import click
 import torch
+from click.core import ParameterSource
 
 from featurestore.cliutil import UserError, emit, json_option, root_option
 from featurestore.configfile import config_option
 from featurestore.workspace import Workspace
 from recommend.trainer import TrainOptions
-from recommend.tune import DEFAULT_SPACE, PRUNERS, TS_DNN_SPACE, TuneOptions, load_space, run_tune
+from recommend.tune import DEFAULT_SPACE, PRUNERS, TS_DNN_SPACE, TuneOptions, default_space, load_space, run_tune
 
 NOT_FROM_TRAIN = {"run_name", "quiet", "root", "as_json", "config"}  # tune's own, or per trial
 
@@ -27,7 +28,8 @@ Every trial trains an ordinary run folder ROOT/runs/STUDY-tN (so `eval rank` and
 compare` work on it) and reports its full-pool validation HR@10 after every epoch to the
 pruner; the test split is never looked at. Default space: {', '.join(DEFAULT_SPACE)}, and
 {', '.join(TS_DNN_SPACE)} (depth N) for --mode ts-dnn. Training options given here are fixed
-for every trial.
+for every trial; one of the space's given here (e.g. --layers 8, --lr 1e-3) is fixed, not
+searched.
 
 Many workers share one search when given the same --storage and --study-name (Optuna's
 distributed mode); each trial runs in exactly one of them. Killed and started again, tune
@@ -78,8 +80,10 @@ def make_tune_command(train_command: click.Command, names: Callable[[str | None]
             torch.set_num_threads(threads)  # how fast, not what is trained
         base = TrainOptions(encoders=names(encoder), features=names(features),
                             objectives=names(objectives), **options)
+        space = searched_space(load_space(space_file) if space_file else default_space(base.mode),
+                               given=_given(options), from_file=space_file is not None)
         opts = TuneOptions(base, trials=trials, timeout=timeout, storage=storage, study_name=study_name,
-                           space=load_space(space_file) if space_file else {}, pruner=pruner,
+                           space=space, pruner=pruner,
                            sampler_seed=sampler_seed, heartbeat=heartbeat)
         result = run_tune(ws, opts, echo=not as_json)
         best = result["best"]
@@ -94,3 +98,29 @@ def make_tune_command(train_command: click.Command, names: Callable[[str | None]
     own = {p.name for p in tune_command.params}
     tune_command.params.extend(p for p in train_command.params if p.name not in own | NOT_FROM_TRAIN)
     return tune_command
+
+
+def _given(options: dict) -> dict:
+    """The training options the user set (command line, environment or --config), not defaults."""
+    ctx = click.get_current_context()
+    return {name: value for name, value in options.items()
+            if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT,
+                                                  ParameterSource.DEFAULT_MAP)}
+
+
+def searched_space(space: dict, given: dict, from_file: bool) -> dict:
+    """``space`` less the options the user fixed: a value typed on the command line is meant,
+    so the search must not overwrite it. A --space file that names one is a contradiction
+    and is refused; the default space just leaves it out (said on stderr)."""
+    fixed = {name: given[name] for name in space if name in given}
+    if fixed and from_file:
+        raise UserError(f"--space searches {', '.join(fixed)}, which the command line also fixes; "
+                        f"drop {' '.join('--' + n.replace('_', '-') for n in fixed)} or take it out of the space file")
+    left = {name: dist for name, dist in space.items() if name not in fixed}
+    if not left:
+        raise UserError(f"nothing left to search: the command line fixes every option of the space "
+                        f"({', '.join(fixed)}); drop one, or give --space FILE")
+    if fixed:
+        click.echo("fixed, not searched: " + ", ".join(f"{k}={v}" for k, v in fixed.items()), err=True)
+    return left
+

@@ -50,8 +50,11 @@ def test_tuned_rows_use_the_best_trial_and_untuned_rows_say_where_their_lr_came_
         assert len(study.trials) == 2
         done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         assert rows[label]["params"] == max(done, key=lambda t: t.value).params
-        for trial in study.trials:  # the search saw validation only
-            assert not (ws.run_dir(trial.user_attrs["run"]) / "eval.json").exists()
+        chosen = max(done, key=lambda t: t.value).user_attrs["run"]
+        assert rows[label]["run"] == rows[label]["seeds"][0]["run"] == chosen  # reused, not trained again
+        assert rows[label]["seeds"][0]["status"] == "finished earlier"
+        for trial in study.trials:  # the search saw validation only; test ranks the chosen one
+            assert (ws.run_dir(trial.user_attrs["run"]) / "eval.json").exists() == (trial.user_attrs["run"] == chosen)
     assert rows["ts"]["params"] is None
     assert rows["ts"]["borrowed"] == {"from": "ts-dnn1", "lr": rows["ts-dnn1"]["params"]["lr"]}
     for row in rows.values():  # every seed's run trained with the row's stated settings

@@ -116,3 +116,22 @@ def test_space_file_and_bad_input(tmp_path, private_ws):
     out = CliRunner().invoke(cli, ["tune", "--root", str(ws.root), "--dataset", "synth", "--trials", "1",
                                    "--storage", "nosuchdb://x"])
     assert isinstance(out.exception, UserError) and "--storage nosuchdb://x" in str(out.exception)
+
+
+def test_options_given_on_the_command_line_are_fixed_not_searched(tmp_path, private_ws):
+    ws = private_ws("tune-fixed")
+    out = CliRunner().invoke(cli, ["tune", "--root", str(ws.root), "--dataset", "synth", "--mode", "id",
+                                   "--batch-size", "32", "--epochs", "1", "--trials", "1", "--lr", "0.0025",
+                                   "--dim", "16", "--study-name", "fixed", "--json"])
+    assert out.exit_code == 0, out.output
+    assert "fixed, not searched: lr=0.0025, dim=16" in out.stderr
+    result = json.loads(out.stdout)
+    assert set(result["space"]) == {"weight_decay", "dropout"}
+    config = json.loads((ws.run_dir("fixed-t0") / "config.json").read_text())
+    assert config["training"]["lr"] == 0.0025 and config["model"]["dim"] == 16
+    space = tmp_path / "space.yaml"
+    space.write_text("lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}\n")
+    for args, says in ((["--space", str(space), "--lr", "1e-3"], "which the command line also fixes; drop --lr"),
+                       (["--lr", "1e-3", "--weight-decay", "0", "--dropout", "0", "--dim", "8"], "nothing left to search")):
+        out = CliRunner().invoke(cli, ["tune", "--root", str(ws.root), "--dataset", "synth", "--trials", "1", *args])
+        assert isinstance(out.exception, UserError) and says in str(out.exception), out.output
