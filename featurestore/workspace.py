@@ -12,7 +12,6 @@ refused with one line before anything is read or written.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 

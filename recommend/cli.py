@@ -24,8 +24,8 @@ from recommend.losses import list_losses
 from recommend.objectives import list_objectives
 from recommend.run import list_runs
 from recommend.study import DEFAULT_LAYERS, STUDY_MODES, StudyOptions, run_study
-from recommend.item_towers import DEFAULT_TS_DNN_STACK, TS_DNN_STACKS
-from recommend.trainer import CLEARLY_ABOVE, DEFAULT_TS_DNN_LAYERS, Processes, TrainOptions, train
+from recommend.item_towers import DEFAULT_TS_DNN_LAYERS, DEFAULT_TS_DNN_STACK, TS_DNN_STACKS
+from recommend.trainer import CLEARLY_ABOVE, Processes, TrainOptions, train
 from recommend.transfer import list_transfers
 from recommend.tune_cli import make_tune_command
 from recommend.user_encoders import list_user_encoders
