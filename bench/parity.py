@@ -39,7 +39,7 @@ import subprocess
 import sys
 import time
 import venv
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import click
@@ -55,6 +55,7 @@ from featurestore.cliutil import UserError
 from featurestore.workspace import Workspace
 from recommend.batches import model_seq_len
 from recommend.run import load_run
+from recommend.trainer import TrainOptions
 
 # RecBole's environment: known to work with these (numpy < 2 for np.float_, pandas < 2.3;
 # torch 2.13.0 is the CPU wheel this machine keeps on disk: no multi-GB CUDA download)
@@ -162,7 +163,8 @@ def run_ours(ws: Workspace, dataset: PreparedDataset, pair: ModelPair, dim: int,
     """``recommend train --mode id`` with ``flags``, then test metrics under both protocols."""
     args = ["--dataset", dataset.name, "--mode", "id", "--backbone", pair.backbone, "--dim", str(dim),
             "--seed", str(seed), *flags]
-    name = f"parity-{dataset.name}-{pair.backbone}-{variant}-{_digest(args)}-s{seed}"
+    # named by the flags and train's defaults under them: a changed default is a new run
+    name = f"parity-{dataset.name}-{pair.backbone}-{variant}-{_digest([args, asdict(TrainOptions(dataset=''))])}-s{seed}"
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "recommend.cli", "train", *args, "--run-name", name,
                            "--root", str(ws.root), "--json"], capture_output=True, text=True,
