@@ -25,6 +25,7 @@ Ranks are cached in ``RAW/oracle/`` keyed by the prepared dataset's fingerprints
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -95,12 +96,20 @@ class Alignment:
     pool_raw: np.ndarray  # (N + 1,), -1 at 0
 
 
+class StaleWorld(ValueError):
+    """The raw folder's world is not the one the prepared dataset was drawn from (the
+    folder was generated again in place after preparation)."""
+
+
 def align(dataset, world: WorldFile, split: str) -> Alignment:
     """Where each prepared target was generated (see the module docstring)."""
     user_index = {u: k for k, u in enumerate(world.user_ids.astype(str).tolist())}
     item_index = {it: k for k, it in enumerate(world.item_ids.astype(str).tolist())}
-    raw_user = np.array([user_index[u] for u in dataset.user_ids], dtype=np.int64)
-    pool_raw = np.array([-1] + [item_index[it.orig_id] for it in dataset.items], dtype=np.int64)
+    try:
+        raw_user = np.array([user_index[u] for u in dataset.user_ids], dtype=np.int64)
+        pool_raw = np.array([-1] + [item_index[it.orig_id] for it in dataset.items], dtype=np.int64)
+    except KeyError as err:
+        raise StaleWorld(f"its id {err.args[0]!r} is not in the world file") from None
     target_raw = pool_raw[dataset.targets(split)]
     n_items = len(world.item_ids)
     lengths = np.diff(world.indptr)
@@ -109,7 +118,7 @@ def align(dataset, world: WorldFile, split: str) -> Alignment:
     order = np.argsort(keys, kind="stable")
     at = order[np.searchsorted(keys[order], raw_user * n_items + target_raw)]
     if not np.array_equal(keys[at], raw_user * n_items + target_raw):
-        raise ValueError("a prepared target is no generated event of its user; the raw folder changed")
+        raise StaleWorld("a prepared target is no generated event of its user")
     return Alignment(raw_user, at - world.indptr[raw_user], pool_raw)
 
 
@@ -219,12 +228,29 @@ def oracle_ranks(dataset, split: str) -> np.ndarray | None:
     if path.exists():
         return np.load(path)
     world = WorldFile.load(raw / WORLD_FILE)
-    ranks = fast_ranks(world, align(dataset, world, split))
+    try:
+        alignment = align(dataset, world, split)
+    except StaleWorld as err:
+        _say_once(f"note: no oracle row for dataset {dataset.name}: {raw} was generated again after the "
+                  f"dataset was prepared from it ({err}); prepare the dataset again from that folder "
+                  f"(`featurestore dataset prepare --source {raw} ...`) to rank against its oracle")
+        return None
+    ranks = fast_ranks(world, alignment)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.npy")
     np.save(tmp, ranks)
     tmp.replace(path)
     return ranks
+
+
+_SAID: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    """A note on stderr, once per process: eval and study ask for the oracle per subset."""
+    if message not in _SAID:
+        _SAID.add(message)
+        print(message, file=sys.stderr)
 
 
 def oracle_metrics(dataset, split: str = "test", ks: Iterable[int] = (10, 20, 50), exclude_history: bool = True,

@@ -146,3 +146,16 @@ def test_links_are_invisible_to_content_and_learned_by_ids(synth_ws, synth_datas
     assert linked.sum() > 50
     assert content_hr < 2.5 * chance
     assert id_hr > 4 * chance
+
+
+def test_a_raw_folder_generated_again_drops_the_oracle_row_with_a_note(tmp_path: Path, capsys) -> None:
+    raw = tmp_path / "raw"
+    synthesize("hm", raw, users=200, items=60, seed=2, images=False)
+    prepare_dataset("hm", raw, tmp_path / "ds", name="again", max_seq_len=6)
+    ds = PreparedDataset.load(tmp_path / "ds")
+    for other in (dict(users=200, items=60, seed=3), dict(users=150, items=40, seed=2)):  # new events; new ids
+        synthesize("hm", raw, images=False, **other)
+        assert oracle_metrics(ds, "test", (10,)) is None
+        note = capsys.readouterr().err
+        assert "no oracle row for dataset again" in note and "prepare the dataset again" in note, note
+    assert popularity_metrics(ds, "test", (10,))["users"] == ds.n_users  # the rest of the tables stand
