@@ -30,7 +30,7 @@ the run it extends (the same data, width and rounds):
 checkpointed chunks) and of ``--loss sce`` (its sampled estimate, ``--negatives`` shared
 negatives) against ``inbatch`` on a catalogue of N items, for IDRec and TS-DNN-N, with
 the trainer's own Objective and random rows (step time does not depend on what the
-items mean):
+items mean), and beside them the floor of any exact ce step (:func:`exact_ce_floor`):
 
     python bench/train.py --loss-steps 87000 --dim 64 --threads 2
 """
@@ -128,10 +128,37 @@ def loss_steps(n_items: int, dim: int, layers: int, feat_dim: int, batch_size: i
                 optimizer.step()
                 if round_:
                     times[loss].append(time.perf_counter() - start)
+        floor = [exact_ce_floor(model, batch_size * 13, n_items, dim, content=bool(sources)) for _ in range(rounds)]
         out[tower] = {loss: statistics.median(t) for loss, t in times.items()}
-        for loss in STEP_LOSSES[1:]:
+        # a ce step does at least inbatch's work (but its own small positions x positions logits)
+        # plus the floor's products: that sum bounds any exact implementation's step from below
+        out[tower]["ce_floor"] = out[tower]["inbatch"] + statistics.median(floor)
+        for loss in (*STEP_LOSSES[1:], "ce_floor"):
             out[tower][f"ratio_{loss}_vs_inbatch"] = out[tower][loss] / out[tower]["inbatch"]
     return out
+
+
+def exact_ce_floor(model, positions: int, n_items: int, dim: int, content: bool) -> float:
+    """Seconds of the work an exact full-catalogue softmax adds to a step, done as bare
+    unchunked products: the logits (positions x items), the gradients of both factors, and
+    for a content tower its forward and backward over every item. The bench prints ce
+    against inbatch's step plus this, so a missed target can be told from a slow
+    implementation."""
+    generator = torch.Generator().manual_seed(1)
+    hidden = torch.randn(positions, dim, generator=generator)
+    start = time.perf_counter()
+    if content:
+        items = model.item_tower(torch.arange(1, n_items + 1))
+        probs = torch.softmax(hidden @ items.detach().T, dim=1)
+        grad_items = probs.T @ hidden
+        (items * grad_items).sum().backward()
+        model.zero_grad(set_to_none=True)
+    else:
+        items = torch.randn(n_items, dim, generator=generator)
+        probs = torch.softmax(hidden @ items.T, dim=1)
+        probs.T @ hidden
+    probs @ items.detach()
+    return time.perf_counter() - start
 
 
 def loss_steps_report(n_items: int, dim: int, layers: int, feat_dim: int, batch_size: int, rounds: int,
@@ -193,6 +220,8 @@ def main(users: int, items: int, feat_dim: int, layers: int, dim: int, batch_siz
         click.echo(json.dumps(steps) if as_json else "\n".join(
             f"{tower}: inbatch {r['inbatch']:.3f} s/step; " + ", ".join(
                 f"{loss} {r[loss]:.3f} s/step (x{r[f'ratio_{loss}_vs_inbatch']:.2f})" for loss in STEP_LOSSES[1:])
+            + f"; exact-ce floor (inbatch + the bare products) {r['ce_floor']:.3f} s/step "
+              f"(x{r['ratio_ce_floor_vs_inbatch']:.2f}), ce / floor x{r['ce'] / r['ce_floor']:.2f}"
             for tower, r in steps["towers"].items()))
         return
     asked = {e.strip() for e in extras.split(",") if e.strip()}
