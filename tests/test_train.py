@@ -29,7 +29,7 @@ from recommend.trainer import TrainOptions, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FAST = dict(dim=32, batch_size=32, lr=1e-3, epochs=15, patience=4)
+FAST = dict(dim=32, batch_size=32, lr=1e-3, dropout=0.1, epochs=15, patience=4)  # learns in a few epochs
 
 
 

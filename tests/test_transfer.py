@@ -39,6 +39,8 @@ from recommend.trainer import TrainOptions, check_options, model_spec, train
 from recommend.transfer import compatibility_problems, copy_parts, init_from_run, zero_shot_model
 
 ENC = "bert-tiny"
+pytestmark = pytest.mark.usefixtures("one_thread")  # one thread: the same floats on every run
+
 FAST = dict(dim=32, batch_size=32, lr=1e-3, patience=3)
 TS = dict(mode="ts-dnn", layers=1, encoders=[ENC], whiten=True, **FAST)
 E2E = dict(mode="e2e", encoders=[ENC], random_init=True, top_k=1, **FAST)
@@ -267,10 +269,6 @@ def test_zero_shot_matches_a_hand_computation(ws, source):
     assert "zero-shot on target: the run's model as trained on synth, never trained on target" in text.output
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known finding (issue 14 world): titles drawn from 376 latent-tied words carry too little for "
-    "random-init bert-tiny vectors, so the source learns barely above popularity and zero-shot "
-    "transfers nothing; strict, so it fails loudly once the world or the encoder makes it pass"))
 def test_zero_shot_beats_the_untrained_model(ws, source):
     zero = rank(ws, "--run", source, "--dataset", "target")
     untrained = rank(ws, "--run", source, "--dataset", "target", "--untrained")
