@@ -120,7 +120,7 @@ def stage_details(work: Path) -> dict:
 def test_rows(result: dict) -> dict:
     """TS-DNN-8, popularity and oracle on one subset's users (eval rank's reference rows)."""
     rows = {"users": result["users"], "TS-DNN-8": {k: result[k] for k in ("HR@10", "NDCG@10")}}
-    for row in ("popularity", "oracle"):
+    for row in ("popularity", "oracle", "oracle_without_links"):
         if result.get(row):
             rows[row] = {k: result[row][k] for k in ("HR@10", "NDCG@10")}
     if result.get("percent_of_oracle"):
@@ -200,9 +200,9 @@ def main(users: int, items: int, images: bool, dim: int, batch_size: int, lr: fl
     click.echo(f"details: {json.dumps(details)}")
     for subset, rows in details.get("test", {}).items():
         click.echo(f"test, {subset} targets ({rows['users']} users):")
-        for row in ("popularity", "oracle", "TS-DNN-8"):
+        for row in ("popularity", "oracle", "oracle_without_links", "TS-DNN-8"):
             if row in rows:
-                click.echo(f"  {row:10} HR@10 {100 * rows[row]['HR@10']:7.3f}%  NDCG@10 {100 * rows[row]['NDCG@10']:7.3f}%")
+                click.echo(f"  {row:20} HR@10 {100 * rows[row]['HR@10']:7.3f}%  NDCG@10 {100 * rows[row]['NDCG@10']:7.3f}%")
         if "percent_of_oracle" in rows:
             click.echo("  TS-DNN-8 % of oracle: " + "  ".join(f"{k} {v:.1f}" for k, v in rows["percent_of_oracle"].items()))
     click.echo(f"one TS-DNN epoch (train stage / epochs, incl. validation) / one extraction: {ratio:.2f}x")

@@ -157,7 +157,8 @@ def dataset_info(ds: PreparedDataset) -> dict:
 @json_option
 def info(ws: Workspace, as_json: bool, name: str, plot: Path | None) -> None:
     """Describe the prepared dataset NAME, with its item-popularity histogram and the
-    popularity and (for a generated dataset) oracle rows on its test split."""
+    popularity and (for a generated dataset) oracle and oracle-without-links rows on its
+    test split."""
     from data.oracle import reference_rows  # lazily: it needs eval (torch); prepare and synth do not
 
     ds = PreparedDataset.load(ws.dataset_dir(name))
@@ -176,8 +177,8 @@ def info(ws: Workspace, as_json: bool, name: str, plot: Path | None) -> None:
         f"fingerprint {summary['fingerprint']}, interactions {summary['interactions_fingerprint']}",
         "interactions per item: " + ", ".join(f"{bin_label(b)}: {b['items']}" for b in summary["popularity"]),
         *([f"plot: {summary['plot']}"] if "plot" in summary else []),
-        *(f"{row:<10} test HR@10 {metrics['HR@10']:.4f}  NDCG@10 {metrics['NDCG@10']:.4f} "
-          f"(full pool, history excluded)" for row, metrics in summary["baselines"].items()),
+        *(f"{metrics['model']:<20} test HR@10 {metrics['HR@10']:.4f}  NDCG@10 {metrics['NDCG@10']:.4f} "
+          f"(full pool, history excluded)" for metrics in summary["baselines"].values()),
     ])
     emit(summary, as_json, text)
 

@@ -21,12 +21,19 @@ least as probable as the target is, per region, a binary search in that region's
 popularities sorted once: O(regions x log) per user instead of O(items), in user
 batches of bounded memory. The few special items are then corrected one by one.
 Ranks are cached in ``RAW/oracle/`` keyed by the prepared dataset's fingerprints.
+
+The oracle without links (``links=False``) ranks by the same mixture with the item-level
+links left out. Link targets are uniform random items, so to anyone who does not know
+them the link term is a constant: this is the best ranking of a model that has not
+learned the links (a content tower, or IDRec on items too rare to learn them). The
+space between it and the oracle is what the links are worth. At 87K items most of the
+oracle's hits come from the links: a content event spreads over a whole region.
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable
 
@@ -213,21 +220,29 @@ def fast_ranks(world: WorldFile, alignment: Alignment, batch_users: int = BATCH_
     return ranks
 
 
-def _cache_path(raw: Path, dataset, split: str) -> Path:
+def _cache_path(raw: Path, dataset, split: str, links: bool) -> Path:
     manifest = dataset.manifest
-    return raw / ORACLE_DIR / f"{manifest['fingerprint']}-{manifest['interactions_fingerprint']}-{split}.npy"
+    variant = "" if links else "-without-links"
+    return raw / ORACLE_DIR / f"{manifest['fingerprint']}-{manifest['interactions_fingerprint']}-{split}{variant}.npy"
 
 
-def oracle_ranks(dataset, split: str) -> np.ndarray | None:
+def without_links(world: WorldFile) -> WorldFile:
+    """The same world with the links' weight at 0: the mixture a link-blind model can know."""
+    return replace(world, signals=replace(world.signals, id=0.0))
+
+
+def oracle_ranks(dataset, split: str, links: bool = True) -> np.ndarray | None:
     """The oracle's exact rank of each prepared user's ``split`` target (None when the
-    dataset did not come from the generator); computed once, then read from the cache."""
+    dataset did not come from the generator); computed once, then read from the cache.
+    ``links=False``: the oracle without links (see the module docstring)."""
     raw = raw_folder(dataset)
     if raw is None:
         return None
-    path = _cache_path(raw, dataset, split)
+    path = _cache_path(raw, dataset, split, links)
     if path.exists():
         return np.load(path)
     world = WorldFile.load(raw / WORLD_FILE)
+    world = world if links else without_links(world)
     try:
         alignment = align(dataset, world, split)
     except StaleWorld as err:
@@ -243,6 +258,7 @@ def oracle_ranks(dataset, split: str) -> np.ndarray | None:
     return ranks
 
 
+WITHOUT_LINKS = "oracle_without_links"  # its key among the reference rows
 _SAID: set[str] = set()
 
 
@@ -254,30 +270,34 @@ def _say_once(message: str) -> None:
 
 
 def oracle_metrics(dataset, split: str = "test", ks: Iterable[int] = (10, 20, 50), exclude_history: bool = True,
-                   subset: str = "all") -> dict | None:
-    """HR@K / NDCG@K of the oracle on the same users as a model's result, or None."""
+                   subset: str = "all", links: bool = True) -> dict | None:
+    """HR@K / NDCG@K of the oracle (``links=False``: without links) on the same users as a
+    model's result, or None."""
     from eval.evaluate import subset_users  # lazily: eval imports torch, dataset commands need not
     from eval.metrics import metrics_from_ranks
 
-    ranks = oracle_ranks(dataset, split)
+    ranks = oracle_ranks(dataset, split, links)
     if ranks is None:
         return None
     ks = tuple(sorted({int(k) for k in ks}))
     rows = subset_users(dataset, split, subset)
     return {**metrics_from_ranks(ranks[rows], ks), "users": int(len(rows)), "split": split, "subset": subset,
-            "exclude_history": bool(exclude_history), "ks": list(ks), "model": "oracle"}
+            "exclude_history": bool(exclude_history), "ks": list(ks),
+            "model": "oracle" if links else "oracle without links"}
 
 
 def reference_rows(dataset, split: str = "test", ks: Iterable[int] = (10,), exclude_history: bool = True,
                    subset: str = "all") -> dict[str, dict]:
-    """The popularity row and, for a generated dataset, the oracle row on the same users and
-    protocol: the floor and the exact ceiling every model's result sits between."""
+    """The popularity row and, for a generated dataset, the oracle and oracle-without-links
+    rows on the same users and protocol: the floor, the exact ceiling every model's result
+    sits under, and the ceiling of a model that has not learned the item-level links."""
     from eval.evaluate import popularity_metrics
 
     rows = {"popularity": popularity_metrics(dataset, split, ks, exclude_history, subset)}
     oracle = oracle_metrics(dataset, split, ks, exclude_history, subset)
     if oracle is not None:
         rows["oracle"] = oracle
+        rows[WITHOUT_LINKS] = oracle_metrics(dataset, split, ks, exclude_history, subset, links=False)
     return rows
 
 

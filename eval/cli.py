@@ -243,6 +243,9 @@ def _record(run_dir: Path, dataset, result: dict, zero_shot: dict | None, state:
     return out
 
 
+WITHOUT_LINKS = "oracle_without_links"  # data.oracle.WITHOUT_LINKS, without importing the oracle eagerly
+
+
 def _references(dataset, result: dict) -> dict:
     """Popularity and (generated datasets) oracle rows on the same users and protocol, and
     the run's metrics as a percentage of the oracle's."""
@@ -274,9 +277,10 @@ def _rank_text(out: dict) -> str:
     for k in out["ks"]:
         hr, ndcg = out[f"HR@{k}"], out[f"NDCG@{k}"]
         lines.append(f"  HR@{k:<3} {percent(hr):>6}%   NDCG@{k:<3} {percent(ndcg):>6}%")
-    for row in ("popularity", "oracle"):
+    for row in ("popularity", "oracle", WITHOUT_LINKS):
         if out.get(row) and out[row]["users"]:
-            lines.append(f"  {row}: " + "  ".join(f"HR@{k} {percent(out[row][f'HR@{k}'])}%" for k in out["ks"]))
+            lines.append(f"  {out[row]['model']}: " + "  ".join(f"HR@{k} {percent(out[row][f'HR@{k}'])}%"
+                                                            for k in out["ks"]))
     if out.get("percent_of_oracle"):
         lines.append("  % of oracle: " + "  ".join(f"{name} {value:.1f}"
                                                   for name, value in out["percent_of_oracle"].items()))

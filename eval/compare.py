@@ -162,10 +162,11 @@ def summarize_run(run_dir: Path) -> RunSummary:
 
 
 def reference_summaries(dataset, ks) -> list[RunSummary]:
-    """Popularity and (for a generated dataset) oracle rows: test split, history excluded."""
+    """Popularity and (for a generated dataset) oracle and oracle-without-links rows: test
+    split, history excluded."""
     from data.oracle import reference_rows
 
-    return [RunSummary(name=name, mode=name, encoder="-", layers=None, trainable_params=0, total_params=0,
+    return [RunSummary(name=row["model"], mode=name, encoder="-", layers=None, trainable_params=0, total_params=0,
                        epochs=0, sec_per_epoch=None, peak_rss_mb=None, peak_gpu_mb=None,
                        metrics={k: v for k, v in row.items() if k.startswith(("HR@", "NDCG@"))},
                        source="test (history excluded)", dataset=dataset.name)

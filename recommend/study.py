@@ -348,8 +348,8 @@ def subset_table(dataset: PreparedDataset, configs: list[Configuration]) -> str:
                       for metric in ("HR@10", "NDCG@10"))
     lines = [f"| run | {head} |", "|---" * (1 + 2 * len(SUBSET_TABLE)) + "|"]
     references = {subset: reference_rows(dataset, "test", KS, True, subset) for subset in SUBSET_TABLE}
-    rows = [(name, {subset: references[subset][name] for subset in SUBSET_TABLE})
-            for name in references[SUBSET_TABLE[0]]]
+    rows = [(row["model"], {subset: references[subset][name] for subset in SUBSET_TABLE})
+            for name, row in references[SUBSET_TABLE[0]].items()]
     rows += [(c.label, c.subsets) for c in configs if c.subsets]
     for name, metrics in rows:
         cells = " | ".join("-" if metrics[subset][metric] is None else f"{100 * metrics[subset][metric]:.2f}"

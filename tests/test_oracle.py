@@ -20,10 +20,11 @@ from recommend.trainer import TrainOptions, train
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def reference_ranks(ds: PreparedDataset, raw: Path, split: str) -> np.ndarray:
+def reference_ranks(ds: PreparedDataset, raw: Path, split: str, links: bool = True) -> np.ndarray:
     """Per prepared user, in plain numpy: find the target in the generated sequence, replay
     the user's state, write out the whole mixture over the raw catalogue, rank the target
-    among the prepared items (pessimistic ties, seen items have probability 0)."""
+    among the prepared items (pessimistic ties, seen items have probability 0).
+    ``links=False``: the mixture without the link term."""
     with np.load(raw / "world.npz") as npz:
         w = {k: npz[k] for k in npz.files}
     signals = w["signals"]
@@ -47,7 +48,7 @@ def reference_ranks(ds: PreparedDataset, raw: Path, split: str) -> np.ndarray:
         kernel = np.exp(-((query - centres) ** 2).sum(axis=1) / (2 * CONTENT_WIDTH ** 2)) * region_pop
         kernel /= kernel.sum()
         p = content * kernel[region] * pop / region_pop[region] + popularity * pop
-        for follow, weight in zip(w["links"][seq[t - 1]], LINK_WEIGHTS):
+        for follow, weight in zip(w["links"][seq[t - 1]], LINK_WEIGHTS if links else ()):
             p[follow] += id_ * weight / sum(LINK_WEIGHTS)
         p[seq[:t]] = 0
         ranks.append(1 + int(((p[pool] >= p[target]) & (pool != target)).sum()))
@@ -64,6 +65,9 @@ def test_fast_path_equals_the_per_user_reference(tmp_path: Path, fmt: str) -> No
     for split in ("valid", "test"):
         fast = fast_ranks(world, align(ds, world, split), batch_users=37)  # batches that do not divide U
         np.testing.assert_array_equal(fast, reference_ranks(ds, raw, split))
+        blind = oracle_ranks(ds, split, links=False)
+        np.testing.assert_array_equal(blind, reference_ranks(ds, raw, split, links=False))
+        assert np.mean(blind <= 10) < np.mean(fast <= 10)  # the links are worth something
     assert np.mean(fast <= 10) > 0.2  # the ceiling is far from trivial here
 
 

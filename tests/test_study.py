@@ -65,7 +65,7 @@ def test_every_mode_is_trained_ranked_and_reported(studied):
     assert "| popularity | popularity |" in report
     assert "## Warm and cold users" in report and result["subset_table"] in report
     assert [line.split(" | ")[0] for line in result["subset_table"].splitlines()[2:]] == \
-        ["| popularity", "| oracle"] + [f"| {label}" for label in labels]
+        ["| popularity", "| oracle", "| oracle without links"] + [f"| {label}" for label in labels]
     for png in result["plots"]:
         with open(png, "rb") as fh:
             assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
