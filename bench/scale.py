@@ -42,10 +42,13 @@ from pathlib import Path
 
 import click
 
+from data.oracle import WITHOUT_LINKS
+
 OUT = Path(__file__).resolve().parent / "out"
 RUN_NAME = "scale-ts-dnn8"
 STAGES = ("synth", "prepare", "extract", "train", "rank")
 SUBSETS = ("all", "warm", "cold")  # the rank stage's users: one ranking, three tables
+REFERENCE_ROWS = ("popularity", "oracle", WITHOUT_LINKS)  # eval rank's rows beside the run's
 
 
 def run_stage(name: str, argv: list[str], log: Path, threads: int) -> dict:
@@ -120,7 +123,7 @@ def stage_details(work: Path) -> dict:
 def test_rows(result: dict) -> dict:
     """TS-DNN-8, popularity and oracle on one subset's users (eval rank's reference rows)."""
     rows = {"users": result["users"], "TS-DNN-8": {k: result[k] for k in ("HR@10", "NDCG@10")}}
-    for row in ("popularity", "oracle", "oracle_without_links"):
+    for row in REFERENCE_ROWS:
         if result.get(row):
             rows[row] = {k: result[row][k] for k in ("HR@10", "NDCG@10")}
     if result.get("percent_of_oracle"):
@@ -200,7 +203,7 @@ def main(users: int, items: int, images: bool, dim: int, batch_size: int, lr: fl
     click.echo(f"details: {json.dumps(details)}")
     for subset, rows in details.get("test", {}).items():
         click.echo(f"test, {subset} targets ({rows['users']} users):")
-        for row in ("popularity", "oracle", "oracle_without_links", "TS-DNN-8"):
+        for row in (*REFERENCE_ROWS, "TS-DNN-8"):
             if row in rows:
                 click.echo(f"  {row:20} HR@10 {100 * rows[row]['HR@10']:7.3f}%  NDCG@10 {100 * rows[row]['NDCG@10']:7.3f}%")
         if "percent_of_oracle" in rows:

@@ -222,12 +222,19 @@ def _rank(ws: Workspace, as_json: bool, run_dir: Path, target: str | None, untra
         emit({"run": run_dir.name, "results": outs}, as_json, "\n".join(_rank_text(out) for out in outs))
 
 
+def stamp(result: dict, dataset) -> dict:
+    """``result`` with when and on which dataset (name, fingerprint) it was ranked, as every
+    eval.json entry records it."""
+    result["evaluated_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    result["dataset"] = {"name": dataset.name, "fingerprint": dataset.fingerprint}
+    return result
+
+
 def _record(run_dir: Path, dataset, result: dict, zero_shot: dict | None, state: dict | None,
             export_dir: Path | None) -> dict:
     """Save one subset's result in the run's eval.json (with its reference rows); what rank prints."""
     vectors, ranks = result.pop("vectors", None), result.pop("ranks", None)
-    result["evaluated_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    result["dataset"] = {"name": dataset.name, "fingerprint": dataset.fingerprint}
+    stamp(result, dataset)
     if zero_shot is not None:
         result["zero_shot"] = zero_shot
     else:
@@ -243,9 +250,6 @@ def _record(run_dir: Path, dataset, result: dict, zero_shot: dict | None, state:
     return out
 
 
-WITHOUT_LINKS = "oracle_without_links"  # data.oracle.WITHOUT_LINKS, without importing the oracle eagerly
-
-
 def _references(dataset, result: dict) -> dict:
     """Popularity and (generated datasets) oracle rows on the same users and protocol, and
     the run's metrics as a percentage of the oracle's."""
@@ -258,6 +262,8 @@ def _references(dataset, result: dict) -> dict:
 
 
 def _rank_text(out: dict) -> str:
+    from data.oracle import WITHOUT_LINKS  # lazily, as _references: the oracle pulls in the generator
+
     history = "excluded" if out["exclude_history"] else "kept"
     lines = [f"run {out['run']}: {out['split']} split, {out['subset']} users ({out['users']}), "
              f"history {history}, full pool"]

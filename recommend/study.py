@@ -20,7 +20,6 @@ The report reuses :mod:`eval.compare` (the table) and :mod:`eval.plots` (the PNG
 from __future__ import annotations
 
 import ctypes
-import datetime as dt
 import hashlib
 import json
 import multiprocessing
@@ -33,7 +32,7 @@ import click
 import torch
 
 from data.dataset import COLD_THRESHOLD, PreparedDataset
-from eval.cli import load_run_and_dataset, record_result, result_key
+from eval.cli import load_run_and_dataset, record_result, result_key, stamp
 from eval.compare import markdown_table, reference_summaries, summarize_run
 from eval.evaluate import evaluate_subsets, subset_users
 from eval.metrics import format_metrics
@@ -249,10 +248,8 @@ def rank_on_test(ws: Workspace, run_dir: Path) -> dict[str, dict]:
         return found
     model, _config, dataset = load_run_and_dataset(ws, run_dir)
     results = evaluate_subsets(model, dataset, subsets, "test", ks=KS, exclude_history=True)
-    evaluated_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     for result in results.values():
-        result.update(evaluated_at=evaluated_at, dataset={"name": dataset.name, "fingerprint": dataset.fingerprint})
-        record_result(run_dir, result)
+        record_result(run_dir, stamp(result, dataset))
     return results
 
 
