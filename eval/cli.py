@@ -1,7 +1,7 @@
 """``eval``: full-pool ranking of a trained run, comparison tables and figures.
 
-Also mounted as ``recommend eval ...`` (``eval`` is a shell builtin in bash/zsh;
-``python -m eval`` works too).
+Also mounted as ``recommend eval ...`` (``python -m eval`` works too). In bash/zsh ``eval`` is a
+shell builtin that runs ``rank ...``: the ``rank`` console script (:func:`rank_main`) is ``eval rank``.
 """
 
 from __future__ import annotations
@@ -376,6 +376,12 @@ def plot_items(ws: Workspace, as_json: bool, run_arg: str | None, run_option: st
 
 def main() -> None:
     run_cli(cli, "eval")
+
+
+def rank_main() -> None:
+    """The ``rank`` console script: in bash and zsh ``eval rank ...`` runs the builtin ``eval``,
+    which runs ``rank ...``, so this makes the command work as typed."""
+    run_cli(rank, "eval rank")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -128,6 +129,19 @@ def test_several_subsets_from_one_ranking_equal_separate_calls(trained):
         proc = subprocess.run([sys.executable, "-m", "eval", "rank", "--run", RUN, *bad, "--root", str(trained.root)],
                               capture_output=True, text=True)
         assert proc.returncode == 2 and says in proc.stderr.strip().splitlines()[-1], proc.stderr
+
+
+def test_eval_rank_works_as_typed_in_bash(trained):
+    """bash's builtin ``eval`` runs ``rank ...``: the ``rank`` console script must be that command."""
+    scripts = Path(sys.executable).parent
+    assert (scripts / "rank").exists(), "no rank console script; run `pip install -e . --no-deps`"
+    env = {**os.environ, "PATH": f"{scripts}{os.pathsep}{os.environ.get('PATH', '')}"}
+    shown = subprocess.run(["bash", "-c", "eval rank --help"], env=env, capture_output=True, text=True)
+    assert shown.returncode == 0 and "Usage: eval rank [OPTIONS] RUN" in shown.stdout, shown.stderr
+    ranked = subprocess.run(["bash", "-c", f"eval rank --full-pool --run {RUN} --k 10 --root '{trained.root}'"],
+                            env=env, capture_output=True, text=True)
+    assert ranked.returncode == 0, ranked.stderr
+    assert f"run {RUN}: test split" in ranked.stdout and "HR@10" in ranked.stdout
 
 
 def test_changed_dataset_and_missing_run_are_refused(trained, tmp_path):
