@@ -13,6 +13,7 @@ from data.formats import get_format, list_formats
 from data.popularity import bin_label, histogram, item_interactions, plot_histogram
 from data.prepare import prepare_dataset
 from data.synth import Signals, list_synth_formats, synthesize
+from data.synth_folder import synthesize_into
 from featurestore.cliutil import UserError, emit, json_option, root_option
 from featurestore.workspace import Workspace
 
@@ -209,17 +210,21 @@ def info(ws: Workspace, as_json: bool, name: str, plot: Path | None) -> None:
 @click.option("--images/--no-images", default=True, show_default=True,
               help="Write the JPEGs (skip them for quick, large interaction-only tests).")
 @click.option("--prefix", default="synth", show_default=True, help="NineRec file prefix (PREFIX_pair.csv).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace everything in --out, also files `dataset synth` did not write (without it "
+                   "only a folder holding an earlier generation, unchanged, is replaced).")
 @root_option
 @json_option
 def synth(ws: Workspace, as_json: bool, fmt: str, out: Path | None, users: int, items: int, seed: int,
           clusters: int | None, content_signal: float, id_signal: float, popularity: float, taste: float,
-          images: bool, prefix: str) -> None:
+          images: bool, prefix: str, overwrite: bool) -> None:
     """Write a synthetic raw dataset from a world whose next-item distribution is known
     (truth.json: each item's region; world.npz: what the oracle row is computed from)."""
     out = out or ws.root / "raw" / fmt
     signals = Signals(content_signal, id_signal, popularity, taste)
-    summary = synthesize(fmt, out, users=users, items=items, seed=seed, clusters=clusters, images=images,
-                         name=prefix, signals=signals)
+    summary = synthesize_into(out, overwrite, ws.root, lambda folder: synthesize(
+        fmt, folder, users=users, items=items, seed=seed, clusters=clusters, images=images, name=prefix,
+        signals=signals))
     emit(summary, as_json, f"wrote synthetic {fmt} data to {out}: {summary['users']} users, "
                            f"{summary['items']} items ({summary['images']} images), "
                            f"{summary['interactions']} interactions, {summary['clusters']} regions")

@@ -5,7 +5,8 @@ A prepared dataset is a folder ``ROOT/datasets/NAME`` holding:
 - ``manifest.json``: counts, the options used, ``fingerprint`` (items and their
   content) and ``interactions_fingerprint`` (the sequences).
 - ``items.jsonl``: one line per item id 1..N, in id order:
-  ``{"id", "orig_id", "text", "image"}``; ``image`` is an absolute path or null.
+  ``{"id", "orig_id", "text", "image", "image_size", "image_mtime_ns", "image_sha256"}``;
+  ``image`` is an absolute path or null, the rest what prepare read there (:mod:`data.images`).
   Id 0 is padding and has no line.
 - ``users.txt``: the original user id of user index 0..U-1, one per line.
 - ``seq_indptr.npy`` / ``seq_items.npy``: each user's full (filtered, deduplicated,
@@ -29,6 +30,8 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from data.images import record_images
+
 FORMAT_VERSION = 1
 COLD_THRESHOLD = 10
 SPLITS = ("train", "valid", "test")
@@ -42,6 +45,9 @@ class Item:
     orig_id: str
     text: str
     image: str | None
+    image_size: int | None = None  # the image file as prepare read it (data.images)
+    image_mtime_ns: int | None = None
+    image_sha256: str | None = None
 
     @property
     def image_ok(self) -> bool:
@@ -49,16 +55,14 @@ class Item:
 
 
 def item_fingerprint(items: Sequence[Item]) -> str:
-    """sha256 over every item's original id, text, image name and image size.
-
-    Image bytes are not hashed (a real HM catalogue is ~17 GB of JPEGs); name and
-    size catch a swapped or re-encoded file, which is what a stale store would be.
-    """
+    """sha256 over every item's original id, text, image name, image size and image sha256
+    (recorded by :func:`data.images.record_images`): a store built from other pictures is stale."""
     digest = hashlib.sha256()
     for item in items:
         size = os.path.getsize(item.image) if item.image and os.path.exists(item.image) else -1
         image_name = os.path.basename(item.image) if item.image else ""
-        digest.update(f"{item.id}\t{item.orig_id}\t{item.text}\t{image_name}\t{size}\n".encode())
+        content = f"\t{item.image_sha256}" if item.image_sha256 else ""
+        digest.update(f"{item.id}\t{item.orig_id}\t{item.text}\t{image_name}\t{size}{content}\n".encode())
     return digest.hexdigest()[:16]
 
 
@@ -88,7 +92,7 @@ class PreparedDataset:
     def load(cls, path: Path | str) -> "PreparedDataset":
         path = Path(path)
         if not (path / "manifest.json").exists():
-            from featurestore.cliutil import UserError
+            from featurestore.errors import UserError
 
             raise UserError(
                 f"no prepared dataset at {path}; run `featurestore dataset prepare "
@@ -183,7 +187,7 @@ def write_prepared(
     completed manifest before an existing folder is replaced; raising there keeps the old one.
     """
     path = Path(path)
-    items = list(items)
+    items = record_images(items, previous=path)
     if [it.id for it in items] != list(range(1, len(items) + 1)):
         raise ValueError("items must carry ids 1..N in order")
     lengths = np.diff(indptr)

@@ -10,6 +10,7 @@ image processor (resize to 224 x 224, ImageNet statistics).
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -19,6 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import nn
 
 from data.dataset import Item
+from data.images import content_changed
 from extract.encoder import (
     BadItem,
     Encoder,
@@ -33,21 +35,28 @@ from extract.encoder import (
     weight_files,
 )
 from extract.registry import EncoderConfig, WeightsSpec, get_encoder_config, register_encoder
-from featurestore.cliutil import UserError
+from featurestore.errors import UserError
 
 
 def decode_rgb(item: Item, draft_size: int | None = None) -> Image.Image:
     """An item's picture as RGB (JPEGs decoded at a reduced DCT scale not below ``draft_size``);
-    :class:`BadItem` when there is no readable picture."""
+    :class:`BadItem` when there is no readable picture, one too large for PIL to decode safely,
+    or other bytes than prepare hashed."""
     if not item.image:
         raise BadItem("item has no image")
     try:
-        with Image.open(item.image) as img:
+        data = Path(item.image).read_bytes()
+        if content_changed(item, data):
+            raise BadItem("image changed since `featurestore dataset prepare` (other sha256); prepare the "
+                          "dataset again", item.image)
+        with Image.open(io.BytesIO(data)) as img:
             if draft_size:
                 img.draft("RGB", (draft_size, draft_size))
             return img.convert("RGB")
     except FileNotFoundError as err:
         raise BadItem("image file not found", item.image) from err
+    except Image.DecompressionBombError as err:
+        raise BadItem(f"image too large to decode safely ({err})", item.image) from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise BadItem(f"unreadable image ({err})", item.image) from err
 

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import featurestore
 from data.dataset import Item, PreparedDataset
+from data.images import refuse_changed
 from extract.cache import CachingForward, encoder_options, ensure_cache_arrays, plan_cache
 from extract.layers import ALL_LAYERS, LayerForward, plan_layers
 from extract.encoder import BadItem, Encoder, move_inputs
@@ -430,6 +431,8 @@ def _run(ws: Workspace, opts: ExtractOptions, dist: Dist) -> ExtractResult:
         raise UserError(f"encoder {config.name} reads {config.modality}, not {opts.modality}; drop --modality "
                         f"or pick a {opts.modality} encoder ({', '.join(_names(opts.modality))})")
     dataset = PreparedDataset.load(ws.dataset_dir(opts.dataset))
+    if config.modality != "text":
+        refuse_changed(dataset)  # before any picture is read: stored rows must be of the prepared ones
     name = group_name(dataset.name, config.modality, config.name, opts.variant)
     encoder = create_encoder(config.name, weights=opts.weights, random_init=opts.random_init,
                              pooling=opts.pooling, seed=opts.seed, max_text_tokens=opts.max_text_tokens)
