@@ -22,7 +22,7 @@ from typing import Iterable
 import numpy as np
 
 from data.dataset import PreparedDataset
-from featurestore.cliutil import UserError
+from featurestore.errors import UserError
 from recommend.run import write_atomic
 
 INTER_HEADER = "user_id:token\titem_id:token\ttimestamp:float"

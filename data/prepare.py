@@ -41,7 +41,7 @@ from data.dataset import Item, write_prepared
 from data.formats import get_format
 from data.formats.base import CHUNK_ROWS, Catalogue, RawFormat
 from data.synth import synthesize
-from featurestore.cliutil import UserError
+from featurestore.errors import UserError
 from featurestore.progress import progress_bar
 from featurestore.workspace import Workspace
 

@@ -42,7 +42,8 @@ import pandas as pd
 from PIL import Image, ImageDraw
 from scipy.special import ndtr
 
-from featurestore.cliutil import UserError
+from featurestore.errors import UserError
+from featurestore.registry import Registry
 
 IMAGE_SIZE = 96
 MISSING_IMAGE_RATE = 0.03
@@ -479,19 +480,12 @@ def description_of(world: World, item: int) -> str:
 # ---- writers, one per raw layout --------------------------------------------------------
 
 Writer = Callable[[World, Path, bool, str], tuple[list[str], list[str]]]
-_WRITERS: dict[str, Writer] = {}
-
-
-def register_writer(name: str) -> Callable[[Writer], Writer]:
-    def decorate(func: Writer) -> Writer:
-        _WRITERS[name] = func
-        return func
-
-    return decorate
+WRITERS: Registry[Writer] = Registry("synthetic format", unknown="{suggestion}choose one of {names}", sort=True)
+register_writer = WRITERS.register
 
 
 def list_synth_formats() -> list[str]:
-    return sorted(_WRITERS)
+    return WRITERS.names()
 
 
 def _hm_article_ids(world: World) -> list[str]:
@@ -644,12 +638,11 @@ def synthesize(fmt: str, out: Path, *, users: int = 2000, items: int = 500, seed
         item's region, ``world.npz`` what :mod:`data.oracle` needs to recompute every
         next-item distribution.
     """
-    if fmt not in _WRITERS:
-        raise UserError(f"unknown synthetic format {fmt!r}; choose one of {', '.join(list_synth_formats())}")
+    writer = WRITERS.get(fmt)
     world = build_world(users, items, seed, clusters, signals)  # bad sizes refused before any file is written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    item_ids, user_ids = _WRITERS[fmt](world, out, images, name)
+    item_ids, user_ids = writer(world, out, images, name)
     summary = {"format": fmt, "users": world.n_users, "items": world.n_items,
                "interactions": int(len(world.seq_items)), "clusters": len(world.centres), "seed": seed,
                "images": int(world.has_image.sum()) if images else 0, "signals": asdict(signals)}

@@ -6,9 +6,6 @@ shell builtin that runs ``rank ...``: the ``rank`` console script (:func:`rank_m
 
 from __future__ import annotations
 
-import datetime as dt
-import json
-import os
 from pathlib import Path
 
 import click
@@ -19,68 +16,11 @@ from eval.distributed import local_device, process_group
 from eval.evaluate import SUBSETS, evaluate_subsets
 from eval.metrics import parse_ks, percent
 from eval.ranking import INDEXES
+from eval.results import load_run_and_dataset, record_result, stamp
 from featurestore.cliutil import UserError, emit, json_option, root_option, run_cli
 from featurestore.workspace import Workspace
 from recommend.defaults import latest_finished_run
 from recommend.run import read_config, resolve_run, unfinished
-
-EVAL_FILE = "eval.json"
-ZERO_SHOT = "zero-shot"  # eval.json section for rankings of other datasets (never read as own results)
-
-
-def load_run_and_dataset(ws: Workspace, run_dir: Path, device: str = "cpu"):
-    """(model, config, dataset), refusing a dataset that changed since training."""
-    from data.dataset import PreparedDataset
-    from recommend.run import load_run
-
-    model, config = load_run(run_dir, device=device, ws=ws)
-    wanted = config["dataset"]
-    dataset = PreparedDataset.load(ws.dataset_dir(wanted["name"]))
-    for key in ("fingerprint", "interactions_fingerprint"):
-        if key in wanted and wanted[key] != dataset.manifest.get(key):
-            raise UserError(
-                f"dataset {wanted['name']} has {key} {dataset.manifest.get(key)} but run "
-                f"{run_dir.name} was trained on {wanted[key]}; re-prepare the dataset it was "
-                "trained on or retrain the run"
-            )
-    return model, config, dataset
-
-
-def result_key(result: dict) -> str:
-    """The options that change a result: one ``eval.json`` entry per combination.
-
-    A zero-shot result (``result["zero_shot"]``) is keyed by its target dataset and
-    weights (``source`` or ``untrained``) first.
-    """
-    history = "exclude-history" if result["exclude_history"] else "keep-history"
-    ks = ",".join(str(k) for k in result["ks"])
-    key = f"{result['split']}/{result['subset']}/{history}/k={ks}"
-    zero_shot = result.get("zero_shot")
-    return f"{zero_shot['target']}/{zero_shot['weights']}/{key}" if zero_shot else key
-
-
-def record_result(run_dir: Path, result: dict) -> Path:
-    """Add ``result`` to the run's ``eval.json`` (replacing the same options), atomically.
-
-    Zero-shot results go into the ``zero-shot`` section, so readers of the run's own
-    results (``eval compare``, ``recommend study``) never take one for its own test score.
-    """
-    path = run_dir / EVAL_FILE
-    stored = {}
-    if path.exists():
-        try:
-            stored = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            # keep the new result; set the unreadable file aside rather than overwrite it
-            aside = path.with_name(f"{EVAL_FILE}.unreadable-{int(dt.datetime.now().timestamp())}")
-            os.replace(path, aside)
-            click.echo(f"warning: {path} was not valid JSON; moved to {aside.name}", err=True)
-    place = stored.setdefault(ZERO_SHOT, {}) if result.get("zero_shot") else stored
-    place[result_key(result)] = result
-    tmp = path.with_name(f".{EVAL_FILE}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(stored, indent=2))
-    os.replace(tmp, path)
-    return path
 
 
 def run_argument(command):
@@ -220,14 +160,6 @@ def _rank(ws: Workspace, as_json: bool, run_dir: Path, target: str | None, untra
         emit(outs[0], as_json, _rank_text(outs[0]))
     else:
         emit({"run": run_dir.name, "results": outs}, as_json, "\n".join(_rank_text(out) for out in outs))
-
-
-def stamp(result: dict, dataset) -> dict:
-    """``result`` with when and on which dataset (name, fingerprint) it was ranked, as every
-    eval.json entry records it."""
-    result["evaluated_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    result["dataset"] = {"name": dataset.name, "fingerprint": dataset.fingerprint}
-    return result
 
 
 def _record(run_dir: Path, dataset, result: dict, zero_shot: dict | None, state: dict | None,

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from eval.metrics import percent
-from featurestore.cliutil import UserError
+from featurestore.errors import UserError
 
 
 MODE_LABELS = {"id": "IDRec", "ts": "TS", "e2e": "E2E", "adapter": "adapters", "side": "side (IISAN)"}

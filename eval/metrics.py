@@ -38,7 +38,7 @@ def parse_ks(text: str) -> tuple[int, ...]:
     except ValueError:
         ks = []
     if not ks or ks[0] < 1:
-        from featurestore.cliutil import UserError
+        from featurestore.errors import UserError
 
         raise UserError(f"--k {text!r}: give positive integers separated by commas, e.g. 10,20,50")
     return tuple(ks)

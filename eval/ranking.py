@@ -33,9 +33,9 @@ import numpy as np
 
 from eval.distributed import launched
 from eval.torch_ranking import TorchRanker, TwoPassRanker
-from featurestore.cliutil import UserError
+from featurestore.errors import UserError
 from featurestore.progress import progress_bar
-from recommend.registry import Registry
+from featurestore.registry import Registry
 
 TIES_RULE = "pessimistic: the target ranks below every item with an equal score"
 GPU_MAX_K = 2048

@@ -53,15 +53,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-import extract.adapt_mae  # noqa: F401  (registers ``mae``)
-import extract.adapt_mlm  # noqa: F401  (registers ``mlm``)
 import featurestore
 from data.dataset import PreparedDataset
 from extract.adapt_objective import Masker, Objective, _seeded, get_objective, list_objectives, register_objective
 from extract.encoder import Encoder, move_inputs, read_state_dict, state_sha256
 from extract.job import Dist, ItemDataset, autocast_dtype, resolve_device
 from extract.registry import EncoderConfig, create_encoder, get_encoder_config, resolve_weights
-from featurestore.cliutil import UserError
+from featurestore.errors import UserError
 from featurestore.progress import progress_bar
 from featurestore.store import GroupLock
 from featurestore.workspace import Workspace

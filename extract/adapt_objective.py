@@ -20,7 +20,8 @@ from torch import nn
 
 from extract.encoder import Encoder
 from extract.registry import EncoderConfig, get_encoder_config, list_encoders
-from featurestore.cliutil import UserError
+from featurestore.errors import UserError
+from featurestore.registry import Registry
 
 Masker = Callable[[Any], tuple[dict[str, torch.Tensor], int]]
 
@@ -86,23 +87,24 @@ class Objective(abc.ABC):
         """Files besides the weights that extraction needs (the tokenizer, for text)."""
 
 
-_OBJECTIVES: dict[str, Objective] = {}
+# The plugin list: each module registers one objective, imported on the first lookup.
+_OBJECTIVES: Registry[Objective] = Registry("objective", unknown="{suggestion}choose one of: {names}", sort=True,
+                                            plugins=("extract.adapt_mae", "extract.adapt_mlm"))
 
 
 def register_objective(cls: type[Objective]) -> type[Objective]:
-    """Class decorator: add an objective under ``cls.name``."""
-    _OBJECTIVES[cls.name] = cls()
+    """Class decorator: add an objective under ``cls.name`` (a name already taken is refused)."""
+    _OBJECTIVES.add(cls.name, cls())
     return cls
 
 
 def list_objectives() -> list[str]:
-    return sorted(_OBJECTIVES)
+    return _OBJECTIVES.names()
 
 
 def get_objective(name: str) -> Objective:
-    if name not in _OBJECTIVES:
-        raise UserError(f"unknown objective {name!r}; choose one of: {', '.join(list_objectives())}")
-    return _OBJECTIVES[name]
+    """The objective registered as ``name``; a UserError names the nearest and the known ones."""
+    return _OBJECTIVES.get(name)
 
 
 @contextlib.contextmanager

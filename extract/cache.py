@@ -45,7 +45,8 @@ import zarr
 from zarr.storage import LocalStore
 
 from extract.encoder import Encoder, Hidden, move_inputs
-from featurestore.cliutil import UserError
+from extract.options import encoder_options, states_command
+from featurestore.errors import UserError
 from featurestore.store import FeatureGroup, FeatureStore, group_extract_command, parse_group_name
 
 if TYPE_CHECKING:
@@ -311,16 +312,6 @@ class StateCache:
                 "provenance": {k: self.attrs[k] for k in keep if k in self.attrs}}
 
 
-def encoder_options(attrs: dict) -> dict:
-    """``create_encoder`` keyword arguments rebuilding the encoder a group's attributes record."""
-    prov = attrs["provenance"]
-    kind = prov["weights_kind"]
-    return {"weights": prov["weights_location"] if kind in ("file", "hub") else None,
-            "random_init": kind == "random-init", "seed": prov.get("weights_seed") or 0,
-            "pooling": attrs["pooling"],
-            "max_text_tokens": attrs["preprocessing"].get("max_tokens", 30)}
-
-
 def open_final_states(group: FeatureGroup) -> StateCache:
     """The states leaving the last block of ``group``'s encoder (``--cache-layer 0``).
 
@@ -332,8 +323,6 @@ def open_final_states(group: FeatureGroup) -> StateCache:
     cached = group.attrs.get("cache_layer")
     if cached == FINAL_LAYER:
         return StateCache(group)
-    from extract.job import states_command
-
     parsed = parse_group_name(group.name)
     variant = f"{parsed.variant}-tokens" if parsed.variant else "tokens"
     held = ("holds no cached states (extracted without --cache-layer)" if cached is None
@@ -358,8 +347,6 @@ def open_state_cache(store_path: Path, group: str, top_k: int, fingerprint: str,
     command = group_extract_command(fg.name)
     cached = fg.attrs.get("cache_layer")
     if cached != top_k:
-        from extract.job import states_command
-
         fix = f"`{states_command(fg, top_k, f'top{top_k}')}`"  # the group's own weights and settings
         if cached is None:
             raise UserError(f"store group {fg.name} holds no cached states (extracted without --cache-layer); "

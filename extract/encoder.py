@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from extract.registry import EncoderConfig, WeightsSpec
-from featurestore.cliutil import UserError
+from featurestore.errors import UserError
 from featurestore.store import file_sha256
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import click
 
-from featurestore.cliutil import UserError
+from featurestore.errors import UserError
 
 WEIGHT_PATTERNS = (("*.safetensors",), ("pytorch_model*.bin", "*.pth"))  # first format the repo has wins
 SIDE_FILES = ("*.json", "*.txt", "*.model")  # configs, tokenizers, vocabularies

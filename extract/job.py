@@ -23,7 +23,6 @@ import datetime as dt
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -33,23 +32,21 @@ from torch.utils.data import DataLoader, Dataset
 import featurestore
 from data.dataset import Item, PreparedDataset
 from data.images import refuse_changed
-from extract.cache import CachingForward, encoder_options, ensure_cache_arrays, plan_cache
+from extract.cache import CachingForward, ensure_cache_arrays, plan_cache
 from extract.layers import ALL_LAYERS, LayerForward, plan_layers
 from extract.encoder import BadItem, Encoder, move_inputs
+from extract.options import ExtractOptions
 from extract.registry import create_encoder, get_encoder_config
-from featurestore.cliutil import UserError
+from featurestore.errors import UserError
 from featurestore.progress import progress_bar
 from featurestore.store import (
-    DEFAULT_CHUNK_ROWS,
     STATUS_COMPLETE,
     STATUS_FAILED,
     STATUS_PARTIAL,
     FeatureGroup,
     FeatureStore,
     GroupLock,
-    extract_command,
     group_name,
-    parse_group_name,
 )
 from featurestore.workspace import Workspace
 
@@ -60,62 +57,6 @@ SIGNATURE_KEYS = ("encoder", "pooling", "state_sha256", "preprocessing", "dtype"
 
 
 CACHING = (CachingForward, LayerForward)  # forwards that also keep states for the group's cache
-
-
-@dataclass
-class ExtractOptions:
-    """Everything ``featurestore extract`` takes (see its ``--help``)."""
-
-    dataset: str
-    encoder: str
-    modality: str | None = None
-    pooling: str | None = None
-    batch_size: int = 64
-    workers: int = 1
-    device: str = "auto"
-    dtype: str = "float32"
-    weights: str | None = None
-    random_init: bool = False
-    seed: int = 0
-    variant: str | None = None
-    on_bad_item: str = "skip"
-    max_text_tokens: int = 30
-    chunk_rows: int = DEFAULT_CHUNK_ROWS
-    progress: bool = True
-    cache_layer: int | str | None = None  # K, or "all" (extract.layers)
-    cache_dtype: str = "float16"
-
-    def command(self, root: Path | None = None) -> str:
-        """The command line that reproduces this job (stored in the provenance)."""
-        words = [extract_command(self.dataset, self.encoder, modality=self.modality, variant=self.variant,
-                                 root=root)]
-        for flag, value in (("--pooling", self.pooling), ("--weights", self.weights),
-                            ("--dtype", self.dtype if self.dtype != "float32" else None),
-                            ("--max-text-tokens", self.max_text_tokens if self.max_text_tokens != 30 else None),
-                            ("--cache-layer", self.cache_layer),
-                            ("--cache-dtype", self.cache_dtype
-                             if self.cache_layer is not None and self.cache_dtype != "float16" else None)):
-            if value is not None:
-                words.append(f"{flag} {value}")
-        if self.random_init:
-            words.append(f"--random-init --seed {self.seed}")
-        return " ".join(words)
-
-
-def states_command(group: FeatureGroup, cache_layer: int, variant: str) -> str:
-    """The command caching ``cache_layer`` states with the encoder and settings of ``group``, into ``variant``.
-
-    For refusals that name the fix: a group made without the states a run needs is
-    re-extracted with its own weights, pooling and token limit, so the new group's
-    vectors match the old one's. A group with no extraction provenance (imported)
-    gets the plain command for its encoder.
-    """
-    parsed = parse_group_name(group.name)
-    if "weights_kind" not in group.attrs.get("provenance", {}):
-        return (extract_command(parsed.dataset, parsed.encoder, modality=parsed.modality, variant=variant)
-                + f" --cache-layer {cache_layer}")
-    return ExtractOptions(dataset=parsed.dataset, encoder=parsed.encoder, variant=variant, cache_layer=cache_layer,
-                          dtype=group.attrs.get("dtype", "float32"), **encoder_options(group.attrs)).command()
 
 
 @dataclass

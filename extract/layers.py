@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from extract.encoder import Encoder, Hidden, last_real_token, move_inputs
-from featurestore.cliutil import UserError
+from featurestore.errors import UserError
 
 if TYPE_CHECKING:
     from extract.job import Forward
@@ -160,7 +160,7 @@ def open_layer_cache(store_path: Path, group: str, fingerprint: str, n_items: in
     """Open the per-layer states of ``group``; refuse a group without them, with another cache
     (another layer set), for another dataset fingerprint or row count, each with the fix."""
     from extract.cache import check_cache_matches, held_states
-    from extract.job import states_command
+    from extract.options import states_command
     from featurestore.store import FeatureStore, group_extract_command, parse_group_name
 
     fg = FeatureStore(store_path).open(group, complete=True, extract_flags=f"--cache-layer {ALL_LAYERS}")

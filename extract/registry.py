@@ -15,14 +15,14 @@ config's ``builder`` ("module:function") is imported only when a model is built.
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import importlib
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from featurestore.cliutil import UserError, suggest
+from featurestore.errors import UserError
+from featurestore.registry import Registry
 
 if TYPE_CHECKING:
     from extract.encoder import Encoder
@@ -92,26 +92,17 @@ class EncoderConfig:
         return self.local_package is not None and importlib.util.find_spec(self.local_package) is not None
 
 
-_REGISTRY: dict[str, EncoderConfig] = {}
-_builtins_loaded = False
+_REGISTRY: Registry[EncoderConfig] = Registry("encoder", unknown="{suggestion}known encoders: {names}",
+                                              sort=True, plugins=BUILTIN_FAMILIES)
 
 
 def register_encoder(config: EncoderConfig) -> EncoderConfig:
-    """Add ``config`` under ``config.name`` (a later registration replaces an earlier one).
+    """Add ``config`` under ``config.name``; a name already taken is refused (ValueError).
 
     Example:
         >>> register_encoder(replace(get_encoder_config("swin-t"), name="swin-t-384"))
     """
-    _REGISTRY[config.name] = config
-    return config
-
-
-def _load_builtins() -> None:
-    global _builtins_loaded
-    if not _builtins_loaded:
-        _builtins_loaded = True
-        for module in BUILTIN_FAMILIES:
-            importlib.import_module(module)
+    return _REGISTRY.add(config.name, config)
 
 
 def list_encoders(pattern: str = "*", modality: str | None = None) -> list[str]:
@@ -121,21 +112,12 @@ def list_encoders(pattern: str = "*", modality: str | None = None) -> list[str]:
         >>> list_encoders("swin*")
         ['swin-b', 'swin-s', 'swin-t']
     """
-    _load_builtins()
-    return sorted(
-        name
-        for name, cfg in _REGISTRY.items()
-        if fnmatch.fnmatch(name, pattern) and (modality is None or cfg.modality == modality)
-    )
+    return [name for name in _REGISTRY.names(pattern) if modality is None or _REGISTRY.get(name).modality == modality]
 
 
 def get_encoder_config(name: str) -> EncoderConfig:
     """The config registered under ``name``; unknown names raise a UserError listing the known ones."""
-    _load_builtins()
-    if name not in _REGISTRY:
-        raise UserError(f"unknown encoder {name!r}; {suggest(name, list_encoders())}known encoders: "
-                        f"{', '.join(list_encoders())}")
-    return _REGISTRY[name]
+    return _REGISTRY.get(name)
 
 
 def resolve_pooling(config: EncoderConfig, pooling: str | None) -> str:

@@ -34,7 +34,7 @@ from extract.encoder import (
     weight_files,
 )
 from extract.registry import EncoderConfig, WeightsSpec, register_encoder
-from featurestore.cliutil import UserError
+from featurestore.errors import UserError
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer_config.json")
 

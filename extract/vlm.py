@@ -54,7 +54,7 @@ from extract.encoder import (
 from extract.image import decode_rgb
 from extract.registry import EncoderConfig, WeightsSpec, register_encoder
 from extract.text import TOKENIZER_FILES, TextPreprocessor, _quiet_transformers, package_dir, token_hidden
-from featurestore.cliutil import UserError
+from featurestore.errors import UserError
 
 PROCESSOR_FILE = "preprocessor_config.json"
 

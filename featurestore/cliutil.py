@@ -7,7 +7,6 @@ to fix, and the message says how.
 
 from __future__ import annotations
 
-import difflib
 import errno
 import functools
 import json
@@ -18,16 +17,10 @@ from typing import Any, Callable
 import click
 
 from featurestore.errors import UserError
+from featurestore.registry import suggest
 from featurestore.workspace import ROOT_ENV, Workspace, default_root
 
 __all__ = ["UserError", "emit", "json_option", "root_option", "run_cli", "suggest"]
-
-
-def suggest(name: str, known: list[str]) -> str:
-    """``"did you mean minilm-l6? "`` for the nearest known names (difflib), or ``""``."""
-    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
-    close += [k for k in known if name and k.startswith(name) and k not in close][: 3 - len(close)]
-    return f"did you mean {' or '.join(close)}? " if close else ""
 
 
 def root_option(func: Callable) -> Callable:

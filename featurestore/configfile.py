@@ -18,7 +18,7 @@ from typing import Callable
 
 import click
 
-from featurestore.cliutil import UserError
+from featurestore.errors import UserError
 
 # A run's config.json names a few options by their TrainOptions field, not their flag.
 RUN_FIELD_ALIASES = {"encoders": "encoder"}

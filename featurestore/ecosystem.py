@@ -26,7 +26,7 @@ from typing import Callable
 import numpy as np
 
 from data.dataset import PreparedDataset
-from featurestore.cliutil import UserError
+from featurestore.errors import UserError
 from featurestore.store import FeatureGroup
 
 MMREC_FILES = {"image": "image_feat.npy", "text": "text_feat.npy"}

@@ -44,7 +44,7 @@ import numpy as np
 import zarr
 from zarr.storage import LocalStore
 
-from featurestore.cliutil import UserError
+from featurestore.errors import UserError
 from featurestore.workspace import check_name
 
 FORMAT = "morec-featurestore/1"

@@ -24,7 +24,7 @@ from torch import nn
 
 from extract.encoder import Encoder
 from extract.registry import EncoderConfig
-from featurestore.cliutil import UserError
+from featurestore.errors import UserError
 from recommend.e2e import (_E2E_ONLY, LiveEncoderTower, LiveKind, _live_input, build_live_encoder,
                            option_given, tower_options)
 from recommend.item_towers import ITEM_TOWERS, ItemTower

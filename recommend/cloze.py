@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from featurestore.cliutil import UserError
+from featurestore.errors import UserError
 from recommend.losses import Loss, embed_step
 from recommend.model import Recommender
 from recommend.user_encoders import USER_ENCODERS, EncoderConfig

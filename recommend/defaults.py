@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from featurestore.cliutil import UserError
+from featurestore.errors import UserError
 from featurestore.workspace import Workspace
 from recommend.run import BEST, CONFIG, FINISHED
 

@@ -44,7 +44,7 @@ from data.dataset import Item, PreparedDataset
 from extract.cache import StateCache, check_top_k, open_state_cache, restore_hidden
 from extract.encoder import BadItem, Encoder, Hidden, move_inputs
 from extract.registry import create_encoder, get_encoder_config, resolve_weights
-from featurestore.cliutil import UserError
+from featurestore.errors import UserError
 from featurestore.workspace import Workspace
 from recommend.inputs import TowerKind
 from recommend.item_towers import ITEM_TOWERS, ItemTower, dt_layer

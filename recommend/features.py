@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from featurestore.cliutil import UserError
+from featurestore.errors import UserError
 from featurestore.workspace import Workspace
 
 if TYPE_CHECKING:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence
 
-from featurestore.cliutil import UserError
+from featurestore.errors import UserError
 
 if TYPE_CHECKING:
     from data.dataset import PreparedDataset

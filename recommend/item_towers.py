@@ -33,10 +33,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from featurestore.cliutil import UserError
+from featurestore.errors import UserError
 from recommend.features import FeatureSource, fit_whitening, open_source, resolve_groups
 from recommend.inputs import TowerKind
-from recommend.registry import Registry
+from featurestore.registry import Registry
 
 if TYPE_CHECKING:
     from data.dataset import PreparedDataset

@@ -50,10 +50,10 @@ from torch.nn import functional as F
 
 from torch.utils.checkpoint import checkpoint
 
-from featurestore.cliutil import UserError
+from featurestore.errors import UserError
 from recommend.chunked_softmax import chunked_logsumexp
 from recommend.item_towers import IdEmbedding
-from recommend.registry import Registry
+from featurestore.registry import Registry
 
 LOSSES: Registry["Loss"] = Registry("loss")
 

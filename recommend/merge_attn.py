@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from extract.cache import StateCache
-from featurestore.cliutil import UserError
+from featurestore.errors import UserError
 from recommend.features import FeatureSource
 from recommend.item_towers import ItemTower, _xavier_init
 

@@ -37,11 +37,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from featurestore.cliutil import UserError
+from featurestore.errors import UserError
 from recommend.item_towers import FUSIONS, TOKEN_FUSIONS, FeatureTower, WithId
 from recommend.losses import first_positions, in_rows
 from recommend.model import Recommender
-from recommend.registry import Registry
+from featurestore.registry import Registry
 from recommend.user_encoders import USER_ENCODERS
 
 OBJECTIVES: Registry["AuxTerm"] = Registry("objective")

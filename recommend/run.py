@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
-from featurestore.cliutil import UserError
+from featurestore.errors import UserError
 from featurestore.store import GroupLock
 from featurestore.workspace import Workspace, name_problem
 from recommend.item_towers import ITEM_TOWERS

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from extract.layers import ALL_LAYERS, LayerCache, open_layer_cache
-from featurestore.cliutil import UserError
+from featurestore.errors import UserError
 from featurestore.workspace import Workspace
 from recommend.features import resolve_groups
 from recommend.item_towers import ITEM_TOWERS, ItemTower, StoreGroupsKind, dt_layer

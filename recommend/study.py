@@ -32,12 +32,12 @@ import click
 import torch
 
 from data.dataset import COLD_THRESHOLD, PreparedDataset
-from eval.cli import load_run_and_dataset, record_result, result_key, stamp
+from eval.results import load_run_and_dataset, record_result, result_key, stamp
 from eval.compare import markdown_table, reference_summaries, summarize_run
 from eval.evaluate import evaluate_subsets, subset_users
 from eval.metrics import format_metrics
 from eval.ranking import TIES_RULE
-from featurestore.cliutil import UserError
+from featurestore.errors import UserError
 from featurestore.store import GroupLock
 from featurestore.workspace import Workspace
 from extract.layers import ALL_LAYERS

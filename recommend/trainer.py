@@ -42,7 +42,7 @@ from torch.nn.parallel import DistributedDataParallel
 from data.dataset import PreparedDataset
 from eval.distributed import launched
 from eval.metrics import format_metrics, percent
-from featurestore.cliutil import UserError
+from featurestore.errors import UserError
 from featurestore.progress import progress_bar
 from featurestore.workspace import Workspace, check_name
 from recommend import __version__

@@ -45,13 +45,13 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from data.dataset import PreparedDataset
-from featurestore.cliutil import UserError
+from featurestore.errors import UserError
 from featurestore.store import parse_group_name
 from featurestore.workspace import Workspace
 from recommend.adapters import adapter_places
 from recommend.item_towers import ITEM_TOWERS
 from recommend.model import Recommender, build_recommender
-from recommend.registry import Registry
+from featurestore.registry import Registry
 from recommend.run import best_checkpoint, load_best_weights, read_config, resolve_run
 
 ITEM, USER = "item_tower", "user_encoder"

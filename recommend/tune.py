@@ -34,7 +34,7 @@ import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from featurestore.cliutil import UserError
+from featurestore.errors import UserError
 from featurestore.workspace import Workspace
 from recommend.run import write_atomic
 from recommend.trainer import MONITOR, TrainOptions, check_options, train

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from recommend.registry import Registry
+from featurestore.registry import Registry
 
 USER_ENCODERS: Registry["UserEncoder"] = Registry("backbone")
 

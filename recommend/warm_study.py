@@ -15,7 +15,7 @@ from pathlib import Path
 
 from data.dataset import PreparedDataset
 from data.prepare import prepare_dataset
-from featurestore.cliutil import UserError
+from featurestore.errors import UserError
 from featurestore.workspace import Workspace
 from recommend.run import write_atomic
 from recommend.study import REPORT, SUMMARY, StudyOptions, run_study

@@ -10,27 +10,17 @@ Example:
 
 from __future__ import annotations
 
-from data.formats.base import Catalogue, InteractionChunk, RawFormat
-from featurestore.cliutil import UserError
+# The plugin list: one module per layout, each registering its reader with @register_format.
+from data.formats import generic, hm, mind, ninerec, seqtsv  # noqa: F401
+from data.formats.base import FORMATS, Catalogue, InteractionChunk, RawFormat, register_format
 
-_FORMATS: dict[str, RawFormat] = {}
+__all__ = ["Catalogue", "InteractionChunk", "RawFormat", "get_format", "list_formats", "register_format"]
 
-def register_format(cls: type[RawFormat]) -> type[RawFormat]:
-    """Class decorator: make ``cls.name`` available to :func:`get_format`."""
-    _FORMATS[cls.name] = cls()
-    return cls
 
 def get_format(name: str) -> RawFormat:
     """The reader registered as ``name``; a :class:`UserError` lists the known names."""
-    try:
-        return _FORMATS[name]
-    except KeyError:
-        raise UserError(f"unknown dataset format {name!r}; known formats: {', '.join(list_formats())}") from None
+    return FORMATS.get(name)
+
 
 def list_formats() -> list[str]:
-    return sorted(_FORMATS)
-
-# Importing the reader modules registers them.
-from data.formats import generic, hm, mind, ninerec, seqtsv  # noqa: E402,F401
-
-__all__ = ["Catalogue", "InteractionChunk", "RawFormat", "get_format", "list_formats", "register_format"]
+    return FORMATS.names()

@@ -21,7 +21,8 @@ from typing import Callable, ClassVar, Iterator, Sequence
 import numpy as np
 import pandas as pd
 
-from featurestore.cliutil import UserError
+from featurestore.errors import UserError
+from featurestore.registry import Registry
 
 CHUNK_ROWS = 1_000_000
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -86,6 +87,15 @@ class RawFormat(ABC):
     def default_max_seq_len(self, catalogue: Catalogue) -> int:
         """The papers' truncation: 23 for text-first datasets, 13 for image-first ones."""
         return TEXT_FIRST_MAX_SEQ_LEN if self.text_first else IMAGE_FIRST_MAX_SEQ_LEN
+
+
+FORMATS: Registry[RawFormat] = Registry("dataset format", unknown="known formats: {names}", sort=True)
+
+
+def register_format(cls: type[RawFormat]) -> type[RawFormat]:
+    """Class decorator: make ``cls.name`` available to :func:`data.formats.get_format`."""
+    FORMATS.add(cls.name, cls())
+    return cls
 
 
 def require_file(path: Path, what: str) -> Path:

@@ -13,11 +13,10 @@ import os
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from data.formats import register_format
 from data.formats.base import (CHUNK_ROWS, IMAGE_FIRST_MAX_SEQ_LEN, TEXT_FIRST_MAX_SEQ_LEN, Catalogue,
                                InteractionChunk, RawFormat, choose_text_fields, compose_text, csv_header,
-                               normalise_ids, parse_times, read_table, read_table_chunks, require_columns,
-                               require_file, unique_catalogue, valid_rows)
+                               normalise_ids, parse_times, read_table, read_table_chunks, register_format,
+                               require_columns, require_file, unique_catalogue, valid_rows)
 
 INTERACTION_COLUMNS = ["user_id", "item_id", "timestamp"]
 

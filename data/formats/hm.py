@@ -14,10 +14,10 @@ from typing import Iterator, Sequence
 
 import pandas as pd
 
-from data.formats import register_format
 from data.formats.base import (CHUNK_ROWS, Catalogue, InteractionChunk, RawFormat, choose_text_fields,
                                compose_text, csv_header, image_files, normalise_ids, parse_times, read_table,
-                               read_table_chunks, require_columns, require_file, unique_catalogue, valid_rows)
+                               read_table_chunks, register_format, require_columns, require_file, unique_catalogue,
+                               valid_rows)
 
 ARTICLES = "articles.csv"
 TRANSACTIONS = "transactions_train.csv"

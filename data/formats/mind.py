@@ -19,9 +19,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from data.formats import register_format
 from data.formats.base import (CHUNK_ROWS, Catalogue, InteractionChunk, RawFormat, choose_text_fields,
-                               compose_text, parse_times, read_table, read_table_chunks, require_file,
+                               compose_text, parse_times, read_table, read_table_chunks, register_format, require_file,
                                unique_catalogue, valid_rows)
 
 NEWS_COLUMNS = ["news_id", "category", "subcategory", "title", "abstract", "url", "title_entities",

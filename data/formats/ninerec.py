@@ -15,11 +15,10 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from data.formats import register_format
 from data.formats.base import (CHUNK_ROWS, Catalogue, InteractionChunk, RawFormat, choose_text_fields,
                                compose_text, image_files, normalise_ids, parse_times, positional_columns,
-                               read_table, read_table_chunks, unique_catalogue, valid_rows)
-from featurestore.cliutil import UserError
+                               read_table, read_table_chunks, register_format, unique_catalogue, valid_rows)
+from featurestore.errors import UserError
 
 PAIR_COLUMNS = ("item", "user", "timestamp")
 ITEM_COLUMNS = ("item", "text", "text_en")

@@ -16,10 +16,9 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from data.formats import register_format
 from data.formats.base import (CHUNK_ROWS, Catalogue, InteractionChunk, RawFormat, choose_text_fields,
                                compose_text, normalise_ids, positional_columns, read_table, read_table_chunks,
-                               require_file, unique_catalogue, valid_rows)
+                               register_format, require_file, unique_catalogue, valid_rows)
 from data.formats.generic import resolve_image
 
 ITEM_COLUMNS = ("item_id", "text", "image")
