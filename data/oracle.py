@@ -20,7 +20,10 @@ probability is ``popularity_i * a[user, region_i]``. So the number of such items
 least as probable as the target is, per region, a binary search in that region's
 popularities sorted once: O(regions x log) per user instead of O(items), in user
 batches of bounded memory. The few special items are then corrected one by one.
-Ranks are cached in ``RAW/oracle/`` keyed by the prepared dataset's fingerprints.
+Ranks are cached in the prepared dataset's folder (``ROOT/datasets/NAME/oracle/``, keyed by
+its fingerprints), never in the raw folder, which may be read-only; a cache that cannot be
+written or read is recomputed. A damaged ``world.npz`` leaves the oracle rows out with a note
+naming the file, as an absent one does.
 
 The oracle without links (``links=False``) ranks by the same mixture with the item-level
 links left out. Link targets are uniform random items, so to anyone who does not know
@@ -33,6 +36,8 @@ oracle's hits come from the links: a content event spreads over a whole region.
 from __future__ import annotations
 
 import sys
+import zipfile
+import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable
@@ -44,6 +49,8 @@ from data.synth import (LINK_WEIGHTS, TRUTH_FILE, WORLD_FILE, Signals, content_q
 
 ORACLE_DIR = "oracle"
 BATCH_USERS = 4096
+# what np.load raises on an empty, cut or foreign file, and WorldFile on missing or unexpected arrays
+DAMAGED = (OSError, ValueError, EOFError, KeyError, TypeError, zipfile.BadZipFile, zlib.error)
 
 
 @dataclass
@@ -220,10 +227,30 @@ def fast_ranks(world: WorldFile, alignment: Alignment, batch_users: int = BATCH_
     return ranks
 
 
-def _cache_path(raw: Path, dataset, split: str, links: bool) -> Path:
+def _cache_path(dataset, split: str, links: bool) -> Path:
     manifest = dataset.manifest
     variant = "" if links else "-without-links"
-    return raw / ORACLE_DIR / f"{manifest['fingerprint']}-{manifest['interactions_fingerprint']}-{split}{variant}.npy"
+    return dataset.path / ORACLE_DIR / f"{manifest['fingerprint']}-{manifest['interactions_fingerprint']}-{split}{variant}.npy"
+
+
+def _read_cache(path: Path, n_users: int) -> np.ndarray | None:
+    """The cached ranks, or None when absent or unreadable (then they are computed again)."""
+    try:
+        ranks = np.load(path)
+    except DAMAGED:
+        return None
+    return ranks if ranks.shape == (n_users,) else None
+
+
+def _write_cache(path: Path, ranks: np.ndarray) -> None:
+    """Best effort: a workspace that cannot be written still gets its oracle rows, computed each time."""
+    tmp = path.with_name(f".{path.name}.tmp.npy")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(tmp, ranks)
+        tmp.replace(path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
 
 
 def without_links(world: WorldFile) -> WorldFile:
@@ -238,10 +265,18 @@ def oracle_ranks(dataset, split: str, links: bool = True) -> np.ndarray | None:
     raw = raw_folder(dataset)
     if raw is None:
         return None
-    path = _cache_path(raw, dataset, split, links)
-    if path.exists():
-        return np.load(path)
-    world = WorldFile.load(raw / WORLD_FILE)
+    path = _cache_path(dataset, split, links)
+    cached = _read_cache(path, dataset.n_users)
+    if cached is not None:
+        return cached
+    try:
+        world = WorldFile.load(raw / WORLD_FILE)
+    except DAMAGED as err:
+        _say_once(f"note: no oracle row for dataset {dataset.name}: {raw / WORLD_FILE} is damaged "
+                  f"({type(err).__name__}: {err}); generate {raw} again with the options truth.json records "
+                  f"(`featurestore dataset synth --out {raw} --seed ... --users ... --items ... --overwrite`) "
+                  "to rank against its oracle")
+        return None
     world = world if links else without_links(world)
     try:
         alignment = align(dataset, world, split)
@@ -251,10 +286,7 @@ def oracle_ranks(dataset, split: str, links: bool = True) -> np.ndarray | None:
                   f"(`featurestore dataset prepare --source {raw} ...`) to rank against its oracle")
         return None
     ranks = fast_ranks(world, alignment)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.npy")
-    np.save(tmp, ranks)
-    tmp.replace(path)
+    _write_cache(path, ranks)
     return ranks
 
 

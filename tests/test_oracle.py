@@ -4,13 +4,16 @@ preparation, and no trained model above it; the ID signal is invisible to conten
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from data.dataset import PreparedDataset
-from data.oracle import WorldFile, align, fast_ranks, oracle_metrics, oracle_ranks
+from data.oracle import ORACLE_DIR, WorldFile, align, fast_ranks, oracle_metrics, oracle_ranks
 from data.prepare import prepare_dataset
 from data.synth import CONTENT_WIDTH, LINK_WEIGHTS, MEMORY_DECAY, synthesize
 from eval.evaluate import evaluate, popularity_metrics
@@ -82,7 +85,7 @@ def test_preparation_keeps_the_oracle_aligned(tmp_path: Path) -> None:
         prepare_dataset("hm", raw, tmp_path / name, name=name, **options)
         ds = PreparedDataset.load(tmp_path / name)
         ranks = oracle_ranks(ds, "test")
-        assert (raw / "oracle").is_dir() and len(ranks) == ds.n_users
+        assert (tmp_path / name / "oracle").is_dir() and not (raw / "oracle").exists() and len(ranks) == ds.n_users
         assert np.array_equal(oracle_ranks(ds, "test"), ranks)  # the cached copy
         by_user.append(dict(zip(ds.user_ids, ranks)))
     full, cut = by_user
@@ -163,3 +166,55 @@ def test_a_raw_folder_generated_again_drops_the_oracle_row_with_a_note(tmp_path:
         note = capsys.readouterr().err
         assert "no oracle row for dataset again" in note and "prepare the dataset again" in note, note
     assert popularity_metrics(ds, "test", (10,))["users"] == ds.n_users  # the rest of the tables stand
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    """A real console entry point (``featurestore`` or ``eval``) in a fresh process."""
+    module, *rest = args
+    return subprocess.run([sys.executable, "-m", module, *rest], capture_output=True, text=True, timeout=600)
+
+
+def _files(folder: Path) -> dict[str, int]:
+    return {p.relative_to(folder).as_posix(): p.stat().st_mtime_ns for p in folder.rglob("*")}
+
+
+def test_a_read_only_raw_folder_is_never_written_and_a_damaged_world_drops_the_row(tmp_path: Path) -> None:
+    """dataset info, eval rank and eval compare read the raw folder only (the oracle cache lives
+    in the workspace); a cut world.npz leaves the oracle rows out with a note naming it."""
+    from click.testing import CliRunner
+
+    from recommend.cli import cli as recommend_cli
+
+    raw, root = tmp_path / "raw", tmp_path / "ws"
+    synthesize("hm", raw, users=200, items=60, seed=2, images=False)
+    prepare_dataset("hm", raw, root / "datasets" / "demo", name="demo")
+    trained = CliRunner().invoke(recommend_cli, ["train", "--root", str(root), "--dataset", "demo", "--mode", "id",
+                                                 "--epochs", "1", "--dim", "16", "--blocks", "1", "--device", "cpu",
+                                                 "--run-name", "r", "--quiet"])
+    assert trained.exit_code == 0, trained.output
+    before = _files(raw)
+    for path in (raw, *raw.iterdir()):
+        path.chmod(path.stat().st_mode & ~0o222)
+    try:
+        commands = (("featurestore.cli", "dataset", "info", "demo"), ("eval", "rank", "r", "--k", "10"),
+                    ("eval", "compare", "r"))
+        for command in commands:
+            done = _cli(*command, "--root", str(root))
+            assert done.returncode == 0, (command, done.stderr)
+            assert "oracle" in done.stdout, (command, done.stdout)
+        assert _files(raw) == before and (root / "datasets" / "demo" / ORACLE_DIR).is_dir()
+        for path in (raw, *raw.iterdir()):
+            path.chmod(path.stat().st_mode | 0o200)
+        world = raw / "world.npz"
+        world.write_bytes(world.read_bytes()[:1000])
+        shutil.rmtree(root / "datasets" / "demo" / ORACLE_DIR)
+        for command in commands[:2]:
+            done = _cli(*command, "--root", str(root), "--json")
+            assert done.returncode == 0, (command, done.stderr)
+            assert "oracle" not in json.loads(done.stdout), command
+            (note,) = [line for line in done.stderr.splitlines() if "oracle" in line]
+            assert note.startswith(f"note: no oracle row for dataset demo: {world} is damaged") and "synth" in note
+            assert "Traceback" not in done.stderr, done.stderr
+    finally:
+        for path in (raw, *raw.iterdir()):
+            path.chmod(path.stat().st_mode | 0o200)
