@@ -252,6 +252,19 @@ def test_generic_datetime_timestamps_ties_and_images(tmp_path: Path) -> None:
     assert ds.items[0].text == "acme. one"
 
 
+@pytest.mark.parametrize("outside", ["/etc/passwd", "../../x.jpg", "pics/../../secret.jpg"])
+def test_generic_image_paths_outside_the_raw_folder_are_refused(tmp_path: Path, outside: str) -> None:
+    raw = tmp_path / "generic"
+    picture(tmp_path / "secret.jpg")  # a real picture, but not in the raw folder
+    picture(raw / "pics" / "p1.jpg")
+    write(raw / "interactions.csv", "user_id,item_id,timestamp\nx,p1,1\nx,p2,2\nx,p1,3\n")
+    write(raw / "items.csv", f"item_id,text,image\np1,one,pics/p1.jpg\np2,two,{outside}\n")
+    with pytest.raises(UserError) as refused:
+        prepared("generic", raw, tmp_path, min_interactions=3)
+    assert str(refused.value) == (f"{raw / 'items.csv'}: item p2 has image path {outside!r} outside the raw folder "
+                                  f"{raw}; give a path relative to that folder (copy or link the file into it)")
+
+
 def test_generic_missing_columns_are_named(tmp_path: Path) -> None:
     write(tmp_path / "items.csv", "item_id,text\np1,one\n")
     write(tmp_path / "interactions.csv", "user,item_id,time\nx,p1,1\n")

@@ -3,7 +3,7 @@
 ``users.tsv``: one line per user, ``user_id \\t item item item ...`` (space-separated,
 oldest first). There are no timestamps: the position in the file is the time, so
 the order is kept exactly (a user on several lines continues in file order). ``items.tsv``: ``item_id \\t text [\\t image]`` with the image
-path relative to the raw folder; missing images are flagged. Text-first (default
+path relative to the raw folder; missing images are flagged, paths outside it refused. Text-first (default
 truncation 23), as the anchors' MIND-style files are.
 """
 
@@ -19,7 +19,7 @@ import numpy as np
 from data.formats.base import (CHUNK_ROWS, Catalogue, InteractionChunk, RawFormat, choose_text_fields,
                                compose_text, normalise_ids, positional_columns, read_table, read_table_chunks,
                                register_format, require_file, unique_catalogue, valid_rows)
-from data.formats.generic import resolve_image
+from data.formats.generic import catalogue_images
 
 ITEM_COLUMNS = ("item_id", "text", "image")
 USER_COLUMNS = ("user_id", "items")
@@ -39,7 +39,7 @@ class SeqTSVFormat(RawFormat):
             frame["image"] = None
         ok = valid_rows(frame["item_id"])
         frame = frame[ok]
-        images = [resolve_image(source, p) for p in frame["image"].tolist()]
+        images = catalogue_images(source, frame, path)
         ids, texts, images, dupes = unique_catalogue(frame["item_id"].str.strip().tolist(),
                                                      compose_text(frame, fields), images)
         return Catalogue(ids, texts, images, fields, has_images=bool(frame["image"].notna().any()),
