@@ -108,6 +108,30 @@ def test_hm_sequences_ties_duplicates_threshold_and_bad_rows(hm_raw: Path, tmp_p
     assert ds.max_seq_len == 13
 
 
+def test_hm_dates_in_other_forms_are_read_or_refused_with_the_row(hm_raw: Path, tmp_path: Path) -> None:
+    """A's days as Unix times, B's as ISO date-times: the same sequences; a day-first or
+    month-first date is refused naming the row, never dropped with the rows like it."""
+    lines = HM_TRANSACTIONS.splitlines()
+    epoch = {"2020-01-01": "1577836800", "2020-01-02": "1577923200", "2020-01-03": "1578009600",
+             "2020-01-04": "1578096000"}
+    mixed = [epoch.get(line[:10], line[:10]) + line[10:] if ",A," in line else
+             line[:10] + "T12:00:00" + line[10:] if ",B," in line else line for line in lines]
+    write(hm_raw / "transactions_train.csv", "\n".join(mixed) + "\n")
+    ds = prepared("hm", hm_raw, tmp_path)
+    assert sequences(ds) == {
+        "A": ["0100000001", "0100000002", "0100000003", "0200000004", "0200000005"],
+        "B": ["0100000003", "0200000004", "0100000001", "0100000002", "0200000005"],
+    }
+    assert ds.manifest["stats"]["bad_rows"] == 2  # the same two unreadable rows as in Kaggle's form
+    slashed = [line.replace("2020-02-03", "03/02/2020") for line in lines]
+    write(hm_raw / "transactions_train.csv", "\n".join(slashed) + "\n")
+    with pytest.raises(UserError) as refused:
+        prepared("hm", hm_raw, tmp_path)
+    assert str(refused.value) == (f"{hm_raw / 'transactions_train.csv'}, data row 14: t_dat '03/02/2020' is not "
+                                  "YYYY-MM-DD or a Unix time (day and month cannot be told apart); write the column "
+                                  "as YYYY-MM-DD and prepare again")
+
+
 def test_hm_items_text_and_missing_image(hm_raw: Path, tmp_path: Path) -> None:
     ds = prepared("hm", hm_raw, tmp_path)
     assert [it.orig_id for it in ds.items] == ["0100000001", "0100000002", "0100000003", "0200000004", "0200000005"]
