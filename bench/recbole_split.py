@@ -23,7 +23,7 @@ import numpy as np
 
 from data.dataset import PreparedDataset
 from featurestore.errors import UserError
-from recommend.run import write_atomic
+from featurestore.runtime.files import write_atomic
 
 INTER_HEADER = "user_id:token\titem_id:token\ttimestamp:float"
 ITEM_HEADER = "item_id:token"

@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from featurestore.errors import UserError
+from featurestore.runtime.files import write_json
 from featurestore.workspace import Workspace
 
 EVAL_FILE = "eval.json"
@@ -70,9 +71,7 @@ def record_result(run_dir: Path, result: dict) -> Path:
             click.echo(f"warning: {path} was not valid JSON; moved to {aside.name}", err=True)
     place = stored.setdefault(ZERO_SHOT, {}) if result.get("zero_shot") else stored
     place[result_key(result)] = result
-    tmp = path.with_name(f".{EVAL_FILE}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(stored, indent=2))
-    os.replace(tmp, path)
+    write_json(path, stored)
     return path
 
 

@@ -53,14 +53,19 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-import featurestore
 from data.dataset import PreparedDataset
 from extract.adapt_objective import Masker, Objective, _seeded, get_objective, list_objectives, register_objective
 from extract.encoder import Encoder, move_inputs, read_state_dict, state_sha256
-from extract.job import Dist, ItemDataset, autocast_dtype, resolve_device
+from extract.job import ItemDataset, autocast_dtype
 from extract.registry import EncoderConfig, create_encoder, get_encoder_config, resolve_weights
 from featurestore.errors import UserError
 from featurestore.progress import progress_bar
+from featurestore.runtime.checkpoint import load_checkpoint, save_checkpoint
+from featurestore.runtime.device import resolve_device
+from featurestore.runtime.files import write_json
+from featurestore.runtime.processes import Processes
+from featurestore.runtime.seeding import epoch_seed
+from featurestore.runtime.versions import versions
 from featurestore.store import GroupLock
 from featurestore.workspace import Workspace
 
@@ -148,13 +153,6 @@ def _command(opts: AdaptOptions, name: str, settings: dict) -> str:
     return " ".join(words)
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    """Write atomically: a kill leaves the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
-
-
 def read_record(folder: Path) -> dict | None:
     """The adapt.json of an adapted folder, or None if there is none."""
     path = folder / RECORD
@@ -182,36 +180,12 @@ def _check_same_run(old: dict, new: dict, folder: Path) -> None:
 # --------------------------------------------------------------------------- checkpoints
 
 
-def _save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict) -> None:
-    """Model (with head) + AdamW moments as safetensors tensors; ``meta`` (loss curve so far) as metadata."""
-    from safetensors.torch import save_file
-
-    # Copies, so tied tensors (decoder = word embeddings) become separate entries.
-    tensors = {f"model.{k}": v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
-    for index, state in optimizer.state_dict()["state"].items():
-        for key, value in state.items():
-            tensors[f"optim.{index}.{key}"] = value.detach().to("cpu", copy=True).contiguous()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"meta": json.dumps(meta)})
-    os.replace(tmp, path)
-
-
-def _load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with safe_open(str(path), "pt") as fh:
-        meta = json.loads(fh.metadata()["meta"])
-    tensors = load_file(str(path))
-    model.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, index, name = key.split(".", 2)
-            state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
-    return meta
+def _save_checkpoint(path: Path, run: _Training, record: dict, base_state_sha256: str) -> None:
+    """The resumable state after an epoch (:mod:`featurestore.runtime.checkpoint`): the model with its
+    head, the AdamW moments, and the loss curve so far with the base weights it continues from."""
+    save_checkpoint(path, run.model, run.optimizer,
+                    {"epochs": record["epochs"], "probe_loss_before": record["probe_loss_before"],
+                     "skipped": sorted(run.skipped), "base_state_sha256": base_state_sha256})
 
 
 # --------------------------------------------------------------------------- base weights of the head
@@ -282,10 +256,11 @@ def _optimizer(model: nn.Module, settings: dict) -> torch.optim.AdamW:
 
 
 def _seed_epoch(seed: int, epoch: int) -> None:
-    """Shuffling, masks, dropout, augmentation and worker seeds of an epoch depend on (seed, epoch) only."""
-    epoch_seed = seed * 1_000_003 + epoch
-    torch.manual_seed(epoch_seed)
-    random.seed(epoch_seed)
+    """Shuffling, masks, dropout, augmentation and worker seeds of an epoch depend on (seed, epoch) only
+    (the runtime's one scheme, :func:`featurestore.runtime.seeding.epoch_seed`; one process is rank 0)."""
+    drawn = epoch_seed(seed, 0, epoch)
+    torch.manual_seed(drawn)
+    random.seed(drawn)
 
 
 @dataclass
@@ -413,13 +388,6 @@ def _plot(folder: Path, record: dict) -> None:
     plt.close(fig)
 
 
-def _versions() -> dict:
-    import transformers
-
-    return {"morec_store": featurestore.__version__, "torch": torch.__version__,
-            "transformers": transformers.__version__}
-
-
 @dataclass
 class AdaptResult:
     """What a run did; ``summary()`` is the line the CLI prints."""
@@ -502,7 +470,7 @@ def _train(opts: AdaptOptions, objective: Objective, config: EncoderConfig, data
     encoder = create_encoder(config.name, weights=opts.weights, random_init=opts.random_init, seed=opts.seed,
                              max_text_tokens=opts.max_text_tokens)
     settings = {**settings, **objective.extra_settings(encoder)}
-    device = resolve_device(opts.device, Dist())
+    device = resolve_device(opts.device, Processes.from_env())
     model = objective.pretraining_model(encoder, settings)
     head = _load_head(model, _base_files(encoder))
     model.to(device)
@@ -525,7 +493,7 @@ def _train(opts: AdaptOptions, objective: Objective, config: EncoderConfig, data
         "dataset": dataset.name, "dataset_fingerprint": dataset.fingerprint, "n_items": dataset.n_items,
         "content": CONTENT_NOTE, "settings": settings, "preprocessing": prov["preprocessing"],
         "device": str(device), "autocast": str(amp).removeprefix("torch.") if amp else None,
-        "command": _command(opts, name, settings), "versions": _versions(),
+        "command": _command(opts, name, settings), "versions": versions(),
         "created": time.strftime("%Y-%m-%d %H:%M:%S"), "epochs": [], "probe_loss_before": None,
     }
     if old is not None:
@@ -533,8 +501,8 @@ def _train(opts: AdaptOptions, objective: Objective, config: EncoderConfig, data
     folder.mkdir(parents=True, exist_ok=True)
     checkpoint = folder / CHECKPOINT
     resumed_from = 0
-    if checkpoint.exists():
-        meta = _load_checkpoint(checkpoint, run.model, run.optimizer)
+    meta = load_checkpoint(checkpoint, run.model, run.optimizer)
+    if meta is not None:
         if meta["base_state_sha256"] != prov["state_sha256"]:
             raise UserError(f"the base weights of adapted run {name} changed since it started "
                             f"({prov['weights']}); remove {folder} to start over")
@@ -544,16 +512,14 @@ def _train(opts: AdaptOptions, objective: Objective, config: EncoderConfig, data
     probes = _probe_batches(encoder, masker, dataset, settings)
     if not resumed_from:
         record["probe_loss_before"] = _probe_loss(run, probes)
-    _write_json(folder / RECORD, record)
+    write_json(folder / RECORD, record)
     for epoch in range(resumed_from + 1, settings["epochs"] + 1):
         entry = _train_epoch(run, epoch)
         entry["probe_loss"] = _probe_loss(run, probes)
         record["epochs"].append(entry)
         record["skipped_items"] = sorted(run.skipped)
-        _save_checkpoint(checkpoint, run.model, run.optimizer,
-                         {"epochs": record["epochs"], "probe_loss_before": record["probe_loss_before"],
-                          "skipped": sorted(run.skipped), "base_state_sha256": prov["state_sha256"]})
-        _write_json(folder / RECORD, record)
+        _save_checkpoint(checkpoint, run, record, prov["state_sha256"])
+        write_json(folder / RECORD, record)
     _finish(encoder, objective, run.model, folder, record)
     return _result(record, folder, resumed_from, settings["epochs"] - resumed_from, time.perf_counter() - started)
 
@@ -579,7 +545,7 @@ def _finish(encoder: Encoder, objective: Objective, model: nn.Module, folder: Pa
                  "sha256": reloaded.provenance["weights_sha256"], "state_sha256": trained,
                  "kept": f"encoder only ({type(encoder.model).__name__})"},
     )
-    _write_json(folder / RECORD, record)
+    write_json(folder / RECORD, record)
     _plot(folder, record)
     shutil.rmtree((folder / CHECKPOINT).parent, ignore_errors=True)
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
@@ -29,7 +28,6 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-import featurestore
 from data.dataset import Item, PreparedDataset
 from data.images import refuse_changed
 from extract.cache import CachingForward, ensure_cache_arrays, plan_cache
@@ -39,6 +37,9 @@ from extract.options import ExtractOptions
 from extract.registry import create_encoder, get_encoder_config
 from featurestore.errors import UserError
 from featurestore.progress import progress_bar
+from featurestore.runtime.device import resolve_device
+from featurestore.runtime.processes import Processes, process_group
+from featurestore.runtime.versions import versions
 from featurestore.store import (
     STATUS_COMPLETE,
     STATUS_FAILED,
@@ -57,6 +58,10 @@ SIGNATURE_KEYS = ("encoder", "pooling", "state_sha256", "preprocessing", "dtype"
 
 
 CACHING = (CachingForward, LayerForward)  # forwards that also keep states for the group's cache
+
+# torchrun's processes finish their chunks at different times; the final barrier may wait long.
+# Only small control messages travel, so the group is gloo even beside GPUs.
+GROUP_TIMEOUT = dt.timedelta(hours=48)
 
 
 @dataclass
@@ -86,41 +91,6 @@ class ExtractResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-class Dist:
-    """The torchrun process group (gloo: only small control messages travel), or a single process."""
-
-    def __init__(self) -> None:
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if self.world > 1 and not torch.distributed.is_initialized():
-            # Ranks finish their chunks at different times; the final barrier may wait long.
-            torch.distributed.init_process_group("gloo", timeout=dt.timedelta(hours=48))
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def broadcast(self, obj: Any) -> Any:
-        """``obj`` of rank 0, on every rank."""
-        if self.world == 1:
-            return obj
-        box = [obj]
-        torch.distributed.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def gather(self, obj: Any) -> list:
-        if self.world == 1:
-            return [obj]
-        out: list = [None] * self.world
-        torch.distributed.all_gather_object(out, obj)
-        return out
-
-    def close(self) -> None:
-        if self.world > 1 and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
 
 
 @dataclass
@@ -156,16 +126,6 @@ class ItemDataset(Dataset):
         bad = [(i, err[0], err[1]) for i, _, err in samples if err is not None]
         inputs = self.preprocessor.collate([s for _, s in good]) if good else None
         return Batch([i for i, _ in good], inputs, bad)
-
-
-def resolve_device(device: str, dist: Dist) -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda: no CUDA device is visible here; use --device cpu")
-        return torch.device("cuda", dist.local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
@@ -208,7 +168,7 @@ def _bad_record(dataset: PreparedDataset, item_id: int, reason: str, file: str |
 
 
 def _run_chunks(group: FeatureGroup, dataset: PreparedDataset, encoder: Encoder, forward: Forward,
-                chunks: list[int], opts: ExtractOptions, dist: Dist) -> dict:
+                chunks: list[int], opts: ExtractOptions, procs: Processes) -> dict:
     """Compute and write ``chunks`` (this rank's share); returns counts for the summary."""
     plan = batch_plan(group, chunks, opts.batch_size)
     items = ItemDataset(dataset.items, encoder.preprocessor)
@@ -219,7 +179,7 @@ def _run_chunks(group: FeatureGroup, dataset: PreparedDataset, encoder: Encoder,
     total = sum(len(batch) for chunk in plan for batch in chunk)
     bad: list[dict] = []
     batches = iter(loader)
-    with progress_bar(total=total, unit="item", desc=group.name, disable=not (opts.progress and dist.main),
+    with progress_bar(total=total, unit="item", desc=group.name, disable=not (opts.progress and procs.main),
               dynamic_ncols=True, smoothing=0.1) as bar:
         for chunk, chunk_batches in zip(chunks, plan):
             start, stop = group.chunk_bounds(chunk)
@@ -300,25 +260,14 @@ def _finalise(group: FeatureGroup, dataset: PreparedDataset, encoder: Encoder, b
                        completed=time.strftime("%Y-%m-%d %H:%M:%S"))
 
 
-def _versions() -> dict:
-    """Package versions behind the numbers (read from metadata: no library import)."""
-    from importlib.metadata import version
-
-    return {"morec_store": featurestore.__version__,
-            **{name: version(name) for name in ("torch", "timm", "transformers", "zarr", "numpy", "pillow")}}
-
-
 def run_extraction(ws: Workspace, opts: ExtractOptions) -> ExtractResult:
     """Run (or resume) one extraction; under torchrun every rank calls this.
 
     Example:
         >>> run_extraction(ws, ExtractOptions(dataset="HM", encoder="efficientnet-lite0")).summary()
     """
-    dist = Dist()
-    try:
-        return _run(ws, opts, dist)
-    finally:
-        dist.close()
+    with process_group(timeout=GROUP_TIMEOUT) as procs:
+        return _run(ws, opts, procs)
 
 
 def _job_attrs(name: str, dataset: PreparedDataset, encoder: Encoder, forward: Forward,
@@ -332,13 +281,13 @@ def _job_attrs(name: str, dataset: PreparedDataset, encoder: Encoder, forward: F
         "weights_sha256": provenance["weights_sha256"], "state_sha256": provenance["state_sha256"],
         "preprocessing": provenance["preprocessing"], "dtype": opts.dtype,
         "autocast": str(forward.amp).removeprefix("torch.") if forward.amp else None,
-        "provenance": provenance, "versions": _versions(), "command": opts.command(),
+        "provenance": provenance, "versions": versions(), "command": opts.command(),
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
 
 
 def _claim(store: FeatureStore, lock: GroupLock, dataset: PreparedDataset, job_attrs: dict,
-           opts: ExtractOptions, dim: int, dist: Dist) -> list[int]:
+           opts: ExtractOptions, dim: int, procs: Processes) -> list[int]:
     """Rank 0 takes the lock, checks or creates the group and lists the chunks left; every rank gets the list.
 
     Rank 0's UserError (lock held, fingerprint, settings) is sent to the other ranks so
@@ -346,7 +295,7 @@ def _claim(store: FeatureStore, lock: GroupLock, dataset: PreparedDataset, job_a
     """
     name = lock.name
     todo: list[int] | UserError = []
-    if dist.main:
+    if procs.main:
         try:
             lock.acquire(command=opts.command())
             group = _open_or_create(store, name, dataset, job_attrs, opts, dim)
@@ -357,13 +306,13 @@ def _claim(store: FeatureStore, lock: GroupLock, dataset: PreparedDataset, job_a
                 group.update_attrs(status=STATUS_PARTIAL, failure=None, versions=job_attrs["versions"])
         except UserError as err:
             todo = err
-    todo = dist.broadcast(todo)
+    todo = procs.broadcast(todo)
     if isinstance(todo, UserError):
         raise todo
     return todo
 
 
-def _run(ws: Workspace, opts: ExtractOptions, dist: Dist) -> ExtractResult:
+def _run(ws: Workspace, opts: ExtractOptions, procs: Processes) -> ExtractResult:
     started = time.perf_counter()
     if opts.on_bad_item not in ("skip", "fail"):
         raise UserError(f"--on-bad-item {opts.on_bad_item}: choose skip or fail")
@@ -377,7 +326,7 @@ def _run(ws: Workspace, opts: ExtractOptions, dist: Dist) -> ExtractResult:
     name = group_name(dataset.name, config.modality, config.name, opts.variant)
     encoder = create_encoder(config.name, weights=opts.weights, random_init=opts.random_init,
                              pooling=opts.pooling, seed=opts.seed, max_text_tokens=opts.max_text_tokens)
-    forward = Forward(encoder, resolve_device(opts.device, dist), opts.dtype)
+    forward = Forward(encoder, resolve_device(opts.device, procs), opts.dtype)
     if opts.cache_layer == ALL_LAYERS:
         forward = LayerForward(forward, plan_layers(encoder, opts.cache_dtype))
     elif opts.cache_layer is not None:
@@ -388,31 +337,31 @@ def _run(ws: Workspace, opts: ExtractOptions, dist: Dist) -> ExtractResult:
     store = FeatureStore(ws.store)
     lock = store.lock(name)
     try:
-        todo = _claim(store, lock, dataset, job_attrs, opts, encoder.width, dist)
+        todo = _claim(store, lock, dataset, job_attrs, opts, encoder.width, procs)
         group = store.open(name)
-        mine = todo[dist.rank :: dist.world]
+        mine = todo[procs.rank :: procs.world_size]
         try:
-            counts = _run_chunks(group, dataset, encoder, forward, mine, opts, dist) if mine else {"items": 0, "bad": []}
+            counts = _run_chunks(group, dataset, encoder, forward, mine, opts, procs) if mine else {"items": 0, "bad": []}
         except UserError as err:  # a bad item under --on-bad-item fail, broken weights: say so in `ls`
             group.update_attrs(status=STATUS_FAILED, failure=str(err))
             raise
-        everyone = dist.gather(counts)  # also the barrier: every rank's chunks are written
+        everyone = procs.gather_objects(counts)  # also the barrier: every rank's chunks are written
         seconds = time.perf_counter() - loaded
         computed = sum(c["items"] for c in everyone)
         rate = round(computed / seconds, 2) if seconds > 0 else 0.0
         timings = {"model_load_s": round(loaded - started, 3), "extract_s": round(seconds, 3),
-                   "items_per_s": rate, "world_size": dist.world, "batch_size": opts.batch_size,
+                   "items_per_s": rate, "world_size": procs.world_size, "batch_size": opts.batch_size,
                    "workers": opts.workers, "device": str(forward.device), "computed_items": computed}
         # also after a kill between the last chunk and the final attributes: nothing is left
         # to compute, but the group still says partial
-        if dist.main and group.refresh().status != STATUS_COMPLETE and group.done_chunks().all():
+        if procs.main and group.refresh().status != STATUS_COMPLETE and group.done_chunks().all():
             _finalise(group, dataset, encoder, [r for c in everyone for r in c["bad"]], timings)
         group.refresh()
         embedded = int(group.present()[1:].sum())
         return ExtractResult(
             group=name, path=str(group.path), status=group.status, items=dataset.n_items, embedded=embedded,
             bad=dataset.n_items - embedded, computed_chunks=len(todo), resumed_chunks=group.n_chunks - len(todo),
-            seconds=round(seconds, 3), items_per_second=rate, world_size=dist.world,
+            seconds=round(seconds, 3), items_per_second=rate, world_size=procs.world_size,
             bad_items=group.attrs.get("bad_items", []),
         )
     finally:

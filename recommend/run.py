@@ -10,7 +10,6 @@ fingerprint), never from global state.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from contextlib import contextmanager
@@ -18,11 +17,12 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
-from safetensors.torch import save as safetensors_bytes
 
 from featurestore.errors import UserError
+from featurestore.runtime.checkpoint import cpu_state, load_checkpoint, save_checkpoint as save_resumable
+from featurestore.runtime.checkpoint import write_safetensors
+from featurestore.runtime.files import write_atomic, write_json
 from featurestore.store import GroupLock
 from featurestore.workspace import Workspace, name_problem
 from recommend.item_towers import ITEM_TOWERS
@@ -128,89 +128,22 @@ def unfinished(run_dir: Path) -> dict | None:
             "epochs_done": len(read_metrics(run_dir))}
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write a temporary file, then rename it over ``path``: never half a file.
-
-    A failed write (full disk) removes the temporary file, leaves the previous ``path``
-    in place and raises OSError naming ``path`` (a failing ``write()`` names no file).
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_bytes(data)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise OSError(err.errno, err.strerror, str(path)) from err
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, obj: dict) -> None:
-    """Write JSON atomically (see :func:`write_atomic`)."""
-    write_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
-
-
 def save_checkpoint(run_dir: Path, model: Recommender) -> None:
     """The model's state as safetensors, replaced atomically."""
-    _write_safetensors(Path(run_dir) / CHECKPOINT, _cpu_state(model))
-
-
-def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
-    """Serialised in memory, then :func:`write_atomic`: safetensors' own writer turns a full
-    disk into an error that is no OSError and names no file."""
-    write_atomic(path, safetensors_bytes(tensors, metadata=metadata))
-
-
-def _cpu_state(model: Recommender) -> dict[str, torch.Tensor]:
-    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    write_safetensors(Path(run_dir) / CHECKPOINT, cpu_state(model))
 
 
 def save_training_state(run_dir: Path, model: Recommender, optimizer: torch.optim.Optimizer,
                         state: dict) -> None:
-    """Everything needed to continue after epoch ``state["epoch"]``, in ``last.safetensors``.
-
-    The model's current weights, the optimizer's moments and the epoch bookkeeping
-    (``state``: JSON in the file's metadata) go into one file replaced atomically, so a
-    kill leaves either the previous epoch's state or this one's, never a mix.
-    """
-    tensors = {f"model.{k}": v for k, v in _cpu_state(model).items()}
-    saved = optimizer.state_dict()
-    scalars = {}
-    for index, slots in saved["state"].items():
-        for key, value in slots.items():
-            if torch.is_tensor(value):
-                tensors[f"optimizer.{index}.{key}"] = value.detach().contiguous().cpu()
-            else:
-                scalars[f"{index}.{key}"] = value
-    metadata = {"state": json.dumps(state), "param_groups": json.dumps(saved["param_groups"]),
-                "scalars": json.dumps(scalars)}
-    _write_safetensors(Path(run_dir) / LAST, tensors, metadata)
+    """Everything needed to continue after epoch ``state["epoch"]``, in ``last.safetensors``
+    (the runtime's one resumable format: :mod:`featurestore.runtime.checkpoint`)."""
+    save_resumable(Path(run_dir) / LAST, model, optimizer, state)
 
 
 def load_training_state(run_dir: Path, model: Recommender,
                         optimizer: torch.optim.Optimizer) -> dict | None:
     """Restore ``model`` and ``optimizer`` from ``last.safetensors``; its ``state``, or None."""
-    path = Path(run_dir) / LAST
-    if not path.exists():
-        return None
-    with safe_open(str(path), "pt") as fh:
-        metadata = fh.metadata()
-    tensors = load_file(str(path))
-    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
-    slots: dict[int, dict] = {}
-    for name, value in tensors.items():
-        if name.startswith("optimizer."):
-            _, index, key = name.split(".", 2)
-            slots.setdefault(int(index), {})[key] = value
-    for name, value in json.loads(metadata["scalars"]).items():
-        index, key = name.split(".", 1)
-        slots.setdefault(int(index), {})[key] = value
-    groups = json.loads(metadata["param_groups"])
-    for group, current in zip(groups, optimizer.param_groups):  # JSON turned tuples (betas) into lists
-        for key, value in group.items():
-            if isinstance(current.get(key), tuple):
-                group[key] = tuple(value)
-    optimizer.load_state_dict({"state": slots, "param_groups": groups})
-    return json.loads(metadata["state"])
+    return load_checkpoint(Path(run_dir) / LAST, model, optimizer)
 
 
 def rewrite_metrics(run_dir: Path, records: list[dict]) -> None:

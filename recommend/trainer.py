@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import resource
 import statistics
 import sys
@@ -40,10 +39,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from data.dataset import PreparedDataset
-from eval.distributed import launched
 from eval.metrics import format_metrics, percent
 from featurestore.errors import UserError
 from featurestore.progress import progress_bar
+from featurestore.runtime.device import resolve_device
+from featurestore.runtime.processes import Processes, launched
+from featurestore.runtime.seeding import epoch_seed
 from featurestore.workspace import Workspace, check_name
 from recommend import __version__
 from recommend.batches import SequenceBatches, model_seq_len, training_rows
@@ -139,59 +140,6 @@ class Objective(nn.Module):
         parts = {"rec": value, **self.aux(Step(self.model, rows, vectors, hidden))}
         self.terms = {name: part.detach() for name, part in parts.items()}
         return torch.stack(list(parts.values())).sum()
-
-
-@dataclass(frozen=True)
-class Processes:
-    """This process's place in a torchrun launch (rank 0 of 1 without one)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @classmethod
-    def from_env(cls) -> "Processes":
-        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                   int(os.environ.get("LOCAL_RANK", 0)))
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def broadcast(self, obj):
-        """Process 0's ``obj`` on every process."""
-        if self.world_size == 1:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def all_true(self, flag: bool, device: torch.device) -> bool:
-        if self.world_size == 1:
-            return flag
-        value = torch.tensor([int(flag)], device=device)
-        dist.all_reduce(value, op=dist.ReduceOp.MIN)
-        return bool(value.item())
-
-    def mean(self, value: float, device: torch.device) -> float:
-        if self.world_size == 1:
-            return value
-        tensor = torch.tensor([value], dtype=torch.float64, device=device)
-        dist.all_reduce(tensor)
-        return float(tensor.item()) / self.world_size
-
-
-def resolve_device(name: str, procs: Processes) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {name}: no CUDA device is available here; use --device cpu")
-        if name == "cuda":
-            name = f"cuda:{procs.local_rank}"
-    elif name != "cpu":
-        raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N")
-    return torch.device(name)
 
 
 def check_options(opts: TrainOptions) -> TrainOptions:
@@ -623,12 +571,6 @@ def popularity_warning(best: dict | None, popular: dict, opts: TrainOptions) -> 
 def _step_terms(objective: nn.Module) -> dict[str, torch.Tensor]:
     """The last step's separate loss terms (empty without ``--objectives``), DDP-wrapped or not."""
     return (objective.module if isinstance(objective, DistributedDataParallel) else objective).terms
-
-
-def epoch_seed(seed: int, rank: int, epoch: int) -> int:
-    """The torch seed of one process's epoch: negatives and dropout depend on (seed, rank,
-    epoch) only, so a run resumed at any epoch draws exactly what an uninterrupted one does."""
-    return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0])
 
 
 def _finished(run_dir) -> dict | None:

@@ -16,8 +16,8 @@ from pathlib import Path
 from data.dataset import PreparedDataset
 from data.prepare import prepare_dataset
 from featurestore.errors import UserError
+from featurestore.runtime.files import write_atomic
 from featurestore.workspace import Workspace
-from recommend.run import write_atomic
 from recommend.study import REPORT, SUMMARY, StudyOptions, run_study
 
 _KEPT_OPTIONS = ("max_seq_len", "min_interactions", "users", "seed", "text_fields")

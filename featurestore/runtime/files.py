@@ -1,0 +1,40 @@
+"""Atomic file writes: a kill or a full disk leaves the previous file or the new one, never half.
+
+Every file a job rewrites in place (run configs, checkpoints, ``adapt.json``, ``eval.json``,
+study summaries) goes through :func:`write_atomic`, so every such failure reads the same:
+an ``OSError`` naming the file the user knows, not a temporary one, and no debris.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def write_atomic(path: Path | str, data: bytes) -> None:
+    """Write a temporary file beside ``path``, then rename it over ``path``.
+
+    The temporary name carries the process id, so two processes writing the same file
+    (two ``eval rank`` on one run) never write into each other's. A failure (full disk,
+    a directory in the way) removes the temporary file, leaves the previous ``path`` in
+    place and raises the OSError with ``path`` as its file name (a failing ``write()``
+    names no file, a failing rename names the temporary one).
+
+    Example:
+        >>> write_atomic(run_dir / "metrics.jsonl", b'{"epoch": 1}\\n')
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise OSError(err.errno, err.strerror, str(path)) from err
+
+
+def write_json(path: Path | str, obj: object) -> None:
+    """``obj`` as indented JSON, atomically (:func:`write_atomic`); values JSON has no type
+    for (paths, dtypes) are written as their ``str``."""
+    write_atomic(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
