@@ -52,7 +52,7 @@ from data.prepare import synthetic_dataset
 from featurestore.store import FeatureStore
 from featurestore.workspace import Workspace
 from recommend.features import FeatureSource
-from recommend.losses import SCE_NEGATIVES, LossContext, create_loss
+from recommend.losses import LossContext, SampledSoftmax, create_loss
 from recommend.model import build_recommender
 from recommend.run import read_metrics
 from recommend.trainer import Objective, TrainOptions, train
@@ -102,7 +102,7 @@ STEP_LOSSES = ("inbatch", "ce", "sce")  # inbatch first: the baseline of the rat
 
 
 def loss_steps(n_items: int, dim: int, layers: int, feat_dim: int, batch_size: int, rounds: int,
-               negatives: int = SCE_NEGATIVES) -> dict:
+               negatives: int = SampledSoftmax.defaults["negatives"]) -> dict:
     """Median seconds per training step of each of STEP_LOSSES, per tower, alternating the losses."""
     rows = np.random.default_rng(0).standard_normal((n_items + 1, feat_dim)).astype(np.float32)
     source = FeatureSource(group="bench/image/random", rows=rows, present=np.ones(n_items + 1, bool),
@@ -200,7 +200,7 @@ def summarise(mode: str, runs: list[dict]) -> dict:
               help=f"Also time these, each against the run it extends: {', '.join(EXTRAS)}.")
 @click.option("--loss-steps", type=int, default=None, metavar="N_ITEMS",
               help="Instead: seconds per training step of --loss ce and sce vs inbatch on a catalogue of N_ITEMS items.")
-@click.option("--negatives", default=SCE_NEGATIVES, show_default=True,
+@click.option("--negatives", default=SampledSoftmax.defaults["negatives"], show_default=True,
               help="--loss-steps: the shared negatives of sce.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--threads", type=int, default=None,

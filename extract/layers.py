@@ -45,6 +45,12 @@ if TYPE_CHECKING:
 ALL_LAYERS = "all"  # --cache-layer all
 
 
+def states_variant(cache_layer: int | str) -> str:
+    """The store variant holding the states a cached e2e run of top-K trains from (``layers``:
+    every layer's pooled state, for side runs)."""
+    return "layers" if cache_layer == ALL_LAYERS else f"top{cache_layer}"
+
+
 def _tokens_pool(encoder: Encoder) -> Callable[[Hidden], torch.Tensor]:
     prefix = int(getattr(encoder.model, "num_prefix_tokens", 1))
     by_token = encoder.pooling == "cls" or (encoder.pooling == "pooled"

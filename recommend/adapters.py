@@ -25,9 +25,10 @@ from torch import nn
 from extract.encoder import Encoder
 from extract.registry import EncoderConfig
 from featurestore.errors import UserError
-from recommend.e2e import (_E2E_ONLY, LiveEncoderTower, LiveKind, _live_input, build_live_encoder,
-                           option_given, tower_options)
+from recommend.e2e import (E2E_ONLY, LiveEncoderTower, LiveKind, _live_input, build_live_encoder, refuse_given,
+                           tower_options)
 from recommend.item_towers import ITEM_TOWERS, ItemTower
+from recommend.options import TrainOptions, fill
 from recommend.user_encoders import SASRec
 
 ADAPTER_PLACES = ("item", "user", "both")
@@ -38,6 +39,8 @@ INIT_STD = 1e-2  # Houlsby's near-identity initialisation
 
 class Adapter(nn.Module):
     """Houlsby bottleneck: ``y + up(ReLU(down(y)))`` over the last dimension."""
+
+    cost_part = "adapters"  # counted apart in the parameter breakdown (recommend.cost)
 
     def __init__(self, width: int, bottleneck: int) -> None:
         super().__init__()
@@ -146,6 +149,8 @@ def adapter_places(where: str) -> tuple[bool, bool]:
 class AdapterKind(LiveKind):
     """``adapter``: the live encoder, every weight frozen; with item adapters every block runs with gradients."""
 
+    summary = "the encoder runs live, frozen, with Houlsby adapters trained"
+
     def __call__(self, spec: dict, sources: list, fit: bool) -> ItemTower:
         live = _live_input(spec, sources)
         if live.cache is not None:
@@ -159,35 +164,34 @@ class AdapterKind(LiveKind):
             add_item_adapters(encoder, int(spec["adapter_dim"]))
         return tower
 
-    def check_mode(self, opts: Any, config: EncoderConfig) -> None:
-        for field, flag in _E2E_ONLY.items():
-            if option_given(getattr(opts, field)):
-                raise UserError(f"{flag} is for --mode e2e; adapter mode freezes every encoder weight")
-        check_adapter_options(opts, config)
+    transfer_settings = LiveKind.transfer_settings + ("adapter_dim", "adapter_in")
 
-    def mode_spec(self, opts: Any, dataset: str) -> dict:
+    def check_mode(self, opts: TrainOptions, config: EncoderConfig) -> TrainOptions:
+        refuse_given(opts, E2E_ONLY, "is for --mode e2e; adapter mode freezes every encoder weight")
+        return check_adapter_options(opts, config)
+
+    def mode_spec(self, opts: TrainOptions, dataset: str) -> dict:
         return {"adapter_dim": opts.adapter_dim, "adapter_in": opts.adapter_in}
+
+    def user_encoder_additions(self, tower: dict) -> int | None:
+        """The bottleneck width of the adapters in the user encoder, else None."""
+        return int(tower["adapter_dim"]) if adapter_places(tower["adapter_in"])[1] else None
+
+    def finish(self, model: nn.Module, spec: dict) -> None:
+        """With ``adapter_in`` user/both: freeze the user encoder and add its adapters (training and
+        ``load_run`` alike, once the model exists)."""
+        tower = spec["item_tower"]
+        if adapter_places(tower["adapter_in"])[1]:
+            model.user_encoder.requires_grad_(False)
+            add_user_adapters(model.user_encoder, int(tower["adapter_dim"]))
 
 
 ITEM_TOWERS.register("adapter")(AdapterKind())
 
 
-def apply_user_adapters(model: nn.Module, spec: dict) -> None:
-    """For an adapter run with ``adapter_in`` user/both: freeze the user encoder and add its adapters.
-
-    Called by ``build_recommender`` (training and ``load_run`` alike) once the model exists.
-    """
-    tower = spec["item_tower"]
-    if tower.get("name") != "adapter" or not adapter_places(tower["adapter_in"])[1]:
-        return
-    model.user_encoder.requires_grad_(False)
-    add_user_adapters(model.user_encoder, int(tower["adapter_dim"]))
-
-
-def check_adapter_options(opts: Any, config: EncoderConfig) -> None:
+def check_adapter_options(opts: TrainOptions, config: EncoderConfig) -> TrainOptions:
     """Fill adapter defaults and refuse what cannot carry adapters (checked before anything loads)."""
-    opts.adapter_dim = DEFAULT_ADAPTER_DIM if opts.adapter_dim is None else opts.adapter_dim
-    opts.adapter_in = DEFAULT_ADAPTER_IN if opts.adapter_in is None else opts.adapter_in
+    opts = fill(opts, adapter_dim=DEFAULT_ADAPTER_DIM, adapter_in=DEFAULT_ADAPTER_IN)
     if opts.adapter_dim < 1:
         raise UserError(f"--adapter-dim must be >= 1, got {opts.adapter_dim}")
     if opts.adapter_in not in ADAPTER_PLACES:
@@ -198,3 +202,4 @@ def check_adapter_options(opts: Any, config: EncoderConfig) -> None:
     if in_user and opts.backbone != "sasrec":
         raise UserError(f"--adapter-in {opts.adapter_in} puts adapters into the user encoder's Transformer "
                         f"blocks; --backbone {opts.backbone} has none: use --backbone sasrec or --adapter-in item")
+    return opts

@@ -18,22 +18,23 @@ from featurestore.cliutil import UserError, emit, json_option, root_option, run_
 from featurestore.configfile import config_option
 from featurestore.workspace import Workspace
 from recommend.defaults import Inferred, only_dataset, only_group
-from recommend.item_towers import (ITEM_TOWERS, WITH_ID_MODES, StoredRowsKind, list_fusions, list_item_towers,
-                                    list_token_fusions)
-from recommend.losses import list_losses
-from recommend.objectives import list_objectives
+from recommend.cli_options import click_options, parse_lists
+from recommend.item_towers import ITEM_TOWERS, list_item_towers
+from recommend.options import SHARED_FIELDS, TrainOptions
+from recommend.plugins import option_fields
 from recommend.run import list_runs
-from recommend.study import DEFAULT_LAYERS, STUDY_MODES, StudyOptions, run_study
-from recommend.item_towers import DEFAULT_TS_DNN_LAYERS, DEFAULT_TS_DNN_STACK, TS_DNN_STACKS
-from recommend.trainer import CLEARLY_ABOVE, Processes, TrainOptions, train
-from recommend.transfer import list_transfers
+from recommend.study import DEFAULT_LAYERS, StudyOptions, run_study
+from recommend.trainer import Processes, train
 from recommend.tune_cli import make_tune_command
-from recommend.user_encoders import list_user_encoders
 from recommend.warm_study import run_warm_study
 
 
 TRAIN_DEFAULTS = TrainOptions(dataset="")  # one set of defaults: train, study and tune show these
-STORED_MODES = tuple(m for m in list_item_towers() if isinstance(ITEM_TOWERS.get(m), StoredRowsKind))
+
+
+def train_fields() -> list:
+    """Every option of `recommend train`: the shared ones, then each plugin's."""
+    return [*SHARED_FIELDS.values(), *option_fields().values()]
 
 
 def _names(value: str | None) -> list[str]:
@@ -55,142 +56,7 @@ def cli() -> None:
 
 
 @cli.command("train")
-@click.option("--dataset", default=None,
-              help="Prepared dataset name (under ROOT/datasets) [default: the only one there].")
-@click.option("--mode", type=click.Choice(list_item_towers()), default="id", show_default=True,
-              help="Item tower: id = IDRec embedding table; ts = stored vectors through the DT "
-                   "layer Linear(feat->d); ts-dnn = stored vectors through TS-DNN-N; e2e = the "
-                   "encoder runs live, its top K blocks fine-tuned with the recommender; adapter = "
-                   "the encoder runs live, frozen, with Houlsby adapters trained; side = IISAN's side "
-                   "networks over every layer's pooled state, cached by `featurestore extract "
-                   "--cache-layer all` (the encoders never run).")
-@click.option("--layers", type=int, default=None,
-              help=f"TS-DNN depth N: N blocks on top of the DT layer (--mode ts-dnn only) "
-                   f"[default: {DEFAULT_TS_DNN_LAYERS}].")
-@click.option("--dnn", type=click.Choice(TS_DNN_STACKS.names()), default=None,
-              help="ts-dnn: the stack. residual = Linear(feat->d), then N x [LayerNorm, Linear(d,d), "
-                   "GELU, Dropout] added to its input, each branch starting at zero, so TS-DNN-N starts "
-                   "as TS; paper = the paper's code, Linear(feat->d)+GELU, then N x [Dropout, "
-                   "Linear(d,d), GELU]. Differs from the papers because their stack, Xavier-initialised, "
-                   "shrinks item vectors ~4x per layer and at d 64 a deep one sits on the popularity "
-                   f"plateau for tens of epochs [default: {DEFAULT_TS_DNN_STACK}].")
-@click.option("--encoder", default=None, metavar="ENC[,ENC]",
-              help="Use the store group DATASET/<modality>/ENC written by `featurestore extract "
-                   "--encoder ENC` (ENC@VARIANT for a variant); two names = text + image. "
-                   "e2e/adapter: the encoder to run live; side: the groups holding --cache-layer all "
-                   "[default for ts/ts-dnn: the dataset's only complete store group].")
-@click.option("--features", default=None, metavar="GROUP[,GROUP]",
-              help="Store groups by full name DATASET/MODALITY/ENCODER[@VARIANT]; two = fused.")
-@click.option("--fusion", type=click.Choice(list_fusions() + list_token_fusions()), default=None,
-              help="How two groups merge after their own projections to d: concat (Linear over "
-                   "[a;b]), sum, gate (sigmoid gate), film (b scales and shifts a); merge-attn: one "
-                   "Transformer block over [CLS; text tokens; image patches] (PMMRec), reading the "
-                   "token states of `featurestore extract --cache-layer 0` [default with two groups: concat].")
-@click.option("--with-id", type=click.Choice(WITH_ID_MODES), default=None,
-              help="Also learn an ID embedding and add it to the content vector, or concatenate "
-                   "and project (001 Table 7).")
-@click.option("--whiten", is_flag=True,
-              help="PCA-whiten the stored vectors (fitted on the catalogue with scikit-learn; "
-                   "saved in the checkpoint).")
-@click.option("--backbone", type=click.Choice(list_user_encoders()), default="sasrec",
-              show_default=True, help="User encoder over the item sequence.")
-@click.option("--loss", type=click.Choice(list_losses()), default=TRAIN_DEFAULTS.loss, show_default=True,
-              help="bce = BCE with one sampled negative per position not in the user's sequence "
-                   "(the papers'); inbatch = in-batch softmax with log-popularity correction; ce = "
-                   "softmax cross-entropy over the whole catalogue (RecBole's SASRec default; exact, "
-                   "memory bounded, but a step scores every item, and a content tower runs over the "
-                   "whole catalogue forward and backward: at 87K items on a 2-core CPU a step costs "
-                   "x6-13 an inbatch step for IDRec and about x55 for TS-DNN-8, see BENCHMARKS.md); "
-                   "sce = ce's sampled estimate: --negatives K uniform items shared by the batch, "
-                   "logQ-corrected (x1.2-1.5 inbatch's step at K 1024, 87K items); gbce = gSASRec's generalised BCE with --negatives K and "
-                   "calibration --gbce-t.")
-@click.option("--negatives", type=int, default=None,
-              help="gbce: sampled negatives per position, outside the user's sequence [default: 256, "
-                   "gSASRec's]; sce: uniform negatives shared by the batch [default: 1024].")
-@click.option("--gbce-t", type=float, default=None,
-              help="gbce: calibration t in [0, 1]; 0 = plain BCE over K negatives, 1 = fully "
-                   "calibrated [default: 0.75, gSASRec's].")
-@click.option("--dim", type=int, default=TRAIN_DEFAULTS.dim, show_default=True,
-              help="Hidden width d (the MoRec papers: 512; 64 is RecBole's SASRec default and trains "
-                   "in minutes on a CPU).")
-@click.option("--blocks", type=int, default=2, show_default=True,
-              help="Backbone depth (Transformer blocks, GRU layers, CNN residual blocks, DNN layers).")
-@click.option("--heads", type=int, default=2, show_default=True,
-              help="Attention heads (sasrec, bert4rec).")
-@click.option("--mask-prob", type=float, default=None,
-              help="bert4rec: share of each sequence's items masked in cloze training "
-                   "[default: 0.2, the BERT4Rec paper's value for MovieLens].")
-@click.option("--dropout", type=float, default=TRAIN_DEFAULTS.dropout, show_default=True,
-              help="Dropout in the backbone and the TS-DNN layers.")
-@click.option("--lr", type=float, default=TRAIN_DEFAULTS.lr, show_default=True,
-              help="AdamW learning rate (the papers: 1e-4 at d 512; at d 64, 1e-4 sits at the popularity "
-                   "level for 20+ epochs; 2e-3 reaches 0.99-1.03x the validation HR@10 of a 20-trial search "
-                   "on the demo, 1e-3 0.88-0.95x, see BENCHMARKS.md).")
-@click.option("--weight-decay", type=float, default=TRAIN_DEFAULTS.weight_decay, show_default=True,
-              help="AdamW weight decay.")
-@click.option("--batch-size", type=int, default=64, show_default=True, help="Users per step (per process).")
-@click.option("--epochs", type=int, default=TRAIN_DEFAULTS.epochs, show_default=True, help="Most epochs to train.")
-@click.option("--patience", type=int, default=TRAIN_DEFAULTS.patience, show_default=True,
-              help="Stop after this many epochs without a better validation HR@10, once the best is "
-                   f"clearly ({CLEARLY_ABOVE:g}x) above the popularity baseline's.")
-@click.option("--plateau-patience", type=int, default=TRAIN_DEFAULTS.plateau_patience, show_default=True,
-              help="The patience while validation is still at popularity's level: sequential models "
-                   "learn popularity first and can sit there for tens of epochs before they learn "
-                   "sequences (the papers' code uses one patience; give it here for their behaviour).")
-@click.option("--seed", type=int, default=42, show_default=True, help="Seed for weights, order, negatives.")
-@click.option("--device", default="auto", show_default=True,
-              help="auto (cuda when present), cpu, cuda or cuda:N. Multi-GPU/multi-node: launch "
-                   "with `torchrun --nproc-per-node N $(which recommend) train ...`.")
-@click.option("--run-name", default=None,
-              help="Run folder name under ROOT/runs [default: DATASET-MODE-BACKBONE-LOSS-TIME].")
-@click.option("--top-k", type=int, default=None,
-              help="e2e: fine-tune the top K encoder blocks (Transformer blocks, or ResNet/EfficientNet "
-                   "stages) and the pooling head; everything below stays frozen and runs without "
-                   "gradients [default: 2, as PMMRec/MMSR].")
-@click.option("--encoder-lr", type=float, default=None,
-              help="e2e: AdamW learning rate of the fine-tuned encoder weights, a separate parameter "
-                   "group (equal rates can collapse training, 001 Fig. 5); new modules (DT layer, "
-                   "adapters, user encoder) use --lr [default: --lr / 10].")
-@click.option("--cached", is_flag=True,
-              help="e2e: train the top K blocks from the states cached by `featurestore extract "
-                   "--cache-layer K` (store group DATASET/MODALITY/ENC[@VARIANT]), skipping decoding and "
-                   "the frozen bottom; same loss and gradients as the naive path.")
-@click.option("--grad-checkpointing", is_flag=True,
-              help="e2e/adapter: recompute the trained blocks' activations during backward (less memory, "
-                   "about one more forward pass of those blocks).")
-@click.option("--amp", is_flag=True,
-              help="e2e/adapter: run the encoder under bfloat16 autocast (CPU, or GPUs with bf16).")
-@click.option("--adapter-dim", type=int, default=None,
-              help="adapter: bottleneck width k of each Houlsby adapter [default: 64].")
-@click.option("--adapter-in", type=click.Choice(["item", "user", "both"]), default=None,
-              help="adapter: put adapters into the item encoder, the user encoder (sasrec) or both; "
-                   "the adapted encoders are frozen [default: both, as paper 004].")
-@click.option("--weights", default=None, metavar="PATH_OR_HUB_ID",
-              help="e2e/adapter: encoder weights file/folder or hub id [default: the weights bundled "
-                   "with the encoder, if any; with --cached: the store group's].")
-@click.option("--random-init", is_flag=True,
-              help="e2e/adapter: start from an untrained, seeded encoder (tests, ablations); paper "
-                   "encoders have no local weights and are refused without this or --weights.")
-@click.option("--encoder-seed", type=int, default=0, show_default=True,
-              help="Seed of --random-init (the same as `featurestore extract --seed`).")
-@click.option("--pooling", type=click.Choice(["cls", "mean", "pooled"]), default=None,
-              help="e2e/adapter: pooling of the live encoder [default: the encoder's own; with "
-                   "--cached: the store group's].")
-@click.option("--init-from", default=None, metavar="SOURCE_RUN",
-              help="Start from a run trained on another dataset (name under ROOT/runs or a folder): "
-                   "the --transfer parts are copied from its best checkpoint, the rest is freshly "
-                   "initialised. ID-free modes only (ts, ts-dnn, e2e, adapter); recorded in config.json.")
-@click.option("--transfer", type=click.Choice(list_transfers()), default=None,
-              help="With --init-from: copy the item tower and user encoder (full), the item tower "
-                   "only (item) or the user encoder only (user) [default: full].")
-@click.option("--objectives", default=None, metavar="NAME[,NAME]",
-              help="PMMRec's auxiliary losses, added to the recommendation loss with weight 1 "
-                   "(002 Eq. 12) and logged per term: nicl = next-item enhanced cross-modal "
-                   "contrastive learning (needs two groups: --encoder TEXT_ENC,IMAGE_ENC), nid = "
-                   "noised item detection, rcl = robustness-aware contrastive learning "
-                   f"(known: {', '.join(list_objectives())}).")
-@click.option("--side-dim", type=int, default=None,
-              help="side: bottleneck width of the side networks' adapters [default: 64, as IISAN].")
+@click_options(train_fields())
 @click.option("--quiet", is_flag=True, help="No progress bar or per-epoch log lines on stderr.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads for torch [default: torch's]. On a small machine shared with other jobs, "
@@ -198,8 +64,7 @@ def cli() -> None:
 @config_option
 @root_option
 @json_option
-def train_command(ws: Workspace, as_json: bool, encoder: str | None, features: str | None,
-                  objectives: str | None, quiet: bool, threads: int | None, **options) -> None:
+def train_command(ws: Workspace, as_json: bool, quiet: bool, threads: int | None, **options) -> None:
     """Train a recommender (IDRec, TS, TS-DNN, E2E, adapters) into ROOT/runs/RUN.
 
     Validates on the full item pool every epoch (HR@10/NDCG@10, the same scoring as
@@ -218,12 +83,12 @@ def train_command(ws: Workspace, as_json: bool, encoder: str | None, features: s
     stacks differ too (--dnn).
     """
     inferred = []
+    options = parse_lists(train_fields(), options)
     if options["dataset"] is None:
         options["dataset"] = _inferred(only_dataset(ws), inferred)
-    if not encoder and not features and options["mode"] in STORED_MODES:
-        features = _inferred(only_group(ws, options["dataset"], options["mode"]), inferred)
-    opts = TrainOptions(encoders=_names(encoder), features=_names(features),
-                        objectives=_names(objectives), **options)
+    if not options["encoders"] and not options["features"] and ITEM_TOWERS.get(options["mode"]).reads_store_rows:
+        options["features"] = [_inferred(only_group(ws, options["dataset"], options["mode"]), inferred)]
+    opts = TrainOptions(**options)
     if threads:
         torch.set_num_threads(threads)  # how fast, not what is trained: kept out of config.json
     result = train(ws, opts, progress=not quiet, echo=not quiet)
@@ -235,7 +100,7 @@ def train_command(ws: Workspace, as_json: bool, encoder: str | None, features: s
          + (f"\nwarning: {result['warning']}" if result.get("warning") else ""))
 
 
-cli.add_command(make_tune_command(train_command, _names))
+cli.add_command(make_tune_command(train_command, train_fields))
 
 
 @cli.command("runs")
@@ -262,7 +127,7 @@ def runs_command(ws: Workspace, as_json: bool) -> None:
                    "(ts, ts-dnn) and it runs live in e2e/adapter (list: `featurestore encoders`).")
 @click.option("--layers", default=",".join(map(str, DEFAULT_LAYERS)), show_default=True,
               help="TS-DNN depths N to train, comma-separated (one run each).")
-@click.option("--modes", default=",".join(STUDY_MODES), show_default=True,
+@click.option("--modes", default=",".join(list_item_towers()), show_default=True,
               help="Item towers to compare: id (IDRec), ts, ts-dnn, e2e, adapter, side (IISAN side "
                    "networks over the per-layer cache, extracted if missing). A mode this installation "
                    "lacks is listed as unavailable in the report.")
@@ -292,7 +157,7 @@ def runs_command(ws: Workspace, as_json: bool) -> None:
                    "`recommend tune`: lr, weight decay, dropout, d; TS-DNN-N keeps its N), then rank only "
                    "the best trial of each on test (it is the first seed's run; --seeds retrains the "
                    "others). 0: no tuning.")
-@click.option("--tune-modes", default=",".join(STUDY_MODES), show_default=True,
+@click.option("--tune-modes", default=",".join(list_item_towers()), show_default=True,
               help="With --tune: the modes to tune, e.g. id,ts,ts-dnn to keep a CPU study short; the "
                    "others take the lr tuned for TS-DNN (without a tuned TS-DNN: TS's, then IDRec's; "
                    "e2e encoder blocks at lr / 10). The report "

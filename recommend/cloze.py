@@ -27,33 +27,17 @@ kept out of that user's negatives.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch.nn import functional as F
 
-from featurestore.errors import UserError
 from recommend.losses import Loss, embed_step
-from recommend.model import Recommender
-from recommend.user_encoders import USER_ENCODERS, EncoderConfig
+
+if TYPE_CHECKING:
+    from recommend.model import Recommender
 
 LAST_ONLY_SHARE = 1 / 11  # BERT4Rec code: 1 mask-last instance per 10 random ones
-
-
-def check_cloze_options(opts: Any) -> None:
-    """``--mask-prob`` belongs to cloze-trained backbones (bert4rec); fill its default there.
-
-    The default is written into the options (and so into config.json), so a run records
-    the share it trained with.
-    """
-    cloze = getattr(USER_ENCODERS.get(opts.backbone), "cloze", False)
-    if opts.mask_prob is None:
-        opts.mask_prob = EncoderConfig.mask_prob if cloze else None
-    elif not cloze:
-        raise UserError(f"--mask-prob is the cloze masking share of --backbone bert4rec; "
-                        f"--backbone {opts.backbone} predicts the next item: drop --mask-prob")
-    elif not 0.0 < opts.mask_prob < 1.0:
-        raise UserError(f"--mask-prob must be in (0, 1), got {opts.mask_prob}")
 
 
 def cloze_mask(rows: torch.Tensor, mask_prob: float) -> torch.Tensor:

@@ -21,23 +21,22 @@ def _count(params) -> dict:
 def parameter_breakdown(model: nn.Module) -> dict:
     """Trainable share and ``{"trainable", "total"}`` per part of a Recommender.
 
-    Parts: ``item_tower`` and ``user_encoder`` (the model's children), plus, where
-    present, ``item_encoder`` (a live encoder inside the item tower) and ``adapters``.
+    Parts: the model's children (``item_tower``, ``user_encoder``), the parts the item tower
+    names itself (``item_encoder``: a live encoder inside it), and every module tagged with a
+    ``cost_part`` (``adapters``, with their count), wherever it sits.
 
     Example:
         >>> parameter_breakdown(model)["trainable_share"]
         0.027
     """
-    from recommend.adapters import Adapter
-    from recommend.e2e import live_towers
-
     whole = _count(model.parameters())
     parts = {name: _count(child.parameters()) for name, child in model.named_children()}
-    towers = live_towers(model)
-    if towers:
-        parts["item_encoder"] = _count(towers[0].encoder.parameters())
-    adapters = [m for m in model.modules() if isinstance(m, Adapter)]
-    if adapters:
-        parts["adapters"] = {**_count(p for a in adapters for p in a.parameters()), "count": len(adapters)}
+    parts.update({name: _count(part.parameters()) for name, part in model.item_tower.cost_parts().items()})
+    tagged: dict[str, list[nn.Module]] = {}
+    for module in model.modules():
+        if getattr(module, "cost_part", None):
+            tagged.setdefault(module.cost_part, []).append(module)
+    for name, modules in tagged.items():
+        parts[name] = {**_count(p for m in modules for p in m.parameters()), "count": len(modules)}
     share = whole["trainable"] / whole["total"] if whole["total"] else 0.0
     return {"trainable_share": share, **parts}

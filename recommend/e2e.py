@@ -32,7 +32,7 @@ import contextlib
 import itertools
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -42,14 +42,17 @@ from torch.utils.checkpoint import checkpoint
 
 from data.dataset import Item, PreparedDataset
 from extract.cache import StateCache, check_top_k, open_state_cache, restore_hidden
+from extract.layers import states_variant
 from extract.encoder import BadItem, Encoder, Hidden, move_inputs
 from extract.registry import create_encoder, get_encoder_config, resolve_weights
 from featurestore.errors import UserError
 from featurestore.workspace import Workspace
+from recommend.features import retarget_group
 from recommend.inputs import TowerKind
-from recommend.item_towers import ITEM_TOWERS, ItemTower, dt_layer
+from recommend.item_towers import ITEM_TOWERS, ContentOptions, ItemTower, content_spec, dt_layer
+from recommend.options import TrainOptions, fill, option
 
-LIVE_MODES = ("e2e", "adapter")
+LIVE_MODES = ("e2e", "adapter")  # the modes of this family (recommend.adapters registers the second)
 DEFAULT_TOP_K = 2  # PMMRec / MMSR tune the top 2 blocks
 ENCODER_LR_FACTOR = 0.1  # default --encoder-lr = --lr / 10 (equal rates can collapse, 001 Fig. 5)
 ITEM_BATCH = 256  # items per encoder call when listing the catalogue
@@ -111,6 +114,9 @@ class LiveEncoderTower(ItemTower):
         self.register_load_state_dict_pre_hook(_fill_frozen)
         self._threads: ThreadPoolExecutor | None = None
         self.train()
+
+    def cost_parts(self) -> dict:
+        return {"item_encoder": self.encoder}
 
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "_threads": None}  # a thread pool does not copy or pickle
@@ -267,25 +273,74 @@ def tower_options(spec: dict) -> dict:
             "item_batch": int(spec.get("item_batch", ITEM_BATCH))}
 
 
-_E2E_ONLY = {"top_k": "--top-k", "encoder_lr": "--encoder-lr", "cached": "--cached"}
-_LIVE_ONLY = {"grad_checkpointing": "--grad-checkpointing", "amp": "--amp", "random_init": "--random-init",
-              "weights": "--weights", "pooling": "--pooling"}
-ADAPTER_ONLY = {"adapter_dim": "--adapter-dim", "adapter_in": "--adapter-in"}  # read by recommend.adapters
+LIVE = f"belongs to the live-encoder modes (--mode {' or '.join(LIVE_MODES)})"
+
+
+@dataclass(frozen=True)
+class LiveOptions(ContentOptions):
+    """The live-encoder modes' options: how the encoder is built and run, and each mode's own
+    (``e2e`` refuses the adapter's and ``adapter`` the e2e ones, each with why)."""
+
+    top_k: int | None = option(flag="--top-k", min=1, purpose=LIVE,
+                               help="e2e: fine-tune the top K encoder blocks (Transformer blocks, or "
+                                    "ResNet/EfficientNet stages) and the pooling head; everything below stays "
+                                    "frozen and runs without gradients [default: 2, as PMMRec/MMSR].")
+    encoder_lr: float | None = option(flag="--encoder-lr", min=0.0, min_open=True, purpose=LIVE,
+                                      help="e2e: AdamW learning rate of the fine-tuned encoder weights, a separate "
+                                           "parameter group (equal rates can collapse training, 001 Fig. 5); new "
+                                           "modules (DT layer, adapters, user encoder) use --lr [default: --lr / 10].")
+    cached: bool = option(False, flag="--cached", is_flag=True, purpose=LIVE,
+                          help="e2e: train the top K blocks from the states cached by `featurestore extract "
+                               "--cache-layer K` (store group DATASET/MODALITY/ENC[@VARIANT]), skipping decoding "
+                               "and the frozen bottom; same loss and gradients as the naive path.")
+    grad_checkpointing: bool = option(False, flag="--grad-checkpointing", is_flag=True, purpose=LIVE,
+                                      help="e2e/adapter: recompute the trained blocks' activations during backward "
+                                           "(less memory, about one more forward pass of those blocks).")
+    amp: bool = option(False, flag="--amp", is_flag=True, purpose=LIVE,
+                       help="e2e/adapter: run the encoder under bfloat16 autocast (CPU, or GPUs with bf16).")
+    adapter_dim: int | None = option(flag="--adapter-dim", min=1, purpose=LIVE,
+                                     help="adapter: bottleneck width k of each Houlsby adapter [default: 64].")
+    adapter_in: str | None = option(flag="--adapter-in", choices=("item", "user", "both"), purpose=LIVE,
+                                    help="adapter: put adapters into the item encoder, the user encoder (sasrec) "
+                                         "or both; the adapted encoders are frozen [default: both, as paper 004].")
+    weights: str | None = option(flag="--weights", metavar="PATH_OR_HUB_ID", purpose=LIVE,
+                                 help="e2e/adapter: encoder weights file/folder or hub id [default: the weights "
+                                      "bundled with the encoder, if any; with --cached: the store group's].")
+    random_init: bool = option(False, flag="--random-init", is_flag=True, purpose=LIVE,
+                               help="e2e/adapter: start from an untrained, seeded encoder (tests, ablations); paper "
+                                    "encoders have no local weights and are refused without this or --weights.")
+    encoder_seed: int = option(0, flag="--encoder-seed", show_default=True, purpose=LIVE,
+                               help="Seed of --random-init (the same as `featurestore extract --seed`).")
+    pooling: str | None = option(flag="--pooling", choices=("cls", "mean", "pooled"), purpose=LIVE,
+                                 help="e2e/adapter: pooling of the live encoder [default: the encoder's own; with "
+                                      "--cached: the store group's].")
+
+
+E2E_ONLY = ("top_k", "encoder_lr", "cached")
+ADAPTER_ONLY = ("adapter_dim", "adapter_in")  # read by recommend.adapters
+FLAGS = {f.name: f.metadata["flag"] for f in fields(LiveOptions)}
 
 
 def option_given(value: Any) -> bool:
     return value is not None and value is not False
 
 
+def refuse_given(opts: TrainOptions, names: Sequence[str], why: str) -> None:
+    """Refuse the first of ``names`` given in ``opts``: ``"FLAG WHY"``."""
+    for name in names:
+        if option_given(getattr(opts, name)):
+            raise UserError(f"{FLAGS[name]} {why}")
+
+
 class LiveKind(TowerKind):
     """The live-encoder modes: one encoder named by ``--encoder``, run by the tower itself over
     the dataset's decoded items, or (e2e ``--cached``) over the states cached below its top."""
 
-    def __init__(self) -> None:
-        purpose = f"belongs to the live-encoder modes (--mode {' or '.join(LIVE_MODES)})"
-        self.options = {field: (flag, purpose) for field, flag in {**_E2E_ONLY, **_LIVE_ONLY, **ADAPTER_ONLY}.items()}
+    options = LiveOptions
+    runs_encoder_live = True
+    transfer_settings = ("name", "encoder", "pooling", "max_text_tokens", "state_sha256")
 
-    def check(self, opts: Any) -> None:
+    def check(self, opts: TrainOptions) -> TrainOptions:
         """Refuse what a live encoder cannot take; fill the mode's defaults (:meth:`check_mode`)."""
         if len(opts.encoders) != 1 or opts.features:
             raise UserError(f"--mode {opts.mode} runs one encoder itself: name it with --encoder ENC "
@@ -299,20 +354,26 @@ class LiveKind(TowerKind):
                             "--cached; for the naive path pass the variant's weights with --weights")
         if not opts.cached:
             resolve_weights(config, opts.weights, opts.random_init, opts.encoder_seed)  # refuses missing weights now
-        self.check_mode(opts, config)
+        return self.check_mode(opts, config)
 
-    def check_mode(self, opts: Any, config: Any) -> None:
+    def check_mode(self, opts: TrainOptions, config: Any) -> TrainOptions:
         raise NotImplementedError
 
-    def spec(self, opts: Any, dataset: str) -> dict:
+    def spec(self, opts: TrainOptions, dataset: str) -> dict:
         name = opts.encoders[0].partition("@")[0]
-        return {"encoder": name, "weights": opts.weights, "random_init": opts.random_init,
+        return {**content_spec(opts), "encoder": name, "weights": opts.weights, "random_init": opts.random_init,
                 "encoder_seed": opts.encoder_seed, "pooling": opts.pooling, "max_text_tokens": 30,
                 "grad_checkpointing": opts.grad_checkpointing, "amp": opts.amp, "item_batch": ITEM_BATCH,
                 **self.mode_spec(opts, dataset)}
 
-    def mode_spec(self, opts: Any, dataset: str) -> dict:
+    def mode_spec(self, opts: TrainOptions, dataset: str) -> dict:
         raise NotImplementedError
+
+    def encoder_lr(self, opts: TrainOptions) -> float | None:
+        return opts.encoder_lr
+
+    def study_rows(self, mode: str, study: Any) -> list[tuple[str, dict]]:
+        return [(mode, {"encoders": [study.encoder], "random_init": study.random_init})]
 
     def open(self, ws: Workspace, opts: Any, dataset: PreparedDataset) -> list[LiveInput]:
         return open_live_inputs(ws, opts, dataset)
@@ -324,8 +385,6 @@ class LiveKind(TowerKind):
         moved = super().retarget(config, dataset)
         tower = moved["model"]["item_tower"]
         if tower.get("group"):
-            from recommend.transfer import retarget_group
-
             moved["model"]["item_tower"] = {**tower, "group": retarget_group(tower["group"], dataset.name)}
         return moved
 
@@ -336,6 +395,8 @@ class LiveKind(TowerKind):
 class E2EKind(LiveKind):
     """``e2e``: the top K blocks and the pooling head fine-tune; the bottom stays frozen."""
 
+    summary = "the encoder runs live, its top K blocks fine-tuned with the recommender"
+
     def __call__(self, spec: dict, sources: Sequence[Any], fit: bool) -> ItemTower:
         live = _live_input(spec, sources)
         encoder = build_live_encoder(spec, live)
@@ -344,19 +405,29 @@ class E2EKind(LiveKind):
         return LiveEncoderTower(encoder, live, spec["n_items"], spec["dim"], first_block=encoder.depth - top_k,
                                 tune_top=True, **tower_options(spec))
 
-    def check_mode(self, opts: Any, config: Any) -> None:
-        for field, flag in ADAPTER_ONLY.items():
-            if option_given(getattr(opts, field)):
-                raise UserError(f"{flag} is for --mode adapter, not e2e")
-        opts.top_k = DEFAULT_TOP_K if opts.top_k is None else opts.top_k
+    transfer_settings = LiveKind.transfer_settings + ("top_k",)
+
+    def check_mode(self, opts: TrainOptions, config: Any) -> TrainOptions:
+        refuse_given(opts, ADAPTER_ONLY, "is for --mode adapter, not e2e")
+        opts = fill(opts, top_k=DEFAULT_TOP_K, encoder_lr=opts.lr * ENCODER_LR_FACTOR)
         check_top_k(config.name, config.depth, opts.top_k, "--top-k")
-        opts.encoder_lr = opts.lr * ENCODER_LR_FACTOR if opts.encoder_lr is None else opts.encoder_lr
         if not opts.encoder_lr > 0:
             raise UserError(f"--encoder-lr must be > 0, got {opts.encoder_lr}")
+        return opts
 
-    def mode_spec(self, opts: Any, dataset: str) -> dict:
+    def mode_spec(self, opts: TrainOptions, dataset: str) -> dict:
         return {"top_k": opts.top_k, "cached": opts.cached,
                 "group": cache_group(dataset, opts.encoders[0]) if opts.cached else None}
+
+    def study_extraction(self, study: Any) -> tuple[int, str] | None:
+        if not study.cached:
+            return None
+        return study.top_k, f"states entering the top {study.top_k} blocks of {study.encoder}, for cached e2e"
+
+    def study_rows(self, mode: str, study: Any) -> list[tuple[str, dict]]:
+        encoder = f"{study.encoder}@{states_variant(study.top_k)}" if study.cached else study.encoder
+        return [(f"{mode}-top{study.top_k}", {"encoders": [encoder], "top_k": study.top_k, "cached": study.cached,
+                                               "random_init": study.random_init})]
 
 
 ITEM_TOWERS.register("e2e")(E2EKind())

@@ -8,12 +8,13 @@ epoch costs what IDRec's costs plus one small tower.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from featurestore.errors import UserError
+from featurestore.store import parse_group_name
 from featurestore.workspace import Workspace
 
 if TYPE_CHECKING:
@@ -100,7 +101,7 @@ def resolve_groups(dataset: str, encoders: list[str], groups: list[str]) -> list
     the modality comes from the encoder registry, so ``--encoder minilm-l6`` finds
     the text group.
     """
-    from featurestore.store import group_name, parse_group_name
+    from featurestore.store import group_name
 
     resolved = [str(parse_group_name(g)) for g in groups]
     for spec in encoders:
@@ -162,3 +163,31 @@ def fit_whitening(source: FeatureSource, eps: float = 1e-6) -> tuple[np.ndarray,
     proj = np.zeros((source.dim, source.dim), dtype=np.float64)
     proj[:, : int(keep.sum())] = pca.components_[keep].T / np.sqrt(variance[keep])
     return pca.mean_.astype(np.float32), proj.astype(np.float32)
+
+
+def feature_differences(source: Sequence[dict], target: Sequence[dict]) -> list[str]:
+    """Why the target's store groups cannot feed the source's item tower (empty when they can).
+
+    Records are ``FeatureSource.record()``: group name, width, provenance. The group must
+    come from the same encoder and variant (another encoder's space means nothing to the
+    source's DT layer even at equal width), with the same width, pooling and weights.
+    """
+    if len(source) != len(target):
+        return [f"the source reads {len(source)} feature group(s), the target {len(target)}"]
+    out = []
+    for s, t in zip(source, target):
+        a, b = parse_group_name(s["group"]), parse_group_name(t["group"])
+        if (a.modality, a.encoder, a.variant) != (b.modality, b.encoder, b.variant):
+            out.append(f"features {t['group']} are not from the source's encoder ({s['group']})")
+        if s["dim"] != t["dim"]:
+            out.append(f"feature width {t['dim']} of {t['group']} differs from the source's {s['dim']}")
+        for key in ("pooling", "state_sha256"):
+            x, y = s.get("provenance", {}).get(key), t.get("provenance", {}).get(key)
+            if x and y and x != y:
+                out.append(f"{t['group']} was extracted with another {key} ({y}) than {s['group']} ({x})")
+    return out
+
+
+def retarget_group(group: str, dataset: str) -> str:
+    """The same encoder's and variant's store group for another dataset."""
+    return str(replace(parse_group_name(group), dataset=dataset))

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence
 
-from featurestore.errors import UserError
-
 if TYPE_CHECKING:
     from data.dataset import PreparedDataset
     from featurestore.workspace import Workspace
     from recommend.item_towers import ItemTower
+    from recommend.options import TrainOptions
 
 
 class ItemSource(Protocol):
@@ -33,27 +32,57 @@ class ItemSource(Protocol):
 
 
 class TowerKind:
-    """One ``--mode``: its options, its inputs, its tower.
+    """One ``--mode``: its options, its checks, its inputs, its tower, and what the study, the
+    search and transfer need to know of it.
 
-    ``options`` maps the :class:`recommend.trainer.TrainOptions` fields only this
-    kind reads to ``(flag, what it is for)``; :func:`refuse_foreign_options` rejects
-    them under every other mode with that text.
+    Everything a caller asks a mode goes through these members; no module outside the mode
+    names it. ``options`` is the mode's option dataclass (fields made with
+    :func:`recommend.options.option`): the CLI builds flags from it, and every other mode
+    refuses them with the field's ``purpose``.
     """
 
-    options: Mapping[str, tuple[str, str]] = {}
+    options: type | None = None
+    summary = ""  # one line for `recommend train --mode` in --help
+    reads_store_rows = False  # its inputs are store rows: `recommend train` infers the only group
+    runs_encoder_live = False  # runs the encoder every step: `recommend study --live-epochs` caps it
+    search_space: Mapping[str, dict] = {}  # what `recommend tune` searches besides the shared options
+    lr_donor: int | None = None  # a study lends this mode's tuned lr to untuned modes (lower: preferred)
+    transfer_settings: tuple[str, ...] = ("name",)  # spec entries that must match to copy weights
 
     def __call__(self, spec: dict, sources: Sequence[Any], fit: bool) -> ItemTower:
         """Build the tower from its spec and opened sources (``fit``: fit data-derived state)."""
         raise NotImplementedError
 
-    def check(self, opts: Any) -> None:
-        """Refuse option combinations this mode cannot train; fill its defaults (in place)."""
+    def check(self, opts: TrainOptions) -> TrainOptions:
+        """Refuse option combinations this mode cannot train; return a copy with its defaults filled."""
+        return opts
 
-    def spec(self, opts: Any, dataset: str) -> dict:
-        """The mode's item-tower settings for the model spec (plain data)."""
-        return {}
+    def spec(self, opts: TrainOptions, dataset: str) -> dict:
+        """The item-tower settings of the model spec (plain data; ``name`` is the mode)."""
+        return {"name": opts.mode, "dropout": opts.dropout}
 
-    def open(self, ws: Workspace, opts: Any, dataset: PreparedDataset) -> list[ItemSource]:
+    def study_rows(self, mode: str, study: Any) -> list[tuple[str, dict]]:
+        """The rows ``recommend study`` trains for this mode: ``(label, options)`` each."""
+        return [(mode, {})]
+
+    def study_extraction(self, study: Any) -> tuple[int | str | None, str] | None:
+        """The store group a study row reads, as ``(--cache-layer, what it is for)`` (None: the plain
+        pooled group), extracted by the study if missing; None when the mode reads no store group."""
+        return None
+
+    def encoder_lr(self, opts: TrainOptions) -> float | None:
+        """The learning rate of the pretrained weights the tower fine-tunes (None: ``--lr``)."""
+        return None
+
+    def finish(self, model: Any, spec: dict) -> None:
+        """Change the built Recommender where the mode reaches past its tower (adapters in the user encoder)."""
+
+    def user_encoder_additions(self, tower: dict) -> Any:
+        """What the mode adds to the user encoder of a run with item-tower spec ``tower`` (None: nothing);
+        transfer copies a user encoder only between runs that add the same."""
+        return None
+
+    def open(self, ws: Workspace, opts: TrainOptions, dataset: PreparedDataset) -> list[ItemSource]:
         """Open the inputs a training run reads, refusing any built for another dataset fingerprint."""
         return []
 
@@ -72,13 +101,3 @@ class TowerKind:
 
     def describe(self, config: dict, model: Any) -> None:
         """Add what only the built model knows (encoder provenance, weights identity) to ``config``."""
-
-
-def refuse_foreign_options(kinds: Mapping[str, TowerKind], opts: Any) -> None:
-    """Refuse options that belong to other modes than ``opts.mode``, with what they are for."""
-    own = kinds[opts.mode].options
-    for kind in kinds.values():
-        for field, (flag, purpose) in kind.options.items():
-            value = getattr(opts, field)
-            if field not in own and value is not None and value is not False:
-                raise UserError(f"{flag} {purpose}, not --mode {opts.mode}")

@@ -27,6 +27,7 @@ tower reads; the live-encoder and side towers (``recommend.e2e``, ``recommend.ad
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -34,18 +35,21 @@ import torch
 from torch import nn
 
 from featurestore.errors import UserError
-from recommend.features import FeatureSource, fit_whitening, open_source, resolve_groups
-from recommend.inputs import TowerKind
+from recommend.features import (FeatureSource, feature_differences, fit_whitening, open_source, resolve_groups,
+                                retarget_group)
 from featurestore.registry import Registry
+from recommend.inputs import TowerKind
+from recommend.options import TrainOptions, fill, option
 
 if TYPE_CHECKING:
     from data.dataset import PreparedDataset
     from featurestore.workspace import Workspace
 
-ITEM_TOWERS: Registry[TowerKind] = Registry("item tower")  # --mode -> its kind (builds the tower, owns its inputs)
+# --mode -> its kind (builds the tower, owns its options and inputs); recommend.plugins lists the modules
+ITEM_TOWERS: Registry[TowerKind] = Registry("item tower", plugins=("recommend.plugins",))
 FUSIONS: Registry[nn.Module] = Registry("fusion")
 # Fusions over the groups' token / patch states instead of their pooled vectors (recommend.merge_attn).
-TOKEN_FUSIONS = ("merge-attn",)
+TOKEN_FUSIONS: Registry[Callable[..., "ItemTower"]] = Registry("token fusion", plugins=("recommend.plugins",))
 WITH_ID_MODES = ("add", "concat")
 
 
@@ -70,6 +74,15 @@ class ItemTower(nn.Module):
 
     def identity(self) -> dict:
         """Spec entries only the built tower knows (the frozen encoder's ``state_sha256``)."""
+        return {}
+
+    def own_table(self) -> torch.Tensor | None:
+        """The ``(N + 1, d)`` weight that is every item's vector, for a tower that is one table (IDRec);
+        a catalogue loss then reads it directly instead of running the tower over every item."""
+        return None
+
+    def cost_parts(self) -> dict:
+        """Parts of this tower worth their own line in the parameter breakdown (``recommend.cost``)."""
         return {}
 
 
@@ -108,6 +121,9 @@ class IdEmbedding(ItemTower):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.table(ids)
+
+    def own_table(self) -> torch.Tensor:
+        return self.table.weight
 
 
 def dt_layer(feat_dim: int, dim: int) -> nn.Sequential:
@@ -256,6 +272,9 @@ class WithId(ItemTower):
     def identity(self) -> dict:
         return self.content.identity()
 
+    def cost_parts(self) -> dict:
+        return self.content.cost_parts()
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         content, learned = self.content(ids), self.ids(ids)
         if self.merge is None:
@@ -322,7 +341,92 @@ FUSIONS.register("gate")(GateFusion)
 FUSIONS.register("film")(FiLMFusion)
 
 
-# --- the registry: one builder per --mode ---------------------------------------------
+# --- the modes' options --------------------------------------------------------------
+
+
+def _fusion_names() -> list[str]:
+    return [*FUSIONS.names(), *TOKEN_FUSIONS.names()]
+
+
+@dataclass(frozen=True)
+class ContentOptions:
+    """What a mode reading item content is given: its encoders or store groups, how two merge."""
+
+    encoders: list[str] = option(
+        flag="--encoder", multiple=True, metavar="ENC[,ENC]", purpose="names the content a content mode reads",
+        help="Use the store group DATASET/<modality>/ENC written by `featurestore extract --encoder ENC` "
+             "(ENC@VARIANT for a variant); two names = text + image. e2e/adapter: the encoder to run live; "
+             "side: the groups holding --cache-layer all [default for ts/ts-dnn: the dataset's only complete "
+             "store group].")
+    features: list[str] = option(
+        flag="--features", multiple=True, metavar="GROUP[,GROUP]", purpose="names store groups a content mode reads",
+        help="Store groups by full name DATASET/MODALITY/ENCODER[@VARIANT]; two = fused.")
+    fusion: str | None = option(
+        flag="--fusion", choices=_fusion_names, purpose="merges two feature groups",
+        help="How two groups merge after their own projections to d: concat (Linear over [a;b]), sum, gate "
+             "(sigmoid gate), film (b scales and shifts a); merge-attn: one Transformer block over [CLS; text "
+             "tokens; image patches] (PMMRec), reading the token states of `featurestore extract --cache-layer "
+             "0` [default with two groups: concat].")
+    with_id: str | None = option(
+        flag="--with-id", choices=WITH_ID_MODES, purpose="adds an ID table to a content mode",
+        help="Also learn an ID embedding and add it to the content vector, or concatenate and project "
+             "(001 Table 7).")
+    whiten: bool = option(False, flag="--whiten", is_flag=True, purpose="transforms stored vectors",
+                          help="PCA-whiten the stored vectors (fitted on the catalogue with scikit-learn; saved in "
+                               "the checkpoint).")
+
+
+DEFAULT_TS_DNN_LAYERS = 8
+
+
+@dataclass(frozen=True)
+class TsDnnOptions(ContentOptions):
+    """TS-DNN-N: the depth and the stack."""
+
+    layers: int | None = option(flag="--layers", min=0, purpose="sets the TS-DNN depth; it needs --mode ts-dnn",
+                                help=f"TS-DNN depth N: N blocks on top of the DT layer (--mode ts-dnn only) "
+                                     f"[default: {DEFAULT_TS_DNN_LAYERS}].")
+    dnn: str | None = option(
+        flag="--dnn", choices=TS_DNN_STACKS, purpose="picks the TS-DNN stack; it needs --mode ts-dnn",
+        help="ts-dnn: the stack. residual = Linear(feat->d), then N x [LayerNorm, Linear(d,d), GELU, Dropout] "
+             "added to its input, each branch starting at zero, so TS-DNN-N starts as TS; paper = the paper's "
+             "code, Linear(feat->d)+GELU, then N x [Dropout, Linear(d,d), GELU]. Differs from the papers because "
+             "their stack, Xavier-initialised, shrinks item vectors ~4x per layer and at d 64 a deep one sits on "
+             f"the popularity plateau for tens of epochs [default: {DEFAULT_TS_DNN_STACK}].")
+
+
+def content_groups(opts: TrainOptions) -> int:
+    return len(opts.encoders) + len(opts.features)
+
+
+def check_content(opts: TrainOptions) -> TrainOptions:
+    """The rules of stored content every content mode shares: a fusion merges exactly two groups
+    (concat by default), whitening needs groups and pooled vectors."""
+    if opts.fusion is not None:
+        if opts.fusion in TOKEN_FUSIONS and opts.whiten:
+            raise UserError(f"--whiten transforms pooled vectors, and --fusion {opts.fusion} reads token states; "
+                            "drop --whiten")
+        if content_groups(opts) != 2:
+            raise UserError("--fusion merges two feature groups (text + image); name two with "
+                            "--features TEXT_GROUP,IMAGE_GROUP or --encoder TEXT_ENC,IMAGE_ENC")
+    elif content_groups(opts) == 2:
+        opts = opts.replace(fusion="concat")
+    if opts.whiten and content_groups(opts) == 0:
+        raise UserError("--whiten transforms stored features; it needs --mode ts/ts-dnn with "
+                        "--encoder or --features")
+    return opts
+
+
+def content_spec(opts: TrainOptions, **own: Any) -> dict:
+    """The item-tower spec of a content mode: the shared settings, then the mode's ``own``."""
+    tower = {"name": opts.mode, "dropout": opts.dropout, "whiten": opts.whiten}
+    for name in ("layers", "dnn", "fusion", "with_id"):
+        if getattr(opts, name):
+            tower[name] = getattr(opts, name)
+    return {**tower, **own}
+
+
+# --- the registry: one kind per --mode ----------------------------------------------
 
 
 def _need_sources(spec: dict, sources: Sequence[FeatureSource]) -> None:
@@ -338,6 +442,9 @@ def _need_sources(spec: dict, sources: Sequence[FeatureSource]) -> None:
 class IdKind(TowerKind):
     """``id``: reads nothing but the item ids."""
 
+    options = ContentOptions  # declared so that each gets this mode's own refusal below
+    summary = "IDRec embedding table"
+    lr_donor = 2
     refusal = ("--mode id learns one vector per item and reads no features; "
                "drop --encoder/--features, or use --mode ts / ts-dnn")
 
@@ -346,14 +453,26 @@ class IdKind(TowerKind):
             raise UserError(self.refusal)
         return IdEmbedding(spec["n_items"], spec["dim"])
 
-    def check(self, opts: Any) -> None:
+    def check(self, opts: TrainOptions) -> TrainOptions:
         if opts.encoders or opts.features:
             raise UserError(self.refusal)
+        check_content(opts)
+        if opts.with_id:
+            raise UserError(WITH_ID_REFUSAL)
+        return opts
+
+    def spec(self, opts: TrainOptions, dataset: str) -> dict:
+        return content_spec(opts)
+
+
+WITH_ID_REFUSAL = "--with-id combines an ID table with content; it needs --mode ts or ts-dnn"
 
 
 class StoreGroupsKind(TowerKind):
     """A kind whose inputs are store groups listed under config.json's ``features``, each opened by
     :meth:`open_group` (which refuses a group of another dataset fingerprint)."""
+
+    transfer_settings = ("name", "fusion", "whiten")
 
     def open_group(self, ws: Workspace, group: str, fingerprint: str, n_items: int) -> Any:
         raise NotImplementedError
@@ -363,16 +482,12 @@ class StoreGroupsKind(TowerKind):
                 for f in config.get("features", [])]
 
     def retarget(self, config: dict, dataset: PreparedDataset) -> dict:
-        from recommend.transfer import retarget_group
-
         moved = super().retarget(config, dataset)
         moved["features"] = [{**f, "group": retarget_group(f["group"], dataset.name)}
                              for f in config.get("features", [])]
         return moved
 
     def feature_problems(self, source: Sequence[dict], target: Sequence[dict]) -> list[str]:
-        from recommend.transfer import feature_differences
-
         return feature_differences(source, target)
 
 
@@ -380,32 +495,41 @@ class StoredRowsKind(StoreGroupsKind):
     """``ts`` / ``ts-dnn``: rows of one or two store groups (or, for ``--fusion merge-attn``,
     their token states), each through the mode's projection, then fused."""
 
-    def __init__(self, projection: Callable[[dict], Callable[[int, int], nn.Module]],
-                 options: dict[str, tuple[str, str]] | None = None, default_layers: int | None = None,
-                 default_dnn: str | None = None) -> None:
-        self.projection = projection
-        self.options = options or {}
-        self.default_layers, self.default_dnn = default_layers, default_dnn
+    reads_store_rows = True
+
+    def __init__(self, summary: str, projection: Callable[[dict], Callable[[int, int], nn.Module]],
+                 options: type = ContentOptions, defaults: dict | None = None,
+                 search_space: dict | None = None, transfer_settings: tuple[str, ...] = (), lr_donor: int = 1) -> None:
+        self.summary, self.projection = summary, projection
+        self.lr_donor = lr_donor
+        self.options = options
+        self.defaults = defaults or {}
+        self.search_space = search_space or {}
+        self.transfer_settings = StoreGroupsKind.transfer_settings + transfer_settings
 
     def __call__(self, spec: dict, sources: Sequence[FeatureSource], fit: bool) -> ItemTower:
         _need_sources(spec, sources)
         projection = self.projection(spec)
         if spec.get("fusion") in TOKEN_FUSIONS:
-            return _token_fusion_tower(spec, sources, projection)
+            return TOKEN_FUSIONS.get(spec["fusion"])(spec, sources, projection)
         return FeatureTower(sources, spec["n_items"], spec["dim"], projection,
                             spec.get("fusion"), spec.get("whiten", False), fit)
 
-    def check(self, opts: Any) -> None:
-        if self.default_layers is not None and opts.layers is None:
-            opts.layers = self.default_layers
-        if opts.layers is not None and opts.layers < 0:
-            raise UserError(f"--layers must be >= 0, got {opts.layers}")
-        if self.default_dnn is not None and opts.dnn is None:
-            opts.dnn = self.default_dnn
-        if opts.dnn is not None:
-            TS_DNN_STACKS.get(opts.dnn)
+    def check(self, opts: TrainOptions) -> TrainOptions:
+        return fill(check_content(opts), **self.defaults)
 
-    def open(self, ws: Workspace, opts: Any, dataset: PreparedDataset) -> list[FeatureSource]:
+    def spec(self, opts: TrainOptions, dataset: str) -> dict:
+        return content_spec(opts)
+
+    def study_rows(self, mode: str, study: Any) -> list[tuple[str, dict]]:
+        if "layers" not in self.defaults:
+            return [(mode, {"encoders": [study.encoder]})]
+        return [(f"{mode}{n}", {"encoders": [study.encoder], "layers": n}) for n in sorted(set(study.layers))]
+
+    def study_extraction(self, study: Any) -> tuple[None, str]:
+        return None, f"features of {study.dataset} by {study.encoder}"
+
+    def open(self, ws: Workspace, opts: TrainOptions, dataset: PreparedDataset) -> list[FeatureSource]:
         from extract.cache import FINAL_LAYER
 
         groups = resolve_groups(dataset.name, opts.encoders, opts.features)
@@ -426,21 +550,12 @@ def _ts_dnn_projection(spec: dict) -> Callable[[int, int], nn.Module]:
     return projection
 
 
-DEFAULT_TS_DNN_LAYERS = 8
 ITEM_TOWERS.register("id")(IdKind())
-ITEM_TOWERS.register("ts")(StoredRowsKind(lambda spec: dt_layer))
+ITEM_TOWERS.register("ts")(StoredRowsKind("stored vectors through the DT layer Linear(feat->d)",
+                                          lambda spec: dt_layer))
 ITEM_TOWERS.register("ts-dnn")(StoredRowsKind(
-    _ts_dnn_projection, {"layers": ("--layers", "sets the TS-DNN depth; it needs --mode ts-dnn"),
-                         "dnn": ("--dnn", "picks the TS-DNN stack; it needs --mode ts-dnn")},
-    default_layers=DEFAULT_TS_DNN_LAYERS, default_dnn=DEFAULT_TS_DNN_STACK))
-
-
-def _token_fusion_tower(spec: dict, sources: Sequence[FeatureSource],
-                        projection: Callable[[int, int], nn.Module]) -> ItemTower:
-    """The mode's projection applied to every token / patch state, then the token-level fusion."""
-    from recommend.merge_attn import merge_attention_tower  # builds on this module: imported on use
-
-    return merge_attention_tower(spec, sources, projection)
+    "stored vectors through TS-DNN-N", _ts_dnn_projection, TsDnnOptions, {"layers": DEFAULT_TS_DNN_LAYERS, "dnn": DEFAULT_TS_DNN_STACK},
+    search_space={"layers": {"type": "int", "low": 1, "high": 10}}, transfer_settings=("layers", "dnn"), lr_donor=0))
 
 
 def create_item_tower(spec: dict, sources: Sequence[FeatureSource] = (), fit: bool = True) -> ItemTower:
@@ -461,7 +576,7 @@ def create_item_tower(spec: dict, sources: Sequence[FeatureSource] = (), fit: bo
     tower = ITEM_TOWERS.create(spec["name"], spec, list(sources), fit)
     if spec.get("with_id"):
         if spec["name"] == "id":
-            raise UserError("--with-id combines an ID table with content; it needs --mode ts or ts-dnn")
+            raise UserError(WITH_ID_REFUSAL)
         tower = WithId(tower, spec["with_id"])
     return tower
 
@@ -476,4 +591,4 @@ def list_fusions() -> list[str]:
 
 
 def list_token_fusions() -> list[str]:
-    return list(TOKEN_FUSIONS)
+    return TOKEN_FUSIONS.names()

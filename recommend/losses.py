@@ -52,10 +52,10 @@ from torch.utils.checkpoint import checkpoint
 
 from featurestore.errors import UserError
 from recommend.chunked_softmax import chunked_logsumexp
-from recommend.item_towers import IdEmbedding
 from featurestore.registry import Registry
+from recommend.options import TrainOptions, fill, option, values_of
 
-LOSSES: Registry["Loss"] = Registry("loss")
+LOSSES: Registry[type["Loss"]] = Registry("loss", plugins=("recommend.plugins",))
 
 @dataclass(frozen=True)
 class LossContext:
@@ -67,9 +67,43 @@ class LossContext:
     gbce_t: float = 0.75  # gbce: calibration t of gSASRec
 
 
+@dataclass(frozen=True)
+class NegativesOptions:
+    """``--negatives``, of the losses that sample."""
+
+    negatives: int | None = option(flag="--negatives", min=1, purpose="is an option of --loss gbce / sce",
+                                   help="gbce: sampled negatives per position, outside the user's sequence "
+                                        "[default: 256, gSASRec's]; sce: uniform negatives shared by the batch "
+                                        "[default: 1024].")
+
+
+@dataclass(frozen=True)
+class GbceOptions(NegativesOptions):
+    """gSASRec's options."""
+
+    gbce_t: float | None = option(flag="--gbce-t", min=0.0, max=1.0, purpose="is an option of --loss gbce",
+                                  help="gbce: calibration t in [0, 1]; 0 = plain BCE over K negatives, 1 = fully "
+                                       "calibrated [default: 0.75, gSASRec's].")
+
+
 class Loss(nn.Module):
+    """A registered loss is a plugin: ``options`` (its option dataclass) and ``defaults`` (their
+    values when unset) are its own; every other loss refuses them."""
+
+    options: type | None = None
+    defaults: dict = {}
     catalogue = False  # True: ``extra_vectors`` is every item's vector (N + 1, d), ``extra`` None
     shared_extras = False  # True: ``extra`` is (1, K), the same ids for every row of the batch
+
+    @classmethod
+    def check(cls, opts: TrainOptions) -> TrainOptions:
+        """Fill this loss's option defaults (so config.json records what the run trained with)."""
+        return fill(opts, **cls.defaults)
+
+    @classmethod
+    def context_options(cls, opts: TrainOptions) -> dict:
+        """The checked options of ``opts`` this loss takes, as :class:`LossContext` fields."""
+        return values_of(cls.options, opts)
 
     def extra_items(self, rows: torch.Tensor) -> torch.Tensor | None:
         """Item ids ``(B, *)`` to embed besides ``rows`` (default: none)."""
@@ -117,6 +151,8 @@ def first_positions(inverse: torch.Tensor, count: int) -> torch.Tensor:
 class SampledBCE(Loss):
     """BCE on (positive, one sampled negative) per position; the two means are summed."""
 
+    summary = "BCE with one sampled negative per position not in the user's sequence (the papers')"
+
     def __init__(self, ctx: LossContext) -> None:
         super().__init__()
         self.n_items = ctx.n_items
@@ -142,6 +178,8 @@ class InBatchSoftmax(Loss):
     so an item is never pushed down for a user who interacted with it. Candidate
     vectors are the targets' own vectors: no extra tower call.
     """
+
+    summary = "in-batch softmax with log-popularity correction"
 
     def __init__(self, ctx: LossContext) -> None:
         super().__init__()
@@ -172,6 +210,10 @@ class CatalogueSoftmax(Loss):
     """
 
     catalogue = True
+    summary = ("softmax cross-entropy over the whole catalogue (RecBole's SASRec default; exact, memory "
+               "bounded, but a step scores every item, and a content tower runs over the whole catalogue forward "
+               "and backward: at 87K items on a 2-core CPU a step costs x6-13 an inbatch step for IDRec and about "
+               "x55 for TS-DNN-8, see BENCHMARKS.md)")
 
     def __init__(self, ctx: LossContext) -> None:
         super().__init__()
@@ -197,6 +239,10 @@ class SampledSoftmax(Loss):
     """
 
     shared_extras = True
+    summary = ("ce's sampled estimate: --negatives K uniform items shared by the batch, logQ-corrected "
+               "(x1.2-1.5 inbatch's step at K 1024, 87K items)")
+    options = NegativesOptions
+    defaults = {"negatives": 1024}  # about a batch's positions (64 x 13): inbatch's number of candidates
 
     def __init__(self, ctx: LossContext) -> None:
         super().__init__()
@@ -229,8 +275,8 @@ def catalogue_vectors(model: nn.Module, chunk: int = TOWER_CHUNK) -> torch.Tenso
     so the memory of a deep tower over 87K items is one chunk's, the gradient exact.
     """
     tower = model.item_tower
-    if isinstance(tower, IdEmbedding):
-        weight = tower.table.weight
+    weight = tower.own_table()
+    if weight is not None:
         return torch.cat([torch.zeros_like(weight[:1]), weight[1:]])
     device = next(model.parameters()).device
     ids = torch.arange(tower.n_items + 1, device=device)
@@ -248,6 +294,10 @@ class GeneralisedBCE(Loss):
     (gSASRec Eq. 9-11), averaged over positions. Negatives are uniform over the items
     outside the user's sequence, as for ``bce``.
     """
+
+    options = GbceOptions
+    summary = "gSASRec's generalised BCE with --negatives K and calibration --gbce-t"
+    defaults = {"negatives": 256, "gbce_t": 0.75}  # gSASRec's K and calibration
 
     def __init__(self, ctx: LossContext) -> None:
         super().__init__()
@@ -268,37 +318,6 @@ class GeneralisedBCE(Loss):
         neg = torch.einsum("bld,blkd->blk", hidden, extra_vectors.view(b, length, self.k, -1))[valid]
         terms = self.beta * F.softplus(-pos) + F.softplus(neg).sum(-1)
         return terms.mean() / (self.k + 1)
-
-
-GBCE_NEGATIVES = 256  # gSASRec's default K
-GBCE_T = 0.75  # gSASRec's default calibration
-SCE_NEGATIVES = 1024  # about a batch's positions (64 x 13): inbatch's number of candidates
-# The options a loss takes, with their defaults; any other loss refuses them.
-LOSS_OPTIONS = {"gbce": {"negatives": GBCE_NEGATIVES, "gbce_t": GBCE_T}, "sce": {"negatives": SCE_NEGATIVES}}
-OPTION_NAMES = ("negatives", "gbce_t")
-
-
-def check_loss_options(opts) -> None:
-    """``--negatives`` belongs to ``gbce`` and ``sce``, ``--gbce-t`` to ``gbce``; fill their
-    defaults there (written into the options, so config.json records what the run trained with)."""
-    own = LOSS_OPTIONS.get(opts.loss, {})
-    for name in OPTION_NAMES:
-        if name not in own and getattr(opts, name) is not None:
-            owners = [loss for loss, options in LOSS_OPTIONS.items() if name in options]
-            raise UserError(f"--{name.replace('_', '-')} is an option of --loss {' / '.join(owners)}, not "
-                            f"--loss {opts.loss}: drop it or use --loss {owners[0]}")
-    for name, default in own.items():
-        if getattr(opts, name) is None:
-            setattr(opts, name, default)
-    if opts.negatives is not None and opts.negatives < 1:
-        raise UserError(f"--negatives must be >= 1, got {opts.negatives}")
-    if opts.gbce_t is not None and not 0.0 <= opts.gbce_t <= 1.0:
-        raise UserError(f"--gbce-t must be in [0, 1] (0 = plain BCE, 1 = fully calibrated), got {opts.gbce_t}")
-
-
-def loss_options(opts) -> dict:
-    """The checked options of ``opts`` that its loss takes, as :class:`LossContext` fields."""
-    return {name: getattr(opts, name) for name in LOSS_OPTIONS.get(opts.loss, {})}
 
 
 def embed_step(model: nn.Module, loss: Loss, rows: torch.Tensor,

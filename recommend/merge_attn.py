@@ -47,7 +47,7 @@ from torch import nn
 from extract.cache import StateCache
 from featurestore.errors import UserError
 from recommend.features import FeatureSource
-from recommend.item_towers import ItemTower, _xavier_init
+from recommend.item_towers import TOKEN_FUSIONS, ItemTower, _xavier_init
 
 MERGE_HEADS = 2  # attention heads of the fusion block (the backbones' default --heads)
 ITEM_BATCH = 256  # items per fusion call when listing the catalogue (bounds the gathered states)
@@ -120,6 +120,7 @@ class MergeAttentionTower(ItemTower):
         return self.block(torch.cat(tokens, dim=1), src_key_padding_mask=~torch.cat(keep, dim=1))[:, 0]
 
 
+@TOKEN_FUSIONS.register("merge-attn")
 def merge_attention_tower(spec: dict, sources: Sequence[FeatureSource],
                           projection: Callable[[int, int], nn.Module]) -> MergeAttentionTower:
     """The ``--fusion merge-attn`` tower over two groups' final-layer states.

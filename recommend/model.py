@@ -13,8 +13,7 @@ import torch
 from torch import nn
 
 from recommend.features import FeatureSource
-from recommend.item_towers import ItemTower, create_item_tower
-from recommend import adapters, e2e, side  # noqa: F401  (register the live-encoder and side towers)
+from recommend.item_towers import ITEM_TOWERS, ItemTower, create_item_tower
 from recommend.user_encoders import EncoderConfig, UserEncoder, create_user_encoder
 
 
@@ -82,5 +81,5 @@ def build_recommender(spec: dict, sources: Sequence[FeatureSource] = (), fit: bo
     cfg = EncoderConfig(dim=spec["dim"], max_seq_len=spec["max_seq_len"],
                         **{k: v for k, v in enc.items() if k != "name"})
     model = Recommender(tower, create_user_encoder(enc["name"], cfg), spec["max_seq_len"])
-    adapters.apply_user_adapters(model, spec)  # adapter runs: a frozen user encoder carrying adapters
+    ITEM_TOWERS.get(spec["item_tower"]["name"]).finish(model, spec)  # e.g. adapters in the user encoder
     return model

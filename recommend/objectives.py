@@ -38,10 +38,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from featurestore.errors import UserError
-from recommend.item_towers import FUSIONS, TOKEN_FUSIONS, FeatureTower, WithId
+from featurestore.registry import Registry
+from recommend.item_towers import FUSIONS, ITEM_TOWERS, TOKEN_FUSIONS, FeatureTower, WithId
 from recommend.losses import first_positions, in_rows
 from recommend.model import Recommender
-from featurestore.registry import Registry
+from recommend.options import TrainOptions, option
 from recommend.user_encoders import USER_ENCODERS
 
 OBJECTIVES: Registry["AuxTerm"] = Registry("objective")
@@ -274,11 +275,27 @@ class AuxObjectives(nn.ModuleDict):
         return {name: term(step) for name, term in self.items()}
 
 
-def check_objectives(opts: Any) -> None:
-    """Refuse unknown, repeated or unusable ``--objectives`` before anything is loaded.
+@dataclass(frozen=True)
+class ObjectivesOptions:
+    objectives: list[str] = option(
+        flag="--objectives", multiple=True, metavar="NAME[,NAME]", purpose="adds PMMRec's auxiliary losses",
+        help="PMMRec's auxiliary losses, added to the recommendation loss with weight 1 (002 Eq. 12) and logged "
+             "per term: nicl = next-item enhanced cross-modal contrastive learning (needs two groups: --encoder "
+             "TEXT_ENC,IMAGE_ENC), nid = noised item detection, rcl = robustness-aware contrastive learning.")
 
-    ``opts`` is the trainer's ``TrainOptions`` (checked like ``check_live_options``).
-    """
+
+class ObjectivesFeature:
+    """``--objectives``: a training feature every run has (a plugin of recommend.plugins)."""
+
+    options = ObjectivesOptions
+
+    def check(self, opts: TrainOptions) -> TrainOptions:
+        check_objectives(opts)
+        return opts
+
+
+def check_objectives(opts: TrainOptions) -> None:
+    """Refuse unknown, repeated or unusable ``--objectives`` before anything is loaded."""
     names = opts.objectives
     for name in names:
         OBJECTIVES.get(name)
@@ -290,7 +307,7 @@ def check_objectives(opts: Any) -> None:
                         "by cloze, which they do not extend: drop --objectives or use --backbone sasrec")
     if "nicl" not in names:
         return
-    if len(opts.encoders) + len(opts.features) != 2 or opts.mode not in ("ts", "ts-dnn"):
+    if len(opts.encoders) + len(opts.features) != 2 or not ITEM_TOWERS.get(opts.mode).reads_store_rows:
         raise UserError("--objectives nicl contrasts the text and image vectors of each item, so it needs "
                         "two store groups: --mode ts|ts-dnn --encoder TEXT_ENC,IMAGE_ENC; drop nicl "
                         "(nid and rcl work on one modality)")
@@ -298,6 +315,9 @@ def check_objectives(opts: Any) -> None:
         raise UserError(f"--objectives nicl needs each modality's pooled vector before fusion; --fusion "
                         f"{opts.fusion} fuses token states and has none: use --fusion "
                         f"{'|'.join(FUSIONS.names())}")
+
+
+OBJECTIVES_FEATURE = ObjectivesFeature()
 
 
 def attach_objectives(model: Recommender, names: list[str]) -> AuxObjectives | None:

@@ -26,17 +26,20 @@ learned per-layer state, as the TS towers learn a "missing" vector.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from extract.layers import ALL_LAYERS, LayerCache, open_layer_cache
+from extract.layers import ALL_LAYERS, LayerCache, open_layer_cache, states_variant
 from featurestore.errors import UserError
 from featurestore.workspace import Workspace
 from recommend.features import resolve_groups
-from recommend.item_towers import ITEM_TOWERS, ItemTower, StoreGroupsKind, dt_layer
+from recommend.item_towers import (ITEM_TOWERS, ContentOptions, ItemTower, StoreGroupsKind, check_content, content_spec,
+                                   dt_layer)
+from recommend.options import TrainOptions, fill, option
 
 DEFAULT_SIDE_DIM = 64  # IISAN's adapter bottleneck
 GATE_TEMPERATURE = 0.1
@@ -178,10 +181,20 @@ def _xavier_init(*modules: nn.Module) -> None:
             nn.init.zeros_(linear.bias)
 
 
+@dataclass(frozen=True)
+class SideOptions(ContentOptions):
+    side_dim: int | None = option(flag="--side-dim", min=1,
+                                  purpose="sets the side networks' adapter bottleneck; it needs --mode side",
+                                  help="side: bottleneck width of the side networks' adapters [default: 64, as IISAN].")
+
+
 class SideKind(StoreGroupsKind):
     """``side``: reads the per-layer caches of one or two store groups (text, image)."""
 
-    options = {"side_dim": ("--side-dim", "sets the side networks' adapter bottleneck; it needs --mode side")}
+    options = SideOptions
+    summary = ("IISAN's side networks over every layer's pooled state, cached by `featurestore extract "
+               "--cache-layer all` (the encoders never run)")
+    transfer_settings = StoreGroupsKind.transfer_settings + ("side_dim",)
 
     def __call__(self, spec: dict, sources: Sequence[Any], fit: bool) -> ItemTower:
         if not sources or not all(isinstance(s, LayerCache) for s in sources):
@@ -194,7 +207,8 @@ class SideKind(StoreGroupsKind):
                             "re-extract them with the run's encoders or retrain the run")
         return SideTower(sources, spec["n_items"], spec["dim"], int(spec["side_dim"]))
 
-    def check(self, opts: Any) -> None:
+    def check(self, opts: TrainOptions) -> TrainOptions:
+        opts = check_content(opts)
         groups = len(opts.encoders) + len(opts.features)
         if groups not in (1, 2):
             raise UserError("--mode side trains side networks beside one or two encoders: name their per-layer "
@@ -202,12 +216,16 @@ class SideKind(StoreGroupsKind):
         if opts.whiten or opts.fusion not in (None, "concat"):
             raise UserError("--mode side fuses its networks itself (their vectors concatenated, then projected); "
                             "drop --whiten and --fusion")
-        opts.side_dim = DEFAULT_SIDE_DIM if opts.side_dim is None else opts.side_dim
-        if opts.side_dim < 1:
-            raise UserError(f"--side-dim must be >= 1, got {opts.side_dim}")
+        return fill(opts, side_dim=DEFAULT_SIDE_DIM)
 
-    def spec(self, opts: Any, dataset: str) -> dict:
-        return {"side_dim": opts.side_dim}
+    def spec(self, opts: TrainOptions, dataset: str) -> dict:
+        return content_spec(opts, side_dim=opts.side_dim)
+
+    def study_rows(self, mode: str, study: Any) -> list[tuple[str, dict]]:
+        return [(mode, {"encoders": [f"{study.encoder}@{states_variant(ALL_LAYERS)}"]})]
+
+    def study_extraction(self, study: Any) -> tuple[str, str]:
+        return ALL_LAYERS, f"every layer's pooled state of {study.encoder}, for side networks"
 
     def open(self, ws: Workspace, opts: Any, dataset: Any) -> list[LayerCache]:
         groups = resolve_groups(dataset.name, opts.encoders, opts.features)

@@ -25,7 +25,7 @@ import json
 import multiprocessing
 import signal
 import traceback
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import click
@@ -40,16 +40,13 @@ from eval.ranking import TIES_RULE
 from featurestore.errors import UserError
 from featurestore.store import GroupLock
 from featurestore.workspace import Workspace
-from extract.layers import ALL_LAYERS
-from recommend.e2e import LIVE_MODES
+from extract.layers import states_variant
 from recommend.item_towers import ITEM_TOWERS, list_item_towers
 from recommend.run import BEST, CHECKPOINT, FINISHED, write_atomic
 from recommend.study_tune import plot_validation, seed_options, seed_statistics, tune_configurations
 from recommend.trainer import TrainOptions, train
 
-STUDY_MODES = ("id", "ts", "ts-dnn", "e2e", "adapter", "side")
 DEFAULT_LAYERS = (2, 6, 8, 10, 12)
-STORE_MODES = ("ts", "ts-dnn")  # the modes that read the store group
 KS = (10,)  # 001 Table 5 reports HR@10 and NDCG@10
 REPORT = "report.md"
 SUMMARY = "study.json"
@@ -66,7 +63,7 @@ class StudyOptions:
     dataset: str
     encoder: str
     layers: list[int] = field(default_factory=lambda: list(DEFAULT_LAYERS))
-    modes: list[str] = field(default_factory=lambda: list(STUDY_MODES))
+    modes: list[str] = field(default_factory=list_item_towers)
     top_k: int = 2
     cached: bool = True
     epochs: int = TrainOptions.epochs
@@ -81,7 +78,7 @@ class StudyOptions:
     threads: int | None = None
     out: Path | None = None
     tune: int = 0  # Optuna trials per configuration on validation (0: no tuning); recommend.study_tune
-    tune_modes: list[str] = field(default_factory=lambda: list(STUDY_MODES))
+    tune_modes: list[str] = field(default_factory=list_item_towers)
     seeds: int = 1  # runs per configuration, seeds seed .. seed + seeds - 1
 
 
@@ -114,18 +111,19 @@ class Configuration:
 
 
 def check_options(opts: StudyOptions) -> StudyOptions:
-    unknown = [m for m in opts.modes if m not in STUDY_MODES]
+    modes = ITEM_TOWERS.names()
+    unknown = [m for m in opts.modes if m not in modes]
     if unknown or not opts.modes:
-        raise UserError(f"--modes {','.join(opts.modes) or '(empty)'}: choose from {','.join(STUDY_MODES)}")
+        raise UserError(f"--modes {','.join(opts.modes) or '(empty)'}: choose from {','.join(modes)}")
     if "ts-dnn" in opts.modes and not opts.layers:
         raise UserError("--modes has ts-dnn but --layers is empty; give depths, e.g. --layers 2,8")
     if opts.threads is not None and opts.threads < 1:
         raise UserError(f"--threads must be >= 1, got {opts.threads}")
     if opts.tune < 0 or opts.seeds < 1:
         raise UserError(f"--tune must be >= 0 and --seeds >= 1, got --tune {opts.tune} --seeds {opts.seeds}")
-    unknown = [m for m in opts.tune_modes if m not in STUDY_MODES]
+    unknown = [m for m in opts.tune_modes if m not in modes]
     if unknown:
-        raise UserError(f"--tune-modes {','.join(opts.tune_modes)}: choose from {','.join(STUDY_MODES)}")
+        raise UserError(f"--tune-modes {','.join(opts.tune_modes)}: choose from {','.join(modes)}")
     if any(n < 0 for n in opts.layers):
         raise UserError(f"--layers must be >= 0, got {','.join(map(str, opts.layers))}")
     return opts
@@ -140,9 +138,8 @@ def run_name(dataset: PreparedDataset, label: str, options: TrainOptions,
     signature), so a rerun finds its runs and a changed setting, dataset or re-extracted
     group gets new ones. An ID run names no encoder: studies of several encoders share it.
     """
-    filled = replace(options)
-    ITEM_TOWERS.get(options.mode).check(filled)  # the mode's defaults (TS-DNN depth and stack) name it too
-    settings = {k: v for k, v in asdict(filled).items()  # every value: a changed default is a new run
+    filled = ITEM_TOWERS.get(options.mode).check(options)  # the mode's defaults (TS-DNN depth) name it too
+    settings = {k: v for k, v in filled.to_dict().items()  # every value: a changed default is a new run
                 if k not in ("run_name", "device") and v is not None}
     identity = {"options": settings, "dataset": dataset.fingerprint, "features": features}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
@@ -150,57 +147,38 @@ def run_name(dataset: PreparedDataset, label: str, options: TrainOptions,
     return f"{dataset.name}-{label}{encoder}-{digest}"
 
 
-def plan(opts: StudyOptions, dataset: PreparedDataset, features: dict | None = None,
-         states: dict | None = None, layers: dict | None = None) -> list[Configuration]:
-    """The configurations in report order; modes this installation lacks are marked unavailable.
+def plan(opts: StudyOptions, dataset: PreparedDataset, signatures: dict | None = None) -> list[Configuration]:
+    """The configurations in report order, each mode's rows as the mode lists them; a mode this
+    installation lacks is one row marked unavailable.
 
-    ``features`` is the store group's signature (see :func:`run_name`), for ts / ts-dnn;
-    ``states`` the signature of the cached-states group a cached e2e run reads; ``layers``
-    that of the per-layer group a side run reads.
+    ``signatures`` maps a ``--cache-layer`` (None: the plain pooled group) to the signature of
+    the store group extracted for it (see :func:`run_name`); a row reading one hashes it.
     """
-    registered = set(list_item_towers())
     common = TrainOptions(dataset=opts.dataset, dim=opts.dim, batch_size=opts.batch_size,
                           epochs=opts.epochs, patience=opts.patience, lr=opts.lr, seed=opts.seed,
                           device=opts.device)
-    rows: list[tuple[str, str, dict]] = []
-    for mode in STUDY_MODES:
-        if mode not in opts.modes:
+    configs, available = [], set(list_item_towers())
+    for mode in (m for m in ITEM_TOWERS.names() if m in opts.modes):
+        if mode not in available:
+            configs.append(Configuration(mode, mode, status="unavailable",
+                                         reason=f"`recommend train --mode {mode}` is not available in this installation"))
             continue
-        if mode == "id":
-            rows.append(("id", mode, {}))
-        elif mode == "ts":
-            rows.append(("ts", mode, {"encoders": [opts.encoder]}))
-        elif mode == "ts-dnn":
-            rows += [(f"ts-dnn{n}", mode, {"encoders": [opts.encoder], "layers": n})
-                     for n in sorted(set(opts.layers))]
-        elif mode == "e2e":
-            encoder = f"{opts.encoder}@{states_variant(opts.top_k)}" if opts.cached else opts.encoder
-            rows.append((f"e2e-top{opts.top_k}", mode, {"encoders": [encoder], "top_k": opts.top_k,
-                                                          "cached": opts.cached, "random_init": opts.random_init}))
-        elif mode == "adapter":
-            rows.append(("adapter", mode, {"encoders": [opts.encoder], "random_init": opts.random_init}))
-        else:
-            rows.append(("side", mode, {"encoders": [f"{opts.encoder}@{states_variant(ALL_LAYERS)}"]}))
-    configs = []
-    for label, mode, settings in rows:
-        if mode not in registered:
-            configs.append(Configuration(label, mode, status="unavailable",
-                                         reason=f"`recommend train --mode {mode}` is not available in this "
-                                                "installation"))
-            continue
-        options = replace(common, mode=mode, **settings)
-        if mode in LIVE_MODES and opts.live_epochs is not None:
-            options.epochs = min(options.epochs, opts.live_epochs)
-        group = features if mode in STORE_MODES else {"e2e": states if opts.cached else None, "side": layers}.get(mode)
-        options.run_name = run_name(dataset, label, options, group)
-        configs.append(Configuration(label, mode, options=options, run=options.run_name, group=group))
+        kind = ITEM_TOWERS.get(mode)
+        needs = kind.study_extraction(opts)
+        group = (signatures or {}).get(needs[0]) if needs else None
+        for label, settings in kind.study_rows(mode, opts):
+            options = common.replace(mode=mode, **settings)
+            if kind.runs_encoder_live and opts.live_epochs is not None:
+                options = options.replace(epochs=min(options.epochs, opts.live_epochs))
+            options = options.replace(run_name=run_name(dataset, label, options, group))
+            configs.append(Configuration(label, mode, options=options, run=options.run_name, group=group))
     return configs
 
 
-def states_variant(top_k: int | str) -> str:
-    """The store variant holding the states a cached e2e run of top-K trains from (``layers``:
-    every layer's pooled state, for side runs)."""
-    return "layers" if top_k == ALL_LAYERS else f"top{top_k}"
+def study_extractions(opts: StudyOptions) -> dict:
+    """The store groups the chosen modes read: ``--cache-layer`` (None: plain) -> what it is for."""
+    needs = (ITEM_TOWERS.get(mode).study_extraction(opts) for mode in list_item_towers() if mode in opts.modes)
+    return dict(need for need in needs if need is not None)
 
 
 def ensure_features(ws: Workspace, opts: StudyOptions, progress: bool,
@@ -412,7 +390,7 @@ def write_report(out: Path, opts: StudyOptions, dataset: PreparedDataset, config
     lines += [
         f"- training: SASRec, loss {TrainOptions.loss}, d = {opts.dim}, batch {opts.batch_size}, "
         f"lr {opts.lr:g}, at most {opts.epochs} epochs"
-        + (f" ({opts.live_epochs} for {' and '.join(LIVE_MODES)}, which run the encoder every step)"
+        + (f" ({opts.live_epochs} for {' and '.join(_live_modes())}, which run the encoder every step)"
            if opts.live_epochs is not None else "")
         + f", early stopping after {opts.patience} epochs without a better validation HR@10 "
         f"({TrainOptions.plateau_patience} while still at popularity's level), seed {opts.seed}",
@@ -507,18 +485,12 @@ def _study(ws: Workspace, opts: StudyOptions, dataset: PreparedDataset, out: Pat
 
     say = (lambda text: click.echo(text, err=True)) if progress else (lambda text: None)
 
-    features, signature, states = None, None, None
-    if any(mode in STORE_MODES and mode in list_item_towers() for mode in opts.modes):
-        say(f"study: features of {opts.dataset} by {opts.encoder}")
-        features, signature = ensure_features(ws, opts, progress)
-    if "e2e" in opts.modes and opts.cached:
-        say(f"study: states entering the top {opts.top_k} blocks of {opts.encoder}, for cached e2e")
-        _, states = ensure_features(ws, opts, progress, cache_layer=opts.top_k)
-    layers = None
-    if "side" in opts.modes:
-        say(f"study: every layer's pooled state of {opts.encoder}, for side networks")
-        _, layers = ensure_features(ws, opts, progress, cache_layer=ALL_LAYERS)
-    configs = plan(opts, dataset, signature, states, layers)
+    features, signatures = None, {}
+    for cache_layer, purpose in study_extractions(opts).items():
+        say(f"study: {purpose}")
+        summary, signatures[cache_layer] = ensure_features(ws, opts, progress, cache_layer=cache_layer)
+        features = summary if cache_layer is None else features
+    configs = plan(opts, dataset, signatures)
     todo = [c for c in configs if c.options is not None]
 
     def rename(config: Configuration, options: TrainOptions) -> str:

@@ -21,16 +21,16 @@ cannot tell a difference from noise. So, per configuration:
 from __future__ import annotations
 
 import statistics
-from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
 from featurestore.workspace import Workspace
+from recommend.item_towers import ITEM_TOWERS, list_item_towers
 from recommend.run import read_metrics
-from recommend.trainer import MONITOR, TrainOptions
+from recommend.options import TrainOptions
+from recommend.stopping import MONITOR
 from recommend.tune import DEFAULT_SPACE, TuneOptions, run_tune
 
-BORROW_FROM = ("ts-dnn", "ts", "id")  # whose tuned lr an untuned mode takes, first found
 BORROWED = ("lr",)
 
 
@@ -38,7 +38,7 @@ def tune_configurations(ws: Workspace, configs: list, trials: int, modes: list[s
                         rename: Callable[[object, TrainOptions], str], say: Callable[[str], None],
                         echo: bool = False) -> None:
     """Tune each configuration of ``modes`` (``trials`` trials), then give the others the lr
-    of the best tuned one of :data:`BORROW_FROM`; sets ``options``, ``run``, ``tuned`` and
+    of the best tuned one of :func:`donor_modes`; sets ``options``, ``run``, ``tuned`` and
     ``borrowed`` of every configuration in place; ``echo``: one line per trial on stderr.
     A tuned configuration's run is its best trial's run folder.
 
@@ -53,7 +53,7 @@ def tune_configurations(ws: Workspace, configs: list, trials: int, modes: list[s
             continue
         name = f"study-{config.run}"
         say(f"study: tuning {config.label}: {trials} trials on validation (Optuna study {name})")
-        result = run_tune(ws, TuneOptions(replace(config.options, run_name=None), trials=trials, study_name=name,
+        result = run_tune(ws, TuneOptions(config.options.replace(run_name=None), trials=trials, study_name=name,
                                           space=dict(DEFAULT_SPACE), sampler_seed=sampler_seed), echo=echo)
         if result["best"] is None:  # every trial pruned or failed: keep the defaults, say so
             config.reason = f"tuning found no complete trial in {result['trials']}; defaults kept"
@@ -64,7 +64,8 @@ def tune_configurations(ws: Workspace, configs: list, trials: int, modes: list[s
         _apply(config, config.tuned, rename)
         # the chosen trial was trained with exactly these options and the first seed: it is that
         # seed's run, not trained a second time (test is first looked at after the choice)
-        config.run = config.options.run_name = result["best"]["run"]
+        config.options = config.options.replace(run_name=result["best"]["run"])
+        config.run = config.options.run_name
     donor = _donor(configs, best)
     for config in configs:
         if config.mode in modes or donor is None:
@@ -74,9 +75,15 @@ def tune_configurations(ws: Workspace, configs: list, trials: int, modes: list[s
         _apply(config, {k: params[k] for k in BORROWED if k in params}, rename)
 
 
+def donor_modes() -> list[str]:
+    """The modes whose tuned lr an untuned mode takes, in order of preference (each mode's ``lr_donor``)."""
+    donors = [m for m in list_item_towers() if ITEM_TOWERS.get(m).lr_donor is not None]
+    return sorted(donors, key=lambda m: ITEM_TOWERS.get(m).lr_donor)
+
+
 def _donor(configs: list, best: dict[str, tuple[float, dict]]) -> tuple[str, dict] | None:
-    """The tuned configuration of the first mode in :data:`BORROW_FROM` that has one: the best on validation."""
-    for mode in BORROW_FROM:
+    """The tuned configuration of the first of :func:`donor_modes` that has one: the best on validation."""
+    for mode in donor_modes():
         tuned = [(best[c.label][0], c.label) for c in configs if c.mode == mode and c.label in best]
         if tuned:
             label = max(tuned)[1]
@@ -85,17 +92,17 @@ def _donor(configs: list, best: dict[str, tuple[float, dict]]) -> tuple[str, dic
 
 
 def _apply(config, params: dict, rename: Callable[[object, TrainOptions], str]) -> None:
-    config.options = replace(config.options, **params)
-    config.run = config.options.run_name = rename(config, config.options)
+    config.options = config.options.replace(**params)
+    config.options = config.options.replace(run_name=rename(config, config.options))
+    config.run = config.options.run_name
 
 
 def seed_options(config, seeds: int, rename: Callable[[object, TrainOptions], str]) -> list[TrainOptions]:
     """The configuration's options once per seed; the first seed is the configuration's own run."""
     runs = [config.options]
     for offset in range(1, seeds):
-        options = replace(config.options, seed=config.options.seed + offset)
-        options.run_name = rename(config, options)
-        runs.append(options)
+        options = config.options.replace(seed=config.options.seed + offset)
+        runs.append(options.replace(run_name=rename(config, options)))
     return runs
 
 

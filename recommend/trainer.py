@@ -29,7 +29,6 @@ import statistics
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator
 
 import numpy as np
@@ -39,82 +38,28 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from data.dataset import PreparedDataset
-from eval.metrics import format_metrics, percent
+from eval.metrics import format_metrics
 from featurestore.errors import UserError
 from featurestore.progress import progress_bar
 from featurestore.runtime.device import resolve_device
 from featurestore.runtime.processes import Processes, launched
 from featurestore.runtime.seeding import epoch_seed
-from featurestore.workspace import Workspace, check_name
+from featurestore.workspace import Workspace
 from recommend import __version__
 from recommend.batches import SequenceBatches, model_seq_len, training_rows
-from recommend.cloze import check_cloze_options, cloze_loss
 from recommend.cost import parameter_breakdown
-from recommend.inputs import refuse_foreign_options
-from recommend.item_towers import ITEM_TOWERS, FUSIONS, TOKEN_FUSIONS, WITH_ID_MODES
-from recommend.losses import LOSSES, Loss, LossContext, check_loss_options, create_loss, embed_step, loss_options
+from recommend.item_towers import ITEM_TOWERS
+from recommend.losses import LOSSES, Loss, LossContext, create_loss
 from recommend.model import Recommender, build_recommender
 from recommend.objectives import AuxObjectives, Step, attach_objectives, check_objectives
-from recommend.transfer import check_transfer_options, init_from_run
+from recommend.options import TrainOptions
+from recommend.plugins import check_options
+from recommend.stopping import MONITOR, EarlyStopping
+from recommend.transfer import init_from_run
 from recommend.run import (BEST, CHECKPOINT, FINISHED, LAST, LOG, append_metrics, default_run_name, run_lock,
                            load_training_state, open_run, read_metrics, rewrite_metrics,
                            save_checkpoint, save_training_state, write_json)
 from recommend.user_encoders import USER_ENCODERS
-
-MONITOR = ("HR@10", "NDCG@10")  # early stopping: best HR@10, ties broken by NDCG@10
-COLLAPSE_FLOOR = 0.01  # a best HR@10 at least this high is "clearly above" zero ...
-COLLAPSE_FRACTION = 0.1  # ... and falling below this share of it is a collapse
-CLEARLY_ABOVE = 1.1  # a best validation HR@10 under 1.1x popularity's has learned no more than popularity
-
-
-@dataclass
-class TrainOptions:
-    """Everything ``recommend train`` accepts; recorded verbatim in config.json."""
-
-    dataset: str
-    mode: str = "id"
-    layers: int | None = None
-    dnn: str | None = None  # ts-dnn: which stack (recommend.item_towers.TS_DNN_STACKS)
-    encoders: list[str] = field(default_factory=list)
-    features: list[str] = field(default_factory=list)
-    fusion: str | None = None
-    with_id: str | None = None
-    whiten: bool = False
-    backbone: str = "sasrec"
-    loss: str = "ce"  # defaults that differ from the papers' (bce, d 512, lr 1e-4, dropout 0.1): see ``recommend train --help``
-    negatives: int | None = None  # gbce: sampled negatives per position, sce: per batch; recommend.losses
-    gbce_t: float | None = None  # gbce: calibration t
-    dim: int = 64
-    blocks: int = 2
-    heads: int = 2
-    dropout: float = 0.3  # bench/defaults.py: 20-trial searches chose 0.3-0.4 and 2-5x the old lr 1e-3
-    lr: float = 2e-3
-    weight_decay: float = 0.1
-    batch_size: int = 64
-    epochs: int = 100
-    patience: int = 10
-    plateau_patience: int = 30  # patience while validation is not yet clearly above popularity
-    seed: int = 42
-    device: str = "auto"
-    run_name: str | None = None
-    # fields of one mode only (its TowerKind's ``options``): live encoders, recommend.e2e / recommend.adapters
-    top_k: int | None = None
-    encoder_lr: float | None = None
-    grad_checkpointing: bool = False
-    amp: bool = False
-    cached: bool = False
-    adapter_dim: int | None = None
-    adapter_in: str | None = None
-    random_init: bool = False
-    weights: str | None = None
-    encoder_seed: int = 0
-    pooling: str | None = None
-    mask_prob: float | None = None  # bert4rec cloze share; recommend.cloze
-    init_from: str | None = None  # cross-dataset transfer; recommend.transfer
-    transfer: str | None = None
-    objectives: list[str] = field(default_factory=list)  # PMMRec's auxiliary terms; recommend.objectives
-    side_dim: int | None = None  # --mode side: adapter bottleneck; recommend.side
-
 
 class Objective(nn.Module):
     """Recommender + loss as one module, so DDP sees the whole step in ``forward``.
@@ -130,81 +75,23 @@ class Objective(nn.Module):
         self.terms: dict[str, torch.Tensor] = {}
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
-        if getattr(self.model.user_encoder, "cloze", False):  # bidirectional: fill in masked items
-            return cloze_loss(self.model, self.loss, rows)
-        vectors, extra, extra_vectors = embed_step(self.model, self.loss, rows)  # one tower call
-        hidden = self.model.encode(vectors[:, :-1], rows[:, :-1] > 0)
-        value = self.loss(hidden, rows, vectors, extra, extra_vectors)
+        step = self.model.user_encoder.training_step(self.model, self.loss, rows)  # the backbone's own step
         if self.aux is None:
-            return value
-        parts = {"rec": value, **self.aux(Step(self.model, rows, vectors, hidden))}
+            return step.value
+        parts = {"rec": step.value, **self.aux(Step(self.model, rows, step.vectors, step.hidden))}
         self.terms = {name: part.detach() for name, part in parts.items()}
         return torch.stack(list(parts.values())).sum()
 
 
-def check_options(opts: TrainOptions) -> TrainOptions:
-    """Reject combinations that make no sense, each with the fix; fill mode defaults."""
-    kind = ITEM_TOWERS.get(opts.mode)
-    USER_ENCODERS.get(opts.backbone)
-    if opts.run_name is not None:
-        check_name("run", opts.run_name)  # refused before any work, not after the model is built
-    LOSSES.get(opts.loss)
-    refuse_foreign_options({name: ITEM_TOWERS.get(name) for name in ITEM_TOWERS.names()}, opts)
-    n_groups = len(opts.encoders) + len(opts.features)
-    if opts.fusion is not None:
-        known = (*FUSIONS.names(), *TOKEN_FUSIONS)
-        if opts.fusion not in known:
-            raise UserError(f"unknown fusion {opts.fusion!r}; known: {', '.join(known)}")
-        if opts.fusion in TOKEN_FUSIONS and opts.whiten:
-            raise UserError(f"--whiten transforms pooled vectors, and --fusion {opts.fusion} reads token states; "
-                            "drop --whiten")
-        if n_groups != 2:
-            raise UserError("--fusion merges two feature groups (text + image); name two with "
-                            "--features TEXT_GROUP,IMAGE_GROUP or --encoder TEXT_ENC,IMAGE_ENC")
-    elif n_groups == 2:
-        opts.fusion = "concat"
-    if opts.with_id is not None and opts.with_id not in WITH_ID_MODES:
-        raise UserError(f"unknown --with-id {opts.with_id!r}; known: {', '.join(WITH_ID_MODES)}")
-    if opts.whiten and n_groups == 0:
-        raise UserError("--whiten transforms stored features; it needs --mode ts/ts-dnn with "
-                        "--encoder or --features")
-    check_cloze_options(opts)
-    if opts.backbone in ("sasrec", "bert4rec") and opts.dim % opts.heads:
-        raise UserError(f"--dim {opts.dim} must be divisible by --heads {opts.heads}")
-    for name in ("dim", "blocks", "heads", "batch_size", "epochs", "patience", "plateau_patience"):
-        if getattr(opts, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(opts, name)}")
-    if not 0.0 <= opts.dropout < 1.0:
-        raise UserError(f"--dropout must be in [0, 1), got {opts.dropout}")
-    if not opts.lr > 0:
-        raise UserError(f"--lr must be > 0, got {opts.lr}")
-    check_loss_options(opts)
-    kind.check(opts)
-    check_transfer_options(opts)
-    check_objectives(opts)
-    return opts
-
-
 def model_spec(opts: TrainOptions, dataset: PreparedDataset) -> dict:
-    """The plain-data description ``build_recommender`` and ``load_run`` rebuild from."""
-    tower = {"name": opts.mode, "dropout": opts.dropout, "whiten": opts.whiten}
-    if opts.layers is not None:
-        tower["layers"] = opts.layers
-    if opts.dnn is not None:
-        tower["dnn"] = opts.dnn
-    if opts.fusion:
-        tower["fusion"] = opts.fusion
-    if opts.with_id:
-        tower["with_id"] = opts.with_id
-    tower.update(ITEM_TOWERS.get(opts.mode).spec(opts, dataset.name))
+    """The plain-data description ``build_recommender`` and ``load_run`` rebuild from: the
+    checked options' item tower (its mode's spec) and user encoder (its backbone's)."""
     return {
         "n_items": dataset.n_items,
         "dim": opts.dim,
         "max_seq_len": model_seq_len(dataset),
-        "item_tower": tower,
-        "user_encoder": {"name": opts.backbone, "blocks": opts.blocks, "heads": opts.heads,
-                         "dropout": opts.dropout,
-                         **({} if opts.mask_prob is None else {"mask_prob": opts.mask_prob})},
+        "item_tower": ITEM_TOWERS.get(opts.mode).spec(opts, dataset.name),
+        "user_encoder": USER_ENCODERS.get(opts.backbone).spec(opts),
     }
 
 
@@ -243,18 +130,6 @@ def validate(model: Recommender, dataset: PreparedDataset) -> dict:
     finally:
         model.train()
     return {k: float(v) for k, v in result.items() if "@" in k}
-
-
-def _better(current: dict, best: dict | None) -> bool:
-    if best is None:
-        return True
-    return tuple(current[k] for k in MONITOR) > tuple(best[k] for k in MONITOR)
-
-
-def _collapsed(current: dict, best: dict | None) -> bool:
-    key = MONITOR[0]
-    return (best is not None and best[key] >= COLLAPSE_FLOOR
-            and current[key] < COLLAPSE_FRACTION * best[key])
 
 
 def _peak_rss_mb() -> float:
@@ -322,7 +197,7 @@ def build_config(opts: TrainOptions, dataset: PreparedDataset, sources, spec: di
             "monitor": list(MONITOR), "validation": {"split": "valid", "full_pool": True,
                                                      "exclude_history": True},
         },
-        "options": asdict(opts),
+        "options": opts.to_dict(),
         "cost": parameter_cost(model),
     }
 
@@ -377,14 +252,14 @@ def _train(ws: Workspace, opts: TrainOptions, procs: Processes, device: torch.de
     np.random.seed(opts.seed)
     model = build_recommender(spec, sources, fit=True).to(device)
     transferred = init_from_run(ws, opts, model, spec, sources)  # --init-from: source weights, else None
-    context = LossContext(dataset.n_items, dataset.train_counts(), **loss_options(opts))
+    context = LossContext(dataset.n_items, dataset.train_counts(), **LOSSES.get(opts.loss).context_options(opts))
     loss = create_loss(opts.loss, context).to(device)
     aux = attach_objectives(model, opts.objectives)  # on the model: NID's head trains and saves with it
     objective: nn.Module = Objective(model, loss, aux)
     if dist.is_initialized():
         objective = DistributedDataParallel(
             objective, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(optimizer_groups(model, opts.lr, opts.encoder_lr), lr=opts.lr,
+    optimizer = torch.optim.AdamW(optimizer_groups(model, opts.lr, kind.encoder_lr(opts)), lr=opts.lr,
                                   weight_decay=opts.weight_decay)
     batches = SequenceBatches(rows, opts.batch_size, opts.seed, procs.rank, procs.world_size)
 
@@ -431,141 +306,114 @@ def _epochs(objective, model: Recommender, optimizer, batches: SequenceBatches,
             dataset: PreparedDataset, opts: TrainOptions, procs: Processes,
             device: torch.device, run_dir, progress: bool, log: logging.Logger,
             resume: dict | None = None, on_epoch: Callable[[int, dict], bool] | None = None) -> dict:
-    state = resume or {"epoch": 0, "best": None, "best_epoch": None, "since_best": 0,
-                       "stopped": None, "records": []}
-    best, best_epoch, since_best = state["best"], state["best_epoch"], state["since_best"]
+    from eval.evaluate import popularity_metrics
+
+    state = resume or {"epoch": 0, "best": None, "best_epoch": None, "since_best": 0, "stopped": None,
+                       "records": []}
+    stopping = EarlyStopping(opts.patience, opts.plateau_patience, opts.lr,
+                             popularity_metrics(dataset, "valid", ks=(10,)) if procs.main else None)
+    stopping.load_state_dict(state)
     records = list(state["records"])
     status, message = state["stopped"] or ("completed", "")
     epoch = state["epoch"]
     first = opts.epochs + 1 if state["stopped"] else epoch + 1
-    from eval.evaluate import popularity_metrics
-
-    popular = popularity_metrics(dataset, "valid", ks=(10,)) if procs.main else None
     for epoch in range(first, opts.epochs + 1):
         torch.manual_seed(epoch_seed(opts.seed, procs.rank, epoch))  # negatives, dropout
-        batches.set_epoch(epoch)
-        objective.train()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        start, total, steps = time.perf_counter(), 0.0, 0
-        step_seconds: list[float] = []  # float(value) below waits for the device: these are true step times
-        term_totals: dict[str, float] = {}
-        bar = progress_bar(total=batches.n_sequences, unit="seq", desc=f"epoch {epoch}", leave=False,
-                   disable=not (progress and procs.main), file=sys.stderr)
-        finite = True
-        step_start = start
-        for rows in batches:
-            value = objective(rows.to(device, non_blocking=True))
-            finite = procs.all_true(bool(torch.isfinite(value)), device)
-            if not finite:
-                break
-            optimizer.zero_grad(set_to_none=True)
-            value.backward()
-            optimizer.step()
-            total, steps = total + float(value.detach()), steps + 1
-            step_seconds.append(time.perf_counter() - step_start)
-            step_start = time.perf_counter()
-            for name, part in _step_terms(objective).items():
-                term_totals[name] = term_totals.get(name, 0.0) + float(part)
-            bar.update(len(rows))
-            bar.set_postfix(loss=f"{total / steps:.4f}")
-        bar.close()
-        seconds = time.perf_counter() - start
-        if not finite:
-            status = "collapsed"
-            message = (f"training collapsed at epoch {epoch}, step {steps + 1}: the loss became "
-                       f"{float(value.detach())}. {_kept(best_epoch)} Lower --lr (now {opts.lr:g}; try "
-                       f"{opts.lr / 10:g}) or raise --weight-decay.")
+        trained = _train_epoch(objective, optimizer, batches, procs, device, epoch, progress)
+        if trained["collapsed"] is not None:
+            status, message = stopping.non_finite(epoch, *trained["collapsed"])
             break
-        mean_loss = procs.mean(total / max(steps, 1), device)
-        terms = {name: procs.mean(part / max(steps, 1), device) for name, part in term_totals.items()}
-
         decision = None
         eval_start = time.perf_counter()
         metrics = validate(model, dataset)  # every process: the users are sharded across them
         if procs.main:
-            record = {
-                "epoch": epoch, "loss": mean_loss, "valid": metrics, "seconds": seconds,
-                "sec_per_step": seconds / max(steps, 1), "steps": steps,
-                # the median step, robust to the first step's warm-up and to a loaded machine's spikes
-                "sec_per_step_median": statistics.median(step_seconds) if step_seconds else None,
-                "first_step_seconds": step_seconds[0] if step_seconds else None,
-                "sequences_per_sec": batches.n_sequences * procs.world_size / seconds,
-                "eval_seconds": time.perf_counter() - eval_start,
-                "peak_rss_mb": _peak_rss_mb(),
-                "peak_gpu_mb": (torch.cuda.max_memory_allocated(device) / 2**20
-                                if device.type == "cuda" else None),
-            }
-            if terms:
-                record["terms"] = terms
-            log.info("epoch %d: loss %.4f%s, valid %s, %.1fs (%.1f seq/s)", epoch, mean_loss,
-                     f" ({', '.join(f'{k} {v:.4f}' for k, v in terms.items())})" if terms else "",
-                     format_metrics(metrics), seconds,
+            record = _epoch_record(epoch, trained, metrics, batches, procs, device, eval_start)
+            log.info("epoch %d: loss %.4f%s, valid %s, %.1fs (%.1f seq/s)", epoch, record["loss"],
+                     f" ({', '.join(f'{k} {v:.4f}' for k, v in trained['terms'].items())})"
+                     if trained["terms"] else "", format_metrics(metrics), record["seconds"],
                      record["sequences_per_sec"])
-            if _collapsed(metrics, best):
-                decision = ("collapsed",
-                            f"training collapsed at epoch {epoch}: validation {MONITOR[0]} fell "
-                            f"from {percent(best[MONITOR[0]])}% (epoch {best_epoch}) to "
-                            f"{percent(metrics[MONITOR[0]])}%. {_kept(best_epoch)} Lower --lr (now "
-                            f"{opts.lr:g}; try {opts.lr / 10:g}).")
-            elif _better(metrics, best):
-                best, best_epoch, since_best = metrics, epoch, 0
-            else:
-                since_best += 1
-                patience = opts.patience if _left_plateau(best, popular) else opts.plateau_patience
-                if since_best >= patience:
-                    decision = ("early_stopped",
-                                f"early stop at epoch {epoch}: no better validation "
-                                f"{MONITOR[0]} for {patience} epochs"
-                                + ("." if patience == opts.patience else
-                                   " while still at popularity's level (--plateau-patience)."))
+            decision = stopping.update(epoch, metrics)
             if decision is None and on_epoch is not None and on_epoch(epoch, metrics):
                 decision = ("pruned", f"pruned at epoch {epoch} by the hyper-parameter search.")
             records.append(record)
             # resumable state first; the best checkpoint is only ever written after a state
             # that names it (see _restore_run_files), and metrics.jsonl is rebuilt on resume
             save_training_state(run_dir, model, optimizer, {
-                "epoch": epoch, "best": best, "best_epoch": best_epoch, "since_best": since_best,
-                "stopped": decision, "records": records})
-            if best_epoch == epoch:
+                "epoch": epoch, **stopping.state_dict(), "stopped": decision, "records": records})
+            if stopping.improved(epoch):
                 save_checkpoint(run_dir, model)
                 write_json(run_dir / BEST, {"epoch": epoch, "metrics": metrics, "status": "running"})
             append_metrics(run_dir, record)
-        decision = procs.broadcast(decision)
+        decision = stopping.agree(procs, decision)
         if decision is not None:
             status, message = decision
             break
-    best_epoch, best = procs.broadcast((best_epoch, best))
+    best = stopping.best
     if status == "completed":
         message = f"finished {opts.epochs} epochs."
     summary = (f"best validation {format_metrics(best)} at epoch "
-               f"{best_epoch}" if best else "no epoch was validated")
-    return {"status": status, "best_epoch": best_epoch, "best": best or {}, "epochs": epoch,
+               f"{stopping.best_epoch}" if best else "no epoch was validated")
+    return {"status": status, "best_epoch": stopping.best_epoch, "best": best or {}, "epochs": epoch,
             "message": f"{message} {summary}; checkpoint {CHECKPOINT if best else 'none'}.",
-            "popularity": popular, "warning": popularity_warning(best, popular, opts) if procs.main else None}
+            "popularity": stopping.popular, "warning": stopping.warning() if procs.main else None}
 
 
-def _left_plateau(best: dict | None, popular: dict) -> bool:
-    """Whether the best validation HR@10 so far is clearly above the popularity baseline's.
+def _train_epoch(objective, optimizer, batches: SequenceBatches, procs: Processes, device: torch.device,
+                 epoch: int, progress: bool) -> dict:
+    """One pass over the training rows: mean loss and terms (over every process), step times, and
+    ``collapsed`` = (step, loss value) if a step's loss was not finite on any process."""
+    batches.set_epoch(epoch)
+    objective.train()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start, total, steps = time.perf_counter(), 0.0, 0
+    step_seconds: list[float] = []  # float(value) below waits for the device: these are true step times
+    term_totals: dict[str, float] = {}
+    bar = progress_bar(total=batches.n_sequences, unit="seq", desc=f"epoch {epoch}", leave=False,
+                       disable=not (progress and procs.main), file=sys.stderr)
+    collapsed = None
+    step_start = start
+    for rows in batches:
+        value = objective(rows.to(device, non_blocking=True))
+        if not procs.all_true(bool(torch.isfinite(value)), device):
+            collapsed = (steps + 1, float(value.detach()))
+            break
+        optimizer.zero_grad(set_to_none=True)
+        value.backward()
+        optimizer.step()
+        total, steps = total + float(value.detach()), steps + 1
+        step_seconds.append(time.perf_counter() - step_start)
+        step_start = time.perf_counter()
+        for name, part in _step_terms(objective).items():
+            term_totals[name] = term_totals.get(name, 0.0) + float(part)
+        bar.update(len(rows))
+        bar.set_postfix(loss=f"{total / steps:.4f}")
+    bar.close()
+    if collapsed is not None:
+        return {"collapsed": collapsed}
+    return {"collapsed": None, "seconds": time.perf_counter() - start, "steps": steps, "step_seconds": step_seconds,
+            "loss": procs.mean(total / max(steps, 1), device),
+            "terms": {name: procs.mean(part / max(steps, 1), device) for name, part in term_totals.items()}}
 
-    Sequential models first learn popularity and sit at its level, sometimes for tens of
-    epochs, before they learn sequences (001 Fig. 5; BERT4Rec and SASRec at small lr), so
-    early stopping counts ``--patience`` only once this is true, ``--plateau-patience`` before.
-    """
-    return best is not None and best[MONITOR[0]] >= CLEARLY_ABOVE * popular[MONITOR[0]]
 
-
-def popularity_warning(best: dict | None, popular: dict, opts: TrainOptions) -> str | None:
-    """What to tell the user when the run learned no more than item popularity (else None)."""
-    if _left_plateau(best, popular):
-        return None
-    score = f"{percent(best[MONITOR[0]])}%" if best else "none"
-    return (f"best validation {MONITOR[0]} {score} is not clearly above the popularity baseline's "
-            f"{percent(popular[MONITOR[0]])}% (under {CLEARLY_ABOVE:g}x): this model has learned no more than "
-            f"how popular items are, so its numbers say nothing about its item tower or backbone. It may "
-            f"have stopped on the popularity plateau or be set up badly. Try more --epochs or "
-            f"--plateau-patience, another --lr (now {opts.lr:g}; try {opts.lr * 3:g} and {opts.lr / 3:g}), "
-            f"--loss ce, or search with `recommend tune`.")
+def _epoch_record(epoch: int, trained: dict, metrics: dict, batches: SequenceBatches, procs: Processes,
+                  device: torch.device, eval_start: float) -> dict:
+    """The epoch's line of ``metrics.jsonl``."""
+    seconds, steps, step_seconds = trained["seconds"], trained["steps"], trained["step_seconds"]
+    record = {
+        "epoch": epoch, "loss": trained["loss"], "valid": metrics, "seconds": seconds,
+        "sec_per_step": seconds / max(steps, 1), "steps": steps,
+        # the median step, robust to the first step's warm-up and to a loaded machine's spikes
+        "sec_per_step_median": statistics.median(step_seconds) if step_seconds else None,
+        "first_step_seconds": step_seconds[0] if step_seconds else None,
+        "sequences_per_sec": batches.n_sequences * procs.world_size / seconds,
+        "eval_seconds": time.perf_counter() - eval_start,
+        "peak_rss_mb": _peak_rss_mb(),
+        "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+    }
+    if trained["terms"]:
+        record["terms"] = trained["terms"]
+    return record
 
 
 def _step_terms(objective: nn.Module) -> dict[str, torch.Tensor]:
@@ -615,9 +463,3 @@ def _run_name(ws: Workspace, opts: TrainOptions, config: dict) -> str:
     while ws.run_dir(name).exists():
         name, suffix = f"{base}-{suffix}", suffix + 1
     return name
-
-
-def _kept(best_epoch: int | None) -> str:
-    if best_epoch is None:
-        return "No epoch had finished, so there is no checkpoint."
-    return f"Kept the best checkpoint (epoch {best_epoch})."

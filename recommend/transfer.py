@@ -37,7 +37,7 @@ copied like any other.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -46,21 +46,17 @@ from safetensors.torch import load as load_safetensors
 
 from data.dataset import PreparedDataset
 from featurestore.errors import UserError
-from featurestore.store import parse_group_name
 from featurestore.workspace import Workspace
-from recommend.adapters import adapter_places
 from recommend.item_towers import ITEM_TOWERS
-from recommend.model import Recommender, build_recommender
 from featurestore.registry import Registry
+from recommend.model import Recommender, build_recommender
+from recommend.options import TrainOptions, option
 from recommend.run import best_checkpoint, load_best_weights, read_config, resolve_run
 
 ITEM, USER = "item_tower", "user_encoder"
 DEFAULT_TRANSFER = "full"
 # tensors sized by max_seq_len, row 0 = the newest item: the overlapping rows are copied
 SEQUENCE_SIZED = ("user_encoder.positions.weight",)
-# item-tower settings that change which tensors exist or what they mean
-ITEM_SETTINGS = ("name", "layers", "fusion", "whiten", "encoder", "top_k", "adapter_dim", "adapter_in",
-                 "pooling", "max_text_tokens", "state_sha256")
 USER_SETTINGS = ("name", "blocks", "heads")
 
 TRANSFERS: Registry[tuple[str, ...]] = Registry("transfer")
@@ -100,19 +96,37 @@ def refuse_ids(tower: dict, who: str) -> None:
                         "items; transfer needs an ID-free mode on both sides: ts, ts-dnn, e2e or adapter")
 
 
-def check_transfer_options(opts: Any) -> None:
-    """``check_options``' part for ``--init-from`` / ``--transfer`` (in place; defaults to full).
+@dataclass(frozen=True)
+class TransferOptions:
+    init_from: str | None = option(
+        flag="--init-from", metavar="SOURCE_RUN", purpose="starts from another run",
+        help="Start from a run trained on another dataset (name under ROOT/runs or a folder): the --transfer "
+             "parts are copied from its best checkpoint, the rest is freshly initialised. ID-free modes only "
+             "(ts, ts-dnn, e2e, adapter); recorded in config.json.")
+    transfer: str | None = option(
+        flag="--transfer", choices=TRANSFERS, purpose="picks what --init-from copies",
+        help="With --init-from: copy the item tower and user encoder (full), the item tower only (item) or "
+             "the user encoder only (user) [default: full].")
 
-    Only what the options alone decide; the source run is checked when the model exists
-    (:func:`init_from_run`).
-    """
-    if opts.init_from is None:
-        if opts.transfer is not None:
-            raise UserError("--transfer picks what --init-from copies; give --init-from SOURCE_RUN too")
-        return
-    opts.transfer = DEFAULT_TRANSFER if opts.transfer is None else opts.transfer
-    TRANSFERS.get(opts.transfer)
-    refuse_ids({"name": opts.mode, "with_id": opts.with_id}, f"the target run (--mode {opts.mode})")
+
+class TransferFeature:
+    """``--init-from`` / ``--transfer``: a training feature every run has (a plugin of recommend.plugins)."""
+
+    options = TransferOptions
+
+    def check(self, opts: TrainOptions) -> TrainOptions:
+        """Only what the options alone decide; the source run is checked when the model exists
+        (:func:`init_from_run`). Fills ``--transfer full``."""
+        if opts.init_from is None:
+            if opts.transfer is not None:
+                raise UserError("--transfer picks what --init-from copies; give --init-from SOURCE_RUN too")
+            return opts
+        opts = opts.replace(transfer=opts.transfer or DEFAULT_TRANSFER)
+        refuse_ids({"name": opts.mode, "with_id": opts.with_id}, f"the target run (--mode {opts.mode})")
+        return opts
+
+
+TRANSFER_FEATURE = TransferFeature()
 
 
 @dataclass
@@ -144,29 +158,6 @@ def open_source_run(ws: Workspace, run: str) -> SourceRun:
     return SourceRun(run_dir, config, load_safetensors(data), hashlib.sha256(data).hexdigest())
 
 
-def feature_differences(source: Sequence[dict], target: Sequence[dict]) -> list[str]:
-    """Why the target's store groups cannot feed the source's item tower (empty when they can).
-
-    Records are ``FeatureSource.record()``: group name, width, provenance. The group must
-    come from the same encoder and variant (another encoder's space means nothing to the
-    source's DT layer even at equal width), with the same width, pooling and weights.
-    """
-    if len(source) != len(target):
-        return [f"the source reads {len(source)} feature group(s), the target {len(target)}"]
-    out = []
-    for s, t in zip(source, target):
-        a, b = parse_group_name(s["group"]), parse_group_name(t["group"])
-        if (a.modality, a.encoder, a.variant) != (b.modality, b.encoder, b.variant):
-            out.append(f"features {t['group']} are not from the source's encoder ({s['group']})")
-        if s["dim"] != t["dim"]:
-            out.append(f"feature width {t['dim']} of {t['group']} differs from the source's {s['dim']}")
-        for key in ("pooling", "state_sha256"):
-            x, y = s.get("provenance", {}).get(key), t.get("provenance", {}).get(key)
-            if x and y and x != y:
-                out.append(f"{t['group']} was extracted with another {key} ({y}) than {s['group']} ({x})")
-    return out
-
-
 def _setting_differences(source: dict, target: dict, keys: Sequence[str], label: str) -> list[str]:
     return [f"{label} {key}: source {source.get(key)!r}, target {target.get(key)!r}"
             for key in keys if source.get(key) != target.get(key)]
@@ -184,25 +175,23 @@ def compatibility_problems(source: dict, target_spec: dict, target_features: Seq
     if model["dim"] != target_spec["dim"]:
         problems.append(f"width d: source {model['dim']}, target {target_spec['dim']} (--dim)")
     if ITEM in parts:
-        problems += _setting_differences(model["item_tower"], target_spec["item_tower"], ITEM_SETTINGS,
-                                         "item tower")
+        keys = dict.fromkeys(_kind(model).transfer_settings + _kind(target_spec).transfer_settings)
+        problems += _setting_differences(model["item_tower"], target_spec["item_tower"], tuple(keys), "item tower")
         problems += ITEM_TOWERS.get(target_spec["item_tower"]["name"]).feature_problems(
             source.get("features", []), target_features)
     if USER in parts:
         problems += _setting_differences(model["user_encoder"], target_spec["user_encoder"], USER_SETTINGS,
                                          "user encoder")
-        ours, theirs = _user_adapter_dim(model["item_tower"]), _user_adapter_dim(target_spec["item_tower"])
+        ours = _kind(model).user_encoder_additions(model["item_tower"])
+        theirs = _kind(target_spec).user_encoder_additions(target_spec["item_tower"])
         if ours != theirs:
             problems.append(f"user-encoder adapters (width): source {ours or 'none'}, target {theirs or 'none'} "
                             "(--adapter-in, --adapter-dim)")
     return problems
 
 
-def _user_adapter_dim(tower: dict) -> int | None:
-    """The bottleneck width of the adapters an adapter run puts into its user encoder, else None."""
-    if tower.get("name") != "adapter" or not adapter_places(tower["adapter_in"])[1]:
-        return None
-    return int(tower["adapter_dim"])
+def _kind(model_spec: dict):
+    return ITEM_TOWERS.get(model_spec["item_tower"]["name"])
 
 
 def copy_parts(model: Recommender, state: dict[str, torch.Tensor], parts: Sequence[str]) -> dict:
@@ -276,11 +265,6 @@ def init_from_run(ws: Workspace, opts: Any, model: Recommender, spec: dict, sour
     if ITEM in parts and spec["item_tower"].get("whiten"):
         record["whitening"] = f"the source's (fitted on {source.config['dataset']['name']}'s catalogue)"
     return record
-
-
-def retarget_group(group: str, dataset: str) -> str:
-    """The same encoder's and variant's store group for another dataset."""
-    return str(replace(parse_group_name(group), dataset=dataset))
 
 
 def zero_shot_model(ws: Workspace, run_dir: Path, target: str, untrained: bool = False,

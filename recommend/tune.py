@@ -27,7 +27,7 @@ import json
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
@@ -37,6 +37,7 @@ from optuna.trial import TrialState
 from featurestore.errors import UserError
 from featurestore.workspace import Workspace
 from recommend.run import write_atomic
+from recommend.item_towers import ITEM_TOWERS
 from recommend.trainer import MONITOR, TrainOptions, check_options, train
 
 # name -> distribution; "float"/"int" take low/high (and log), "categorical" takes choices
@@ -46,7 +47,6 @@ DEFAULT_SPACE: dict[str, dict] = {
     "dropout": {"type": "float", "low": 0.0, "high": 0.5},
     "dim": {"type": "categorical", "choices": [32, 64, 128]},
 }
-TS_DNN_SPACE = {"layers": {"type": "int", "low": 1, "high": 10}}  # depth N, ts-dnn only
 PRUNERS = ("median", "hyperband", "none")
 DB_FILE = "tune.db"
 PLOT = "search.png"
@@ -69,7 +69,8 @@ class TuneOptions:
 
 
 def default_space(mode: str) -> dict:
-    return {**DEFAULT_SPACE, **(TS_DNN_SPACE if mode == "ts-dnn" else {})}
+    """The shared space, and what the mode searches besides (TS-DNN: its depth N)."""
+    return {**DEFAULT_SPACE, **ITEM_TOWERS.get(mode).search_space}
 
 
 def load_space(path: Path) -> dict:
@@ -93,7 +94,7 @@ def load_space(path: Path) -> dict:
 
 def check_space(space, where: str = "the search space") -> dict:
     """Every entry names a training option and a distribution Optuna can sample."""
-    known = {f.name for f in fields(TrainOptions)}
+    known = set(TrainOptions().to_dict())
     if not isinstance(space, dict) or not space:
         raise UserError(f"{where}: give a mapping of option -> distribution, e.g. "
                         "{lr: {type: float, low: 1e-4, high: 1e-2, log: true}}")
@@ -192,7 +193,7 @@ def run_tune(ws: Workspace, opts: TuneOptions, echo: bool = True) -> dict:
         raise UserError(f"--pruner {opts.pruner}: choose from {', '.join(PRUNERS)}")
     if opts.base.run_name:
         raise UserError("--run-name: every trial gets its own run folder (STUDY-tN); drop --run-name")
-    check_options(replace(opts.base))  # bad base options fail here, not in every trial
+    check_options(opts.base)  # bad base options fail here, not in every trial
     name = opts.study_name or default_study_name(opts.base)
     storage = open_storage(ws, opts.storage, opts.heartbeat)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -207,7 +208,7 @@ def run_tune(ws: Workspace, opts: TuneOptions, echo: bool = True) -> dict:
         params = suggest(trial, space)
         run = trial_run_name(name, trial)
         trial.set_user_attr("run", run)
-        options = replace(opts.base, run_name=run, **params)
+        options = opts.base.replace(run_name=run, **params)
 
         def report(epoch: int, metrics: dict) -> bool:
             trial.report(metrics[MONITOR[0]], epoch)
@@ -243,7 +244,7 @@ def _record_setup(study: optuna.Study, opts: TuneOptions, space: dict) -> None:
     """What is searched around what, kept with the study (the first worker writes it); a later
     worker or restart with other fixed options or another space is refused, so trials of two
     setups never compete for one "best"."""
-    base = {k: v for k, v in asdict(opts.base).items() if k not in space and k not in ("run_name", "device")}
+    base = {k: v for k, v in opts.base.to_dict().items() if k not in space and k not in ("run_name", "device")}
     base = json.loads(json.dumps(base, default=str))
     if "base" in study.user_attrs:
         stored = study.user_attrs["base"]

@@ -18,7 +18,9 @@ from featurestore.cliutil import UserError, emit, json_option, root_option
 from featurestore.configfile import config_option
 from featurestore.workspace import Workspace
 from recommend.trainer import TrainOptions
-from recommend.tune import DEFAULT_SPACE, PRUNERS, TS_DNN_SPACE, TuneOptions, default_space, load_space, run_tune
+from recommend.cli_options import parse_lists
+from recommend.item_towers import ITEM_TOWERS, list_item_towers
+from recommend.tune import DEFAULT_SPACE, PRUNERS, TuneOptions, default_space, load_space, run_tune
 
 NOT_FROM_TRAIN = {"run_name", "quiet", "root", "as_json", "config"}  # tune's own, or per trial
 
@@ -27,7 +29,8 @@ HELP = f"""Search hyper-parameters of one configuration with Optuna (TPE, prunin
 Every trial trains an ordinary run folder ROOT/runs/STUDY-tN (so `eval rank` and `eval
 compare` work on it) and reports its full-pool validation HR@10 after every epoch to the
 pruner; the test split is never looked at. Default space: {', '.join(DEFAULT_SPACE)}, and
-{', '.join(TS_DNN_SPACE)} (depth N) for --mode ts-dnn. Training options given here are fixed
+what a mode searches besides ({', '.join(f"{n} for --mode {m}" for m in list_item_towers()
+                                  for n in ITEM_TOWERS.get(m).search_space) or "none"}). Training options given here are fixed
 for every trial; one of the space's given here (e.g. --layers 8, --lr 1e-3) is fixed, not
 searched.
 
@@ -41,9 +44,9 @@ recommend tune --dataset HM --mode id --trials 50 --storage postgresql://user@db
 """
 
 
-def make_tune_command(train_command: click.Command, names: Callable[[str | None], list[str]]) -> click.Command:
-    """``recommend tune``, carrying a copy of every option of ``train_command``; ``names``
-    splits its comma-separated options as ``train`` does."""
+def make_tune_command(train_command: click.Command, train_fields: Callable[[], list]) -> click.Command:
+    """``recommend tune``, carrying a copy of every option of ``train_command``; ``train_fields``
+    lists the option fields those were made from (to read them back as ``train`` does)."""
 
     @click.command("tune", help=HELP)
     @click.option("--trials", type=int, default=20, show_default=True,
@@ -72,16 +75,15 @@ def make_tune_command(train_command: click.Command, names: Callable[[str | None]
     @json_option
     def tune_command(ws: Workspace, as_json: bool, trials: int, timeout: float | None, storage: str | None,
                      study_name: str | None, space_file: Path | None, pruner: str, sampler_seed: int | None,
-                     heartbeat: int, encoder: str | None, features: str | None, objectives: str | None,
-                     threads: int | None = None, **options) -> None:
+                     heartbeat: int, threads: int | None = None, **options) -> None:
         if options["dataset"] is None:
             raise UserError("--dataset: name the prepared dataset to tune on (see `featurestore dataset ls`)")
         if threads:
             torch.set_num_threads(threads)  # how fast, not what is trained
-        base = TrainOptions(encoders=names(encoder), features=names(features),
-                            objectives=names(objectives), **options)
+        given = _given(options)
+        base = TrainOptions(**parse_lists(train_fields(), options))
         space = searched_space(load_space(space_file) if space_file else default_space(base.mode),
-                               given=_given(options), from_file=space_file is not None)
+                               given=parse_lists(train_fields(), given), from_file=space_file is not None)
         opts = TuneOptions(base, trials=trials, timeout=timeout, storage=storage, study_name=study_name,
                            space=space, pruner=pruner,
                            sampler_seed=sampler_seed, heartbeat=heartbeat)

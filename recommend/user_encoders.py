@@ -22,14 +22,23 @@ training loop.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from featurestore.errors import UserError
 from featurestore.registry import Registry
+from recommend.cloze import cloze_loss
+from recommend.options import TrainOptions, fill, option, values_of
+from recommend.steps import StepOutput, next_item_step
 
-USER_ENCODERS: Registry["UserEncoder"] = Registry("backbone")
+if TYPE_CHECKING:
+    from recommend.losses import Loss
+    from recommend.model import Recommender
+
+USER_ENCODERS: Registry[type["UserEncoder"]] = Registry("backbone", plugins=("recommend.plugins",))
 
 
 @dataclass(frozen=True)
@@ -45,7 +54,29 @@ class EncoderConfig:
 
 
 class UserEncoder(nn.Module):
-    """``(B, L, d)`` item vectors + ``(B, L)`` mask -> ``(B, L, d)`` causal hidden states."""
+    """``(B, L, d)`` item vectors + ``(B, L)`` mask -> ``(B, L, d)`` causal hidden states.
+
+    A registered backbone is a plugin: ``options`` (its option dataclass, if any), ``check``
+    and ``spec`` are asked by the trainer, and ``training_step`` is its own.
+    """
+
+    options: type | None = None
+    cloze = False  # trained by filling in masked items, not next-item prediction
+
+    @classmethod
+    def check(cls, opts: TrainOptions) -> TrainOptions:
+        """Refuse what this backbone cannot train; return the options with its defaults filled."""
+        return opts
+
+    @classmethod
+    def spec(cls, opts: TrainOptions) -> dict:
+        """The backbone's part of the model spec (plain data, :class:`EncoderConfig` fields)."""
+        own = {k: v for k, v in values_of(cls.options, opts).items() if v is not None}
+        return {"name": opts.backbone, "blocks": opts.blocks, "heads": opts.heads, "dropout": opts.dropout, **own}
+
+    def training_step(self, model: Recommender, loss: Loss, rows: torch.Tensor) -> StepOutput:
+        """One step's loss on training ``rows`` (B, L + 1): next-item prediction at every position."""
+        return next_item_step(model, loss, rows)
 
     def forward(self, items: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -101,6 +132,12 @@ class _PositionalTransformer(UserEncoder):
         self.blocks = nn.TransformerEncoder(block, cfg.blocks, enable_nested_tensor=False)
         nn.init.xavier_normal_(self.positions.weight)
 
+    @classmethod
+    def check(cls, opts: TrainOptions) -> TrainOptions:
+        if opts.dim % opts.heads:
+            raise UserError(f"--dim {opts.dim} must be divisible by --heads {opts.heads}")
+        return opts
+
     def transform(self, items: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
         """Hidden states ``(B, L, d)`` of ``items`` under an additive ``attention`` mask."""
         length = items.shape[1]
@@ -115,6 +152,14 @@ class SASRec(_PositionalTransformer):
 
     def forward(self, items: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.transform(items, causal_attention_mask(mask, self.heads))
+
+
+@dataclass(frozen=True)
+class ClozeOptions:
+    mask_prob: float | None = option(flag="--mask-prob", min=0.0, max=1.0, min_open=True, max_open=True,
+                                     purpose="is the cloze masking share of --backbone bert4rec",
+                                     help="bert4rec: share of each sequence's items masked in cloze training "
+                                          "[default: 0.2, the BERT4Rec paper's value for MovieLens].")
 
 
 @USER_ENCODERS.register("bert4rec")
@@ -132,6 +177,7 @@ class BERT4Rec(_PositionalTransformer):
     """
 
     cloze = True
+    options = ClozeOptions
 
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__(replace(cfg, max_seq_len=cfg.max_seq_len + 1))
@@ -148,6 +194,14 @@ class BERT4Rec(_PositionalTransformer):
         masked = torch.zeros_like(mask)
         masked[:, -1] = True
         return self.fill(items, mask, masked)[:, 1:]
+
+    @classmethod
+    def check(cls, opts: TrainOptions) -> TrainOptions:
+        """Fill ``--mask-prob`` (so config.json records the share the run trained with)."""
+        return fill(super().check(opts), mask_prob=EncoderConfig.mask_prob)
+
+    def training_step(self, model: Recommender, loss: Loss, rows: torch.Tensor) -> StepOutput:
+        return StepOutput(cloze_loss(model, loss, rows))
 
     def fill(self, items: torch.Tensor, mask: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
         """States ``(B, L, d)`` with the ``masked`` (B, L) positions' items replaced by [MASK].

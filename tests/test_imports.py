@@ -153,10 +153,6 @@ def describe(modules: dict[str, Module], cycles: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _inside_recommend(component: list[str]) -> bool:
-    return all(name.split(".")[0] == "recommend" for name in component)
-
-
 @pytest.fixture(scope="module")
 def modules() -> dict[str, Module]:
     return import_graph()
@@ -169,15 +165,9 @@ def test_the_graph_sees_every_kind_of_import(modules: dict[str, Module]) -> None
     assert modules["featurestore.cli"].cli and not modules["featurestore.store"].cli
 
 
-def test_no_import_cycles_outside_recommend(modules: dict[str, Module]) -> None:
-    cycles = [c for c in strongly_connected(modules) if not _inside_recommend(c)]
+def test_no_import_cycles(modules: dict[str, Module]) -> None:
+    cycles = strongly_connected(modules)
     assert not cycles, "import cycles:\n" + describe(modules, cycles)
-
-
-@pytest.mark.xfail(strict=False, reason="issue 23: the cycles inside recommend/ are being taken apart")
-def test_no_import_cycles_inside_recommend(modules: dict[str, Module]) -> None:
-    cycles = [c for c in strongly_connected(modules) if _inside_recommend(c)]
-    assert not cycles, "import cycles inside recommend/:\n" + describe(modules, cycles)
 
 
 def test_no_library_module_imports_a_cli_module(modules: dict[str, Module]) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,8 +13,9 @@ from recommend import chunked_softmax
 from recommend.chunked_softmax import MIN_CHUNK
 from recommend.features import FeatureSource
 from recommend.item_towers import create_item_tower
-from recommend.losses import (LossContext, catalogue_vectors, check_loss_options, chunked_logsumexp, create_loss,
-                              embed_step, list_losses, loss_options, sample_negatives)
+from recommend.losses import (LOSSES, LossContext, catalogue_vectors, chunked_logsumexp, create_loss, embed_step,
+                              list_losses, sample_negatives)
+from recommend.trainer import TrainOptions, check_options
 
 
 def test_sampled_negatives_are_never_in_the_users_sequence_and_cover_the_rest():
@@ -381,11 +381,12 @@ def test_sce_embeds_its_shared_negatives_in_the_same_tower_call_and_trains_them(
     ("sce", {"negatives": 0}, None, "--negatives must be >= 1"),
 ])
 def test_loss_options_belong_to_their_losses(loss, given, filled, error):
-    opts = SimpleNamespace(loss=loss, **{"negatives": None, "gbce_t": None, **given})
+    opts = TrainOptions(dataset="synth", loss=loss, **given)
     if error:
         with pytest.raises(UserError, match=error):
-            check_loss_options(opts)
+            check_options(opts)
         return
-    check_loss_options(opts)
-    assert vars(opts) == {"loss": loss, **filled}
-    assert loss_options(opts) == {name: value for name, value in filled.items() if value is not None}
+    checked = check_options(opts)
+    assert opts.negatives is None and opts.gbce_t is None  # checking fills a copy, never the given options
+    assert {name: getattr(checked, name) for name in filled} == filled
+    assert LOSSES.get(loss).context_options(checked) == {k: v for k, v in filled.items() if v is not None}
