@@ -31,7 +31,6 @@ so their weights (NID's head) are optimised, checkpointed and resumed with it;
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn

@@ -181,6 +181,10 @@ def study_extractions(opts: StudyOptions) -> dict:
     return dict(need for need in needs if need is not None)
 
 
+def _live_modes() -> list[str]:
+    return [m for m in list_item_towers() if ITEM_TOWERS.get(m).runs_encoder_live]
+
+
 def ensure_features(ws: Workspace, opts: StudyOptions, progress: bool,
                     cache_layer: int | str | None = None) -> tuple[dict, dict]:
     """Extract the encoder's store group if it is missing or unfinished (resumes a killed job).

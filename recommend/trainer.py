@@ -22,14 +22,13 @@ is the default and needs no launcher.
 
 from __future__ import annotations
 
-import json
 import logging
 import resource
 import statistics
 import sys
 import time
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -42,7 +41,7 @@ from eval.metrics import format_metrics
 from featurestore.errors import UserError
 from featurestore.progress import progress_bar
 from featurestore.runtime.device import resolve_device
-from featurestore.runtime.processes import Processes, launched
+from featurestore.runtime.processes import Processes, process_group
 from featurestore.runtime.seeding import epoch_seed
 from featurestore.workspace import Workspace
 from recommend import __version__
@@ -51,15 +50,16 @@ from recommend.cost import parameter_breakdown
 from recommend.item_towers import ITEM_TOWERS
 from recommend.losses import LOSSES, Loss, LossContext, create_loss
 from recommend.model import Recommender, build_recommender
-from recommend.objectives import AuxObjectives, Step, attach_objectives, check_objectives
+from recommend.objectives import AuxObjectives, Step, attach_objectives
 from recommend.options import TrainOptions
 from recommend.plugins import check_options
 from recommend.stopping import MONITOR, EarlyStopping
 from recommend.transfer import init_from_run
-from recommend.run import (BEST, CHECKPOINT, FINISHED, LAST, LOG, append_metrics, default_run_name, run_lock,
-                           load_training_state, open_run, read_metrics, rewrite_metrics,
-                           save_checkpoint, save_training_state, write_json)
+from recommend.callbacks import Callback, EpochHook
+from recommend.run import CHECKPOINT, LAST, LOG
+from recommend.run_folder import RunFolder
 from recommend.user_encoders import USER_ENCODERS
+
 
 class Objective(nn.Module):
     """Recommender + loss as one module, so DDP sees the whole step in ``forward``.
@@ -203,12 +203,13 @@ def build_config(opts: TrainOptions, dataset: PreparedDataset, sources, spec: di
 
 
 def train(ws: Workspace, opts: TrainOptions, progress: bool = True, echo: bool = True,
-          on_epoch: Callable[[int, dict], bool] | None = None) -> dict:
+          on_epoch: Callable[[int, dict], bool] | None = None, callbacks: Sequence[Callback] = ()) -> dict:
     """Train one recommender into its run folder (resuming it, see above) and return its summary.
 
     Args:
         on_epoch: called on process 0 after each validated epoch with ``(epoch, metrics)``;
             returning True stops the run with status ``pruned`` (``recommend tune``).
+        callbacks: observers of the run (:class:`recommend.callbacks.Callback`), on process 0.
 
     Returns:
         ``{"run", "run_dir", "status", "best_epoch", "best", "epochs", "message", "popularity",
@@ -221,22 +222,14 @@ def train(ws: Workspace, opts: TrainOptions, progress: bool = True, echo: bool =
         ...                                     encoders=["swin-t"]))["best"]["HR@10"]
     """
     opts = check_options(opts)
-    procs = Processes.from_env()
-    device = resolve_device(opts.device, procs)
-    if launched() and not dist.is_initialized():  # torchrun, even with one process (NCCL on 1 GPU)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    try:
-        result = _train(ws, opts, procs, device, progress, echo, on_epoch)
-        if dist.is_initialized():
-            dist.barrier()  # leave together: a rank tearing gloo down while another still uses it aborts
-        return result
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    device = resolve_device(opts.device, Processes.from_env())
+    callbacks = [*callbacks, *([EpochHook(on_epoch)] if on_epoch is not None else [])]
+    with process_group(str(device)) as procs:  # torchrun, even with one process (NCCL on 1 GPU)
+        return _train(ws, opts, procs, device, progress, echo, callbacks)
 
 
 def _train(ws: Workspace, opts: TrainOptions, procs: Processes, device: torch.device,
-           progress: bool, echo: bool, on_epoch: Callable[[int, dict], bool] | None = None) -> dict:
+           progress: bool, echo: bool, callbacks: Sequence[Callback]) -> dict:
     dataset = PreparedDataset.load(ws.dataset_dir(opts.dataset))
     kind = ITEM_TOWERS.get(opts.mode)
     sources = kind.open(ws, opts, dataset)  # opened and checked against the dataset's fingerprint
@@ -268,44 +261,42 @@ def _train(ws: Workspace, opts: TrainOptions, procs: Processes, device: torch.de
     kind.describe(config, model)
     if transferred is not None:
         config["transfer"] = transferred
-    name = procs.broadcast(_run_name(ws, opts, config) if procs.main else None)
-    run_dir = open_run(ws, name, config) if procs.main else ws.run_dir(name)
-    finished = procs.broadcast(_finished(run_dir) if procs.main else None)
+    run = RunFolder.open(ws, opts.run_name, config, procs)
+    finished = run.finished(procs)
     if finished is not None:
-        return {"run": name, "run_dir": str(run_dir), **finished}
-    resume = load_training_state(run_dir, model, optimizer)  # every process: same weights
+        return {"run": run.name, "run_dir": str(run.path), **finished}
+    resume = run.resume(model, optimizer)  # every process: the same weights
 
-    with run_lock(run_dir, procs.main), _run_logger(run_dir, procs.main, echo) as log:
+    with run.lock(), _run_logger(run.path, procs.main, echo) as log:
         log.info("run %s: %s on %s, %d training sequences, %d items, %s trainable parameters "
-                 "(%.2f%% of %s), device %s x%d", name, opts.mode, dataset.name, len(rows), dataset.n_items,
+                 "(%.2f%% of %s), device %s x%d", run.name, opts.mode, dataset.name, len(rows), dataset.n_items,
                  f"{config['cost']['trainable_params']:,}", 100 * config["parameters"]["trainable_share"],
                  f"{config['cost']['total_params']:,}", device, procs.world_size)
-        if resume is not None and procs.main:
-            _restore_run_files(run_dir, model, resume)
+        if resume is not None:
             log.info("resuming after epoch %d (from %s)", resume["epoch"], LAST)
+        callbacks = callbacks if procs.main else []
+        for callback in callbacks:
+            callback.on_train_start(run.path, config)
         try:
             outcome = _epochs(objective, model, optimizer, batches, dataset, opts, procs, device,
-                              run_dir, progress, log, resume, on_epoch)
+                              run, progress, log, resume, callbacks)
         except KeyboardInterrupt:
-            if procs.main:
-                _mark_interrupted(run_dir)
-                log.info("interrupted; the best checkpoint so far is kept")
+            run.interrupted()
+            log.info("interrupted; the best checkpoint so far is kept")
             raise
-        if procs.main:
-            write_json(run_dir / BEST, {"epoch": outcome["best_epoch"], "metrics": outcome["best"],
-                                        "status": outcome["status"], "message": outcome["message"],
-                                        "popularity": outcome["popularity"], "warning": outcome["warning"]})
-            (run_dir / LAST).unlink(missing_ok=True)  # finished: nothing left to resume
+        run.finish(outcome)
+        for callback in callbacks:
+            callback.on_train_end(outcome)
         log.info("%s", outcome["message"], extra={"file_only": True})  # the caller prints it once
         if outcome["warning"]:
             log.warning("warning: %s", outcome["warning"], extra={"file_only": True})
-    return {"run": name, "run_dir": str(run_dir), **outcome}
+    return {"run": run.name, "run_dir": str(run.path), **outcome}
 
 
 def _epochs(objective, model: Recommender, optimizer, batches: SequenceBatches,
-            dataset: PreparedDataset, opts: TrainOptions, procs: Processes,
-            device: torch.device, run_dir, progress: bool, log: logging.Logger,
-            resume: dict | None = None, on_epoch: Callable[[int, dict], bool] | None = None) -> dict:
+            dataset: PreparedDataset, opts: TrainOptions, procs: Processes, device: torch.device,
+            run: RunFolder, progress: bool, log: logging.Logger, resume: dict | None,
+            callbacks: Sequence[Callback]) -> dict:
     from eval.evaluate import popularity_metrics
 
     state = resume or {"epoch": 0, "best": None, "best_epoch": None, "since_best": 0, "stopped": None,
@@ -327,23 +318,18 @@ def _epochs(objective, model: Recommender, optimizer, batches: SequenceBatches,
         eval_start = time.perf_counter()
         metrics = validate(model, dataset)  # every process: the users are sharded across them
         if procs.main:
-            record = _epoch_record(epoch, trained, metrics, batches, procs, device, eval_start)
+            record = _epoch_record(epoch, trained, metrics, batches, procs, device, eval_start, optimizer)
             log.info("epoch %d: loss %.4f%s, valid %s, %.1fs (%.1f seq/s)", epoch, record["loss"],
                      f" ({', '.join(f'{k} {v:.4f}' for k, v in trained['terms'].items())})"
                      if trained["terms"] else "", format_metrics(metrics), record["seconds"],
                      record["sequences_per_sec"])
             decision = stopping.update(epoch, metrics)
-            if decision is None and on_epoch is not None and on_epoch(epoch, metrics):
+            stop = [callback.on_epoch_end(epoch, record) for callback in callbacks]
+            if decision is None and any(stop):
                 decision = ("pruned", f"pruned at epoch {epoch} by the hyper-parameter search.")
             records.append(record)
-            # resumable state first; the best checkpoint is only ever written after a state
-            # that names it (see _restore_run_files), and metrics.jsonl is rebuilt on resume
-            save_training_state(run_dir, model, optimizer, {
-                "epoch": epoch, **stopping.state_dict(), "stopped": decision, "records": records})
-            if stopping.improved(epoch):
-                save_checkpoint(run_dir, model)
-                write_json(run_dir / BEST, {"epoch": epoch, "metrics": metrics, "status": "running"})
-            append_metrics(run_dir, record)
+            run.epoch_done(model, optimizer, {"epoch": epoch, **stopping.state_dict(), "stopped": decision,
+                                              "records": records}, record, stopping.improved(epoch))
         decision = stopping.agree(procs, decision)
         if decision is not None:
             status, message = decision
@@ -397,7 +383,7 @@ def _train_epoch(objective, optimizer, batches: SequenceBatches, procs: Processe
 
 
 def _epoch_record(epoch: int, trained: dict, metrics: dict, batches: SequenceBatches, procs: Processes,
-                  device: torch.device, eval_start: float) -> dict:
+                  device: torch.device, eval_start: float, optimizer: torch.optim.Optimizer) -> dict:
     """The epoch's line of ``metrics.jsonl``."""
     seconds, steps, step_seconds = trained["seconds"], trained["steps"], trained["step_seconds"]
     record = {
@@ -410,6 +396,7 @@ def _epoch_record(epoch: int, trained: dict, metrics: dict, batches: SequenceBat
         "eval_seconds": time.perf_counter() - eval_start,
         "peak_rss_mb": _peak_rss_mb(),
         "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+        "lr": {group.get("name", str(i)): group["lr"] for i, group in enumerate(optimizer.param_groups)},
     }
     if trained["terms"]:
         record["terms"] = trained["terms"]
@@ -419,47 +406,3 @@ def _epoch_record(epoch: int, trained: dict, metrics: dict, batches: SequenceBat
 def _step_terms(objective: nn.Module) -> dict[str, torch.Tensor]:
     """The last step's separate loss terms (empty without ``--objectives``), DDP-wrapped or not."""
     return (objective.module if isinstance(objective, DistributedDataParallel) else objective).terms
-
-
-def _finished(run_dir) -> dict | None:
-    """The outcome of a run that already ended (best.json says so), else None."""
-    path = run_dir / BEST
-    best = json.loads(path.read_text()) if path.exists() else {}
-    if best.get("status") not in FINISHED:
-        return None
-    return {"status": best["status"], "best_epoch": best.get("epoch"), "best": best.get("metrics", {}),
-            "epochs": len(read_metrics(run_dir)), "popularity": best.get("popularity"),
-            "warning": best.get("warning"),
-            "message": f"already finished, nothing to do: {best.get('message', '')}".strip()}
-
-
-def _restore_run_files(run_dir, model: Recommender, state: dict) -> None:
-    """Make the run folder agree with the resumed state after a kill at any point of an epoch.
-
-    ``metrics.jsonl`` keeps the resumed epochs only; when the state's own epoch was the best,
-    the kill may have come between the state and the checkpoint, so the checkpoint is
-    rewritten from the restored weights (an older best was written before its successor state).
-    """
-    rewrite_metrics(run_dir, state["records"])
-    if state["best_epoch"] is not None:
-        if state["best_epoch"] == state["epoch"]:
-            save_checkpoint(run_dir, model)
-        write_json(run_dir / BEST, {"epoch": state["best_epoch"], "metrics": state["best"],
-                                    "status": "running"})
-
-
-def _mark_interrupted(run_dir) -> None:
-    path = run_dir / BEST
-    best = json.loads(path.read_text()) if path.exists() else {"epoch": None, "metrics": {}}
-    write_json(path, {**best, "status": "interrupted"})
-
-
-def _run_name(ws: Workspace, opts: TrainOptions, config: dict) -> str:
-    """The given ``--run-name``, else a generated one made unique with a suffix."""
-    if opts.run_name:
-        return opts.run_name
-    base = name = default_run_name(config)
-    suffix = 2
-    while ws.run_dir(name).exists():
-        name, suffix = f"{base}-{suffix}", suffix + 1
-    return name

@@ -137,7 +137,7 @@ def test_train_killed_twice_resumes_to_the_same_result(synth_ws, tmp_path):
     train(ws, replace(options, run_name="whole"), progress=False, echo=False)  # uninterrupted
     args = train_args(tmp_path, name, "killed")
     # right after epoch 2's resumable state, before its checkpoint and metrics line
-    killed("recommend.cli", "recommend.trainer:save_training_state", 2, *args)
+    killed("recommend.cli", "recommend.run_folder:save_training_state", 2, *args)
     best = json.loads((ws.run_dir("killed") / "best.json").read_text())
     assert best["status"] == "running"  # not complete, and `recommend runs` says so
     # resumed after epoch 2, killed again after epoch 4's validation (its state not yet saved)
@@ -175,7 +175,7 @@ def test_checkpoint_written_after_its_state_is_repaired_on_resume(synth_ws, tmp_
             raise Killed  # like SIGKILL: no handler runs
         real(run_dir, model)
 
-    monkeypatch.setattr("recommend.trainer.save_checkpoint", checkpoint_or_die)
+    monkeypatch.setattr("recommend.run_folder.save_checkpoint", checkpoint_or_die)
     with pytest.raises(Killed):
         train(ws, TrainOptions(**opts, run_name="cut"), progress=False, echo=False)
     monkeypatch.undo()
