@@ -13,7 +13,8 @@ A plugin of any family answers the same two things about options:
 - ``check(opts) -> TrainOptions``: refuse what it cannot train, return a copy with its
   defaults filled (never a change in place).
 
-The training features (``--init-from``, ``--objectives``) are plugins every run has.
+The training features (``--init-from``, ``--objectives``) are plugins every run has; a feature may
+also watch runs (``callbacks(opts) -> [Callback]``: experiment tracking).
 """
 
 from __future__ import annotations
@@ -60,6 +61,11 @@ def option_fields() -> dict[str, Field]:
 def selected(opts: TrainOptions) -> list[Any]:
     """The plugins a run is made of: its mode, backbone and loss, then every training feature."""
     return [registry.get(getattr(opts, attr)) for registry, attr in FAMILIES.values()] + list(FEATURES)
+
+
+def feature_callbacks(opts: TrainOptions) -> list:
+    """The callbacks the training features attach to a run with these (checked) options."""
+    return [callback for feature in FEATURES if hasattr(feature, "callbacks") for callback in feature.callbacks(opts)]
 
 
 def check_options(opts: TrainOptions) -> TrainOptions:

@@ -52,7 +52,7 @@ from recommend.losses import LOSSES, Loss, LossContext, create_loss
 from recommend.model import Recommender, build_recommender
 from recommend.objectives import AuxObjectives, Step, attach_objectives
 from recommend.options import TrainOptions
-from recommend.plugins import check_options
+from recommend.plugins import check_options, feature_callbacks
 from recommend.stopping import MONITOR, EarlyStopping
 from recommend.transfer import init_from_run
 from recommend.callbacks import Callback, EpochHook
@@ -223,7 +223,7 @@ def train(ws: Workspace, opts: TrainOptions, progress: bool = True, echo: bool =
     """
     opts = check_options(opts)
     device = resolve_device(opts.device, Processes.from_env())
-    callbacks = [*callbacks, *([EpochHook(on_epoch)] if on_epoch is not None else [])]
+    callbacks = [*callbacks, *feature_callbacks(opts), *([EpochHook(on_epoch)] if on_epoch is not None else [])]
     with process_group(str(device)) as procs:  # torchrun, even with one process (NCCL on 1 GPU)
         return _train(ws, opts, procs, device, progress, echo, callbacks)
 
