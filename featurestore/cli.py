@@ -7,6 +7,7 @@ import click
 from data.cli import dataset
 from extract.adapt_cli import adapt
 from extract.cli import encoders, extract
+from extract.codes_cli import codes
 from featurestore import store_cli
 from featurestore.cliutil import run_cli
 
@@ -28,6 +29,7 @@ cli.add_command(dataset)
 cli.add_command(extract)
 cli.add_command(encoders)
 cli.add_command(adapt)
+cli.add_command(codes)
 for command in store_cli.COMMANDS:
     cli.add_command(command)
 

@@ -13,8 +13,8 @@ A plugin of any family answers the same two things about options:
 - ``check(opts) -> TrainOptions``: refuse what it cannot train, return a copy with its
   defaults filled (never a change in place).
 
-The training features (``--init-from``, ``--objectives``) are plugins every run has; a feature may
-also watch runs (``callbacks(opts) -> [Callback]``: experiment tracking).
+The training features (``--init-from``, ``--objectives``, ``--track``) are plugins every run has; a
+feature may also watch runs (``callbacks(opts) -> [Callback]``: experiment tracking).
 """
 
 from __future__ import annotations
@@ -24,12 +24,13 @@ from typing import Any, Iterator
 
 from featurestore.errors import UserError
 from featurestore.workspace import check_name
-from recommend import (adapters, e2e, item_towers, losses, merge_attn, objectives, side, transfer,  # the plugins
-                       user_encoders)
+from recommend import (adapters, e2e, id_init, item_towers, losses, merge_attn, objectives, side, sid,  # the plugins
+                       tracking, transfer, user_encoders)
 from recommend.options import SHARED_FIELDS, TrainOptions, check_fields, range_problem, refuse_foreign_options
 
-FEATURES = (transfer.TRANSFER_FEATURE, objectives.OBJECTIVES_FEATURE)
-PLUGIN_MODULES = (item_towers, merge_attn, e2e, adapters, side, user_encoders, losses, transfer, objectives)
+FEATURES = (transfer.TRANSFER_FEATURE, objectives.OBJECTIVES_FEATURE, tracking.TRACKING_FEATURE)
+PLUGIN_MODULES = (item_towers, merge_attn, e2e, adapters, side, sid, id_init, user_encoders, losses, transfer,
+                  objectives)
 
 # family flag -> (registry, the option of TrainOptions that picks the plugin)
 FAMILIES = {"--mode": (item_towers.ITEM_TOWERS, "mode"), "--backbone": (user_encoders.USER_ENCODERS, "backbone"),

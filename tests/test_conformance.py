@@ -14,6 +14,7 @@ from dataclasses import fields
 import pytest
 
 from eval.evaluate import evaluate
+from extract.codes import CodesOptions, run_codes
 from extract.job import ExtractOptions, run_extraction
 from featurestore.errors import UserError
 from recommend.item_towers import ITEM_TOWERS
@@ -33,6 +34,8 @@ EXAMPLES = {  # mode -> the options of a small run of it on the synthetic datase
     "e2e": {**LIVE, "top_k": 1},
     "adapter": {**LIVE, "adapter_in": "item", "adapter_dim": 4},
     "side": {"encoders": ["bert-tiny@layers"], "side_dim": 4},
+    "sid": {"codes": "synth/codes/bert-tiny@rq-kmeans-2x8"},
+    "id-init": ENCODER,
 }
 COMMON = {"dataset": "synth", "dim": 16, "epochs": 1, "batch_size": 128, "lr": 1e-3, "device": "cpu"}
 
@@ -43,6 +46,7 @@ def ws(private_ws):
     for cache in ({}, {"cache_layer": "all", "cache_dtype": "float32", "variant": "layers"}):
         run_extraction(ws, ExtractOptions(dataset="synth", encoder="bert-tiny", random_init=True, workers=0,
                                           progress=False, **cache))
+    run_codes(ws, CodesOptions(dataset="synth", encoder="bert-tiny", levels=2, codebook=8))  # what sid reads
     return ws
 
 
