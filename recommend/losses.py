@@ -24,7 +24,9 @@ Losses:
   SASRec; the strongest choice for SASRec per Klenitskiy & Vasilev, RecSys 2023).
   Such a loss sets ``catalogue = True``: instead of sampled extras it receives every
   item's vector, computed by :func:`catalogue_vectors` with an exact gradient and
-  bounded memory (chunks through the tower, recomputed in backward).
+  bounded memory (chunks through the tower, recomputed in backward); or, with
+  ``--catalogue-refresh R`` (the default for modes that run an encoder live), from a
+  cache refreshed every R steps, the batch's own items live (:mod:`recommend.catalogue_cache`).
 - ``sce``: sampled softmax, ``ce``'s cheap estimate: each position's target against K
   items drawn uniformly for the whole batch (shared negatives, one tower call for all),
   each negative's logit raised by ``log(N / K)`` (the logQ correction), so the
@@ -51,6 +53,7 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from featurestore.errors import UserError
+from recommend.catalogue_cache import CatalogueCache, cached_logsumexp
 from recommend.chunked_softmax import chunked_logsumexp
 from featurestore.registry import Registry
 from recommend.options import TrainOptions, fill, option, values_of
@@ -65,6 +68,7 @@ class LossContext:
     train_counts: np.ndarray  # interactions per item id in the training split, length N + 1
     negatives: int = 1  # gbce: sampled negatives per position; sce: per batch
     gbce_t: float = 0.75  # gbce: calibration t of gSASRec
+    catalogue_refresh: int | None = None  # ce: steps between refreshes of the cached catalogue (None, 0: exact)
 
 
 @dataclass(frozen=True)
@@ -199,6 +203,22 @@ class InBatchSoftmax(Loss):
         return F.cross_entropy(logits, label)
 
 
+LIVE_REFRESH = 10  # --catalogue-refresh of the modes that run an encoder live (bench/e2e.py --losses, BENCHMARKS.md)
+
+
+@dataclass(frozen=True)
+class CatalogueOptions:
+    """``--catalogue-refresh``, of ``ce``."""
+
+    catalogue_refresh: int | None = option(
+        flag="--catalogue-refresh", min=0, metavar="R", purpose="is an option of --loss ce",
+        help=f"ce: score the catalogue against item vectors cached without gradient and refreshed every R "
+             f"steps and at each epoch start, the batch's own items computed live with gradient: a step no "
+             f"longer runs the whole catalogue through the tower. 0 = exact (every item through the tower with "
+             f"gradient at every step) [default: {LIVE_REFRESH} for the modes that run an encoder live (e2e, "
+             f"adapter), 0 for the others].")
+
+
 @LOSSES.register("ce")
 class CatalogueSoftmax(Loss):
     """Softmax cross-entropy of each position's target against all N items.
@@ -207,22 +227,61 @@ class CatalogueSoftmax(Loss):
     item chunks whose logits fit a byte budget, the softmax rebuilt chunk by chunk in
     backward, so memory stays bounded at any catalogue size and the gradient is exact.
     Only positions whose input is real are scored.
+
+    With ``--catalogue-refresh R`` the vectors of the items outside the batch come from a
+    :class:`recommend.catalogue_cache.CatalogueCache` refreshed every R steps (the loss
+    counts its own calls, one per step) and at each epoch start (the loop puts the
+    objective, this loss included, in training mode as each epoch starts). Why a setting
+    of ``ce`` and not a loss of its own: it is the same objective over the same catalogue,
+    and ``--loss`` is a shared option whose default cannot tell "not given" from "ce"; so
+    ``ce``'s own default follows the mode (``TowerKind.runs_encoder_live``: e2e, adapter),
+    config.json records it, and ``--catalogue-refresh 0`` forces the exact softmax.
     """
 
     catalogue = True
-    summary = ("softmax cross-entropy over the whole catalogue (RecBole's SASRec default; exact, memory "
-               "bounded, but a step scores every item, and a content tower runs over the whole catalogue forward "
-               "and backward: at 87K items on a 2-core CPU a step costs x6-13 an inbatch step for IDRec and about "
-               "x55 for TS-DNN-8, see BENCHMARKS.md)")
+    options = CatalogueOptions
+    summary = (f"softmax cross-entropy over the whole catalogue (RecBole's SASRec default; memory bounded). "
+               f"Exact for id/ts/ts-dnn/side: a step scores every item and a content tower runs over the whole "
+               f"catalogue forward and backward (at 87K items on a 2-core CPU x6-13 an inbatch step for IDRec, "
+               f"about x55 for TS-DNN-8, see BENCHMARKS.md). For e2e/adapter, whose tower runs the encoder: "
+               f"against a cached catalogue refreshed every {LIVE_REFRESH} steps, the batch's items live "
+               f"(--catalogue-refresh)")
 
     def __init__(self, ctx: LossContext) -> None:
         super().__init__()
+        self.cache = CatalogueCache(ctx.catalogue_refresh) if ctx.catalogue_refresh else None
+
+    @classmethod
+    def check(cls, opts: TrainOptions) -> TrainOptions:
+        """A mode that runs an encoder live defaults to the cached catalogue; the others stay exact."""
+        from recommend.item_towers import ITEM_TOWERS
+
+        if opts.catalogue_refresh is None and ITEM_TOWERS.get(opts.mode).runs_encoder_live:
+            return opts.replace(catalogue_refresh=LIVE_REFRESH)
+        return opts
+
+    def train(self, mode: bool = True) -> "CatalogueSoftmax":
+        if mode and self.cache is not None:
+            self.cache.expire()  # an epoch starts: its first step refreshes the cache
+        return super().train(mode)
+
+    def embed(self, model: nn.Module, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(vectors of rows, the catalogue table)``: exact, both from one chunked tower pass with
+        gradient; cached, ``rows`` through the tower live and the table from the cache."""
+        if self.cache is None:
+            table = catalogue_vectors(model)
+            return table[rows], table
+        return model.embed(rows), self.cache.table(model)
 
     def forward(self, hidden, rows, vectors, extra, extra_vectors):
         valid = rows[:, :-1] > 0
         h = hidden[valid]
         target = (h * vectors[:, 1:][valid]).sum(-1)
-        return (chunked_logsumexp(h, extra_vectors[1:]) - target).mean()
+        if self.cache is None:
+            return (chunked_logsumexp(h, extra_vectors[1:]) - target).mean()
+        ids, inverse = torch.unique(rows.reshape(-1), return_inverse=True)
+        live = vectors.reshape(-1, vectors.shape[-1])[first_positions(inverse, len(ids))]
+        return (cached_logsumexp(h, extra_vectors, ids, live) - target).mean()
 
 
 @LOSSES.register("sce")
@@ -327,11 +386,11 @@ def embed_step(model: nn.Module, loss: Loss, rows: torch.Tensor,
     Returns ``(vectors of rows, extra ids, extra vectors)``: the loss's sampled extras
     (drawn against ``sample_from``, default ``rows``; of any shape, e.g. ``sce``'s shared
     ``(1, K)``) embedded together with ``rows``; for a catalogue loss, every item's vector
-    (:func:`catalogue_vectors`), of which ``rows``' vectors are rows, and no extra ids.
+    (:func:`catalogue_vectors`, or the loss's cached table) and no extra ids.
     """
     if loss.catalogue:
-        table = catalogue_vectors(model)
-        return table[rows], None, table
+        vectors, table = loss.embed(model, rows)
+        return vectors, None, table
     extra = loss.extra_items(rows if sample_from is None else sample_from)
     if extra is None:
         return model.embed(rows), None, None

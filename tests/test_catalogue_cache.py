@@ -1,0 +1,109 @@
+"""``ce`` with a cached catalogue (``--catalogue-refresh R``) on a tiny live tower: exact at R = 1, refreshed when stated.
+
+The tower is e2e over bert-tiny (random init, its top block tuned) reading the synthetic
+titles itself; everything runs without dropout, so the cache (computed in eval mode) holds
+exactly the vectors the exact loss computes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from featurestore.cliutil import UserError
+from recommend.batches import training_rows
+from recommend.e2e import open_live_inputs
+from recommend.losses import LIVE_REFRESH, LossContext, catalogue_vectors, create_loss
+from recommend.model import build_recommender
+from recommend.trainer import Objective, TrainOptions, check_options, model_spec
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+E2E = dict(mode="e2e", encoders=["bert-tiny"], random_init=True, top_k=1, dim=16, dropout=0.0)
+
+
+@pytest.fixture(scope="module")
+def live(synth_ws, synth_dataset):
+    ws, name = synth_ws
+    opts = check_options(TrainOptions(dataset=name, **E2E))
+    torch.manual_seed(0)
+    model = build_recommender(model_spec(opts, synth_dataset), open_live_inputs(ws, opts, synth_dataset)).eval()
+    rows = torch.from_numpy(training_rows(synth_dataset, model.max_seq_len)[:6])
+    return model, rows, synth_dataset
+
+
+def _ce(dataset, refresh: int):
+    return create_loss("ce", LossContext(dataset.n_items, dataset.train_counts(), catalogue_refresh=refresh))
+
+
+def _grads(model, value: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
+    model.zero_grad()
+    value.backward()
+    return float(value.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _exact_with_batch_items_live(model, loss, rows: torch.Tensor) -> torch.Tensor:
+    """Exact ce, but the vectors of items outside ``rows`` held constant (detached)."""
+    table = catalogue_vectors(model)
+    in_batch = torch.zeros(len(table), dtype=torch.bool)
+    in_batch[rows.unique()] = True
+    table = torch.where(in_batch[:, None], table, table.detach())
+    vectors = table[rows]
+    hidden = model.encode(vectors[:, :-1], rows[:, :-1] > 0)
+    return loss(hidden, rows, vectors, None, table)
+
+
+def _assert_close(ours: dict, theirs: dict, names) -> None:
+    """Equal up to float rounding, relative to the largest gradient of ``names`` (some, such as an
+    attention key's bias, are zero in exact arithmetic and only rounding in float)."""
+    scale = max(float(theirs[name].abs().max()) for name in names)
+    for name in names:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-3, atol=1e-4 * scale, msg=name)
+
+
+def test_r1_is_exact_ce_for_the_user_encoder_and_for_the_batch_items(live):
+    model, rows, dataset = live
+    exact = _ce(dataset, 0)
+    assert exact.cache is None
+    value_exact, grads_exact = _grads(model, Objective(model, exact)(rows))
+    cached = _ce(dataset, 1)
+    value_cached, grads_cached = _grads(model, Objective(model, cached)(rows))
+    assert cached.cache.refreshes == 1
+    assert value_cached == pytest.approx(value_exact, rel=1e-5)
+    user = [n for n in grads_exact if n.startswith("user_encoder.")]
+    assert user and set(grads_cached) == set(grads_exact)
+    _assert_close(grads_cached, grads_exact, user)
+    item = [n for n in grads_exact if n.startswith("item_tower.")]
+    assert any(n.startswith("item_tower.encoder.") for n in item)  # the tuned block gets its gradient
+    value_held, grads_held = _grads(model, _exact_with_batch_items_live(model, exact, rows))
+    assert value_held == pytest.approx(value_exact, rel=1e-6)
+    _assert_close(grads_cached, grads_held, grads_held)
+
+
+def test_the_cache_is_refreshed_every_r_steps_and_at_each_epoch_start(live, monkeypatch):
+    model, rows, dataset = live
+    passes = []
+    item_vectors = model.item_vectors
+    monkeypatch.setattr(model, "item_vectors", lambda: passes.append(item_vectors()) or passes[-1])
+    loss = _ce(dataset, 3)
+    objective = Objective(model, loss)
+    counts = []
+    for _ in range(7):
+        objective(rows)
+        counts.append(len(passes))
+    assert counts == [1, 1, 1, 2, 2, 2, 3]  # steps 1, 4 and 7 refresh
+    objective.train()  # the loop starts an epoch: its first step refreshes, then every 3 steps again
+    model.eval()
+    for _ in range(4):
+        objective(rows)
+        counts.append(len(passes))
+    assert counts[7:] == [4, 4, 4, 5]
+    assert not any(table.requires_grad for table in passes) and loss.cache.refreshes == 5  # no-grad passes
+
+
+def test_live_modes_default_to_the_cached_catalogue_and_0_is_exact():
+    assert check_options(TrainOptions(dataset="synth", **E2E)).catalogue_refresh == LIVE_REFRESH
+    assert check_options(TrainOptions(dataset="synth", **E2E, catalogue_refresh=0)).catalogue_refresh == 0
+    assert check_options(TrainOptions(dataset="synth", mode="id")).catalogue_refresh is None  # exact
+    with pytest.raises(UserError, match="--catalogue-refresh is an option of --loss ce, not --loss inbatch"):
+        check_options(TrainOptions(dataset="synth", mode="id", loss="inbatch", catalogue_refresh=5))
