@@ -57,7 +57,10 @@ FINAL_LAYER = 0  # --cache-layer 0: the states leaving the last block, before po
 LAYOUTS = {"bert": "tokens,width", "roberta": "tokens,width", "vit": "tokens,width", "mae": "tokens,width",
            "clip": "tokens,width", "siglip": "tokens,width", "vilt": "tokens,width",
            "swin": "height,width,channels", "resnet": "channels,height,width",
-           "efficientnet": "channels,height,width"}
+           "efficientnet": "channels,height,width",
+           # library names (extract.hf, extract.timm_any): families named by their derived split
+           "hf-text": "tokens,width", "timm-tokens": "tokens,width", "timm-nchw": "channels,height,width",
+           "timm-nhwc": "height,width,channels"}
 # cache layout -> (states (B, *shape) -> tokens (B, T, width), axis of the width in the per-item shape)
 SEQUENCES: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], int]] = {
     "tokens,width": (lambda s: s, -1),

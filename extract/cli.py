@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from extract.registry import MODALITIES
+from extract.registry import MODALITIES, POOLINGS
 from featurestore.cliutil import UserError, emit, json_option, root_option
 from featurestore.store import DEFAULT_CHUNK_ROWS
 from featurestore.workspace import Workspace
@@ -41,21 +41,30 @@ DEFAULT_WORKERS = max(1, min(8, (os.cpu_count() or 2) // 2))
 @click.option("--dataset", required=True,
               help="Prepared dataset name (ROOT/datasets/NAME; see `featurestore dataset`).")
 @click.option("--encoder", required=True,
-              help="Encoder name, e.g. efficientnet-lite0, minilm-l6, swin-b, bert-base "
-                   "(list: `featurestore encoders`).")
+              help="Encoder: a registry name (efficientnet-lite0, minilm-l6, swin-b, bert-base; "
+                   "`featurestore encoders`) or any library name: timm:MODEL[.TAG], hf:ORG/NAME[@REVISION], "
+                   "st:ORG/NAME (sentence-transformers).")
 @click.option("--modality", type=click.Choice(list(MODALITIES)), default=None,
-              help="Item content to encode [default: the encoder's own; must match it].")
-@click.option("--pooling", type=click.Choice(["cls", "mean", "pooled"]), default=None,
+              help="Item content to encode [default: the encoder's own; must match it; picks the tower of "
+                   "a CLIP / SigLIP hf: name].")
+@click.option("--pooling", type=click.Choice(list(POOLINGS)), default=None,
               help="cls: first token (BERT/RoBERTa/ViT); mean: average over tokens or positions; "
-                   "pooled: the model's own pooled output (Swin/ResNet/EfficientNet) [default: the encoder's].")
+                   "pooled: the model's own pooled output (Swin/ResNet/EfficientNet); last-token: the last real "
+                   "token (decoder-only LLM embedders) [default: the encoder's].")
+@click.option("--prompt", default=None, metavar="TEXT",
+              help="Instruction put before every text (E5: 'passage: '; Qwen3-Embedding: 'Instruct: ...\\nQuery:'); "
+                   "recorded in the provenance.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
               help="Items per forward pass (a batch never spans two store chunks).")
 @click.option("--workers", type=click.IntRange(min=0), default=DEFAULT_WORKERS, show_default=True,
               help="DataLoader processes decoding images / reading texts (0: in the main process).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-              help="Where the model runs; cuda uses bf16 (else fp16) autocast. auto: cuda if visible.")
-@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
-              help="Stored dtype of the embeddings (reads always return float32).")
+              help="Where the model runs; cuda uses bf16 (else fp16) autocast unless --dtype. auto: cuda if visible.")
+@click.option("--dtype", "precision", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+              help="dtype of the forward pass: the weights are cast once [default: float32 on a CPU, bf16 "
+                   "(else fp16) autocast on a GPU]; independent of --store-dtype.")
+@click.option("--store-dtype", "dtype", type=click.Choice(["float32", "float16"]), default="float32",
+              show_default=True, help="Stored dtype of the embeddings (reads always return float32).")
 @click.option("--weights", default=None, metavar="PATH_OR_HUB_ID",
               help="Weights file/folder, or a Hugging Face hub id where the hub is reachable "
                    "[default: the weights bundled with the encoder, if any].")

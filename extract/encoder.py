@@ -47,11 +47,15 @@ class Hidden:
     ``token_mask``: (B, L) 1 for real tokens (variable-length states: text, ViLT; pooling needs it).
     ``attn_mask``: the mask in the form the library's blocks expect, built once in
     the stem.
+    ``call``: the other arguments the library's own forward hands its blocks (rotary
+    position embeddings, relative positions, masks), captured by a stem that runs the
+    library's forward up to the first block (:mod:`extract.hf`); None elsewhere.
     """
 
     states: torch.Tensor
     token_mask: torch.Tensor | None = None
     attn_mask: torch.Tensor | None = None
+    call: Any = None
 
     def with_states(self, states: torch.Tensor) -> "Hidden":
         return dataclasses.replace(self, states=states)

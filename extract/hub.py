@@ -52,16 +52,44 @@ def _has_weights(folder: Path) -> bool:
     return any(folder.glob(pattern) for patterns in WEIGHT_PATTERNS for pattern in patterns)
 
 
-def cached_snapshot(repo_id: str) -> Snapshot | None:
-    """The cached snapshot of ``repo_id`` holding a weights file, or None; never uses the network."""
+def split_revision(repo_id: str) -> tuple[str, str | None]:
+    """``ORG/NAME@REVISION`` -> (``ORG/NAME``, ``REVISION``); no ``@``: the default branch (None)."""
+    repo, _, revision = repo_id.partition("@")
+    return repo, revision or None
+
+
+def cached_snapshot(repo_id: str, weights: bool = True) -> Snapshot | None:
+    """The cached snapshot of ``repo_id[@REVISION]`` (holding a weights file unless ``weights`` is
+    False: a config alone is enough to derive an encoder's config), or None; never uses the network."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
+    repo, revision = split_revision(repo_id)
     try:
-        folder = Path(snapshot_download(repo_id, cache_dir=cache_dir(), local_files_only=True))
+        folder = Path(snapshot_download(repo, revision=revision, cache_dir=cache_dir(), local_files_only=True))
     except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
         return None
-    return Snapshot(repo_id, folder, folder.name) if _has_weights(folder) else None
+    return Snapshot(repo_id, folder, folder.name) if not weights or _has_weights(folder) else None
+
+
+def config_file(name: str, repo_id: str, filename: str = "config.json") -> Path | None:
+    """A small file of ``repo_id`` (its config): from the cache, else downloaded alone; None when the
+    repository has no such file. Offline and uncached is refused naming both ways forward."""
+    snapshot = cached_snapshot(repo_id, weights=False)
+    if snapshot is not None:
+        return snapshot.folder / filename if (snapshot.folder / filename).is_file() else None
+    check_reachable(name, repo_id)
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    repo, revision = split_revision(repo_id)
+    try:
+        return Path(hf_hub_download(repo, filename, revision=revision, cache_dir=cache_dir()))
+    except EntryNotFoundError:
+        return None
+    except Exception as err:  # noqa: BLE001 - network, auth and hub errors vary widely
+        raise refusal(name, repo_id, f"could not be read ({type(err).__name__}: "
+                                     f"{str(err).splitlines()[0][:160] if str(err) else 'no message'})") from err
 
 
 def availability(repo_id: str) -> str:
@@ -93,12 +121,14 @@ def fetch(name: str, repo_id: str) -> Snapshot:
     from huggingface_hub import HfApi, snapshot_download
 
     click.echo(f"downloading the weights of {name} from the hub ({repo_id}) into {cache_dir()}, once", err=True)
+    repo, revision = split_revision(repo_id)
     try:
-        files = [f.rfilename for f in HfApi().model_info(repo_id).siblings or []]
+        files = [f.rfilename for f in HfApi().model_info(repo, revision=revision).siblings or []]
         weights = next((p for p in WEIGHT_PATTERNS if any(Path(f).match(g) for f in files for g in p)), ())
         if not weights:
             raise refusal(name, repo_id, "holds no weights file this tool reads (.safetensors, .bin, .pth)")
-        folder = Path(snapshot_download(repo_id, cache_dir=cache_dir(), allow_patterns=[*SIDE_FILES, *weights]))
+        folder = Path(snapshot_download(repo, revision=revision, cache_dir=cache_dir(),
+                                        allow_patterns=[*SIDE_FILES, *weights]))
     except UserError:
         raise
     except Exception as err:  # noqa: BLE001 - network, auth and hub errors vary widely

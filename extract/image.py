@@ -162,7 +162,7 @@ def _timm_from_folder(config: EncoderConfig, folder: Path) -> nn.Module:
     import timm
 
     architecture = json.loads((folder / "config.json").read_text()).get("architecture")
-    if architecture != config.architecture:
+    if architecture != config.architecture.split(".")[0]:  # timm:MODEL.TAG names carry the tag
         raise UserError(f"weights {folder} are a timm {architecture!r} model; {config.name} needs "
                         f"{config.architecture!r}")
     try:
@@ -239,18 +239,29 @@ TIMM_SPLITS: dict[str, Callable[[nn.Module, str], tuple[nn.Module, list[nn.Modul
 }
 
 
+Split = Callable[..., tuple[nn.Module, list[nn.Module], nn.Module]]
+
+
 def build_timm(config: EncoderConfig, spec: WeightsSpec | None, pooling: str, *, meta: bool = False,
-               **_: Any) -> Encoder:
-    """Build a timm image encoder (classifier removed) split into stem / blocks / pool."""
+               split: Split | None = None, **_: Any) -> Encoder:
+    """Build a timm image encoder (classifier removed) split into stem / blocks / pool.
+
+    ``split(model, pooling[, probe])``: the family's split (:data:`TIMM_SPLITS`) unless given
+    (:mod:`extract.timm_any` derives one from the module structure, checked on ``probe``).
+    """
     from timm.data import resolve_data_config
 
     model, files = _timm_model(config, spec, meta)
     model.reset_classifier(0)
     model.eval()
     preprocessor = ImagePreprocessor(resolve_data_config({}, model=model))
-    stem, blocks, pool = TIMM_SPLITS[config.family](model, pooling)
+    if split is None:
+        stem, blocks, pool = TIMM_SPLITS[config.family](model, pooling)
+    else:
+        stem, blocks, pool = split(model, pooling, None if meta else preprocessor.probe())
     provenance = {} if meta else {
         **base_provenance(config, spec, pooling, model, files, model.num_features),
+        **({"library": config.library} if config.library else {}),
         "preprocessing": preprocessor.describe(),
     }
     return Encoder(config, model, stem, blocks, pool, pooling=pooling, preprocessor=preprocessor,

@@ -22,7 +22,7 @@ import contextlib
 import datetime as dt
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -54,7 +54,7 @@ from featurestore.workspace import Workspace
 # Settings that change the numbers in a row: a resumed or repeated job must match
 # the group on all of them, or it would mix rows from two different setups.
 SIGNATURE_KEYS = ("encoder", "pooling", "state_sha256", "preprocessing", "dtype", "autocast", "cache_layer",
-                  "cache_dtype")
+                  "cache_dtype", "compute_dtype")
 
 
 CACHING = (CachingForward, LayerForward)  # forwards that also keep states for the group's cache
@@ -135,12 +135,16 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def batch_plan(group: FeatureGroup, chunks: list[int], batch_size: int) -> list[list[list[int]]]:
-    """Per chunk, its batches of item ids (a batch never crosses a chunk boundary)."""
+def batch_plan(group: FeatureGroup, chunks: list[int], batch_size: int,
+               length: Callable[[int], int] | None = None) -> list[list[list[int]]]:
+    """Per chunk, its batches of item ids (a batch never crosses a chunk boundary); with ``length`` (texts),
+    a chunk's ids sorted by it, so a batch pads its titles to similar lengths."""
     plan = []
     for chunk in chunks:
         start, stop = group.chunk_bounds(chunk)
         ids = list(range(max(start, 1), stop))
+        if length is not None:
+            ids.sort(key=length)
         plan.append([ids[i : i + batch_size] for i in range(0, len(ids), batch_size)])
     return plan
 
@@ -148,17 +152,30 @@ def batch_plan(group: FeatureGroup, chunks: list[int], batch_size: int) -> list[
 class Forward:
     """Batched inference: inputs -> numpy rows in the stored dtype."""
 
-    def __init__(self, encoder: Encoder, device: torch.device, dtype: str) -> None:
-        self.encoder = encoder.to(device).eval()
+    def __init__(self, encoder: Encoder, device: torch.device, dtype: str, precision: str | None = None) -> None:
+        """``precision`` (``--dtype``): run the model in that dtype (weights cast once, no autocast); None:
+        float32 on a CPU, bf16/fp16 autocast on a GPU."""
+        self.cast = None if precision in (None, "float32") else getattr(torch, precision)
+        self.encoder = encoder.to(device, dtype=self.cast).eval() if self.cast else encoder.to(device).eval()
         self.device = device
-        self.amp = autocast_dtype(device)
+        self.amp = autocast_dtype(device) if precision is None else None
         self.dtype = np.dtype(dtype)
 
     def __call__(self, inputs: Any) -> np.ndarray:
         amp = torch.autocast(self.device.type, dtype=self.amp) if self.amp else contextlib.nullcontext()
+        inputs = move_inputs(inputs, self.device)
+        if self.cast is not None:
+            inputs = cast_floating(inputs, self.cast)
         with torch.inference_mode(), amp:
-            out = self.encoder(move_inputs(inputs, self.device))
+            out = self.encoder(inputs)
         return out.float().cpu().numpy().astype(self.dtype)
+
+
+def cast_floating(inputs: Any, dtype: torch.dtype) -> Any:
+    """Pixels in the model's dtype (token ids and masks stay integers)."""
+    if isinstance(inputs, dict):
+        return {k: cast_floating(v, dtype) for k, v in inputs.items()}
+    return inputs.to(dtype) if inputs.is_floating_point() else inputs
 
 
 def _bad_record(dataset: PreparedDataset, item_id: int, reason: str, file: str | None) -> dict:
@@ -170,7 +187,8 @@ def _bad_record(dataset: PreparedDataset, item_id: int, reason: str, file: str |
 def _run_chunks(group: FeatureGroup, dataset: PreparedDataset, encoder: Encoder, forward: Forward,
                 chunks: list[int], opts: ExtractOptions, procs: Processes) -> dict:
     """Compute and write ``chunks`` (this rank's share); returns counts for the summary."""
-    plan = batch_plan(group, chunks, opts.batch_size)
+    length = getattr(encoder.preprocessor, "length", None)
+    plan = batch_plan(group, chunks, opts.batch_size, length and (lambda i: length(dataset.items[i - 1])))
     items = ItemDataset(dataset.items, encoder.preprocessor)
     loader = DataLoader(
         items, batch_sampler=[batch for chunk in plan for batch in chunk], collate_fn=items.collate,
@@ -281,6 +299,7 @@ def _job_attrs(name: str, dataset: PreparedDataset, encoder: Encoder, forward: F
         "weights_sha256": provenance["weights_sha256"], "state_sha256": provenance["state_sha256"],
         "preprocessing": provenance["preprocessing"], "dtype": opts.dtype,
         "autocast": str(forward.amp).removeprefix("torch.") if forward.amp else None,
+        "compute_dtype": opts.precision,
         "provenance": provenance, "versions": versions(), "command": opts.command(),
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
@@ -316,7 +335,7 @@ def _run(ws: Workspace, opts: ExtractOptions, procs: Processes) -> ExtractResult
     started = time.perf_counter()
     if opts.on_bad_item not in ("skip", "fail"):
         raise UserError(f"--on-bad-item {opts.on_bad_item}: choose skip or fail")
-    config = get_encoder_config(opts.encoder)
+    config = get_encoder_config(opts.encoder, opts.modality)
     if opts.modality and opts.modality != config.modality:
         raise UserError(f"encoder {config.name} reads {config.modality}, not {opts.modality}; drop --modality "
                         f"or pick a {opts.modality} encoder ({', '.join(_names(opts.modality))})")
@@ -325,8 +344,9 @@ def _run(ws: Workspace, opts: ExtractOptions, procs: Processes) -> ExtractResult
         refuse_changed(dataset)  # before any picture is read: stored rows must be of the prepared ones
     name = group_name(dataset.name, config.modality, config.name, opts.variant)
     encoder = create_encoder(config.name, weights=opts.weights, random_init=opts.random_init,
-                             pooling=opts.pooling, seed=opts.seed, max_text_tokens=opts.max_text_tokens)
-    forward = Forward(encoder, resolve_device(opts.device, procs), opts.dtype)
+                             pooling=opts.pooling, seed=opts.seed, max_text_tokens=opts.max_text_tokens,
+                             prompt=opts.prompt)
+    forward = Forward(encoder, resolve_device(opts.device, procs), opts.dtype, opts.precision)
     if opts.cache_layer == ALL_LAYERS:
         forward = LayerForward(forward, plan_layers(encoder, opts.cache_dtype))
     elif opts.cache_layer is not None:
@@ -387,6 +407,7 @@ def recompute_rows(group: FeatureGroup, dataset: PreparedDataset, ids: list[int]
         weights=prov["weights_location"] if kind in ("file", "hub") else None,
         random_init=kind == "random-init", seed=prov.get("weights_seed") or 0, pooling=group.attrs["pooling"],
         max_text_tokens=group.attrs["preprocessing"].get("max_tokens", 30),
+        prompt=group.attrs["preprocessing"].get("prompt"),
     )
     if encoder.provenance["state_sha256"] != group.attrs["state_sha256"]:
         raise UserError(f"the weights for {group.name} changed since extraction "

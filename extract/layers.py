@@ -80,6 +80,10 @@ LAYER_POOLS: dict[str, Callable[[Encoder], Callable[[Hidden], torch.Tensor]]] = 
     "clip": _by_modality(last_real_token, _first_token),
     "siglip": _by_modality(last_real_token, lambda hidden: hidden.states.mean(1)),
     "vilt": lambda encoder: _first_token,
+    "hf-text": lambda encoder: encoder.pool.layer_pool,  # the pooling without final norm or normalisation
+    "timm-tokens": _tokens_pool,
+    "timm-nchw": lambda encoder: lambda hidden: hidden.states.mean((2, 3)),
+    "timm-nhwc": lambda encoder: lambda hidden: hidden.states.mean((1, 2)),
 }
 
 

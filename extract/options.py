@@ -8,6 +8,7 @@ caches): the refusals and the job share one command builder, and no import climb
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,13 +37,16 @@ class ExtractOptions:
     progress: bool = True
     cache_layer: int | str | None = None  # K, or "all" (extract.layers)
     cache_dtype: str = "float16"
+    precision: str | None = None  # --dtype: the forward pass's dtype (None: fp32 on a CPU, autocast on a GPU)
+    prompt: str | None = None
 
     def command(self, root: Path | None = None) -> str:
         """The command line that reproduces this job (stored in the provenance)."""
         words = [extract_command(self.dataset, self.encoder, modality=self.modality, variant=self.variant,
                                  root=root)]
         for flag, value in (("--pooling", self.pooling), ("--weights", self.weights),
-                            ("--dtype", self.dtype if self.dtype != "float32" else None),
+                            ("--store-dtype", self.dtype if self.dtype != "float32" else None),
+                            ("--dtype", self.precision), ("--prompt", shlex.quote(self.prompt) if self.prompt else None),
                             ("--max-text-tokens", self.max_text_tokens if self.max_text_tokens != 30 else None),
                             ("--cache-layer", self.cache_layer),
                             ("--cache-dtype", self.cache_dtype
@@ -61,7 +65,8 @@ def encoder_options(attrs: dict) -> dict:
     return {"weights": prov["weights_location"] if kind in ("file", "hub") else None,
             "random_init": kind == "random-init", "seed": prov.get("weights_seed") or 0,
             "pooling": attrs["pooling"],
-            "max_text_tokens": attrs["preprocessing"].get("max_tokens", 30)}
+            "max_text_tokens": attrs["preprocessing"].get("max_tokens", 30),
+            "prompt": attrs["preprocessing"].get("prompt")}
 
 
 def states_command(group: FeatureGroup, cache_layer: int | str, variant: str) -> str:

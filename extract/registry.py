@@ -15,7 +15,9 @@ config's ``builder`` ("module:function") is imported only when a model is built.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
+import inspect
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,10 +28,13 @@ from featurestore.registry import Registry
 
 if TYPE_CHECKING:
     from extract.encoder import Encoder
+    from extract.names import LibraryName
 
 MODALITIES = ("image", "text", "multimodal")  # multimodal: one vector from image and text together
-POOLINGS = ("cls", "mean", "pooled")
+POOLINGS = ("cls", "mean", "pooled", "last-token")  # last-token: decoder-only LLM embedders
 BUILTIN_FAMILIES = ("extract.image", "extract.text", "extract.vlm")
+# library name scheme -> the plugin module turning such a name into a config (see extract.names)
+LIBRARIES = {"timm": "extract.timm_any", "hf": "extract.hf", "st": "extract.st"}
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,8 @@ class EncoderConfig:
             WordPiece vocabulary).
         hparams: architecture hyper-parameters (random-init builds construct the
             library config from these, without the hub).
+        library: the library name this config was derived from (``hf:ORG/NAME@REV``),
+            None for a registry name.
     """
 
     name: str
@@ -74,6 +81,7 @@ class EncoderConfig:
     preprocessing: dict | None = None
     tokenizer: str | None = None
     hparams: dict = field(default_factory=dict)
+    library: str | None = None
 
     def __post_init__(self) -> None:
         if self.modality not in MODALITIES:
@@ -115,9 +123,31 @@ def list_encoders(pattern: str = "*", modality: str | None = None) -> list[str]:
     return [name for name in _REGISTRY.names(pattern) if modality is None or _REGISTRY.get(name).modality == modality]
 
 
-def get_encoder_config(name: str) -> EncoderConfig:
-    """The config registered under ``name``; unknown names raise a UserError listing the known ones."""
-    return _REGISTRY.get(name)
+def get_encoder_config(name: str, modality: str | None = None) -> EncoderConfig:
+    """The config of ``name``: a registered name, or a library name / store key (:mod:`extract.names`).
+
+    A library name's config is derived by its scheme's plugin from the model's own config
+    (no weights read); ``modality`` picks the tower of a two-tower model. Unknown registry
+    names raise a UserError listing the known ones.
+
+    Example:
+        >>> get_encoder_config("hf:BAAI/bge-small-en-v1.5").name
+        'hf+BAAI+bge-small-en-v1.5'
+    """
+    from extract.names import parse_library_name
+
+    parsed = parse_library_name(name)
+    if parsed is None:
+        return _REGISTRY.get(name)
+    from extract import hub
+
+    return _library_config(parsed, modality, str(hub.cache_dir()), hub.offline())
+
+
+@functools.lru_cache(maxsize=64)
+def _library_config(parsed: "LibraryName", modality: str | None, cache: str, offline: bool) -> EncoderConfig:
+    """Derived once per name and hub cache (``cache`` and ``offline`` are part of the key only)."""
+    return importlib.import_module(LIBRARIES[parsed.scheme]).library_config(parsed, modality)
 
 
 def resolve_pooling(config: EncoderConfig, pooling: str | None) -> str:
@@ -228,6 +258,7 @@ def create_encoder(
     pooling: str | None = None,
     seed: int = 0,
     max_text_tokens: int = 30,
+    prompt: str | None = None,
 ) -> "Encoder":
     """Build the encoder registered as ``name``, ready for inference (eval mode, CPU).
 
@@ -239,6 +270,8 @@ def create_encoder(
         random_init: build an untrained model (seeded by ``seed``) instead.
         pooling: ``cls``, ``mean`` or ``pooled``; default: the encoder's own.
         max_text_tokens: text encoders cut titles to this many tokens.
+        prompt: an instruction put before every text (E5's ``"passage: "``, Qwen3-Embedding's
+            ``"Instruct: ...\\nQuery:"``); only text encoders that take one.
 
     Returns:
         An :class:`extract.encoder.Encoder` (``stem``, ``blocks``, ``pool``) whose
@@ -256,9 +289,14 @@ def create_encoder(
 
         snapshot = hub.fetch(config.name, spec.location)
         spec = dataclasses.replace(spec, folder=str(snapshot.folder), revision=snapshot.revision)
-    return _import_builder(config)(
-        config, spec, resolve_pooling(config, pooling), max_text_tokens=max_text_tokens
-    )
+    builder = _import_builder(config)
+    extra = {}
+    if prompt:
+        if "prompt" not in inspect.signature(builder).parameters:
+            raise UserError(f"encoder {config.name} takes no --prompt (only text encoders of the hf: and st: "
+                            "names do); drop --prompt")
+        extra["prompt"] = prompt
+    return builder(config, spec, resolve_pooling(config, pooling), max_text_tokens=max_text_tokens, **extra)
 
 
 def parameter_count(name: str) -> int:

@@ -48,12 +48,13 @@ class TextPreprocessor:
     """Check an item's text, then tokenise a whole batch at once (runs in DataLoader workers)."""
 
     def __init__(self, tokenizer: Any, source: str, max_tokens: int, padding: str = "longest",
-                 keep_mask: bool = True) -> None:
+                 keep_mask: bool = True, prompt: str | None = None) -> None:
         self.tokenizer = tokenizer
         self.source = source
         self.max_tokens = max_tokens
         self.padding = padding  # "max_length" for models that pool the last position (SigLIP)
         self.keep_mask = keep_mask
+        self.prompt = prompt  # an instruction put before every text (E5, Qwen3-Embedding)
 
     def describe(self) -> dict:
         """The preprocessing, as stored in the provenance."""
@@ -67,13 +68,18 @@ class TextPreprocessor:
             "truncation": "max_tokens including special tokens",
             "padding": "longest in batch" if self.padding == "longest" else "to max_tokens",
             "attention_mask": self.keep_mask,
+            **({"prompt": self.prompt} if self.prompt else {}),  # absent unless given: older groups still match
         }
 
     def load(self, item: Item) -> str:
         text = (item.text or "").strip()
         if not text:
             raise BadItem("empty text")
-        return text
+        return (self.prompt or "") + text
+
+    def length(self, item: Item) -> int:
+        """A cheap proxy of the item's token count (its characters), for batching texts by length."""
+        return len(item.text or "")
 
     def probe(self) -> dict[str, torch.Tensor]:
         """A one-item batch for dry runs (state shapes, widths)."""

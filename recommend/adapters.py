@@ -102,6 +102,33 @@ def _mae_sites(model: nn.Module) -> Sites:
         yield layer.mlp.fc2, layer.mlp.fc2.out_features
 
 
+# hf: text models (extract.hf): the attention and feed-forward output of each layer, before its residual:
+# BERT-like (dense -> dropout -> [adapter] -> LayerNorm(x + residual)), Llama / Qwen / Mistral / Gemma, ModernBERT
+TEXT_SITE_PATHS = (("attention.output.dropout", "self_attn.o_proj", "attn.Wo"),
+                   ("output.dropout", "mlp.down_proj", "mlp.Wo"))
+
+
+def _derived_text_sites(model: nn.Module) -> Sites:
+    from extract.hf import layer_list
+
+    for layer in layer_list(model):
+        for paths in TEXT_SITE_PATHS:
+            found = [p for p in paths if _has_submodule(layer, p)]
+            if not found:
+                raise UserError(f"adapters need the attention and feed-forward outputs of each layer; "
+                                f"{type(layer).__name__} has none of {', '.join(paths)}: tune its top layers with "
+                                "--mode e2e --top-k K instead")
+            yield layer.get_submodule(found[0]), model.config.hidden_size
+
+
+def _has_submodule(module: nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
 ITEM_SITES: dict[str, Callable[[nn.Module], Sites]] = {
     "bert": _bert_sites,
     "roberta": _bert_sites,
@@ -111,6 +138,8 @@ ITEM_SITES: dict[str, Callable[[nn.Module], Sites]] = {
     "clip": _vlm_sites,  # the tower's layers (Encoder.tower: text_model or vision_model)
     "siglip": _vlm_sites,
     "vilt": _bert_sites,  # ViltLayer: BERT's sub-layer modules, its residuals added by the layer itself
+    "hf-text": _derived_text_sites,
+    "timm-tokens": lambda model: _timm_block_sites(list(model.blocks)),  # EVA, BEiT, ... (timm: names)
 }
 
 
