@@ -30,7 +30,7 @@ def run_argument(command):
                            help="Run name under ROOT/runs, or a run folder (the same as the "
                                 "argument RUN; under torchrun give RUN, as torchrun takes "
                                 "--run for its own --run-path).")(command)
-    return click.argument("run_arg", metavar="RUN", required=False)(command)
+    return click.argument("run_arg", metavar="[RUN]", required=False)(command)
 
 
 def one_run(run_arg: str | None, run_option: str | None) -> str:

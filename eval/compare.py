@@ -15,6 +15,7 @@ from pathlib import Path
 
 from eval.metrics import percent
 from featurestore.errors import UserError
+from featurestore.runtime.files import read_json
 
 
 MODE_LABELS = {"id": "IDRec", "ts": "TS", "e2e": "E2E", "adapter": "adapters", "side": "side (IISAN)"}
@@ -51,12 +52,7 @@ class RunSummary:
 
 
 def _read_json(path: Path) -> dict | None:
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path} is not valid JSON ({err}); delete or repair it") from err
+    return read_json(path, "delete or repair it") if path.exists() else None
 
 
 def _epochs(run_dir: Path) -> list[dict]:
@@ -64,11 +60,13 @@ def _epochs(run_dir: Path) -> list[dict]:
     if not path.exists():
         return []
     rows = []
-    for line in path.read_text().splitlines():
+    for line in path.read_bytes().splitlines():
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
+            row = json.loads(line)
+        except ValueError:
             continue  # a line cut short by a killed job; the finished epochs still count
+        if isinstance(row, dict):
+            rows.append(row)
     return rows
 
 

@@ -35,6 +35,7 @@ import shlex
 import shutil
 import socket
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -45,6 +46,7 @@ import zarr
 from zarr.storage import LocalStore
 
 from featurestore.errors import UserError
+from featurestore.runtime.files import read_json
 from featurestore.workspace import check_name
 
 FORMAT = "morec-featurestore/1"
@@ -53,6 +55,9 @@ STATUS_PARTIAL = "partial"
 STATUS_FAILED = "failed"  # stopped by an error (attribute ``failure``); a rerun resumes it
 STATUS_COMPLETE = "complete"
 STORED_DTYPES = ("float32", "float16")
+# What zarr and its codecs raise on a damaged metadata or chunk file (a cut zstd frame, bad JSON).
+DAMAGE_ERRORS = (ValueError, KeyError, TypeError, RuntimeError)
+FLAT_SAMPLE = 8  # rows of the flat copy compared with the chunked embeddings when a group is first mapped
 
 
 @dataclass(frozen=True)
@@ -158,6 +163,15 @@ class FeatureGroup:
         self.path = store.path / name
         self._group = group
         self.attrs: dict = dict(group.attrs)
+        self._flat_checked = False
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        """Turn a damaged chunk or metadata file met while reading into a UserError with the fix."""
+        try:
+            yield
+        except DAMAGE_ERRORS as err:
+            raise self.store.damaged(self.name, err) from None
 
     def refresh(self) -> "FeatureGroup":
         """Re-read attributes and arrays (another process may have written)."""
@@ -204,11 +218,13 @@ class FeatureGroup:
 
     def done_chunks(self) -> np.ndarray:
         """bool per row chunk: its rows are written."""
-        return np.asarray(self._group["chunks_done"][:], dtype=bool)
+        with self.reading():
+            return np.asarray(self._group["chunks_done"][:], dtype=bool)
 
     def present(self) -> np.ndarray:
         """bool (rows,): an embedding was computed for that item id."""
-        return np.asarray(self._group["present"][:], dtype=bool)
+        with self.reading():
+            return np.asarray(self._group["present"][:], dtype=bool)
 
     def read(self, ids: Sequence[int] | np.ndarray | None = None, *, mapped: bool = True) -> np.ndarray:
         """float32 rows for item ``ids`` (any order, repeats allowed), or all rows.
@@ -217,21 +233,25 @@ class FeatureGroup:
         exists (``verify`` checks the primary array, not the copy).
         """
         if ids is None:
-            return np.asarray(self.embeddings[:], dtype=np.float32)
+            with self.reading():
+                return np.asarray(self.embeddings[:], dtype=np.float32)
         ids = np.asarray(ids, dtype=np.int64)
         if ids.size and (ids.min() < 0 or ids.max() >= self.rows):
             raise UserError(f"item ids must lie in 0..{self.rows - 1} for group {self.name}")
         if mapped and self._has_flat():
             return np.asarray(self.memmap()[ids], dtype=np.float32)
         unique, inverse = np.unique(ids, return_inverse=True)
-        rows = self.embeddings.get_orthogonal_selection((unique, slice(None)))
+        with self.reading():
+            rows = self.embeddings.get_orthogonal_selection((unique, slice(None)))
         return np.asarray(rows, dtype=np.float32)[inverse]
 
     def iter_chunks(self) -> Iterator[tuple[int, int, np.ndarray]]:
         """``(start, stop, rows)`` per row chunk, as stored: streams a group of any size."""
         for chunk in range(self.n_chunks):
             start, stop = self.chunk_bounds(chunk)
-            yield start, stop, np.asarray(self.embeddings[start:stop])
+            with self.reading():
+                rows = np.asarray(self.embeddings[start:stop])
+            yield start, stop, rows
 
     def _flat_file(self) -> Path:
         return self.path / "flat" / self._group["flat"].metadata.encode_chunk_key((0, 0))
@@ -250,10 +270,23 @@ class FeatureGroup:
                 f"store group {self.name} is {self.status}; finish it first: "
                 f"`{group_extract_command(self.name)}`"
             )
-        if not self._has_flat():
-            self.write_flat()
+        if not self._flat_checked and not self._flat_matches():
+            self.write_flat()  # missing, cut or overwritten: the copy is rebuilt from the embeddings
+        self._flat_checked = True
         return np.memmap(self._flat_file(), dtype=np.dtype(self.dtype).newbyteorder("<"), mode="r",
                          shape=(self.rows, self.dim))
+
+    def _flat_matches(self) -> bool:
+        """The flat copy has the right size and agrees with the chunked embeddings on a sample of rows."""
+        with self.reading():
+            if not self._has_flat() or self._flat_file().stat().st_size != self.rows * self.dim * np.dtype(
+                    self.dtype).itemsize:
+                return False
+            sample = np.unique(np.linspace(0, self.rows - 1, FLAT_SAMPLE).astype(np.int64))
+            flat = np.memmap(self._flat_file(), dtype=np.dtype(self.dtype).newbyteorder("<"), mode="r",
+                             shape=(self.rows, self.dim))
+            return bool(np.array_equal(np.asarray(flat[sample]), self.read(sample, mapped=False),
+                                       equal_nan=True))
 
     # -- writing (the extraction job, import) --------------------------------------
 
@@ -361,7 +394,13 @@ class FeatureStore:
         if not self.exists(name):
             known = ", ".join(self.groups()) or "none"
             raise UserError(f"no store group {name} in {self.path} (groups: {known}); create it with `{command}`")
-        group = FeatureGroup(self, name, zarr.open_group(self._zarr_store(), path=name, mode="r+"))
+        for meta in sorted((self.path / name).glob("*zarr.json")) + sorted((self.path / name).glob("*/zarr.json")):
+            read_json(meta, self._rebuild(name))
+        try:
+            group = FeatureGroup(self, name, zarr.open_group(self._zarr_store(), path=name, mode="r+"))
+            group.embeddings, group._group["present"], group._group["chunks_done"]
+        except DAMAGE_ERRORS as err:
+            raise self.damaged(name, err) from None
         if complete and group.status == STATUS_FAILED:
             raise UserError(f"store group {name} failed: {group.attrs.get('failure')}; fix that and rerun "
                             f"`{command}`, or remove it: `featurestore rm {name}`")
@@ -388,9 +427,22 @@ class FeatureStore:
         group.attrs.update(_json_ready({"format": FORMAT, "status": STATUS_PARTIAL, **attrs}))
         return FeatureGroup(self, name, group)
 
-    def remove(self, name: str) -> None:
-        """Delete a group (refused while a live job holds its lock) and now-empty parents."""
-        name = str(self.open(name).name)
+    def damaged(self, name: str, err: Exception) -> UserError:
+        """The message for a group that a damaged chunk or metadata file makes unreadable."""
+        detail = str(err).splitlines()[0] if str(err) else ""
+        return UserError(f"store group {name} at {self.path / name} is damaged ({type(err).__name__}: {detail}); "
+                         f"{self._rebuild(name)}")
+
+    @staticmethod
+    def _rebuild(name: str) -> str:
+        return f"remove it with `featurestore rm {name}` and extract it again: `{group_extract_command(name)}`"
+
+    def remove(self, name: str) -> str:
+        """Delete a group, damaged or not (refused while a live job holds its lock), and now-empty
+        parents; the group's name."""
+        name = str(parse_group_name(name))
+        if not self.exists(name) and not (self.path / name).is_dir():
+            self.open(name)  # the "no store group" message, listing the groups there are
         lock = self.lock(name)
         holder = lock.live_holder()
         if holder is not None:
@@ -402,6 +454,7 @@ class FeatureStore:
             if parent == self.path or any(p.name != "zarr.json" for p in parent.iterdir()):
                 break
             shutil.rmtree(parent)
+        return name
 
     def lock(self, name: str) -> "GroupLock":
         """The writer lock of a group (see :class:`GroupLock`)."""

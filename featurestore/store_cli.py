@@ -40,11 +40,18 @@ def ls(ws: Workspace, as_json: bool) -> None:
     store = FeatureStore(ws.store)
     rows = []
     for name in store.groups():
-        info = store.open(name).describe()
+        try:
+            info = store.open(name).describe()
+        except UserError as err:  # one damaged group is listed as such, not the end of the listing
+            rows.append({"group": name, "status": "damaged", "problem": str(err)})
+            continue
         rows.append({k: info[k] for k in ("group", "status", "rows", "dim", "dtype", "encoder", "pooling",
                                           "chunks_done", "bad_items", "failure", "size_mb")})
     lines = [f"{'group':<44}{'status':<10}{'rows':>9}{'dim':>6}  {'dtype':<8}{'chunks':>9}{'MB':>9}"]
     for r in rows:
+        if r["status"] == "damaged":
+            lines.append(f"{r['group']:<44}damaged: {r['problem']}")
+            continue
         lines.append(f"{r['group']:<44}{r['status']:<10}{r['rows']:>9}{r['dim']:>6}  {r['dtype']:<8}"
                      f"{r['chunks_done']:>9}{r['size_mb']:>9}")
         if r["failure"]:
@@ -418,9 +425,7 @@ def import_(ws: Workspace, as_json: bool, file: Path, source: str, group: str | 
 @json_option
 def rm(ws: Workspace, as_json: bool, group: str) -> None:
     """Delete a group (refused while an extraction holds its lock)."""
-    store = FeatureStore(ws.store)
-    name = store.open(group).name
-    store.remove(name)
+    name = FeatureStore(ws.store).remove(group)
     emit({"removed": name}, as_json, f"removed {name}")
 
 

@@ -112,6 +112,9 @@ def runs_command(ws: Workspace, as_json: bool) -> None:
     lines = [f"{'run':40} {'mode':14} {'backbone':9} {'loss':7} {'epochs':>6} {'HR@10 (%)':>9} "
              f"{'NDCG@10 (%)':>11}  status"]
     for r in runs:
+        if r["status"] == "damaged":
+            lines.append(f"{r['run']:40} damaged: {r['problem']}")
+            continue
         mode = r["mode"] + (str(r["layers"]) if r["layers"] is not None else "")
         mode += f"+id-{r['with_id']}" if r["with_id"] else ""
         hr, ndcg = r["best"].get("HR@10"), r["best"].get("NDCG@10")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from featurestore.errors import UserError
 from featurestore.workspace import Workspace
-from recommend.run import BEST, CONFIG, FINISHED
+from recommend.run import BEST, CONFIG, FINISHED, run_problem
 
 
 @dataclass(frozen=True)
@@ -61,8 +61,15 @@ def complete_groups(ws: Workspace, dataset: str) -> list[str]:
     from featurestore.store import STATUS_COMPLETE, FeatureStore, parse_group_name
 
     store = FeatureStore(ws.store)
-    return [g for g in store.groups()
-            if parse_group_name(g).dataset == dataset and store.open(g).status == STATUS_COMPLETE]
+    return [g for g in store.groups() if parse_group_name(g).dataset == dataset and _status(store, g) == STATUS_COMPLETE]
+
+
+def _status(store, group: str) -> str:
+    """A group's status; ``damaged`` when a damaged file makes it unreadable (`featurestore ls` says which)."""
+    try:
+        return store.open(group).status
+    except UserError:
+        return "damaged"
 
 
 def only_group(ws: Workspace, dataset: str, mode: str) -> Inferred:
@@ -70,7 +77,8 @@ def only_group(ws: Workspace, dataset: str, mode: str) -> Inferred:
     groups = complete_groups(ws, dataset)
     if not groups:
         raise UserError(f"--mode {mode} trains on stored vectors and dataset {dataset} has no complete store "
-                        f"group; extract one first (`featurestore extract --dataset {dataset} --encoder ENC`)")
+                        f"group; extract one first (`featurestore extract --dataset {dataset} --encoder ENC`; "
+                        "`featurestore ls` lists the damaged ones)")
     if len(groups) > 1:
         raise UserError(f"--mode {mode} needs a store group and dataset {dataset} has {len(groups)} "
                         f"({_listing(groups)}); choose with --encoder ENC[@VARIANT][,ENC] or --features GROUP")
@@ -82,7 +90,7 @@ def _finished_at(run_dir: Path) -> float | None:
     path = run_dir / BEST
     try:
         status = json.loads(path.read_text()).get("status")
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError, AttributeError):
         return None
     return path.stat().st_mtime if status in FINISHED else None
 
@@ -90,12 +98,17 @@ def _finished_at(run_dir: Path) -> float | None:
 def latest_finished_run(ws: Workspace) -> Inferred:
     """The run under ``ROOT/runs`` that finished last (by its ``best.json``)."""
     runs = [d for d in ws.runs.iterdir() if (d / CONFIG).is_file()] if ws.runs.is_dir() else []
-    finished = sorted(((t, d.name) for d in runs if (t := _finished_at(d)) is not None), reverse=True)
+    problems = {d.name: problem for d in runs if (problem := run_problem(d)) is not None}
+    damaged = sorted(problems)  # never picked: it would not rank
+    finished = sorted(((t, d.name) for d in runs if d.name not in problems and (t := _finished_at(d)) is not None),
+                      reverse=True)
     if not finished:
-        unfinished = f" ({len(runs)} still running or interrupted: {_listing(sorted(d.name for d in runs))})" \
-            if runs else ""
+        waiting = sorted(d.name for d in runs if d.name not in damaged)
+        unfinished = (f" ({len(waiting)} still running or interrupted: {_listing(waiting)})" if waiting else "") \
+            + (f" (damaged: {_listing(damaged)}; {problems[damaged[0]]})" if damaged else "")
         raise UserError(f"no finished run in {ws.runs}{unfinished}; train one with `recommend train`, "
                         "or name a run with --run RUN")
     name = finished[0][1]
     others = f"the most recently finished of {len(finished)}" if len(finished) > 1 else "the only finished one"
-    return Inferred(name, f"run {name} ({others} in {ws.runs}; choose another with --run RUN)")
+    skipped = f"; skipped damaged {_listing(damaged)}, see `recommend runs`" if damaged else ""
+    return Inferred(name, f"run {name} ({others} in {ws.runs}{skipped}; choose another with --run RUN)")

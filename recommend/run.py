@@ -20,9 +20,9 @@ import torch
 from safetensors.torch import load_file
 
 from featurestore.errors import UserError
-from featurestore.runtime.checkpoint import cpu_state, load_checkpoint, save_checkpoint as save_resumable
-from featurestore.runtime.checkpoint import write_safetensors
-from featurestore.runtime.files import write_atomic, write_json
+from featurestore.runtime.checkpoint import RESTART, check_safetensors, cpu_state, load_checkpoint
+from featurestore.runtime.checkpoint import save_checkpoint as save_resumable, write_safetensors
+from featurestore.runtime.files import read_json, write_atomic, write_json
 from featurestore.store import GroupLock
 from featurestore.workspace import Workspace, name_problem
 from recommend.item_towers import ITEM_TOWERS
@@ -118,8 +118,7 @@ def unfinished(run_dir: Path) -> dict | None:
     """None for a run that has ended; else where it stands, for ``eval rank`` to say that it
     scored the best checkpoint so far: ``status`` is ``training`` (a live process holds the
     run's lock), ``interrupted`` (Ctrl-C) or ``stopped`` (killed)."""
-    path = Path(run_dir) / BEST
-    best = json.loads(path.read_text()) if path.exists() else {}
+    best = read_best(run_dir)
     if best.get("status") in FINISHED:
         return None
     holder = writer_lock(run_dir).live_holder()
@@ -143,7 +142,8 @@ def save_training_state(run_dir: Path, model: Recommender, optimizer: torch.opti
 def load_training_state(run_dir: Path, model: Recommender,
                         optimizer: torch.optim.Optimizer) -> dict | None:
     """Restore ``model`` and ``optimizer`` from ``last.safetensors``; its ``state``, or None."""
-    return load_checkpoint(Path(run_dir) / LAST, model, optimizer)
+    return load_checkpoint(Path(run_dir) / LAST, model, optimizer,
+                           f"{RESTART} (this run's best checkpoint so far is kept until a better epoch replaces it)")
 
 
 def rewrite_metrics(run_dir: Path, records: list[dict]) -> None:
@@ -161,10 +161,40 @@ def append_metrics(run_dir: Path, record: dict) -> None:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """The epochs of ``metrics.jsonl``; a last line cut short by a kill is left out (its epoch is
+    redone on resume), any other unreadable line is a UserError naming the file."""
     path = Path(run_dir) / METRICS
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_bytes().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            if number == len(lines) and record is None and line.startswith(b"{"):
+                break
+            raise UserError(f"{path} is damaged (line {number} is not a JSON object); "
+                            f"{_fix(METRICS, Path(run_dir))}")
+        records.append(record)
+    return records
+
+
+def _fix(file: str, run_dir: Path) -> str:
+    """What to do about a damaged file of a run folder: rebuild what can be rebuilt, keep the rest."""
+    if file == CONFIG:
+        return (f"the run cannot be rebuilt without it: restore it from a copy, or remove the folder "
+                f"(rm -r {run_dir}) and train the run again")
+    return (f"train the run again into a new folder (`recommend train --config {run_dir / CONFIG}`), "
+            f"then remove this one (rm -r {run_dir})")
+
+
+def read_best(run_dir: Path) -> dict:
+    """``best.json`` (``{}`` before the first validated epoch); a damaged one is a UserError."""
+    path = Path(run_dir) / BEST
+    return read_json(path, _fix(BEST, Path(run_dir))) if path.exists() else {}
 
 
 def resolve_run(ws: Workspace, run: str) -> Path:
@@ -183,22 +213,40 @@ def read_config(run_dir: Path) -> dict:
     path = Path(run_dir) / CONFIG
     if not path.exists():
         raise UserError(f"no run at {run_dir} (no {CONFIG}); see `recommend runs`")
-    return json.loads(path.read_text())
+    config = read_json(path, _fix(CONFIG, Path(run_dir)))
+    missing = [k for k in _CONFIG_SECTIONS if not isinstance(config.get(k), dict)]
+    if missing:
+        raise UserError(f"{path} is damaged (no {', '.join(missing)} section); {_fix(CONFIG, Path(run_dir))}")
+    return config
+
+
+_CONFIG_SECTIONS = ("dataset", "model", "training")  # what every reader of a run's config needs
 
 
 def best_checkpoint(run_dir: Path, who: str = "run") -> Path:
     """The run's best checkpoint (``model.safetensors``); a run that has none yet is refused."""
     path = Path(run_dir) / CHECKPOINT
     if not path.exists():
+        best = read_best(run_dir)
+        if best.get("status") in FINISHED:
+            raise UserError(f"{who} {Path(run_dir).name} ended ({best['status']}) without a {CHECKPOINT}: no epoch "
+                            f"validated ({best.get('message') or 'see its train.log'}); train it again with other "
+                            f"settings (`recommend train --config {Path(run_dir) / CONFIG} --lr ...`)")
         raise UserError(f"{who} {Path(run_dir).name} has no {CHECKPOINT} yet (no epoch finished); "
                         "train it first, or wait for its first validation")
+    check_safetensors(path, _fix(CHECKPOINT, Path(run_dir)))
     return path
 
 
 def load_best_weights(model: Recommender, run_dir: Path) -> None:
     """Load a run's best checkpoint into ``model``, minus the auxiliary objectives' heads
     (NID's classifier): ranking needs only the recommender."""
-    model.load_state_dict(recommender_state(load_file(str(best_checkpoint(run_dir)))))
+    path = best_checkpoint(run_dir)
+    try:
+        model.load_state_dict(recommender_state(load_file(str(path))))
+    except RuntimeError as err:  # other tensor names or shapes than config.json builds
+        raise UserError(f"{path} holds other weights than {Path(run_dir) / CONFIG} describes "
+                        f"({str(err).splitlines()[0]}); {_fix(CHECKPOINT, Path(run_dir))}") from None
 
 
 def load_run(run_dir: Path | str, device: str | torch.device = "cpu",
@@ -232,8 +280,14 @@ def load_run(run_dir: Path | str, device: str | torch.device = "cpu",
 def run_summary(run_dir: Path) -> dict:
     """One row of ``recommend runs``: settings, progress and best validation metrics."""
     config = read_config(run_dir)
-    best_path = run_dir / BEST
-    best = json.loads(best_path.read_text()) if best_path.exists() else {}
+    best = read_best(run_dir)
+    try:
+        return _summary(run_dir, config, best)
+    except (KeyError, TypeError) as err:
+        raise UserError(f"{run_dir / CONFIG} is damaged (no {err} entry); {_fix(CONFIG, run_dir)}") from None
+
+
+def _summary(run_dir: Path, config: dict, best: dict) -> dict:
     tower = config["model"]["item_tower"]
     return {
         "run": run_dir.name,
@@ -257,10 +311,27 @@ def run_summary(run_dir: Path) -> dict:
     }
 
 
+def run_problem(run_dir: Path) -> str | None:
+    """Why the run folder cannot be ranked or listed (a damaged config, best.json or checkpoint), else None."""
+    try:
+        run_summary(run_dir)
+        if (run_dir / CHECKPOINT).exists():
+            best_checkpoint(run_dir)
+    except UserError as err:
+        return str(err)
+    return None
+
+
 def list_runs(ws: Workspace) -> list[dict]:
-    """Summaries of every run under the root, oldest first."""
+    """Summaries of every run under the root, oldest first; a damaged folder is listed with
+    ``status: damaged`` and its ``problem`` instead of stopping the listing."""
     if not ws.runs.exists():
         return []
     dirs = sorted((d for d in ws.runs.iterdir() if (d / CONFIG).exists()),
                   key=lambda d: (d / CONFIG).stat().st_mtime)
-    return [run_summary(d) for d in dirs]
+    return [_listed(d) for d in dirs]
+
+
+def _listed(run_dir: Path) -> dict:
+    problem = run_problem(run_dir)
+    return {"run": run_dir.name, "status": "damaged", "problem": problem} if problem else run_summary(run_dir)

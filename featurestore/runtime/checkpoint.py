@@ -18,12 +18,15 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from featurestore.errors import UserError
 from featurestore.runtime.files import write_atomic
+
+RESTART = "delete it and run the same command again to start the job over from its first epoch"
 
 
 def cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -59,11 +62,33 @@ def save_checkpoint(path: Path | str, model: nn.Module, optimizer: torch.optim.O
     write_safetensors(path, tensors, metadata)
 
 
-def load_checkpoint(path: Path | str, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict | None:
-    """Restore ``model`` and ``optimizer`` from ``path``; the saved ``state``, or None without a file."""
+def check_safetensors(path: Path | str, fix: str) -> None:
+    """Refuse an empty, cut or foreign safetensors file in one line naming it and ``fix``: the
+    header is parsed and must cover the file exactly, which catches every damage short of
+    bytes changed in place."""
+    try:
+        with safe_open(str(path), "pt") as fh:
+            fh.keys()
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UserError(f"{path} is damaged (not a readable safetensors file: {err}); {fix}") from None
+
+
+def load_checkpoint(path: Path | str, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    fix: str = RESTART) -> dict | None:
+    """Restore ``model`` and ``optimizer`` from ``path``; the saved ``state``, or None without a file.
+    A damaged file, or one holding another model's weights, is a UserError naming it and ``fix``."""
     path = Path(path)
     if not path.exists():
         return None
+    check_safetensors(path, fix)
+    try:
+        return _restore(path, model, optimizer)
+    except (SafetensorError, ValueError, KeyError, RuntimeError) as err:
+        raise UserError(f"{path} is damaged or holds another model ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''}); {fix}") from None
+
+
+def _restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     with safe_open(str(path), "pt") as fh:
         metadata = fh.metadata()
     tensors = load_file(str(path))

@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
+
+from featurestore.errors import UserError
 
 
 def write_atomic(path: Path | str, data: bytes) -> None:
@@ -38,3 +41,16 @@ def write_json(path: Path | str, obj: object) -> None:
     """``obj`` as indented JSON, atomically (:func:`write_atomic`); values JSON has no type
     for (paths, dtypes) are written as their ``str``."""
     write_atomic(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
+
+
+def read_json(path: Path | str, fix: str, kind: type = dict) -> Any:
+    """The JSON object in ``path``, which the tool wrote; an empty, cut or foreign file (or one
+    holding another type than ``kind``) is a UserError naming the file and ``fix``, not a traceback."""
+    try:
+        value = json.loads(Path(path).read_bytes())
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise UserError(f"{path} is damaged (not valid JSON: {err}); {fix}") from None
+    if not isinstance(value, kind):
+        raise UserError(f"{path} is damaged (it holds a {type(value).__name__}, not a JSON "
+                        f"{'object' if kind is dict else kind.__name__}); {fix}")
+    return value
