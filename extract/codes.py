@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from data.dataset import PreparedDataset
-from extract.quantise import QUANTISERS, code_usage, collisions, disambiguate
+from extract.quantise import QUANTISERS, check_sizes, code_usage, collisions, disambiguate
 from featurestore.errors import UserError
 from featurestore.runtime.versions import versions
 from featurestore.store import (DEFAULT_CHUNK_ROWS, STATUS_COMPLETE, STATUS_PARTIAL, FeatureGroup, FeatureStore,
@@ -185,6 +185,10 @@ def run_codes(ws: Workspace, opts: CodesOptions) -> CodesResult:
     source = _source(store, source_group(dataset.name, opts.encoder), dataset)
     name = codes_group(dataset.name, opts.encoder, opts.method, opts.levels, opts.codebook, opts.variant)
     rows = source.read()
+    present = source.present()
+    present[0] = False
+    ids = np.flatnonzero(present)
+    check_sizes(len(ids), opts.levels, opts.codebook)  # before a group exists
     attrs = _job_attrs(name, source, rows, dataset, opts)
     lock = store.lock(name)
     lock.acquire(command=opts.command())
@@ -195,9 +199,6 @@ def run_codes(ws: Workspace, opts: CodesOptions) -> CodesResult:
             return _result(group, 0, time.perf_counter() - started)
         group.drop_flat()
         group.update_attrs(status=STATUS_PARTIAL, versions=attrs["versions"])
-        present = source.present()
-        present[0] = False
-        ids = np.flatnonzero(present)
         fitted = quantiser(rows[ids], opts.levels, opts.codebook, opts.seed, opts.iterations)
         codes = disambiguate(fitted.codes) if opts.disambiguate else fitted.codes
         table = np.zeros((dataset.n_items + 1, codes.shape[1]), dtype=np.float32)
@@ -210,7 +211,6 @@ def run_codes(ws: Workspace, opts: CodesOptions) -> CodesResult:
         group.update_attrs(
             status=STATUS_COMPLETE, settings=fitted.settings, quantiser_sha256=fitted.state_sha256,
             codes_sha256=hashlib.sha256(table.tobytes()).hexdigest(),
-            level_sizes=[opts.codebook] * opts.levels + ([int(codes[:, -1].max()) + 1] if opts.disambiguate else []),
             reconstruction_error=fitted.errors, code_usage=code_usage(fitted.codes),
             collisions=collisions(fitted.codes), coded_items=len(ids),
             timings={"seconds": round(seconds, 3)}, completed=time.strftime("%Y-%m-%d %H:%M:%S"))

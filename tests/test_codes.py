@@ -96,6 +96,7 @@ def test_refuses_a_partial_group_another_fingerprint_and_codes_of_another_group(
         run_codes(ws, options(variant="shared", seed=1))
     with pytest.raises(UserError, match="--codebook 400 is larger than the 149 items"):
         run_codes(ws, options(codebook=400))
+    assert not FeatureStore(ws.store).exists("synth/codes/bert-tiny@rq-kmeans-3x400")  # refused before writing
 
 
 def test_a_killed_job_resumes_to_the_same_codes(ws, monkeypatch):
