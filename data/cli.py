@@ -14,7 +14,7 @@ from data.popularity import bin_label, histogram, item_interactions, plot_histog
 from data.prepare import prepare_dataset
 from data.synth import Signals, list_synth_formats, synthesize
 from data.synth_folder import synthesize_into
-from featurestore.cliutil import UserError, emit, json_option, root_option
+from featurestore.cliutil import SEED, UserError, emit, json_option, root_option
 from featurestore.workspace import Workspace
 
 
@@ -50,7 +50,7 @@ def _split_fields(ctx: click.Context, param: click.Parameter, value: str | None)
               help="Repeat the item and user filters until neither removes anything (a k-core).")
 @click.option("--users", type=click.IntRange(min=1), default=None,
               help="Keep a deterministic random sample of N users (drawn after the --min-interactions filter).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the --users sample.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the --users sample.")
 @click.option("--text-fields", callback=_split_fields, default=None,
               help="Comma-separated catalogue fields joined into the item text [default per format: "
                    "hm prod_name,product_type_name,colour_group_name,detail_desc; mind title; "
@@ -191,8 +191,8 @@ def info(ws: Workspace, as_json: bool, name: str, plot: Path | None) -> None:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder to write the raw files to [default: ROOT/raw/FORMAT].")
 @click.option("--users", type=click.IntRange(min=1), default=2000, show_default=True, help="Users to simulate.")
-@click.option("--items", type=click.IntRange(min=4), default=500, show_default=True, help="Catalogue size.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same files.")
+@click.option("--items", type=click.IntRange(min=8), default=500, show_default=True, help="Catalogue size.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Same seed, same files.")
 @click.option("--clusters", type=click.IntRange(min=2), default=None,
               help="Latent regions (item latents lie near one region centre each) [default: items / 8, "
                    "between 4 and 128].")

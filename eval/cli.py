@@ -17,7 +17,7 @@ from eval.evaluate import SUBSETS, evaluate_subsets
 from eval.metrics import parse_ks, percent
 from eval.ranking import INDEXES
 from eval.results import load_run_and_dataset, record_result, stamp
-from featurestore.cliutil import UserError, emit, json_option, root_option, run_cli
+from featurestore.cliutil import SEED, UserError, emit, json_option, root_option, run_cli
 from featurestore.workspace import Workspace
 from recommend.defaults import latest_finished_run
 from recommend.run import read_config, resolve_run, unfinished
@@ -94,7 +94,7 @@ def _subsets(_ctx, _param, value: str) -> list[str]:
                    "process's under torchrun), torch (matmul + top-k on --device, no faiss needed), "
                    "torch-twopass (bf16 first pass with a proven error bound, exact rescoring of "
                    "the candidates; same ranks, faster where bf16 is).")
-@click.option("--batch-size", default=1024, show_default=True,
+@click.option("--batch-size", type=click.IntRange(min=1), default=1024, show_default=True,
               help="Users per model call (bounds memory); FAISS searches take at least 4096 "
                    "users per call, below which it leaves its fast BLAS path.")
 @click.option("--device", default=None,
@@ -277,9 +277,9 @@ def _dataset_rows(ws: Workspace, summaries: list) -> list:
               help="PNG file to write.")
 @click.option("--method", type=click.Choice(["pca", "tsne"]), default="pca", show_default=True,
               help="2-D projection (scikit-learn).")
-@click.option("--max-items", default=5000, show_default=True,
+@click.option("--max-items", type=click.IntRange(min=3), default=5000, show_default=True,
               help="Plot a random sample of at most this many items (t-SNE is quadratic).")
-@click.option("--seed", default=0, show_default=True, help="Seed of the sample and projection.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the sample and projection.")
 @root_option
 @json_option
 def plot_items(ws: Workspace, as_json: bool, run_arg: str | None, run_option: str | None, out: Path,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from featurestore.cliutil import emit, json_option, root_option
+from featurestore.cliutil import SEED, FloatRange, emit, json_option, root_option
 from featurestore.workspace import Workspace
 
 
@@ -23,14 +23,14 @@ from featurestore.workspace import Workspace
                    "mae: masked-autoencoder pixel reconstruction on pictures.")
 @click.option("--epochs", type=click.IntRange(min=1), default=5, show_default=True,
               help="Passes over the dataset's items; a checkpoint is written after each.")
-@click.option("--mask-ratio", type=float, default=None,
+@click.option("--mask-ratio", type=FloatRange(0, 1, min_open=True, max_open=True), default=None,
               help="Share of tokens (mlm) or patches (mae) hidden and predicted [default: mlm 0.15, mae 0.75].")
-@click.option("--lr", type=float, default=None, help="Peak AdamW learning rate [default: mlm 5e-5, mae 1e-4].")
+@click.option("--lr", type=FloatRange(min=0, min_open=True), default=None, help="Peak AdamW learning rate [default: mlm 5e-5, mae 1e-4].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Items per optimiser step [default: mlm 32, mae 64].")
-@click.option("--weight-decay", type=float, default=None,
+@click.option("--weight-decay", type=FloatRange(min=0), default=None,
               help="AdamW weight decay, not applied to biases and norms [default: mlm 0.01, mae 0.05].")
-@click.option("--warmup", type=float, default=0.05, show_default=True,
+@click.option("--warmup", type=FloatRange(0, 1, max_open=True), default=0.05, show_default=True,
               help="Share of all steps with a linear learning-rate warmup; cosine decay to 0 after it.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where training runs; cuda uses bf16 (else fp16) autocast. auto: cuda if visible.")
@@ -42,7 +42,7 @@ from featurestore.workspace import Workspace
 @click.option("--weights", default=None, metavar="PATH_OR_HUB_ID",
               help="Base weights file/folder or hub id [default: the weights bundled with the encoder, if any].")
 @click.option("--random-init", is_flag=True, help="Start from an untrained, seeded encoder (tests, ablations).")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=SEED, default=0, show_default=True,
               help="Seeds --random-init, the head's initialisation, shuffling, masking and dropout.")
 @click.option("--max-text-tokens", type=click.IntRange(min=2), default=30, show_default=True,
               help="Cut texts to this many tokens, special tokens included (as extraction does).")

@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from extract.registry import MODALITIES, POOLINGS
-from featurestore.cliutil import UserError, emit, json_option, root_option
+from featurestore.cliutil import SEED, UserError, emit, json_option, root_option
 from featurestore.store import DEFAULT_CHUNK_ROWS
 from featurestore.workspace import Workspace
 
@@ -70,7 +70,7 @@ DEFAULT_WORKERS = max(1, min(8, (os.cpu_count() or 2) // 2))
                    "[default: the weights bundled with the encoder, if any].")
 @click.option("--random-init", is_flag=True,
               help="Use an untrained, seeded model (tests, ablations); recorded in the provenance.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --random-init.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of --random-init.")
 @click.option("--variant", default=None, metavar="TAG",
               help="Write group DATASET/MODALITY/ENCODER@TAG, e.g. for adapted (MLM/MAE) weights.")
 @click.option("--adapted", default=None, metavar="NAME",

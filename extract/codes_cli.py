@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from featurestore.cliutil import emit, json_option, root_option
+from featurestore.cliutil import SEED, emit, json_option, root_option
 from featurestore.store import DEFAULT_CHUNK_ROWS
 from featurestore.workspace import Workspace
 
@@ -20,7 +20,7 @@ from featurestore.workspace import Workspace
 @click.option("--method", default="rq-kmeans", show_default=True, metavar="rq-kmeans|rq-vae",
               help="rq-kmeans: faiss k-means on each level's residual; rq-vae: TIGER's residual-quantised "
                    "auto-encoder, trained in torch (commitment loss, dead-code restarts).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the quantiser (codes are "
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the quantiser (codes are "
                                                                       "deterministic for a seed).")
 @click.option("--iterations", type=click.IntRange(min=1), default=None,
               help="k-means iterations per level (rq-kmeans) or training epochs (rq-vae) [default: 20 / 50].")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import functools
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -20,7 +21,7 @@ from featurestore.errors import UserError
 from featurestore.registry import suggest
 from featurestore.workspace import ROOT_ENV, Workspace, default_root
 
-__all__ = ["UserError", "emit", "json_option", "root_option", "run_cli", "suggest"]
+__all__ = ["SEED", "FloatRange", "UserError", "emit", "json_option", "root_option", "run_cli", "suggest"]
 
 
 def root_option(func: Callable) -> Callable:
@@ -40,6 +41,19 @@ def root_option(func: Callable) -> Callable:
 
     return wrapper
 
+
+class FloatRange(click.FloatRange):
+    """click's FloatRange refusing NaN and infinity too: click lets NaN through every range."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if number is not None and not math.isfinite(number):
+            self.fail(f"{value} is not a finite number.", param, ctx)
+        return number
+
+
+# The seeds numpy and torch accept: every --seed of every command is checked against it by click.
+SEED = click.IntRange(0, 2**32 - 1)
 
 json_option = click.option(
     "--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of text."

@@ -14,7 +14,7 @@ import torch
 
 from eval.cli import cli as eval_cli
 from eval.metrics import percent
-from featurestore.cliutil import UserError, emit, json_option, root_option, run_cli
+from featurestore.cliutil import SEED, FloatRange, UserError, emit, json_option, root_option, run_cli
 from featurestore.configfile import config_option
 from featurestore.workspace import Workspace
 from recommend.defaults import Inferred, only_dataset, only_group
@@ -91,7 +91,15 @@ def train_command(ws: Workspace, as_json: bool, quiet: bool, threads: int | None
     opts = TrainOptions(**options)
     if threads:
         torch.set_num_threads(threads)  # how fast, not what is trained: kept out of config.json
-    result = train(ws, opts, progress=not quiet, echo=not quiet)
+    try:
+        result = train(ws, opts, progress=not quiet, echo=not quiet)
+    except (MemoryError, RuntimeError) as err:  # torch.OutOfMemoryError is a RuntimeError
+        if not isinstance(err, MemoryError) and "out of memory" not in str(err) \
+                and "can't allocate memory" not in str(err):
+            raise
+        raise UserError(f"out of memory building or training the model (--dim {opts.dim}, --batch-size "
+                        f"{opts.batch_size}, --blocks {opts.blocks}: {str(err).splitlines()[0][:160]}); give a "
+                        "smaller --dim or --batch-size (finished epochs are kept; rerun to resume)") from None
     result["inferred"] = inferred
     if not Processes.from_env().main:
         return  # under torchrun, process 0 reports for all
@@ -125,37 +133,38 @@ def runs_command(ws: Workspace, as_json: bool) -> None:
 
 @cli.command("study")
 @click.option("--dataset", required=True, help="Prepared dataset name (under ROOT/datasets).")
-@click.option("--encoder", required=True,
+@click.option("--encoder", default=None,
               help="Item encoder for the content modes: its store group is extracted if missing "
-                   "(ts, ts-dnn) and it runs live in e2e/adapter (list: `featurestore encoders`).")
+                   "(ts, ts-dnn) and it runs live in e2e/adapter (list: `featurestore encoders`); "
+                   "not needed with --modes id.")
 @click.option("--layers", default=",".join(map(str, DEFAULT_LAYERS)), show_default=True,
               help="TS-DNN depths N to train, comma-separated (one run each).")
 @click.option("--modes", default=",".join(list_item_towers()), show_default=True,
               help="Item towers to compare: id (IDRec), ts, ts-dnn, e2e, adapter, side (IISAN side "
                    "networks over the per-layer cache, extracted if missing). A mode this installation "
                    "lacks is listed as unavailable in the report.")
-@click.option("--top-k", type=int, default=2, show_default=True,
+@click.option("--top-k", type=click.IntRange(min=1), default=2, show_default=True,
               help="e2e: fine-tune the top K encoder blocks.")
 @click.option("--cached/--live", default=True, show_default=True,
               help="e2e: train the top K blocks from states cached once per item (the store variant "
                    "ENC@topK, extracted if missing; same loss and gradients, about 2x faster), or run "
                    "the whole encoder live every step.")
-@click.option("--epochs", type=int, default=TRAIN_DEFAULTS.epochs, show_default=True,
+@click.option("--epochs", type=click.IntRange(min=1), default=TRAIN_DEFAULTS.epochs, show_default=True,
               help="Most epochs per run, as `recommend train` (early stopping on validation HR@10 ends "
                    "most runs far sooner).")
 @click.option("--live-epochs", type=click.IntRange(min=1), default=None,
               help="Most epochs of the e2e and adapter runs, which run the encoder every step and cost "
                    "tens of times a TS epoch on a CPU; the report states the cap [default: --epochs].")
-@click.option("--dim", type=int, default=TRAIN_DEFAULTS.dim, show_default=True,
+@click.option("--dim", type=click.IntRange(min=1), default=TRAIN_DEFAULTS.dim, show_default=True,
               help="Hidden width d of every run, as `recommend train` (the papers use 512; 64 keeps a "
                    "CPU study to minutes).")
-@click.option("--batch-size", type=int, default=64, show_default=True, help="Users per training step.")
-@click.option("--lr", type=float, default=TRAIN_DEFAULTS.lr, show_default=True,
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Users per training step.")
+@click.option("--lr", type=FloatRange(min=0, min_open=True), default=TRAIN_DEFAULTS.lr, show_default=True,
               help="AdamW learning rate of every run, as `recommend train` (e2e encoder blocks: --lr / 10).")
-@click.option("--patience", type=int, default=10, show_default=True,
+@click.option("--patience", type=click.IntRange(min=1), default=10, show_default=True,
               help="Stop a run after this many epochs without a better validation HR@10.")
-@click.option("--seed", type=int, default=42, show_default=True, help="Seed of every run (the first, with --seeds).")
-@click.option("--tune", type=int, default=0, show_default=True, metavar="N",
+@click.option("--seed", type=SEED, default=42, show_default=True, help="Seed of every run (the first, with --seeds).")
+@click.option("--tune", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
               help="Tune each configuration of --tune-modes with N Optuna trials on validation (as "
                    "`recommend tune`: lr, weight decay, dropout, d; TS-DNN-N keeps its N), then rank only "
                    "the best trial of each on test (it is the first seed's run; --seeds retrains the "
@@ -165,14 +174,14 @@ def runs_command(ws: Workspace, as_json: bool) -> None:
                    "others take the lr tuned for TS-DNN (without a tuned TS-DNN: TS's, then IDRec's; "
                    "e2e encoder blocks at lr / 10). The report "
                    "says which rows were tuned.")
-@click.option("--seeds", type=int, default=1, show_default=True, metavar="S",
+@click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True, metavar="S",
               help="Train each configuration with S seeds (--seed, --seed + 1, ...) and report the test "
                    "metrics' mean ± sample sd.")
 @click.option("--random-init", is_flag=True,
               help="Use an untrained, seeded encoder (for encoders without local weights: tests, "
                    "ablations); recorded in the store group and the runs.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--threads", type=int, default=None,
+@click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads for torch in extraction, training and ranking [default: torch's]. "
                    "On a small machine shared with other jobs, 1 avoids oversubscription, which "
                    "can slow small models down many times over.")
@@ -181,8 +190,8 @@ def runs_command(ws: Workspace, as_json: bool) -> None:
                    "[default: ROOT/studies/DATASET-ENCODER].")
 @click.option("--warm", default=None, metavar="N[,N]",
               help="Also study warm-N variants DATASET-warmN (items with at least N users; prepared from "
-                   "the dataset's raw files if missing) and write one side-by-side report (001 Table 3) "
-                   "[default: ROOT/studies/DATASET-ENCODER-warm].")
+                   "the dataset's raw files if missing) and write one side-by-side report (001 Table 3), "
+                   "in --out (there: ROOT/studies/DATASET-ENCODER-warm) [default: no warm variants].")
 @config_option
 @root_option
 @json_option
@@ -205,6 +214,12 @@ def study_command(ws: Workspace, as_json: bool, layers: str, modes: str, tune_mo
         depths = [int(n) for n in _names(layers)]
     except ValueError:
         raise UserError(f"--layers {layers}: give whole numbers, e.g. --layers 2,6,8") from None
+    if options["encoder"] is None:
+        content = [m for m in _names(modes) if m != "id"]
+        if content:
+            raise UserError(f"--encoder: --modes {','.join(content)} need an item encoder; give --encoder ENC "
+                            "(list: `featurestore encoders`) or --modes id")
+        options["encoder"] = "id"  # an ID-only study: its folder is ROOT/studies/DATASET-id
     opts = StudyOptions(layers=depths, modes=_names(modes), tune_modes=_names(tune_modes), **options)
     command = " ".join(["recommend", *sys.argv[1:]])
     if warm:

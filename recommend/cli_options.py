@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterable
 
 import click
 
+from featurestore.cliutil import FloatRange
 from recommend.options import choices_of, unset
 
 
@@ -24,7 +25,7 @@ def _type(f: Field) -> Any:
     kind = meta["type"] or (type(f.default) if f.default is not None and not meta["multiple"] else str)
     if meta["min"] is None and meta["max"] is None:
         return kind
-    ranged = click.IntRange if kind is int else click.FloatRange
+    ranged = click.IntRange if kind is int else FloatRange
     return ranged(meta["min"], meta["max"], min_open=meta["min_open"], max_open=meta["max_open"])
 
 

@@ -50,7 +50,7 @@ from featurestore.workspace import Workspace
 from recommend.features import retarget_group
 from recommend.inputs import TowerKind
 from recommend.item_towers import ITEM_TOWERS, ContentOptions, ItemTower, content_spec, dt_layer
-from recommend.options import TrainOptions, fill, option
+from recommend.options import SEED_MAX, TrainOptions, fill, option
 
 LIVE_MODES = ("e2e", "adapter")  # the modes of this family (recommend.adapters registers the second)
 DEFAULT_TOP_K = 2  # PMMRec / MMSR tune the top 2 blocks
@@ -309,7 +309,7 @@ class LiveOptions(ContentOptions):
     random_init: bool = option(False, flag="--random-init", is_flag=True, purpose=LIVE,
                                help="e2e/adapter: start from an untrained, seeded encoder (tests, ablations); paper "
                                     "encoders have no local weights and are refused without this or --weights.")
-    encoder_seed: int = option(0, flag="--encoder-seed", show_default=True, purpose=LIVE,
+    encoder_seed: int = option(0, flag="--encoder-seed", min=0, max=SEED_MAX, show_default=True, purpose=LIVE,
                                help="Seed of --random-init (the same as `featurestore extract --seed`).")
     pooling: str | None = option(flag="--pooling", choices=("cls", "mean", "pooled"), purpose=LIVE,
                                  help="e2e/adapter: pooling of the live encoder [default: the encoder's own; with "

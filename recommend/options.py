@@ -27,6 +27,9 @@ from typing import Any, Callable, Mapping
 from featurestore.errors import UserError
 
 
+SEED_MAX = 2**32 - 1  # the largest seed numpy accepts
+
+
 def option(default: Any = None, *, flag: str, help: str, purpose: str = "", min: float | None = None,
            max: float | None = None, min_open: bool = False, max_open: bool = False,
            choices: Any = None, is_flag: bool = False, multiple: bool = False, metavar: str | None = None,
@@ -155,7 +158,8 @@ class SharedOptions:
                                         "models learn popularity first and can sit there for tens of epochs before "
                                         "they learn sequences (the papers' code uses one patience; give it here for "
                                         "their behaviour).")
-    seed: int = option(42, flag="--seed", show_default=True, help="Seed for weights, order, negatives.")
+    seed: int = option(42, flag="--seed", min=0, max=SEED_MAX, show_default=True,
+                       help="Seed for weights, order, negatives.")
     device: str = option("auto", flag="--device", show_default=True,
                          help="auto (cuda when present), cpu, cuda or cuda:N. Multi-GPU/multi-node: launch with "
                               "`torchrun --nproc-per-node N $(which recommend) train ...`.")

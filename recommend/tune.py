@@ -24,6 +24,7 @@ never looks at the test split: a trial's value is its best validation HR@10.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 import warnings
@@ -37,7 +38,10 @@ from optuna.trial import TrialState
 from featurestore.errors import UserError
 from featurestore.workspace import Workspace
 from recommend.run import write_atomic
+from eval.metrics import percent
 from recommend.item_towers import ITEM_TOWERS
+from recommend.options import SHARED_FIELDS, range_problem
+from recommend.plugins import option_fields
 from recommend.trainer import MONITOR, TrainOptions, check_options, train
 
 # name -> distribution; "float"/"int" take low/high (and log), "categorical" takes choices
@@ -93,8 +97,10 @@ def load_space(path: Path) -> dict:
 
 
 def check_space(space, where: str = "the search space") -> dict:
-    """Every entry names a training option and a distribution Optuna can sample."""
+    """Every entry names a training option and a distribution Optuna can sample whose values the
+    option accepts: checked before the first trial, so a bad bound fails here naming its key."""
     known = set(TrainOptions().to_dict())
+    fields = {**SHARED_FIELDS, **option_fields()}
     if not isinstance(space, dict) or not space:
         raise UserError(f"{where}: give a mapping of option -> distribution, e.g. "
                         "{lr: {type: float, low: 1e-4, high: 1e-2, log: true}}")
@@ -104,14 +110,25 @@ def check_space(space, where: str = "the search space") -> dict:
                             f"{', '.join(DEFAULT_SPACE)} or layers")
         kind = dist.get("type") if isinstance(dist, dict) else None
         if kind in ("float", "int"):
-            if not {"low", "high"} <= set(dist) or not dist["low"] <= dist["high"]:
-                raise UserError(f"{where}: {name} needs low <= high, got {dist}")
+            bounds = [dist.get("low"), dist.get("high")]
+            if not all(_finite(v) for v in bounds) or not bounds[0] <= bounds[1]:
+                raise UserError(f"{where}: {name} needs numbers low <= high, got {dist}")
+            if dist.get("log") and bounds[0] <= 0:
+                raise UserError(f"{where}: {name} has log: true, which needs low > 0, got low {bounds[0]}")
         elif kind == "categorical":
-            if not dist.get("choices"):
+            if not isinstance(dist.get("choices"), list) or not dist["choices"]:
                 raise UserError(f"{where}: {name} needs a non-empty choices list")
+            bounds = dist["choices"]
         else:
             raise UserError(f"{where}: {name} needs type float, int or categorical, got {kind!r}")
+        problem = next(filter(None, (range_problem(fields[name], v) for v in bounds)), None) if name in fields else None
+        if problem:
+            raise UserError(f"{where}: {name} reaches values the option refuses ({problem})")
     return space
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def suggest(trial: optuna.Trial, space: dict) -> dict:
@@ -147,11 +164,29 @@ def open_storage(ws: Workspace, url: str | None, heartbeat: int) -> RDBStorage:
             return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
                               heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY))
         except Exception as err:  # sqlalchemy's own errors: a bad URL, a missing driver, no server
+            _raise_if_disk_full(err, url)
+            if not type(err).__module__.startswith("sqlalchemy") and not isinstance(err, ImportError):
+                raise  # not the storage's fault (an OSError gets its own one line from run_cli)
             if attempt == 2 or "://" not in url or type(err).__name__ not in ("OperationalError", "IntegrityError"):
                 raise UserError(f"--storage {url}: Optuna cannot open it ({type(err).__name__}: "
                                 f"{str(err).splitlines()[0]}); give a SQLAlchemy URL such as "
                                 "sqlite:///path/tune.db or postgresql://user@host/db") from None
             time.sleep(1 + attempt)
+
+
+def _raise_if_disk_full(err: Exception, url: str) -> None:
+    """SQLite says a full disk in its own words; say it as a full disk, naming the database file."""
+    if "disk is full" in str(err) or "disk I/O error" in str(err):
+        where = url[len("sqlite:///"):] if url.startswith("sqlite:///") else url
+        raise UserError(f"{where}: no space left on the device ({str(err).splitlines()[0]}); free some space "
+                        "and run the same command again (finished trials are kept)") from None
+
+
+def _requeue(study: optuna.Study, number: int) -> None:
+    """Ctrl-C in a trial: queue it again with its parameters, as a killed worker's stale heartbeat
+    would, so the rerun resumes its run folder instead of drawing new parameters."""
+    frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
+    RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, frozen)
 
 
 def _pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
@@ -189,6 +224,8 @@ def run_tune(ws: Workspace, opts: TuneOptions, echo: bool = True) -> dict:
     space = check_space(opts.space or default_space(opts.base.mode))
     if opts.trials < 1:
         raise UserError(f"--trials must be >= 1, got {opts.trials}")
+    if opts.heartbeat < 1:
+        raise UserError(f"--heartbeat must be >= 1 second, got {opts.heartbeat}")
     if opts.pruner not in PRUNERS:
         raise UserError(f"--pruner {opts.pruner}: choose from {', '.join(PRUNERS)}")
     if opts.base.run_name:
@@ -196,7 +233,7 @@ def run_tune(ws: Workspace, opts: TuneOptions, echo: bool = True) -> dict:
     check_options(opts.base)  # bad base options fail here, not in every trial
     name = opts.study_name or default_study_name(opts.base)
     storage = open_storage(ws, opts.storage, opts.heartbeat)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # its failed-trial warning prints a traceback; ours is one line
     study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True,
                                 sampler=optuna.samplers.TPESampler(seed=opts.sampler_seed),
                                 pruner=_pruner(opts.pruner, opts.base.epochs))
@@ -214,10 +251,18 @@ def run_tune(ws: Workspace, opts: TuneOptions, echo: bool = True) -> dict:
             trial.report(metrics[MONITOR[0]], epoch)
             return trial.should_prune()
 
-        result = train(ws, options, progress=False, echo=False, on_epoch=report)
+        try:
+            result = train(ws, options, progress=False, echo=False, on_epoch=report)
+        except KeyboardInterrupt:
+            _requeue(trial.study, trial.number)
+            raise
+        except UserError as err:
+            if echo:
+                print(f"trial {trial.number} ({run}): failed: {err}", file=sys.stderr, flush=True)
+            raise
         if echo:
             print(f"trial {trial.number} ({run}): {result['status']}, best validation {MONITOR[0]} "
-                  f"{result['best'].get(MONITOR[0], float('nan')):.4f} at epoch {result['best_epoch']}; "
+                  f"{percent(result['best'].get(MONITOR[0]))}% at epoch {result['best_epoch']}; "
                   + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()),
                   file=sys.stderr, flush=True)
         if result["status"] == "pruned":
@@ -232,8 +277,12 @@ def run_tune(ws: Workspace, opts: TuneOptions, echo: bool = True) -> dict:
 
     remaining = opts.trials - _finished_count(study)
     if remaining > 0:
-        study.optimize(objective, n_trials=remaining, timeout=opts.timeout, catch=(UserError,),
-                       callbacks=[stop_when_done], gc_after_trial=True)
+        try:
+            study.optimize(objective, n_trials=remaining, timeout=opts.timeout, catch=(UserError,),
+                           callbacks=[stop_when_done], gc_after_trial=True)
+        except Exception as err:  # the storage's own errors on a full disk
+            _raise_if_disk_full(err, opts.storage or f"sqlite:///{ws.root / DB_FILE}")
+            raise
     result = summary(study, ws)
     result["plot"] = str(plot_search(study, ws.root / "tune" / name / PLOT))
     write_atomic(ws.root / "tune" / name / "summary.json", (json.dumps(result, indent=2) + "\n").encode())

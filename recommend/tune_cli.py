@@ -14,11 +14,13 @@ import click
 import torch
 from click.core import ParameterSource
 
-from featurestore.cliutil import UserError, emit, json_option, root_option
+from eval.metrics import percent
+from featurestore.cliutil import SEED, FloatRange, UserError, emit, json_option, root_option
 from featurestore.configfile import config_option
 from featurestore.workspace import Workspace
 from recommend.trainer import TrainOptions
 from recommend.cli_options import parse_lists
+from recommend.defaults import only_dataset
 from recommend.item_towers import ITEM_TOWERS, list_item_towers
 from recommend.tune import DEFAULT_SPACE, PRUNERS, TuneOptions, default_space, load_space, run_tune
 
@@ -49,9 +51,9 @@ def make_tune_command(train_command: click.Command, train_fields: Callable[[], l
     lists the option fields those were made from (to read them back as ``train`` does)."""
 
     @click.command("tune", help=HELP)
-    @click.option("--trials", type=int, default=20, show_default=True,
+    @click.option("--trials", type=click.IntRange(min=1), default=20, show_default=True,
                   help="Trials to finish (complete, pruned or failed), counted over every worker and restart.")
-    @click.option("--timeout", type=float, default=None, help="Stop starting trials after this many seconds.")
+    @click.option("--timeout", type=FloatRange(min=0, min_open=True), default=None, help="Stop starting trials after this many seconds.")
     @click.option("--storage", default=None, metavar="URL",
                   help="Optuna storage, any SQLAlchemy URL (postgresql://…, mysql://…, sqlite:///…) "
                        "[default: sqlite:///ROOT/tune.db].")
@@ -64,10 +66,10 @@ def make_tune_command(train_command: click.Command, train_fields: Callable[[], l
     @click.option("--pruner", type=click.Choice(PRUNERS), default="median", show_default=True,
                   help="median: stop a trial below the median of earlier trials at the same epoch (after 3 "
                        "trials and 2 epochs); hyperband: Optuna's Hyperband over epochs; none.")
-    @click.option("--sampler-seed", type=int, default=None,
+    @click.option("--sampler-seed", type=SEED, default=None,
                   help="Seed of the TPE sampler (one worker: a reproducible search). Give each worker of a "
                        "shared search its own seed or none.")
-    @click.option("--heartbeat", type=int, default=60, show_default=True,
+    @click.option("--heartbeat", type=click.IntRange(min=1), default=60, show_default=True,
                   help="Seconds between a worker's heartbeats; a trial silent for twice this is taken as "
                        "killed and re-queued.")
     @config_option
@@ -77,7 +79,9 @@ def make_tune_command(train_command: click.Command, train_fields: Callable[[], l
                      study_name: str | None, space_file: Path | None, pruner: str, sampler_seed: int | None,
                      heartbeat: int, threads: int | None = None, **options) -> None:
         if options["dataset"] is None:
-            raise UserError("--dataset: name the prepared dataset to tune on (see `featurestore dataset ls`)")
+            found = only_dataset(ws)
+            click.echo(f"using {found.note}", err=True)
+            options["dataset"] = found.value
         if threads:
             torch.set_num_threads(threads)  # how fast, not what is trained
         given = _given(options)
@@ -91,7 +95,7 @@ def make_tune_command(train_command: click.Command, train_fields: Callable[[], l
         best = result["best"]
         text = (f"study {result['study']}: {result['trials']} trials ({result['complete']} complete, "
                 f"{result['pruned']} pruned, {result['failed']} failed)\n"
-                + (f"best: trial {best['trial']}, validation HR@10 {best['value']:.4f}, run {best['run']}, "
+                + (f"best: trial {best['trial']}, validation HR@10 {percent(best['value'])}%, run {best['run']}, "
                    + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                for k, v in best["params"].items()) if best else "best: none finished")
                 + f"\nplot: {result['plot']}")
