@@ -25,7 +25,7 @@ import json
 import multiprocessing
 import signal
 import traceback
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import click
@@ -44,6 +44,8 @@ from extract.layers import states_variant
 from recommend.item_towers import ITEM_TOWERS, list_item_towers
 from recommend.run import BEST, CHECKPOINT, FINISHED, write_atomic
 from recommend.study_tune import plot_validation, seed_options, seed_statistics, tune_configurations
+from recommend.tracker import Parent
+from recommend.tracking import TRACKING_OPTIONS, parent_run
 from recommend.trainer import TrainOptions, train
 
 DEFAULT_LAYERS = (2, 6, 8, 10, 12)
@@ -80,6 +82,8 @@ class StudyOptions:
     tune: int = 0  # Optuna trials per configuration on validation (0: no tuning); recommend.study_tune
     tune_modes: list[str] = field(default_factory=list_item_towers)
     seeds: int = 1  # runs per configuration, seeds seed .. seed + seeds - 1
+    track: str | None = None  # every run's --track (recommend.tracking); mlflow: the study is their parent run
+    tracking_uri: str | None = None
 
 
 @dataclass
@@ -140,7 +144,7 @@ def run_name(dataset: PreparedDataset, label: str, options: TrainOptions,
     """
     filled = ITEM_TOWERS.get(options.mode).check(options)  # the mode's defaults (TS-DNN depth) name it too
     settings = {k: v for k, v in filled.to_dict().items()  # every value: a changed default is a new run
-                if k not in ("run_name", "device") and v is not None}
+                if k not in ("run_name", "device", *TRACKING_OPTIONS) and v is not None}
     identity = {"options": settings, "dataset": dataset.fingerprint, "features": features}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
     encoder = "-" + options.encoders[0] if options.encoders else ""
@@ -156,7 +160,7 @@ def plan(opts: StudyOptions, dataset: PreparedDataset, signatures: dict | None =
     """
     common = TrainOptions(dataset=opts.dataset, dim=opts.dim, batch_size=opts.batch_size,
                           epochs=opts.epochs, patience=opts.patience, lr=opts.lr, seed=opts.seed,
-                          device=opts.device)
+                          device=opts.device, track=opts.track, tracking_uri=opts.tracking_uri)
     configs, available = [], set(list_item_towers())
     for mode in (m for m in ITEM_TOWERS.names() if m in opts.modes):
         if mode not in available:
@@ -479,8 +483,22 @@ def run_study(ws: Workspace, opts: StudyOptions, progress: bool = True,
     out = default_out(ws, opts)
     out.mkdir(parents=True, exist_ok=True)
     # one study per folder: a second one would train the same runs and rewrite the same report
-    with GroupLock(out / LOCK, str(out), what="study folder", command=command):
-        return _study(ws, opts, dataset, out, progress, command)
+    with GroupLock(out / LOCK, str(out), what="study folder", command=command), \
+            parent_run(ws.root, opts.track, opts.tracking_uri, opts.dataset, out, "study", asdict(opts)) as parent:
+        result = _study(ws, opts, dataset, out, progress, command)
+        _track(ws, parent, result, out)
+        return result
+
+
+def _track(ws: Workspace, parent: Parent, result: dict, out: Path) -> None:
+    """The study's parent run: every row's runs nested with their eval.json, each row's test
+    metrics, the report, study.json and the figures."""
+    rows = result["configurations"]
+    for row in rows:
+        for seed in row["seeds"]:
+            parent.nest(ws.run_dir(seed["run"]))
+    parent.record({f"test/{row['label']}/{k}": v for row in rows if row["test"] for k, v in row["test"].items()},
+                  [out / REPORT, out / SUMMARY, *sorted(out.glob("*.png"))])
 
 
 def _study(ws: Workspace, opts: StudyOptions, dataset: PreparedDataset, out: Path, progress: bool,

@@ -42,6 +42,7 @@ from eval.metrics import percent
 from recommend.item_towers import ITEM_TOWERS
 from recommend.options import SHARED_FIELDS, range_problem
 from recommend.plugins import option_fields
+from recommend.tracking import TRACKING_OPTIONS, parent_run
 from recommend.trainer import MONITOR, TrainOptions, check_options, train
 
 # name -> distribution; "float"/"int" take low/high (and log), "categorical" takes choices
@@ -275,17 +276,23 @@ def run_tune(ws: Workspace, opts: TuneOptions, echo: bool = True) -> dict:
         if _finished_count(study) >= opts.trials:
             study.stop()
 
-    remaining = opts.trials - _finished_count(study)
-    if remaining > 0:
-        try:
-            study.optimize(objective, n_trials=remaining, timeout=opts.timeout, catch=(UserError,),
-                           callbacks=[stop_when_done], gc_after_trial=True)
-        except Exception as err:  # the storage's own errors on a full disk
-            _raise_if_disk_full(err, opts.storage or f"sqlite:///{ws.root / DB_FILE}")
-            raise
-    result = summary(study, ws)
-    result["plot"] = str(plot_search(study, ws.root / "tune" / name / PLOT))
-    write_atomic(ws.root / "tune" / name / "summary.json", (json.dumps(result, indent=2) + "\n").encode())
+    folder = ws.root / "tune" / name
+    # under --track mlflow the search is a parent run and its trials nest in it
+    with parent_run(ws.root, opts.base.track, opts.base.tracking_uri, opts.base.dataset, folder, "tune",
+                    {"space": space, "base": study.user_attrs["base"]}) as parent:
+        remaining = opts.trials - _finished_count(study)
+        if remaining > 0:
+            try:
+                study.optimize(objective, n_trials=remaining, timeout=opts.timeout, catch=(UserError,),
+                               callbacks=[stop_when_done], gc_after_trial=True)
+            except Exception as err:  # the storage's own errors on a full disk
+                _raise_if_disk_full(err, opts.storage or f"sqlite:///{ws.root / DB_FILE}")
+                raise
+        result = summary(study, ws)
+        result["plot"] = str(plot_search(study, folder / PLOT))
+        write_atomic(folder / "summary.json", (json.dumps(result, indent=2) + "\n").encode())
+        parent.record({f"best/valid_{MONITOR[0]}": result["best"]["value"]} if result["best"] else {},
+                      [folder / "summary.json", folder / PLOT])
     return result
 
 
@@ -293,7 +300,8 @@ def _record_setup(study: optuna.Study, opts: TuneOptions, space: dict) -> None:
     """What is searched around what, kept with the study (the first worker writes it); a later
     worker or restart with other fixed options or another space is refused, so trials of two
     setups never compete for one "best"."""
-    base = {k: v for k, v in opts.base.to_dict().items() if k not in space and k not in ("run_name", "device")}
+    base = {k: v for k, v in opts.base.to_dict().items()
+            if k not in space and k not in ("run_name", "device", *TRACKING_OPTIONS)}
     base = json.loads(json.dumps(base, default=str))
     if "base" in study.user_attrs:
         stored = study.user_attrs["base"]
