@@ -270,22 +270,34 @@ class FeatureGroup:
                 f"store group {self.name} is {self.status}; finish it first: "
                 f"`{group_extract_command(self.name)}`"
             )
-        if not self._flat_checked and not self._flat_matches():
-            self.write_flat()  # missing, cut or overwritten: the copy is rebuilt from the embeddings
+        if not self._flat_checked:
+            if not self.flat_whole():
+                self.write_flat()  # missing or cut: the copy is rebuilt from the embeddings
+            elif not self._flat_agrees():
+                raise UserError(f"store group {self.name}: its flat copy disagrees with its chunked embeddings, so "
+                                f"one of them is damaged; `featurestore verify {self.name}` says which: remove the "
+                                f"group's flat/ folder to rebuild the copy, or `featurestore rm {self.name}` and "
+                                "extract it again")
         self._flat_checked = True
+        return self.flat_view()
+
+    def flat_view(self) -> np.memmap:
+        """The flat copy as it is on disk, unchecked (``featurestore verify`` compares it row by row)."""
         return np.memmap(self._flat_file(), dtype=np.dtype(self.dtype).newbyteorder("<"), mode="r",
                          shape=(self.rows, self.dim))
 
-    def _flat_matches(self) -> bool:
-        """The flat copy has the right size and agrees with the chunked embeddings on a sample of rows."""
+    def flat_whole(self) -> bool:
+        """The flat copy exists and has the right size (a cut one is rebuilt)."""
         with self.reading():
-            if not self._has_flat() or self._flat_file().stat().st_size != self.rows * self.dim * np.dtype(
-                    self.dtype).itemsize:
-                return False
-            sample = np.unique(np.linspace(0, self.rows - 1, FLAT_SAMPLE).astype(np.int64))
-            flat = np.memmap(self._flat_file(), dtype=np.dtype(self.dtype).newbyteorder("<"), mode="r",
-                             shape=(self.rows, self.dim))
-            return bool(np.array_equal(np.asarray(flat[sample]), self.read(sample, mapped=False),
+            return self._has_flat() and self._flat_file().stat().st_size == self.rows * self.dim * np.dtype(
+                self.dtype).itemsize
+
+    def _flat_agrees(self) -> bool:
+        """The flat copy equals the chunked embeddings on a sample of rows. A copy that does not is refused,
+        not rebuilt: which side is damaged is for ``featurestore verify`` to say, not to overwrite."""
+        sample = np.unique(np.linspace(0, self.rows - 1, FLAT_SAMPLE).astype(np.int64))
+        with self.reading():
+            return bool(np.array_equal(np.asarray(self.flat_view()[sample]), self.read(sample, mapped=False),
                                        equal_nan=True))
 
     # -- writing (the extraction job, import) --------------------------------------

@@ -138,8 +138,8 @@ def _verify_checks(ws: Workspace, fg: FeatureGroup, sample: int, device: str) ->
     yield _check("padding row", zero_ok, "row 0 is zero and absent" if zero_ok else "row 0 is not zero padding")
     yield _check("absent rows zero", absent_zero, "rows of absent items are zero")
     if "flat" in fg._group and fg.status == STATUS_COMPLETE:
-        mm = fg.memmap()
-        same = all(np.array_equal(mm[start:stop], rows) for start, stop, rows in fg.iter_chunks())
+        same = fg.flat_whole() and all(np.array_equal(fg.flat_view()[start:stop], rows)
+                                       for start, stop, rows in fg.iter_chunks())
         yield _check("flat copy", same, "memory-mapped copy equals the chunked embeddings")
     dataset_dir = ws.dataset_dir(fg.attrs.get("dataset", ""))
     if not (dataset_dir / "manifest.json").exists():
