@@ -391,6 +391,11 @@ class LiveKind(TowerKind):
     def describe(self, config: dict, model: nn.Module) -> None:
         live_config(config, model)
 
+    def dt_layer_keys(self, tower: dict) -> dict[str, str]:
+        """The DT layer over the live encoder's pooled output: a TS run over the same encoder and
+        pooling read the same vectors, so its DT layer is where this one starts (``--init-from``)."""
+        return {"weight": "project.0.weight", "bias": "project.0.bias", "missing": "missing"}
+
 
 class E2EKind(LiveKind):
     """``e2e``: the top K blocks and the pooling head fine-tune; the bottom stays frozen."""

@@ -77,6 +77,12 @@ class TowerKind:
     def finish(self, model: Any, spec: dict) -> None:
         """Change the built Recommender where the mode reaches past its tower (adapters in the user encoder)."""
 
+    def dt_layer_keys(self, tower: dict) -> dict[str, str] | None:
+        """Where a tower of spec ``tower`` keeps the DT layer over one encoder's pooled output: its
+        state-dict names (below ``item_tower.``) for ``weight``, ``bias`` and ``missing`` (the learned
+        no-content vector), which a warm start copies between modes (TS -> e2e); None: no such layer."""
+        return None
+
     def user_encoder_additions(self, tower: dict) -> Any:
         """What the mode adds to the user encoder of a run with item-tower spec ``tower`` (None: nothing);
         transfer copies a user encoder only between runs that add the same."""

@@ -529,6 +529,14 @@ class StoredRowsKind(StoreGroupsKind):
     def study_extraction(self, study: Any) -> tuple[None, str]:
         return None, f"features of {study.dataset} by {study.encoder}"
 
+    def dt_layer_keys(self, tower: dict) -> dict[str, str] | None:
+        """One unwhitened, unfused group's DT layer: TS's, or TS-DNN's first layer when the residual blocks
+        (which start as the identity) follow it; the paper's stack puts a GELU right after it."""
+        stack = tower.get("dnn", "paper") if "layers" in tower else None  # runs before --dnn used the paper's
+        if tower.get("whiten") or tower.get("fusion") or stack == "paper":
+            return None
+        return {"weight": "projections.0.0.weight", "bias": "projections.0.0.bias", "missing": "inputs.0.missing"}
+
     def open(self, ws: Workspace, opts: TrainOptions, dataset: PreparedDataset) -> list[FeatureSource]:
         from extract.cache import FINAL_LAYER
 

@@ -3,7 +3,7 @@
 NineRec (000) and PMMRec (002) pretrain a modality-based recommender on a large
 source dataset and report, on a small target, training from scratch (NoPT) against
 starting from the source's item tower and/or user encoder (HasPT), plus the source
-model ranking the target without any training (zero-shot). Two entry points:
+model ranking the target without any training (zero-shot). Three entry points:
 
 - :func:`init_from_run` (``recommend train --init-from SOURCE --transfer full|item|user``):
   the target model is first built exactly as a NoPT run (same seed, same initialiser),
@@ -12,6 +12,10 @@ model ranking the target without any training (zero-shot). Two entry points:
   (DT / TS-DNN layers, fusion, the learned "missing content" vector, the PCA whitening
   buffers, the tuned encoder blocks and adapters of e2e/adapter runs), ``user`` =
   ``model.user_encoder`` (with its adapters), ``full`` = both.
+- :func:`warm_start` (``--mode e2e|adapter --init-from TS_RUN``): the DT layer (and the
+  no-content vector) and the user encoder of a TS / TS-DNN run over the same encoder,
+  weights and pooling start the live tower where that run ended, so E2E fine-tunes from
+  TS instead of from scratch (issue 29); its encoder is the registry's, adapters stay fresh.
 - :func:`zero_shot_model` (``eval rank --run SOURCE --dataset TARGET``): the source
   architecture rebuilt over the target's items and store groups, with the source's
   weights (or, ``untrained``, freshly initialised: the random baseline).
@@ -102,7 +106,9 @@ class TransferOptions:
         flag="--init-from", metavar="SOURCE_RUN", purpose="starts from another run",
         help="Start from a run trained on another dataset (name under ROOT/runs or a folder): the --transfer "
              "parts are copied from its best checkpoint, the rest is freshly initialised. ID-free modes only "
-             "(ts, ts-dnn, e2e, adapter); recorded in config.json.")
+             "(ts, ts-dnn, e2e, adapter); recorded in config.json. e2e/adapter from a ts or ts-dnn run over the "
+             "same encoder, weights and pooling (a warm start): its DT layer and user encoder start where it "
+             "ended.")
     transfer: str | None = option(
         flag="--transfer", choices=TRANSFERS, purpose="picks what --init-from copies",
         help="With --init-from: copy the item tower and user encoder (full), the item tower only (item) or "
@@ -253,6 +259,8 @@ def init_from_run(ws: Workspace, opts: Any, model: Recommender, spec: dict, sour
         return None
     source = open_source_run(ws, opts.init_from)
     parts = transfer_parts(opts.transfer)
+    if _kind(spec).runs_encoder_live and source.config["model"]["item_tower"]["name"] != spec["item_tower"]["name"]:
+        return warm_start(source, model, spec, parts, opts.transfer)
     problems = compatibility_problems(source.config, _target_spec_with_weights(spec, model),
                                       [s.record() for s in sources], parts)
     if problems:
@@ -265,6 +273,59 @@ def init_from_run(ws: Workspace, opts: Any, model: Recommender, spec: dict, sour
     if ITEM in parts and spec["item_tower"].get("whiten"):
         record["whitening"] = f"the source's (fitted on {source.config['dataset']['name']}'s catalogue)"
     return record
+
+
+def warm_start_problems(source: dict, target_spec: dict, target_encoder: dict) -> list[str]:
+    """Why a TS / TS-DNN run (its config) cannot warm-start a live tower: its DT layer must read the
+    vectors the live encoder computes (same encoder, weights and pooling) at the same d, and its user
+    encoder must be the same backbone."""
+    model = source["model"]
+    kind = _kind(model)
+    problems = []
+    if kind.runs_encoder_live or kind.dt_layer_keys(model["item_tower"]) is None:
+        problems.append(f"source mode {model['item_tower']['name']} has no DT layer over one store group's vectors "
+                        "(warm starts come from ts, or ts-dnn --dnn residual, without --whiten or --fusion)")
+    if model["dim"] != target_spec["dim"]:
+        problems.append(f"width d: source {model['dim']}, target {target_spec['dim']} (--dim)")
+    problems += _setting_differences(model["user_encoder"], target_spec["user_encoder"], USER_SETTINGS, "backbone")
+    groups = source.get("features", [])
+    stored = groups[0].get("provenance", {}) if len(groups) == 1 else {}
+    for key, what in (("encoder", "encoder"), ("pooling", "pooling"), ("state_sha256", "encoder weights (state sha256)")):
+        if stored.get(key) != target_encoder.get(key):
+            problems.append(f"{what}: source {stored.get(key)!r}, target {target_encoder.get(key)!r}")
+    return problems
+
+
+def warm_start(source: SourceRun, model: Recommender, spec: dict, parts: Sequence[str], kind: str) -> dict:
+    """``--init-from`` a TS / TS-DNN run into e2e or adapter: the DT layer (and the no-content vector) and
+    the user encoder start where the source ended; the encoder is the registry's (the source read its
+    vectors from the store), every other new tensor (adapters) stays as built. Refused in one line with
+    each mismatch; returns the run config's ``transfer`` record."""
+    described = {"model": {"item_tower": {}}}
+    _kind(spec).describe(described, model)  # the live tower's encoder, pooling and weights identity
+    problems = warm_start_problems(source.config, spec, described.get("item_encoder", {}))
+    if problems:
+        raise UserError(f"cannot warm-start --mode {spec['item_tower']['name']} from {source.name}: "
+                        f"{'; '.join(problems)}")
+    current = model.state_dict()
+    mapping: dict[str, str] = {}
+    if ITEM in parts:
+        ours = _kind(spec).dt_layer_keys(spec["item_tower"])
+        theirs = _kind(source.config["model"]).dt_layer_keys(source.config["model"]["item_tower"])
+        mapping.update({f"{ITEM}.{ours[role]}": f"{ITEM}.{theirs[role]}" for role in ours})
+    if USER in parts:
+        mapping.update({key: key for key in source.state if key.startswith(f"{USER}.")})
+    bad = [f"{src} has shape {tuple(source.state[src].shape)} in the source, "
+           f"{tuple(current[dst].shape) if dst in current else 'none'} here"
+           for dst, src in mapping.items() if dst not in current or source.state[src].shape != current[dst].shape]
+    if bad:
+        raise UserError(f"cannot warm-start from {source.name}: {'; '.join(bad[:4])}")
+    model.load_state_dict({**current, **{dst: source.state[src] for dst, src in mapping.items()}})
+    return {**source.record(), "kind": kind, "transferred": list(parts), "warm_start": True,
+            "source_mode": source.config["model"]["item_tower"]["name"],
+            "fresh": [p for p in (ITEM, USER) if p not in parts],
+            "params_copied": sum(source.state[src].numel() for src in mapping.values()),
+            "renamed": {dst: src for dst, src in mapping.items() if dst != src}}
 
 
 def zero_shot_model(ws: Workspace, run_dir: Path, target: str, untrained: bool = False,
