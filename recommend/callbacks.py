@@ -9,7 +9,6 @@ Experiment tracking (TensorBoard, MLflow) is a callback too.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
 
 
 class Callback:
@@ -24,13 +23,3 @@ class Callback:
 
     def on_train_end(self, outcome: dict) -> None:
         """The run ended (``outcome``: status, best epoch and metrics, message, popularity, warning)."""
-
-
-class EpochHook(Callback):
-    """A plain ``(epoch, validation metrics) -> stop?`` function as a callback (``train(on_epoch=...)``)."""
-
-    def __init__(self, hook: Callable[[int, dict], bool]) -> None:
-        self.hook = hook
-
-    def on_epoch_end(self, epoch: int, record: dict) -> bool:
-        return bool(self.hook(epoch, record["valid"]))

@@ -28,7 +28,7 @@ import statistics
 import sys
 import time
 from contextlib import contextmanager
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -55,7 +55,7 @@ from recommend.options import TrainOptions
 from recommend.plugins import check_options, feature_callbacks
 from recommend.stopping import MONITOR, EarlyStopping
 from recommend.transfer import init_from_run
-from recommend.callbacks import Callback, EpochHook
+from recommend.callbacks import Callback
 from recommend.run import CHECKPOINT, LAST, LOG
 from recommend.run_folder import RunFolder
 from recommend.user_encoders import USER_ENCODERS
@@ -203,13 +203,12 @@ def build_config(opts: TrainOptions, dataset: PreparedDataset, sources, spec: di
 
 
 def train(ws: Workspace, opts: TrainOptions, progress: bool = True, echo: bool = True,
-          on_epoch: Callable[[int, dict], bool] | None = None, callbacks: Sequence[Callback] = ()) -> dict:
+          callbacks: Sequence[Callback] = ()) -> dict:
     """Train one recommender into its run folder (resuming it, see above) and return its summary.
 
     Args:
-        on_epoch: called on process 0 after each validated epoch with ``(epoch, metrics)``;
-            returning True stops the run with status ``pruned`` (``recommend tune``).
-        callbacks: observers of the run (:class:`recommend.callbacks.Callback`), on process 0.
+        callbacks: observers of the run (:class:`recommend.callbacks.Callback`), on process 0; one
+            whose ``on_epoch_end`` returns True stops the run as ``pruned`` (``recommend tune``).
 
     Returns:
         ``{"run", "run_dir", "status", "best_epoch", "best", "epochs", "message", "popularity",
@@ -223,7 +222,7 @@ def train(ws: Workspace, opts: TrainOptions, progress: bool = True, echo: bool =
     """
     opts = check_options(opts)
     device = resolve_device(opts.device, Processes.from_env())
-    callbacks = [*callbacks, *feature_callbacks(opts), *([EpochHook(on_epoch)] if on_epoch is not None else [])]
+    callbacks = [*feature_callbacks(opts), *callbacks]  # observers see an epoch before a caller stops the run
     with process_group(str(device)) as procs:  # torchrun, even with one process (NCCL on 1 GPU)
         return _train(ws, opts, procs, device, progress, echo, callbacks)
 
@@ -324,6 +323,7 @@ def _epochs(objective, model: Recommender, optimizer, batches: SequenceBatches,
                      if trained["terms"] else "", format_metrics(metrics), record["seconds"],
                      record["sequences_per_sec"])
             decision = stopping.update(epoch, metrics)
+            record["left_plateau"] = stopping.left_plateau()  # clearly above popularity (a pruner's cue)
             stop = [callback.on_epoch_end(epoch, record) for callback in callbacks]
             if decision is None and any(stop):
                 decision = ("pruned", f"pruned at epoch {epoch} by the hyper-parameter search.")

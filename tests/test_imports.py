@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("featurestore", "extract", "recommend", "eval", "data")
 CLI_DECORATORS = ("command", "group")
 # Modules of the CLIs' own conventions (options, error printing, ``--config``), above every library module.
-CLI_SUPPORT = ("featurestore.cliutil", "featurestore.configfile")
+CLI_SUPPORT = ("featurestore.cliutil", "featurestore.configfile", "recommend.cli_options")  # click helpers of the CLIs
 
 
 @dataclass

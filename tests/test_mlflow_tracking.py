@@ -20,6 +20,7 @@ pytest.importorskip("mlflow")
 from mlflow import MlflowClient  # noqa: E402
 
 from featurestore.store import file_sha256  # noqa: E402
+from recommend.callbacks import Callback  # noqa: E402
 from recommend.mlflow_log import HOME_TAG, KIND_TAG, PARENT_TAG, SHA256_TAG  # noqa: E402
 from recommend.study import StudyOptions, run_study  # noqa: E402
 from recommend.trainer import TrainOptions, train  # noqa: E402
@@ -114,14 +115,15 @@ def test_a_server_stopped_mid_run_costs_the_run_nothing(private_ws, server, capf
     url, process = server
     ws = private_ws("mlflow-down")
 
-    def stop_server(epoch: int, metrics: dict) -> bool:
-        if epoch == 1:
-            process.terminate()
-            process.wait(timeout=30)
-        return False
+    class StopServer(Callback):
+        def on_epoch_end(self, epoch: int, record: dict) -> bool:
+            if epoch == 1:
+                process.terminate()
+                process.wait(timeout=30)
+            return False
 
     options = TrainOptions(**{**SMALL, "epochs": 4}, run_name="down", track="mlflow", tracking_uri=url)
-    result = train(ws, options, progress=False, echo=False, on_epoch=stop_server)
+    result = train(ws, options, progress=False, echo=False, callbacks=[StopServer()])
     run_dir = ws.run_dir("down")
     assert result["status"] == "completed" and result["epochs"] == 4
     assert [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]

@@ -10,6 +10,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 from data.dataset import PreparedDataset
 from featurestore.errors import UserError
+from recommend.callbacks import Callback
 from recommend.plugins import check_options
 from recommend.study import run_name
 from recommend.tracker import epoch_scalars
@@ -67,13 +68,14 @@ def test_a_resumed_run_shows_each_epoch_once(private_ws):
     ws = private_ws("track-resume")
     options = TrainOptions(**SMALL, run_name="resumed")
 
-    def kill_at_two(epoch: int, metrics: dict) -> bool:
-        if epoch == 2:
-            raise KeyboardInterrupt
-        return False
+    class KillAtTwo(Callback):
+        def on_epoch_end(self, epoch: int, record: dict) -> bool:
+            if epoch == 2:
+                raise KeyboardInterrupt
+            return False
 
     with pytest.raises(KeyboardInterrupt):
-        train(ws, options, progress=False, echo=False, on_epoch=kill_at_two)
+        train(ws, options, progress=False, echo=False, callbacks=[KillAtTwo()])
     assert [r["epoch"] for r in _records(ws.run_dir("resumed"))] == [1]
     assert [e.step for e in _events(ws.run_dir("resumed")).Scalars("train/loss")] == [1, 2]
     train(ws, options, progress=False, echo=False)
