@@ -42,6 +42,8 @@ from featurestore.store import GroupLock
 from featurestore.workspace import Workspace
 from extract.layers import states_variant
 from recommend.item_towers import ITEM_TOWERS, list_item_towers
+from recommend.live_start import LIVE_STARTS, live_rows_report, start_live_rows
+from recommend.losses import LOSSES
 from recommend.run import BEST, CHECKPOINT, FINISHED, write_atomic
 from recommend.study_tune import plot_validation, seed_options, seed_statistics, tune_configurations
 from recommend.tracker import Parent
@@ -82,6 +84,7 @@ class StudyOptions:
     tune: int = 0  # Optuna trials per configuration on validation (0: no tuning); recommend.study_tune
     tune_modes: list[str] = field(default_factory=list_item_towers)
     seeds: int = 1  # runs per configuration, seeds seed .. seed + seeds - 1
+    live_start: str = "ts"  # e2e / adapter rows start from the study's TS run (recommend.live_start), or cold
     track: str | None = None  # every run's --track (recommend.tracking); mlflow: the study is their parent run
     tracking_uri: str | None = None
 
@@ -105,13 +108,14 @@ class Configuration:
     seeds: list[dict] = field(default_factory=list)  # per seed: seed, run, status, test
     curve: str | None = None  # validation-curve PNG, for a row below popularity
     subsets: dict | None = None  # SUBSETS -> test metrics of those users, mean over the seeds
+    start: str | None = None  # live rows: how they started (recommend.live_start)
 
     def to_dict(self) -> dict:
         return {"label": self.label, "mode": self.mode, "run": self.run, "status": self.status,
                 "reason": self.reason, "test": self.test, "sd": self.sd, "tuned": self.tuned is not None,
                 "tune_study": self.tune_study, "params": self.tuned, "borrowed": self.borrowed,
                 "hyperparameters": None if self.options is None else hyperparameters(self.options),
-                "seeds": self.seeds, "curve": self.curve, "subsets": self.subsets}
+                "seeds": self.seeds, "curve": self.curve, "subsets": self.subsets, "start": self.start}
 
 
 def check_options(opts: StudyOptions) -> StudyOptions:
@@ -130,6 +134,8 @@ def check_options(opts: StudyOptions) -> StudyOptions:
         raise UserError(f"--tune-modes {','.join(opts.tune_modes)}: choose from {','.join(modes)}")
     if any(n < 0 for n in opts.layers):
         raise UserError(f"--layers must be >= 0, got {','.join(map(str, opts.layers))}")
+    if opts.live_start not in LIVE_STARTS:
+        raise UserError(f"--live-start {opts.live_start}: choose from {', '.join(LIVE_STARTS)}")
     return opts
 
 
@@ -143,6 +149,7 @@ def run_name(dataset: PreparedDataset, label: str, options: TrainOptions,
     group gets new ones. An ID run names no encoder: studies of several encoders share it.
     """
     filled = ITEM_TOWERS.get(options.mode).check(options)  # the mode's defaults (TS-DNN depth) name it too
+    filled = LOSSES.get(filled.loss).check(filled)  # and the loss's (e2e's cached catalogue)
     settings = {k: v for k, v in filled.to_dict().items()  # every value: a changed default is a new run
                 if k not in ("run_name", "device", *TRACKING_OPTIONS) and v is not None}
     identity = {"options": settings, "dataset": dataset.fingerprint, "features": features}
@@ -379,7 +386,7 @@ def default_out(ws: Workspace, opts: StudyOptions) -> Path:
 
 
 def write_report(out: Path, opts: StudyOptions, dataset: PreparedDataset, configs: list[Configuration],
-                 table: str, features: dict | None, command: str, subsets: str) -> Path:
+                 table: str, features: dict | None, command: str, subsets: str, live: list[str] = ()) -> Path:
     """``report.md``: setup, the accuracy/cost table, what was not run and why, figures."""
     lines = [
         f"# Study: {dataset.name} with {opts.encoder}",
@@ -415,6 +422,7 @@ def write_report(out: Path, opts: StudyOptions, dataset: PreparedDataset, config
         "",
     ]
     lines += _settings_section(opts, configs)
+    lines += live
     lines += [
         "## Warm and cold users",
         "",
@@ -520,6 +528,7 @@ def _study(ws: Workspace, opts: StudyOptions, dataset: PreparedDataset, out: Pat
 
     if opts.tune:
         tune_configurations(ws, todo, opts.tune, opts.tune_modes, opts.seed, rename, say, progress)
+    start_live_rows(todo, opts.live_start, rename)  # after tuning: the TS row's run is final
     for number, config in enumerate(todo, 1):
         say(f"study: [{number}/{len(todo)}] {config.label}: run {config.run}")
         try:
@@ -536,7 +545,8 @@ def _study(ws: Workspace, opts: StudyOptions, dataset: PreparedDataset, out: Pat
     for metric, name in PLOTS.items():
         plot_compare(summaries, out / name, metric=metric)
     subsets = subset_table(dataset, ranked)
-    report = write_report(out, opts, dataset, configs, table, features, command, subsets)
+    live = live_rows_report(ws, ranked, out)
+    report = write_report(out, opts, dataset, configs, table, features, command, subsets, live)
     result = {"report": str(report), "out": str(out), "table": table, "subset_table": subsets,
               "popularity": summaries[0].metrics,
               "oracle": next((s.metrics for s in summaries if s.mode == "oracle"), None), "configurations": [c.to_dict() for c in configs],

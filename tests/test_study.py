@@ -23,6 +23,8 @@ from featurestore.workspace import Workspace
 from recommend import study as study_module
 from recommend.run import load_run
 from recommend.study import StudyOptions, plan, run_name, run_study
+from recommend.live_start import start_live_rows
+from recommend.losses import LIVE_REFRESH
 from recommend.trainer import TrainOptions
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -79,6 +81,32 @@ def test_e2e_trains_from_states_cached_once(studied):
     assert config["options"]["cached"] and config["options"]["encoders"] == [f"{opts.encoder}@top1"]
     group = FeatureStore(ws.store).open(f"{opts.dataset}/text/{opts.encoder}@top1")
     assert group.status == "complete" and group.attrs["cache_layer"] == 1
+
+
+def test_live_rows_start_from_the_ts_row_and_the_report_shows_their_curves(studied):
+    ws, opts, result = studied
+    rows = {c["label"]: c for c in result["configurations"]}
+    for label in ("e2e-top1", "adapter"):
+        config = json.loads((ws.run_dir(rows[label]["run"]) / "config.json").read_text())
+        assert config["transfer"]["source_run"] == rows["ts"]["run"] and config["transfer"]["warm_start"]
+        assert config["options"]["catalogue_refresh"] == LIVE_REFRESH
+        assert rows[label]["start"] == f"from the ts row ({rows['ts']['run']})"
+    out = ws.studies / f"{opts.dataset}-{opts.encoder}"
+    report = (out / "report.md").read_text()
+    assert "## Live rows (e2e, adapter)" in report
+    assert f"| e2e-top1 | from the ts row ({rows['ts']['run']}), at its validation HR@10" in report
+    assert f"cached, refreshed every {LIVE_REFRESH} steps" in report and "(its validation curve above" in report
+    assert (out / "valid-e2e-top1.png").read_bytes()[:4] == b"\x89PNG"
+    assert rows["id"]["start"] is None
+
+
+def test_cold_live_rows_keep_their_own_names(synth_dataset):
+    opts = StudyOptions(dataset="synth", encoder="minilm-l6", modes=["ts", "e2e"], live_start="cold")
+    configs = plan(opts, synth_dataset)
+    start_live_rows(configs, "cold", lambda c, o: "renamed")
+    assert [c.start for c in configs] == [None, "cold"] and configs[1].options.init_from is None
+    start_live_rows(configs[1:], "ts", lambda c, o: "renamed")  # no ts row: cold, said so
+    assert configs[1].start.startswith("cold (no ts row") and configs[1].run != "renamed"
 
 
 def test_test_metrics_match_a_numpy_ranking(studied):
