@@ -24,6 +24,7 @@ from recommend.live_start import LIVE_STARTS
 from recommend.options import SHARED_FIELDS, TrainOptions
 from recommend.plugins import option_fields
 from recommend.run import list_runs
+from recommend.tracking import TRACKING_OPTIONS
 from recommend.study import DEFAULT_LAYERS, StudyOptions, run_study
 from recommend.trainer import Processes, train
 from recommend.tune_cli import make_tune_command
@@ -198,6 +199,7 @@ def runs_command(ws: Workspace, as_json: bool) -> None:
               help="Also study warm-N variants DATASET-warmN (items with at least N users; prepared from "
                    "the dataset's raw files if missing) and write one side-by-side report (001 Table 3), "
                    "in --out (there: ROOT/studies/DATASET-ENCODER-warm) [default: no warm variants].")
+@click_options([option_fields()[name] for name in TRACKING_OPTIONS])  # every run's --track
 @config_option
 @root_option
 @json_option

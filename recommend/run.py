@@ -75,7 +75,7 @@ def open_run(ws: Workspace, name: str, config: dict) -> Path:
 
 # Config entries that may change between a run and its resumption without changing what it trains.
 _VOLATILE = {"created", "command", "package_version", "training.device", "training.world_size",
-             "options.device"}
+             "options.device", "options.track", "options.tracking_uri"}  # where it runs and who watches
 
 
 def setup_differences(stored: dict, wanted: dict) -> list[str]:
