@@ -31,6 +31,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from data.images import record_images
+from featurestore.runtime.files import naming
 
 FORMAT_VERSION = 1
 COLD_THRESHOLD = 10
@@ -209,14 +210,18 @@ def write_prepared(
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    files: dict[str, Callable[[Path], object]] = {
+        "items.jsonl": lambda file: file.write_text(
+            "".join(json.dumps(it.__dict__, ensure_ascii=False) + "\n" for it in items), encoding="utf-8"),
+        "users.txt": lambda file: file.write_text("".join(f"{u}\n" for u in user_ids), encoding="utf-8"),
+        "seq_indptr.npy": lambda file: np.save(file, np.asarray(indptr, dtype=np.int64)),
+        "seq_items.npy": lambda file: np.save(file, np.asarray(seq_items, dtype=np.int32)),
+        "manifest.json": lambda file: file.write_text(json.dumps(manifest, indent=2)),
+    }
     try:
-        with open(tmp / "items.jsonl", "w", encoding="utf-8") as fh:
-            for it in items:
-                fh.write(json.dumps(it.__dict__, ensure_ascii=False) + "\n")
-        (tmp / "users.txt").write_text("".join(f"{u}\n" for u in user_ids), encoding="utf-8")
-        np.save(tmp / "seq_indptr.npy", np.asarray(indptr, dtype=np.int64))
-        np.save(tmp / "seq_items.npy", np.asarray(seq_items, dtype=np.int32))
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        for name, write in files.items():
+            with naming(path / name):  # a full disk names the file the user will look for, not tmp's
+                write(tmp / name)
         if path.exists() and before_replace is not None:
             before_replace(manifest)
         if path.exists():

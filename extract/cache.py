@@ -42,12 +42,11 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 import torch
 import zarr
-from zarr.storage import LocalStore
 
 from extract.encoder import Encoder, Hidden, move_inputs
 from extract.options import encoder_options, states_command
 from featurestore.errors import UserError
-from featurestore.store import FeatureGroup, FeatureStore, group_extract_command, parse_group_name
+from featurestore.store import FeatureGroup, FeatureStore, NamingStore, group_extract_command, parse_group_name
 
 if TYPE_CHECKING:
     from extract.job import Forward
@@ -117,7 +116,7 @@ def plan_cache(encoder: Encoder, top_k: int, dtype: str = "float16") -> CachePla
 
 
 def _zarr_group(group: FeatureGroup) -> zarr.Group:
-    return zarr.open_group(LocalStore(group.store.path), path=group.name, mode="r+")
+    return zarr.open_group(NamingStore(group.store.path), path=group.name, mode="r+")
 
 
 def ensure_cache_arrays(group: FeatureGroup) -> None:

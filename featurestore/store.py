@@ -43,10 +43,11 @@ from urllib.parse import quote
 
 import numpy as np
 import zarr
+from zarr.core.buffer import Buffer
 from zarr.storage import LocalStore
 
 from featurestore.errors import UserError
-from featurestore.runtime.files import read_json
+from featurestore.runtime.files import naming, read_json
 from featurestore.workspace import check_name
 
 FORMAT = "morec-featurestore/1"
@@ -329,10 +330,11 @@ class FeatureGroup:
         target = self.path / "flat" / flat.metadata.encode_chunk_key((0, 0))
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        with open(tmp, "wb") as fh:
-            for _, _, rows in self.iter_chunks():
-                fh.write(np.ascontiguousarray(rows, dtype=dtype).tobytes())
-        os.replace(tmp, target)
+        with naming(target, remove=tmp):
+            with open(tmp, "wb") as fh:
+                for _, _, rows in self.iter_chunks():
+                    fh.write(np.ascontiguousarray(rows, dtype=dtype).tobytes())
+            os.replace(tmp, target)
 
     def drop_flat(self) -> None:
         if "flat" in self._group:
@@ -369,6 +371,20 @@ def _folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+class NamingStore(LocalStore):
+    """Zarr's local store whose write errors name the file being written (a chunk or a
+    ``zarr.json``): zarr's own name none (a full disk fails in ``write()``) or its temporary
+    ``.partial`` file, and the CLI would say "a file: no space left"."""
+
+    async def set(self, key: str, value: Buffer) -> None:
+        with naming(self.root / key):
+            await super().set(key, value)
+
+    async def set_if_not_exists(self, key: str, value: Buffer) -> None:
+        with naming(self.root / key):
+            await super().set_if_not_exists(key, value)
+
+
 class FeatureStore:
     """The Zarr store under a workspace root (``ws.store``).
 
@@ -382,7 +398,7 @@ class FeatureStore:
         self.path = Path(path)
 
     def _zarr_store(self, read_only: bool = False) -> LocalStore:
-        return LocalStore(self.path, read_only=read_only)
+        return NamingStore(self.path, read_only=read_only)
 
     def groups(self) -> list[str]:
         """Names of all feature groups (groups that hold an ``embeddings`` array)."""
@@ -560,7 +576,7 @@ class GroupLock:
                 except FileNotFoundError:
                     pass  # another job took the stale lock over first; try again
                 continue
-            with os.fdopen(fd, "w") as fh:
+            with naming(self.path, remove=self.path), os.fdopen(fd, "w") as fh:  # no empty lock left
                 json.dump(record, fh)
             self.held = True
             return

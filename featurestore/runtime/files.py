@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +31,29 @@ def write_atomic(path: Path | str, data: bytes) -> None:
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with naming(path, remove=tmp):
         tmp.write_bytes(data)
         os.replace(tmp, path)
+
+
+@contextmanager
+def naming(path: Path | str, remove: Path | None = None) -> Iterator[None]:
+    """Re-raise an OSError inside the block as one naming ``path``, the file the user knows,
+    after deleting ``remove`` (the half-written temporary file, so a full disk leaves no debris).
+
+    A failing ``write()`` (a full disk) names no file and a failing rename names a temporary
+    one, so without this the CLI could only say "a file: no space left". The errno, and so
+    the exception's class, is kept.
+
+    Example:
+        >>> with naming(dataset_dir / "seq_items.npy"):
+        ...     np.save(tmp_dir / "seq_items.npy", seq_items)
+    """
+    try:
+        yield
     except OSError as err:
-        tmp.unlink(missing_ok=True)
+        if remove is not None:
+            remove.unlink(missing_ok=True)
         raise OSError(err.errno, err.strerror, str(path)) from err
 
 
