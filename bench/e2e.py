@@ -29,6 +29,12 @@ forward + backward (about 3x its forward), cached only the latter, counted by
     python bench/e2e.py                                   # CPU: efficientnet-lite0, top 2 stages
     python bench/e2e.py --encoder minilm-l6 --top-k 2     # text
     python bench/e2e.py --device cuda --encoder swin-t --random-init --users 20000 --items 5000
+
+``--losses`` instead compares the catalogue losses of cached E2E (exact ``ce``, ``ce`` over a
+cached catalogue refreshed every 1, 10, 100 steps, ``sce``, ``inbatch``) at ``--items`` and
+``--large-items`` items (:mod:`e2e_losses`, issue 29):
+
+    python bench/e2e.py --losses --encoder minilm-l6 --users 2500 --items 3000 --epochs 3 --dim 64
 """
 
 from __future__ import annotations
@@ -128,11 +134,29 @@ def flop_ideal(encoder_name: str, top_k: int, random_init: bool, item) -> float:
 @click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Workspace to use (kept); default: a temporary folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--losses", is_flag=True,
+              help="Instead: step time, peak memory and validation HR@10 of cached E2E under exact ce, ce over a "
+                   "cached catalogue (R = 1, 10, 100), sce and inbatch, at --items and --large-items items.")
+@click.option("--large-users", default=6000, show_default=True, help="With --losses: users of the large catalogue.")
+@click.option("--large-items", default=20000, show_default=True, help="With --losses: the large catalogue.")
+@click.option("--large-steps", default=4, show_default=True, help="With --losses: steps timed per loss there.")
 def main(encoder: str, top_k: int, random_init: bool, users: int, items: int, layers: int, dim: int,
          batch_size: int, epochs: int, cache_dtype: str, device: str, threads: int | None, root: Path | None,
-         as_json: bool) -> None:
+         as_json: bool, losses: bool, large_users: int, large_items: int, large_steps: int) -> None:
     if threads:
         torch.set_num_threads(threads)
+    if losses:
+        from e2e_losses import compare_losses, print_report  # this script's folder is on sys.path
+
+        with tempfile.TemporaryDirectory(prefix="bench-e2e-losses-") as tmp:
+            report = compare_losses(Workspace(root or Path(tmp)), encoder, top_k, random_init, users, items,
+                                    large_users, large_items, large_steps, epochs, dim, batch_size, device, threads,
+                                    timed_run)
+        if as_json:
+            click.echo(json.dumps(report))
+        else:
+            print_report(report)
+        return
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp:
         ws = Workspace(root or Path(tmp))
         if not ws.dataset_dir("bench").exists():

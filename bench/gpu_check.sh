@@ -5,6 +5,8 @@
 #   bash bench/gpu_check.sh --dry-run   # any CPU: the plan and every command's arguments, nothing run
 #   bash bench/gpu_check.sh             # on the GPU machine (gpu_carry/ carried): install --no-deps,
 #                                       # run every step, write gpu_check_out/gpu_check.md
+#   bash bench/gpu_check.sh --e2e-losses  # then, on the same machine: issue 29's catalogue losses of
+#                                       # cached E2E at 3K and 20K items, JSON on stdout (not yet run on a GPU)
 #
 # It stops at the first broken path, names it, and exits non-zero. The steps, their
 # budgets and the report are in bench/gpu_check.py.
@@ -16,7 +18,9 @@ for arg in "$@"; do
   case "$arg" in
     --dry-run) action=check ;;
     --pack) action=pack ;;
-    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+    --e2e-losses) exec "${PYTHON:-python}" bench/e2e.py --losses --device cuda --encoder minilm-l6 --top-k 2 \
+                    --users 2500 --items 3000 --large-users 6000 --large-items 20000 --epochs 3 --dim 64 --json ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
     *) args+=("$arg") ;;
   esac
 done

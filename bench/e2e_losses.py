@@ -1,0 +1,215 @@
+"""``bench/e2e.py --losses``: what a cached-E2E step costs under each catalogue loss, and what each learns.
+
+Issue 29: with exact ``ce`` every step runs the whole catalogue through the live top
+blocks, forward and backward, so the step grows linearly with N. This compares, on the
+same generated data and the same cached encoder states, exact ``ce``
+(``--catalogue-refresh 0``), ``ce`` over a cached catalogue refreshed every R steps
+(R = 1, 10, 100), ``sce`` and ``inbatch``:
+
+- at about 3,000 items: per-step time (median), peak memory, the validation HR@10 after
+  the same number of epochs, and the refresh cost per epoch (refreshes x one timed
+  no-grad pass of the tower over the catalogue);
+- at about 20,000 items: per-step time (a few steps of the trainer's own pieces, no
+  validation) and peak memory, each loss in a fresh process;
+- the projected epoch time of E2E at 500K users x 87K items on this machine, from the
+  measured steps of the default R: the step's part that grows with N is fitted on the
+  two sizes, the refresh priced per item.
+
+Every run trains in a fresh process (its own peak memory), as the rest of bench/e2e.py.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from data.dataset import PreparedDataset
+from data.prepare import synthetic_dataset
+from extract.job import ExtractOptions, run_extraction
+from featurestore.workspace import Workspace
+from recommend.catalogue_cache import CatalogueCache
+from recommend.losses import LIVE_REFRESH
+from recommend.run import load_run, read_metrics
+from recommend.trainer import TrainOptions
+
+REFRESHES = (1, 10, 100)
+PROJECTED_USERS, PROJECTED_ITEMS = 500_000, 87_000
+
+
+def variants() -> list[tuple[str, dict]]:
+    """(label, loss options) of every loss compared."""
+    cached = [(f"ce cached R={r}", {"loss": "ce", "catalogue_refresh": r}) for r in REFRESHES]
+    return [("ce exact", {"loss": "ce", "catalogue_refresh": 0}), *cached,
+            ("sce", {"loss": "sce"}), ("inbatch", {"loss": "inbatch"})]
+
+
+def prepare(ws: Workspace, name: str, users: int, items: int, encoder: str, top_k: int, random_init: bool,
+            device: str) -> PreparedDataset:
+    """A generated text dataset and its encoder states entering the top K blocks (made once per workspace)."""
+    if not ws.dataset_dir(name).exists():
+        synthetic_dataset(ws.root, name, "mind", users=users, items=items, seed=0, images=False)
+    run_extraction(ws, ExtractOptions(dataset=name, encoder=encoder, random_init=random_init, cache_layer=top_k,
+                                      device="cuda" if device.startswith("cuda") else "cpu", progress=False))
+    return PreparedDataset.load(ws.dataset_dir(name))
+
+
+def refresh_seconds(ws: Workspace, run: str, device: str) -> float:
+    """One no-grad pass of a trained run's tower over its catalogue: what a cache refresh costs."""
+    model, _ = load_run(ws.run_dir(run))
+    model.to(device).train()
+    cache = CatalogueCache(1)
+    cache.table(model)
+    return cache.seconds
+
+
+def measure(ws: Workspace, dataset: PreparedDataset, common: dict, epochs: int, timed_run: Callable,
+            threads: int | None) -> list[dict]:
+    """Train every variant on ``dataset`` for ``epochs``; its step, memory, last validation, refresh cost."""
+    rows, stamp = [], time.strftime("%H%M%S")
+    for label, loss in variants():
+        name = f"losses-{dataset.name}-{label.replace(' ', '-').replace('=', '')}-{stamp}"
+        opts = TrainOptions(dataset=dataset.name, run_name=name, epochs=epochs, patience=epochs,
+                            plateau_patience=epochs, **common, **loss)
+        row = {"loss": label, **timed_run(ws, label, opts, threads)}
+        records = read_metrics(ws.run_dir(name))
+        row["valid_last"] = records[-1]["valid"]
+        steps = records[0]["steps"]
+        refresh = loss.get("catalogue_refresh") or 0
+        row["refreshes_per_epoch"] = math.ceil(steps / refresh) if refresh else 0
+        if refresh:
+            one = refresh_seconds(ws, name, common["device"])
+            row["refresh_seconds"] = one
+            row["refresh_seconds_per_epoch"] = one * row["refreshes_per_epoch"]
+        rows.append(row)
+        print(f"{dataset.n_items} items, {label}: {row['step_seconds']:.3f} s/step, peak {row['peak_rss_mb']:.0f} MB, "
+              f"valid HR@10 {row['valid_last'].get('HR@10', 0):.4f}", flush=True)
+    return rows
+
+
+def _time_steps(root: Path, opts: TrainOptions, steps: int, threads: int | None) -> dict:
+    """In a fresh process: ``steps`` training steps of the trainer's own pieces, each timed; peak RSS."""
+    import numpy as np
+
+    from recommend.batches import SequenceBatches, training_rows
+    from recommend.item_towers import ITEM_TOWERS
+    from recommend.losses import LOSSES, LossContext, create_loss
+    from recommend.model import build_recommender
+    from recommend.trainer import Objective, _peak_rss_mb, check_options, model_spec, optimizer_groups
+
+    if threads:
+        torch.set_num_threads(threads)
+    ws, opts = Workspace(root), check_options(opts)
+    dataset = PreparedDataset.load(ws.dataset_dir(opts.dataset))
+    kind = ITEM_TOWERS.get(opts.mode)
+    spec = model_spec(opts, dataset)
+    torch.manual_seed(opts.seed)
+    model = build_recommender(spec, kind.open(ws, opts, dataset)).to(opts.device)
+    loss = create_loss(opts.loss, LossContext(dataset.n_items, dataset.train_counts(),
+                                              **LOSSES.get(opts.loss).context_options(opts)))
+    objective = Objective(model, loss).train()
+    optimizer = torch.optim.AdamW(optimizer_groups(model, opts.lr, kind.encoder_lr(opts)), lr=opts.lr)
+    batches = SequenceBatches(training_rows(dataset, spec["max_seq_len"]), opts.batch_size, opts.seed, 0, 1)
+    batches.set_epoch(1)
+    seconds = []
+    for rows in batches:
+        start = time.perf_counter()
+        value = objective(rows.to(opts.device))
+        optimizer.zero_grad(set_to_none=True)
+        value.backward()
+        optimizer.step()
+        seconds.append(time.perf_counter() - start)
+        if len(seconds) == steps:
+            break
+    cache = getattr(loss, "cache", None)
+    return {"step_seconds": statistics.median(seconds[1:] or seconds), "steps": len(seconds),
+            "step_seconds_all": [round(t, 2) for t in seconds], "peak_rss_mb": _peak_rss_mb(),
+            "refresh_seconds": cache.seconds / cache.refreshes if cache is not None else None}
+
+
+def measure_steps(ws: Workspace, dataset: PreparedDataset, common: dict, steps: int, threads: int | None) -> list[dict]:
+    """Every variant's median step (the first, a warm-up and a refresh, left out) on ``dataset``, no validation."""
+    from concurrent.futures import ProcessPoolExecutor
+    import multiprocessing
+
+    rows = []
+    for label, loss in variants():
+        opts = TrainOptions(dataset=dataset.name, **common, **loss)
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            row = {"loss": label, **pool.submit(_time_steps, ws.root, opts, steps, threads).result()}
+        rows.append(row)
+        print(f"{dataset.n_items} items, {label}: {row['step_seconds']:.3f} s/step {row['step_seconds_all']}, "
+              f"peak {row['peak_rss_mb']:.0f} MB", flush=True)
+    return rows
+
+
+def projection(small: list[dict], large: list[dict], n_small: int, n_large: int, batch_size: int) -> dict:
+    """Epoch time of E2E at 500K users x 87K items with the default R: step = a + b N, plus refreshes."""
+    label = f"ce cached R={LIVE_REFRESH}"
+    step_small = next(r for r in small if r["loss"] == label)
+    step_large = next(r for r in large if r["loss"] == label)
+    slope = (step_large["step_seconds"] - step_small["step_seconds"]) / (n_large - n_small)
+    step = step_small["step_seconds"] + slope * (PROJECTED_ITEMS - n_small)
+    steps = math.ceil(PROJECTED_USERS / batch_size)
+    per_item = step_large["refresh_seconds"] / n_large
+    refreshes = math.ceil(steps / LIVE_REFRESH)
+    seconds = steps * step + refreshes * per_item * PROJECTED_ITEMS
+    return {"loss": label, "users": PROJECTED_USERS, "items": PROJECTED_ITEMS, "steps": steps,
+            "step_seconds": step, "refreshes": refreshes, "refresh_seconds": per_item * PROJECTED_ITEMS,
+            "epoch_hours": seconds / 3600, "measured_steps": step_small["steps"] + step_large["steps"]}
+
+
+def compare_losses(ws: Workspace, encoder: str, top_k: int, random_init: bool, users: int, items: int,
+                   large_users: int, large_items: int, large_steps: int, epochs: int, dim: int, batch_size: int,
+                   device: str, threads: int | None, timed_run: Callable) -> dict:
+    """The whole comparison; returns the report ``bench/e2e.py --losses`` prints."""
+    common = dict(mode="e2e", encoders=[encoder], top_k=top_k, cached=True, dim=dim, batch_size=batch_size,
+                  device=device, seed=0)
+    small = prepare(ws, "losses-small", users, items, encoder, top_k, random_init, device)
+    small_rows = measure(ws, small, common, epochs, timed_run, threads)
+    large = prepare(ws, "losses-large", large_users, large_items, encoder, top_k, random_init, device)
+    large_rows = measure_steps(ws, large, common, large_steps, threads)
+    exact = next(r for r in small_rows if r["loss"] == "ce exact")
+    return {
+        "settings": {"encoder": encoder, "top_k": top_k, "dim": dim, "batch_size": batch_size, "epochs": epochs,
+                     "device": device, "threads": torch.get_num_threads()},
+        "small": {"users": small.n_users, "items": small.n_items, "rows": small_rows},
+        "large": {"users": large.n_users, "items": large.n_items, "rows": large_rows},
+        "step_vs_inbatch": {str(small.n_items): vs_inbatch(small_rows), str(large.n_items): vs_inbatch(large_rows)},
+        "hr10_vs_exact": {r["loss"]: r["valid_last"]["HR@10"] / max(exact["valid_last"]["HR@10"], 1e-12)
+                          for r in small_rows},
+        "projection": projection(small_rows, large_rows, small.n_items, large.n_items, batch_size),
+    }
+
+
+def vs_inbatch(rows: list[dict]) -> dict[str, float]:
+    """Each loss's median step over inbatch's, on one dataset."""
+    base = next(r for r in rows if r["loss"] == "inbatch")["step_seconds"]
+    return {r["loss"]: r["step_seconds"] / base for r in rows}
+
+
+def print_report(report: dict) -> None:
+    s = report["settings"]
+    print(f"{s['encoder']} top {s['top_k']} blocks (cached states), SASRec d={s['dim']}, batch {s['batch_size']}, "
+          f"device {s['device']}, {s['threads']} threads")
+    for size in ("small", "large"):
+        part = report[size]
+        ratios = report["step_vs_inbatch"][str(part["items"])]
+        print(f"\n{part['users']} users x {part['items']} items "
+              f"({str(s['epochs']) + ' epoch(s)' if size == 'small' else 'steps timed, no validation'}):")
+        print(f"{'loss':16} {'s/step':>7} {'x inbatch':>9} {'steps':>5} {'peak RSS MB':>11} {'refresh s':>9} "
+              f"{'refresh s/epoch':>15} {'valid HR@10':>11} {'x exact':>7}")
+        for r in part["rows"]:
+            vs_exact = report["hr10_vs_exact"].get(r["loss"]) if size == "small" else None
+            print(f"{r['loss']:16} {r['step_seconds']:7.3f} {ratios[r['loss']]:9.2f} {r['steps']:5d} "
+                  f"{r['peak_rss_mb']:11.0f} {r.get('refresh_seconds') or 0:9.2f} "
+                  f"{r.get('refresh_seconds_per_epoch', 0):15.1f} {r.get('valid_last', {}).get('HR@10', 0):11.4f} "
+                  + (f"{vs_exact:7.3f}" if vs_exact is not None else f"{'-':>7}"))
+    p = report["projection"]
+    print(f"\nprojected E2E epoch at {p['users']:,} users x {p['items']:,} items ({p['loss']}, from "
+          f"{p['measured_steps']} measured steps): {p['steps']:,} steps x {p['step_seconds']:.2f} s + "
+          f"{p['refreshes']} refreshes x {p['refresh_seconds']:.0f} s = {p['epoch_hours']:.1f} h")
