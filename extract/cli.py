@@ -131,17 +131,39 @@ def _use_adapted(ws: Workspace, name: str, options: dict) -> None:
 
 @click.command()
 @click.option("--pattern", default="*", show_default=True, help="Shell-style filter on names, e.g. 'swin*'.")
+@click.option("--info", "info_name", default=None, metavar="NAME",
+              help="Describe one registry or library name (modality, width, stem/blocks/pool split, pooling, "
+                   "parameters, weights, preprocessing) from its config and a meta-device build: no weights read.")
+@click.option("--modality", type=click.Choice(["text", "image"]), default=None,
+              help="With --info: the tower of a CLIP / SigLIP hf: name.")
+@click.option("--weights", default=None, metavar="PATH",
+              help="With --info: the weights to describe; a model folder stands in for an uncached hf: / st: name.")
 @json_option
-def encoders(as_json: bool, pattern: str) -> None:
-    """List the registered encoders: modality, output width, depth, parameters, and where their weights stand.
+def encoders(as_json: bool, pattern: str, info_name: str | None, modality: str | None, weights: str | None) -> None:
+    """List the registered encoders: modality, output width, depth, parameters, where their weights stand and
+    their library name; any timm:MODEL[.TAG], hf:ORG/NAME[@REVISION] or st:ORG/NAME works too.
 
     Weights: bundled (a pip package ships them), cached (in the Hugging Face hub cache: used with
     no network), downloadable (fetched into the hub cache on first use) or unavailable offline
     (HF_HUB_OFFLINE set and not cached: pass --weights PATH or --random-init).
+
+    \b
+    featurestore encoders --pattern 'swin*'
+    featurestore encoders --info timm:convnext_tiny.fb_in1k
+    featurestore encoders --info hf:Qwen/Qwen3-Embedding-0.6B --json
     """
     from extract.hub import cache_dir
+    from extract.info import LIBRARY_FORMS, encoder_info, info_text, library_name_of
     from extract.registry import get_encoder_config, list_encoders, parameter_count, weights_status
 
+    if info_name is not None:
+        if pattern != "*":
+            raise UserError("--pattern filters the listing; drop it with --info NAME")
+        info = encoder_info(info_name, modality, weights)
+        emit({**info, "hub_cache": str(cache_dir())}, as_json, info_text(info))
+        return
+    if modality or weights:
+        raise UserError("--modality and --weights describe one name; add --info NAME")
     rows = []
     for name in list_encoders(pattern):
         cfg = get_encoder_config(name)
@@ -152,10 +174,16 @@ def encoders(as_json: bool, pattern: str) -> None:
             "weights_available": status in ("bundled", "cached"),
             "weights": f"package {cfg.local_package}" if cfg.local_package else
                        f"hub {cfg.hub_id}" if cfg.hub_id else "no published weights",
+            "library_name": library_name_of(cfg),
         })
-    lines = [f"{'name':<20}{'modality':<9}{'width':>6}{'depth':>6}{'params':>9}  {'pooling':<8}weights"]
+    lines = [f"Besides these names, any model of timm, transformers or sentence-transformers: {', '.join(LIBRARY_FORMS)}",
+             "(`featurestore encoders --info NAME` describes one without downloading it)",
+             f"{'name':<20}{'modality':<9}{'width':>6}{'depth':>6}{'params':>9}  {'pooling':<8}{'weights':<20}"
+             "library name"]
     for r in rows:
         lines.append(f"{r['name']:<20}{r['modality']:<9}{r['width']:>6}{r['depth']:>6}"
-                     f"{r['parameters'] / 1e6:>8.1f}M  {r['pooling']:<8}{r['weights_status']} ({r['weights']})")
+                     f"{r['parameters'] / 1e6:>8.1f}M  {r['pooling']:<8}{r['weights_status']:<20}"
+                     f"{r['library_name'] or '-'}")
     lines.append(f"hub cache: {cache_dir()}")
-    emit({"encoders": rows, "hub_cache": str(cache_dir())}, as_json, "\n".join(lines))
+    emit({"encoders": rows, "library_names": list(LIBRARY_FORMS), "hub_cache": str(cache_dir())}, as_json,
+         "\n".join(lines))

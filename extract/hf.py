@@ -59,17 +59,19 @@ class ModelFiles:
     """Where a library name's small files (configs, tokenizer) are read from, without weights.
 
     ``folder``: a cached hub snapshot or a bundled package's model folder; None when they are
-    fetched one by one from the hub. ``package``: the pip package bundling the weights, if any.
+    fetched one by one from the hub, or read from ``local`` (a ``--weights`` model folder standing
+    in for an uncached repository). ``package``: the pip package bundling the weights, if any.
     """
 
     name: str
     repo: str
     folder: Path | None
     package: str | None
+    local: Path | None = None
 
     def json(self, filename: str) -> dict | None:
         """A JSON file of the model (None when it has none)."""
-        path = self.folder / filename if self.folder else hub.config_file(self.name, self.repo, filename)
+        path = self.folder / filename if self.folder else hub.config_file(self.name, self.repo, filename, self.local)
         return json.loads(path.read_text()) if path is not None and path.is_file() else None
 
 
@@ -82,23 +84,25 @@ def bundled_package(repo: str) -> str | None:
     return None
 
 
-def model_files(parsed: LibraryName) -> ModelFiles:
-    """The model's small files: the hub cache, else a bundled alias's package, else the hub (one by one)."""
+def model_files(parsed: LibraryName, local: Path | None = None) -> ModelFiles:
+    """The model's small files: the hub cache, else a bundled alias's package, else the ``--weights`` folder
+    ``local``, else the hub (one by one)."""
     snapshot = hub.cached_snapshot(parsed.repo, weights=False)
     package = bundled_package(parsed.repo)
     if snapshot is not None:
         return ModelFiles(parsed.key, parsed.repo, snapshot.folder, package)
     if package is not None:
         return ModelFiles(parsed.key, parsed.repo, package_dir(package), package)
-    return ModelFiles(parsed.key, parsed.repo, None, None)
+    return ModelFiles(parsed.key, parsed.repo, None, None, local)
 
 
-def library_config(parsed: LibraryName, modality: str | None) -> EncoderConfig:
-    """The config of ``hf:ORG/NAME``, derived from the model's ``config.json`` (no weights read)."""
-    files = model_files(parsed)
+def library_config(parsed: LibraryName, modality: str | None, local: Path | None = None) -> EncoderConfig:
+    """The config of ``hf:ORG/NAME``, derived from the model's ``config.json`` (no weights read); ``local``:
+    a ``--weights`` model folder read when the repository is not cached."""
+    files = model_files(parsed, local)
     model_config = files.json("config.json")
     if model_config is None or "model_type" not in model_config:
-        raise UserError(f"--encoder {parsed.spelled}: {parsed.repo} has no transformers config.json; "
+        raise UserError(f"--encoder {parsed.spelled}: {files.local or parsed.repo} has no transformers config.json; "
                         "name a transformers model, or timm:MODEL for a timm one")
     model_type = model_config["model_type"]
     if model_type in TWO_TOWERS:

@@ -72,13 +72,23 @@ def cached_snapshot(repo_id: str, weights: bool = True) -> Snapshot | None:
     return Snapshot(repo_id, folder, folder.name) if not weights or _has_weights(folder) else None
 
 
-def config_file(name: str, repo_id: str, filename: str = "config.json") -> Path | None:
-    """A small file of ``repo_id`` (its config): from the cache, else downloaded alone; None when the
-    repository has no such file. Offline and uncached is refused naming both ways forward."""
+def config_file(name: str, repo_id: str, filename: str = "config.json", local: Path | None = None) -> Path | None:
+    """A small file of ``repo_id`` (its config): from the cache, else from ``local``, else downloaded alone;
+    None when the repository has no such file.
+
+    ``local`` is a model folder given as ``--weights``: it stands in for an uncached repository (its
+    files are the ones loaded), so an ``hf:`` name works offline from a folder. Offline, uncached
+    and no folder is refused naming the folder way forward (a random init needs the config too).
+    """
     snapshot = cached_snapshot(repo_id, weights=False)
     if snapshot is not None:
         return snapshot.folder / filename if (snapshot.folder / filename).is_file() else None
-    check_reachable(name, repo_id)
+    if local is not None:
+        return local / filename if (local / filename).is_file() else None
+    if offline():
+        raise UserError(f"encoder {name}: {filename} of {repo_id} is not in the hub cache {cache_dir()} and the hub "
+                        "is switched off (HF_HUB_OFFLINE); pass --weights FOLDER holding its config.json and "
+                        "weights (--random-init needs the config.json too), or unset HF_HUB_OFFLINE to fetch it")
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
 

@@ -135,17 +135,20 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def id_batches(ids: list[int], batch_size: int, length: Callable[[int], int] | None = None) -> list[list[int]]:
+    """``ids`` in batches; with ``length`` (texts) sorted by it first, so a batch pads its titles to similar
+    lengths (``bench/extraction.py --sorting`` measures the gain in tokens/s)."""
+    ids = sorted(ids, key=length) if length is not None else ids
+    return [ids[i : i + batch_size] for i in range(0, len(ids), batch_size)]
+
+
 def batch_plan(group: FeatureGroup, chunks: list[int], batch_size: int,
                length: Callable[[int], int] | None = None) -> list[list[list[int]]]:
-    """Per chunk, its batches of item ids (a batch never crosses a chunk boundary); with ``length`` (texts),
-    a chunk's ids sorted by it, so a batch pads its titles to similar lengths."""
+    """Per chunk, its batches of item ids (a batch never crosses a chunk boundary; see :func:`id_batches`)."""
     plan = []
     for chunk in chunks:
         start, stop = group.chunk_bounds(chunk)
-        ids = list(range(max(start, 1), stop))
-        if length is not None:
-            ids.sort(key=length)
-        plan.append([ids[i : i + batch_size] for i in range(0, len(ids), batch_size)])
+        plan.append(id_batches(list(range(max(start, 1), stop)), batch_size, length))
     return plan
 
 
@@ -335,7 +338,7 @@ def _run(ws: Workspace, opts: ExtractOptions, procs: Processes) -> ExtractResult
     started = time.perf_counter()
     if opts.on_bad_item not in ("skip", "fail"):
         raise UserError(f"--on-bad-item {opts.on_bad_item}: choose skip or fail")
-    config = get_encoder_config(opts.encoder, opts.modality)
+    config = get_encoder_config(opts.encoder, opts.modality, opts.weights)
     if opts.modality and opts.modality != config.modality:
         raise UserError(f"encoder {config.name} reads {config.modality}, not {opts.modality}; drop --modality "
                         f"or pick a {opts.modality} encoder ({', '.join(_names(opts.modality))})")

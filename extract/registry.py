@@ -123,12 +123,13 @@ def list_encoders(pattern: str = "*", modality: str | None = None) -> list[str]:
     return [name for name in _REGISTRY.names(pattern) if modality is None or _REGISTRY.get(name).modality == modality]
 
 
-def get_encoder_config(name: str, modality: str | None = None) -> EncoderConfig:
+def get_encoder_config(name: str, modality: str | None = None, weights: str | None = None) -> EncoderConfig:
     """The config of ``name``: a registered name, or a library name / store key (:mod:`extract.names`).
 
     A library name's config is derived by its scheme's plugin from the model's own config
-    (no weights read); ``modality`` picks the tower of a two-tower model. Unknown registry
-    names raise a UserError listing the known ones.
+    (no weights read); ``modality`` picks the tower of a two-tower model; a ``weights`` model
+    folder stands in for the hub repository when that is not cached (offline use). Unknown
+    registry names raise a UserError listing the known ones.
 
     Example:
         >>> get_encoder_config("hf:BAAI/bge-small-en-v1.5").name
@@ -141,13 +142,15 @@ def get_encoder_config(name: str, modality: str | None = None) -> EncoderConfig:
         return _REGISTRY.get(name)
     from extract import hub
 
-    return _library_config(parsed, modality, str(hub.cache_dir()), hub.offline())
+    folder = Path(weights).expanduser().resolve() if weights and Path(weights).expanduser().is_dir() else None
+    return _library_config(parsed, modality, folder, str(hub.cache_dir()), hub.offline())
 
 
 @functools.lru_cache(maxsize=64)
-def _library_config(parsed: "LibraryName", modality: str | None, cache: str, offline: bool) -> EncoderConfig:
-    """Derived once per name and hub cache (``cache`` and ``offline`` are part of the key only)."""
-    return importlib.import_module(LIBRARIES[parsed.scheme]).library_config(parsed, modality)
+def _library_config(parsed: "LibraryName", modality: str | None, folder: Path | None, cache: str,
+                    offline: bool) -> EncoderConfig:
+    """Derived once per name, weights folder and hub cache (``cache`` and ``offline`` are part of the key only)."""
+    return importlib.import_module(LIBRARIES[parsed.scheme]).library_config(parsed, modality, folder)
 
 
 def resolve_pooling(config: EncoderConfig, pooling: str | None) -> str:
@@ -282,7 +285,7 @@ def create_encoder(
         >>> enc.width, enc.depth
         (384, 6)
     """
-    config = get_encoder_config(name)
+    config = get_encoder_config(name, weights=weights)
     spec = resolve_weights(config, weights, random_init, seed)
     if spec.kind == "hub":
         from extract import hub
@@ -299,7 +302,11 @@ def create_encoder(
     return builder(config, spec, resolve_pooling(config, pooling), max_text_tokens=max_text_tokens, **extra)
 
 
+def meta_encoder(config: EncoderConfig) -> "Encoder":
+    """The encoder built on the meta device: its split, widths and parameters, with no weights read or allocated."""
+    return _import_builder(config)(config, None, config.pooling, meta=True)
+
+
 def parameter_count(name: str) -> int:
     """Parameters of the encoder (classifier heads excluded), counted on the meta device."""
-    config = get_encoder_config(name)
-    return _import_builder(config)(config, None, config.pooling, meta=True).parameter_count()
+    return meta_encoder(get_encoder_config(name)).parameter_count()

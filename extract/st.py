@@ -12,6 +12,8 @@ recorded, and ``--prompt`` puts one before every text.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from extract.hf import model_files, text_config
 from extract.names import LibraryName
 from extract.registry import EncoderConfig
@@ -38,9 +40,10 @@ def _pooling(parsed: LibraryName, config: dict) -> str:
     return chosen[0]
 
 
-def library_config(parsed: LibraryName, modality: str | None) -> EncoderConfig:
-    """The config of ``st:ORG/NAME`` from its modules.json, pooling config and transformers config."""
-    files = model_files(parsed)
+def library_config(parsed: LibraryName, modality: str | None, local: Path | None = None) -> EncoderConfig:
+    """The config of ``st:ORG/NAME`` from its modules.json, pooling config and transformers config (read from
+    the ``--weights`` folder ``local`` when the repository is not cached)."""
+    files = model_files(parsed, local)
     modules = files.json("modules.json")
     if not modules:
         raise UserError(f"--encoder {parsed.spelled}: {parsed.repo} has no modules.json, so it is not a "

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -60,12 +61,12 @@ def family_of(model: nn.Module) -> str:
     return NHWC if getattr(model, "output_fmt", "NCHW") == "NHWC" else NCHW
 
 
-def _resolve(parsed: LibraryName) -> tuple[str, dict, str | None]:
+def _resolve(parsed: LibraryName, local: Path | None) -> tuple[str, dict, str | None]:
     """(architecture, its arguments, default hub weights) of a timm name."""
     import timm
 
     if parsed.repo is not None:  # timm:hf-hub:ORG/NAME: the repository's config names the architecture
-        path = hub.config_file(parsed.key, parsed.repo)
+        path = hub.config_file(parsed.key, parsed.repo, local=local)
         config = json.loads(path.read_text()) if path else {}
         if "architecture" not in config:
             raise UserError(f"--encoder {parsed.spelled}: {parsed.repo} is not a timm model (its config.json names "
@@ -88,9 +89,10 @@ def _resolve(parsed: LibraryName) -> tuple[str, dict, str | None]:
     return parsed.model, {}, model.pretrained_cfg.get("hf_hub_id")
 
 
-def library_config(parsed: LibraryName, modality: str | None) -> EncoderConfig:
-    """The config of a timm name, derived from timm's registry and a meta-device build (no weights read)."""
-    architecture, hparams, hub_id = _resolve(parsed)
+def library_config(parsed: LibraryName, modality: str | None, local: Path | None = None) -> EncoderConfig:
+    """The config of a timm name, derived from timm's registry and a meta-device build (no weights read);
+    ``local``: a ``--weights`` folder whose config.json names a ``timm:hf-hub:`` name's architecture offline."""
+    architecture, hparams, hub_id = _resolve(parsed, local)
     model = _meta_model(architecture, hparams)
     family = family_of(model)
     poolings = ("cls", "mean", "pooled") if family in ("vit", TOKENS) else ("pooled", "mean")

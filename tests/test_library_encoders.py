@@ -210,7 +210,7 @@ def test_bundled_minilm_under_st_gives_the_aliases_vectors_normalised():
 
 def test_refusals_name_the_fix(hub_cache, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(UserError, match="not in the hub cache.*--weights PATH.*--random-init"):
+    with pytest.raises(UserError, match="config.json of nobody/nothing is not in the hub cache.*--weights FOLDER"):
         get_encoder_config("hf:nobody/nothing")
     with pytest.raises(UserError, match="takes no --prompt"):
         create_encoder("bert-tiny", random_init=True, prompt="query: ")
@@ -228,3 +228,75 @@ def test_extraction_by_hf_name_records_library_prompt_and_precision(hub_cache, p
     assert attrs["provenance"]["library"] == "hf:tiny/qwen" and attrs["preprocessing"]["prompt"] == "query: "
     assert attrs["compute_dtype"] == "bfloat16" and "--dtype bfloat16" in attrs["command"]
     assert np.isfinite(group.read()).all() and attrs["provenance"]["weights_revision"]
+
+
+def test_a_weights_folder_stands_in_for_an_uncached_hf_name_offline(hub_cache, tmp_path, monkeypatch, private_ws):
+    _, models, tokenizer = hub_cache
+    folder = tmp_path / "bert"
+    models["tiny/bert"].save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match="--weights FOLDER"):
+        create_encoder("hf:offline/bert")
+    encoder = create_encoder("hf:offline/bert", weights=str(folder), pooling="mean")
+    assert encoder.provenance["weights"] == f"file:{folder}" and encoder.provenance["split"] == "layers"
+    states, mask = _library_hidden(models["tiny/bert"], copy.deepcopy(encoder.preprocessor.tokenizer), "right")
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(encoder.preprocessor.collate(TEXTS)),
+                                   (states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True), rtol=0, atol=1e-5)
+    ws = private_ws("offline-folder")
+    result = run_extraction(ws, ExtractOptions(dataset="synth", encoder="hf:offline/bert", weights=str(folder),
+                                               workers=0, chunk_rows=64, progress=False))
+    assert result.group == "synth/text/hf+offline+bert" and result.status == "complete"
+
+
+def _encoders_json(*args: str) -> dict:
+    import json
+
+    from click.testing import CliRunner
+
+    from extract.cli import encoders
+
+    result = CliRunner().invoke(encoders, ["--json", *args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
+
+
+def test_encoders_lists_the_library_forms_and_each_aliases_library_name():
+    out = _encoders_json("--pattern", "[ms]*")
+    assert "hf:ORG/NAME[@REVISION]" in out["library_names"] and "timm:MODEL[.TAG]" in out["library_names"]
+    names = {r["name"]: r["library_name"] for r in out["encoders"]}
+    assert names["minilm-l6"] == "st:sentence-transformers/all-MiniLM-L6-v2" and names["mae-tiny"] is None
+    assert names["swin-b"] == "timm:swin_base_patch4_window7_224.ms_in22k_ft_in1k"
+    assert parse_library_name(names["swin-b"]).model == get_encoder_config("swin-b").hub_id.removeprefix("timm/")
+
+
+def test_encoders_info_describes_a_decoder_from_its_config_without_weights(hub_cache):
+    _, models, _ = hub_cache
+    info = _encoders_json("--info", "hf:tiny/qwen")
+    assert (info["name"], info["modality"], info["width"], info["depth"]) == ("hf+tiny+qwen", "text", 32, 2)
+    assert info["split"]["blocks"] == "2 x Qwen2DecoderLayer" and info["split"]["pool"].startswith("Qwen2RMSNorm")
+    assert (info["pooling"], info["poolings"]) == ("last-token", ["last-token", "mean"])
+    assert info["parameters"] == sum(p.numel() for p in models["tiny/qwen"].parameters())
+    assert info["weights"] == {"source": "hub:tiny/qwen", "status": "cached"}
+    assert info["preprocessing"]["kind"] == "text"
+
+
+def test_encoders_info_offline_says_what_is_missing_and_the_fix(hub_cache, tmp_path, monkeypatch):
+    import os
+    import subprocess
+
+    _, models, tokenizer = hub_cache
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    info = _encoders_json("--info", "timm:convnext_atto")  # timm knows the architecture: no hub needed
+    assert info["depth"] == 4 and info["weights"]["status"] == "unavailable offline"
+    assert "--weights PATH" in info["weights"]["fix"] and "--random-init" in info["weights"]["fix"]
+    folder = tmp_path / "bert"
+    models["tiny/bert"].save_pretrained(folder)
+    info = _encoders_json("--info", "hf:offline/bert", "--weights", str(folder))
+    assert info["depth"] == 2 and info["weights"] == {"source": f"file:{folder}", "status": "given"}
+    done = subprocess.run(["featurestore", "encoders", "--info", "hf:nobody/nothing"], capture_output=True,
+                          text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
+    assert done.stderr.startswith("error: encoder hf+nobody+nothing: config.json of nobody/nothing is not in the hub")
+    assert "--weights FOLDER" in done.stderr
