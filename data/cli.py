@@ -161,6 +161,7 @@ def info(ws: Workspace, as_json: bool, name: str, plot: Path | None) -> None:
     popularity and (for a generated dataset) oracle and oracle-without-links rows on its
     test split."""
     from data.oracle import reference_rows  # lazily: it needs eval (torch); prepare and synth do not
+    from eval.metrics import percent
 
     ds = PreparedDataset.load(ws.dataset_dir(name))
     summary = {**dataset_info(ds), "baselines": reference_rows(ds)}
@@ -178,7 +179,7 @@ def info(ws: Workspace, as_json: bool, name: str, plot: Path | None) -> None:
         f"fingerprint {summary['fingerprint']}, interactions {summary['interactions_fingerprint']}",
         "interactions per item: " + ", ".join(f"{bin_label(b)}: {b['items']}" for b in summary["popularity"]),
         *([f"plot: {summary['plot']}"] if "plot" in summary else []),
-        *(f"{metrics['model']:<20} test HR@10 {metrics['HR@10']:.4f}  NDCG@10 {metrics['NDCG@10']:.4f} "
+        *(f"{metrics['model']:<20} test HR@10 {percent(metrics['HR@10'])}%  NDCG@10 {percent(metrics['NDCG@10'])}% "
           f"(full pool, history excluded)" for metrics in summary["baselines"].values()),
     ])
     emit(summary, as_json, text)

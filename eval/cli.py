@@ -88,7 +88,8 @@ def _subsets(_ctx, _param, value: str) -> list[str]:
                    "(RecBole). Every result records which.")
 @click.option("--subset", "subsets", default="all", show_default=True, callback=_subsets,
               help="Users whose target is cold (< 10 training interactions), warm, or all; several, "
-                   "comma-separated (all,warm,cold), are read from one ranking, each saved as its own result.")
+                   "comma-separated (all,warm,cold), are read from one ranking, each saved as its own result "
+                   "(--json: the first subset's at the top level, each one's under \"subsets\").")
 @click.option("--index", type=click.Choice(INDEXES), default="flat", show_default=True,
               help="Exact ranker: flat (faiss, CPU), flat-gpu (faiss-gpu on every GPU, or this "
                    "process's under torchrun), torch (matmul + top-k on --device, no faiss needed), "
@@ -155,11 +156,11 @@ def _rank(ws: Workspace, as_json: bool, run_dir: Path, target: str | None, untra
     results = evaluate_subsets(model, dataset, subsets, split, return_vectors=export_dir is not None, **options)
     if not main:
         return  # process 0 writes the one result
-    outs = [_record(run_dir, dataset, result, zero_shot, state, export_dir) for result in results.values()]
-    if len(outs) == 1:
-        emit(outs[0], as_json, _rank_text(outs[0]))
-    else:
-        emit({"run": run_dir.name, "results": outs}, as_json, "\n".join(_rank_text(out) for out in outs))
+    outs = {subset: _record(run_dir, dataset, result, zero_shot, state, export_dir)
+            for subset, result in results.items()}
+    # One shape for one subset or several: the first subset's result at the top level (what one
+    # --subset has always printed), every subset's under "subsets".
+    emit({**next(iter(outs.values())), "subsets": outs}, as_json, "\n".join(_rank_text(out) for out in outs.values()))
 
 
 def _record(run_dir: Path, dataset, result: dict, zero_shot: dict | None, state: dict | None,

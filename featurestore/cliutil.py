@@ -55,8 +55,11 @@ class FloatRange(click.FloatRange):
 # The seeds numpy and torch accept: every --seed of every command is checked against it by click.
 SEED = click.IntRange(0, 2**32 - 1)
 
+# Text prints metrics in percent (eval.metrics.percent); JSON, like every saved file, keeps fractions.
 json_option = click.option(
-    "--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of text."
+    "--json", "as_json", is_flag=True,
+    help="Print one JSON object on stdout instead of text (metrics as fractions: HR@10 0.3469 is the text's "
+         "34.69%; percent_of_oracle is in percent).",
 )
 
 

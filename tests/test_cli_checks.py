@@ -1,4 +1,4 @@
-"""Issue 26, items 5, 9, 10, 12 and 13: Ctrl-C in tune, numbers checked by click, words that fit.
+"""Issue 26, items 5, 9, 10, 12 and 13: Ctrl-C in tune, numbers checked by click, words and units that fit.
 
 Every numeric option of every CLI carries a range click checks (and shows in --help); NaN and
 infinity are refused as numbers; a --space file is checked before the first trial; a SIGINT'd
@@ -6,6 +6,8 @@ trial is re-queued with its parameters; tune blames a full disk, not the storage
 """
 
 from __future__ import annotations
+
+import json
 
 import click
 import optuna
@@ -15,6 +17,7 @@ from optuna.trial import TrialState
 
 import recommend.tune as tune
 from eval.cli import cli as eval_cli
+from eval.metrics import percent
 from featurestore.cli import cli as featurestore_cli
 from featurestore.cliutil import UserError
 from recommend.cli import cli as recommend_cli
@@ -98,6 +101,18 @@ def test_tune_prints_percent(private_ws, monkeypatch, capsys) -> None:
     assert out.exit_code == 0, out.output
     assert "validation HR@10 34.69%" in out.output and "0.3469" not in out.output
     assert "using dataset synth" in out.output  # --dataset inferred, as its help says
+
+
+def test_dataset_info_prints_percent_and_its_json_fractions(private_ws) -> None:
+    root = str(private_ws("info-percent").root)
+    text = CliRunner().invoke(featurestore_cli, ["dataset", "info", "synth", "--root", root])
+    baselines = json.loads(CliRunner().invoke(featurestore_cli, ["dataset", "info", "synth", "--root", root,
+                                                                 "--json"]).stdout)["baselines"]
+    assert text.exit_code == 0 and set(baselines) == {"popularity", "oracle", "oracle_without_links"}
+    for row in baselines.values():
+        assert 0 < row["HR@10"] < 1  # JSON keeps fractions, as every command's and every saved file
+        assert f"test HR@10 {percent(row['HR@10'])}%  NDCG@10 {percent(row['NDCG@10'])}%" in text.stdout
+    assert "metrics as fractions" in " ".join(CliRunner().invoke(eval_cli, ["rank", "--help"]).output.split())
 
 
 def test_full_disk_in_tune_names_the_database_not_the_url(private_ws, monkeypatch) -> None:

@@ -118,8 +118,12 @@ def test_cold_and_warm_subsets_through_the_recommend_alias(trained, synth_ws):
 
 def test_several_subsets_from_one_ranking_equal_separate_calls(trained):
     single = {s: invoke(trained, "rank", "--run", RUN, "--subset", s, "--k", "5,10") for s in ("warm", "cold", "all")}
-    joint = invoke(trained, "rank", "--run", RUN, "--subset", "all,warm,cold", "--k", "5,10")["results"]
-    assert [r["subset"] for r in joint] == ["all", "warm", "cold"]
+    out = invoke(trained, "rank", "--run", RUN, "--subset", "all,warm,cold", "--k", "5,10")
+    joint = list(out["subsets"].values())
+    assert list(out["subsets"]) == [r["subset"] for r in joint] == ["all", "warm", "cold"]
+    # one shape for one subset or several: the first subset's result at the top level, each under "subsets"
+    assert {k: v for k, v in out.items() if k != "subsets"} == joint[0]
+    assert single["cold"]["subsets"] == {"cold": {k: v for k, v in single["cold"].items() if k != "subsets"}}
     for result in joint:
         alone = single[result["subset"]]
         for key in ("users", "HR@5", "HR@10", "NDCG@5", "NDCG@10"):
@@ -137,7 +141,7 @@ def test_eval_rank_works_as_typed_in_bash(trained):
     assert (scripts / "rank").exists(), "no rank console script; run `pip install -e . --no-deps`"
     env = {**os.environ, "PATH": f"{scripts}{os.pathsep}{os.environ.get('PATH', '')}"}
     shown = subprocess.run(["bash", "-c", "eval rank --help"], env=env, capture_output=True, text=True)
-    assert shown.returncode == 0 and "Usage: eval rank [OPTIONS] RUN" in shown.stdout, shown.stderr
+    assert shown.returncode == 0 and "Usage: eval rank [OPTIONS] [RUN]" in shown.stdout, shown.stderr
     ranked = subprocess.run(["bash", "-c", f"eval rank --full-pool --run {RUN} --k 10 --root '{trained.root}'"],
                             env=env, capture_output=True, text=True)
     assert ranked.returncode == 0, ranked.stderr
