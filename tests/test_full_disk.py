@@ -52,7 +52,8 @@ def test_prepare_on_a_full_disk_names_the_file_then_reruns(synth_ws, tmp_path, c
         one_line_error(featurestore(capsys, full, *args), f"{root.dataset_dir(name)}/seq_indptr.npy: no space left")
     assert list(root.datasets.iterdir()) == []  # neither the name nor a temporary folder was left
     assert featurestore(capsys, monkeypatch, *args).returncode == 0
-    assert PreparedDataset.load(root.dataset_dir(name)).fingerprint == PreparedDataset.load(ws.dataset_dir(name)).fingerprint
+    again, reference = PreparedDataset.load(root.dataset_dir(name)), PreparedDataset.load(ws.dataset_dir(name))
+    assert again.fingerprint == reference.fingerprint
 
 
 def test_extract_on_a_full_disk_names_the_chunk_then_resumes(synth_ws, tmp_path, capsys, monkeypatch):
