@@ -57,11 +57,14 @@ def only_dataset(ws: Workspace) -> Inferred:
 
 
 def complete_groups(ws: Workspace, dataset: str) -> list[str]:
-    """Names of the dataset's store groups whose extraction finished, sorted."""
+    """Names of the dataset's store groups of item vectors whose extraction finished, sorted (codes groups,
+    ``featurestore codes``, hold no vectors a content mode could read)."""
+    from extract.codes import CODES
     from featurestore.store import STATUS_COMPLETE, FeatureStore, parse_group_name
 
     store = FeatureStore(ws.store)
-    return [g for g in store.groups() if parse_group_name(g).dataset == dataset and _status(store, g) == STATUS_COMPLETE]
+    return [g for g in store.groups() if parse_group_name(g).dataset == dataset
+            and parse_group_name(g).modality != CODES and _status(store, g) == STATUS_COMPLETE]
 
 
 def _status(store, group: str) -> str:

@@ -70,6 +70,16 @@ class TowerKind:
         pooled group), extracted by the study if missing; None when the mode reads no store group."""
         return None
 
+    def study_inputs(self, ws: Workspace, study: Any, extracted: Any, progress: bool) -> dict | None:
+        """Make what this mode's study rows read, if missing, and return its signature (hashed into the
+        rows' run names: re-made inputs are new runs); None when they read nothing.
+
+        ``extracted(cache_layer, purpose) -> signature`` extracts the study encoder's store group once
+        per study, whichever modes ask; a mode with a job of its own (``sid``: the codes) runs it here.
+        """
+        need = self.study_extraction(study)
+        return extracted(*need) if need else None
+
     def encoder_lr(self, opts: TrainOptions) -> float | None:
         """The learning rate of the pretrained weights the tower fine-tunes (None: ``--lr``)."""
         return None

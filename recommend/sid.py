@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from extract.codes import CODES, codes_command, codes_group
+from extract.codes import CODES, CodesOptions, codes_command, codes_group, run_codes
 from featurestore.errors import UserError
 from featurestore.store import STATUS_COMPLETE, FeatureStore, parse_group_name
 from recommend.item_towers import ITEM_TOWERS, ContentOptions, ItemTower, StoreGroupsKind, content_spec
@@ -186,8 +186,14 @@ class SidKind(StoreGroupsKind):
         group = codes_group(study.dataset, study.encoder, **STUDY_CODES)
         return [(mode, {"codes": group}), (f"{mode}+id", {"codes": group, "with_id": "add"})]
 
-    def study_extraction(self, study: Any) -> tuple[None, str]:
-        return None, f"features of {study.dataset} by {study.encoder} (quantised into the sid rows' codes)"
+    def study_inputs(self, ws: Workspace, study: Any, extracted: Any, progress: bool) -> dict:
+        """The study encoder's store group, then its codes (``featurestore codes`` with :data:`STUDY_CODES`,
+        made once and reused); the codes' hash names the rows' runs."""
+        features = extracted(None, f"features of {study.dataset} by {study.encoder} (quantised into the sid "
+                                   "rows' codes)")
+        result = run_codes(ws, CodesOptions(dataset=study.dataset, encoder=study.encoder, **STUDY_CODES))
+        attrs = FeatureStore(ws.store).open(result.group).attrs
+        return {"features": features, "codes_sha256": attrs.get("codes_sha256")}
 
 
 ITEM_TOWERS.register("sid")(SidKind())

@@ -158,12 +158,12 @@ def run_name(dataset: PreparedDataset, label: str, options: TrainOptions,
     return f"{dataset.name}-{label}{encoder}-{digest}"
 
 
-def plan(opts: StudyOptions, dataset: PreparedDataset, signatures: dict | None = None) -> list[Configuration]:
+def plan(opts: StudyOptions, dataset: PreparedDataset, inputs: dict | None = None) -> list[Configuration]:
     """The configurations in report order, each mode's rows as the mode lists them; a mode this
     installation lacks is one row marked unavailable.
 
-    ``signatures`` maps a ``--cache-layer`` (None: the plain pooled group) to the signature of
-    the store group extracted for it (see :func:`run_name`); a row reading one hashes it.
+    ``inputs`` maps a mode to the signature of what its rows read (the kind's ``study_inputs``; see
+    :func:`run_name`); a row hashes it into its run name.
     """
     common = TrainOptions(dataset=opts.dataset, dim=opts.dim, batch_size=opts.batch_size,
                           epochs=opts.epochs, patience=opts.patience, lr=opts.lr, seed=opts.seed,
@@ -175,8 +175,7 @@ def plan(opts: StudyOptions, dataset: PreparedDataset, signatures: dict | None =
                                          reason=f"`recommend train --mode {mode}` is not available in this installation"))
             continue
         kind = ITEM_TOWERS.get(mode)
-        needs = kind.study_extraction(opts)
-        group = (signatures or {}).get(needs[0]) if needs else None
+        group = (inputs or {}).get(mode)
         for label, settings in kind.study_rows(mode, opts):
             options = common.replace(mode=mode, **settings)
             if kind.runs_encoder_live and opts.live_epochs is not None:
@@ -184,12 +183,6 @@ def plan(opts: StudyOptions, dataset: PreparedDataset, signatures: dict | None =
             options = options.replace(run_name=run_name(dataset, label, options, group))
             configs.append(Configuration(label, mode, options=options, run=options.run_name, group=group))
     return configs
-
-
-def study_extractions(opts: StudyOptions) -> dict:
-    """The store groups the chosen modes read: ``--cache-layer`` (None: plain) -> what it is for."""
-    needs = (ITEM_TOWERS.get(mode).study_extraction(opts) for mode in list_item_towers() if mode in opts.modes)
-    return dict(need for need in needs if need is not None)
 
 
 def _live_modes() -> list[str]:
@@ -515,12 +508,18 @@ def _study(ws: Workspace, opts: StudyOptions, dataset: PreparedDataset, out: Pat
 
     say = (lambda text: click.echo(text, err=True)) if progress else (lambda text: None)
 
-    features, signatures = None, {}
-    for cache_layer, purpose in study_extractions(opts).items():
-        say(f"study: {purpose}")
-        summary, signatures[cache_layer] = ensure_features(ws, opts, progress, cache_layer=cache_layer)
-        features = summary if cache_layer is None else features
-    configs = plan(opts, dataset, signatures)
+    extracted: dict = {}  # --cache-layer -> (the job's summary, the group's signature), once per study
+
+    def extract(cache_layer: int | str | None, purpose: str) -> dict:
+        if cache_layer not in extracted:
+            say(f"study: {purpose}")
+            extracted[cache_layer] = ensure_features(ws, opts, progress, cache_layer=cache_layer)
+        return extracted[cache_layer][1]
+
+    inputs = {mode: ITEM_TOWERS.get(mode).study_inputs(ws, opts, extract, progress)
+              for mode in list_item_towers() if mode in opts.modes}
+    features = extracted.get(None, (None, None))[0]
+    configs = plan(opts, dataset, inputs)
     todo = [c for c in configs if c.options is not None]
 
     def rename(config: Configuration, options: TrainOptions) -> str:

@@ -144,3 +144,21 @@ def test_a_study_plans_sid_sid_with_id_and_id_init_rows(synth_dataset):
     assert by_label["sid"].codes == by_label["sid+id"].codes == "synth/codes/minilm-l6@rq-kmeans-3x256"
     assert by_label["sid+id"].with_id == "add" and by_label["id-init"].encoders == ["minilm-l6"]
     assert len({options.run_name for options in by_label.values()}) == 4
+
+
+def test_a_study_makes_its_codes_and_a_rerun_finds_the_same_sid_runs(private_ws, monkeypatch):
+    """sid rows read codes no extraction makes: the mode's own study hook runs `featurestore codes` once
+    (after the study's store group), and the codes' hash names the runs."""
+    from recommend import sid
+    from recommend.study import run_study
+
+    monkeypatch.setitem(sid.STUDY_CODES, "codebook", 8)  # the synthetic catalogue is small
+    ws = private_ws("sid-study")
+    opts = StudyOptions(dataset="synth", encoder="bert-tiny", random_init=True, modes=["sid"], epochs=1, dim=16,
+                        batch_size=128, threads=1, device="cpu")
+    first = run_study(ws, opts, progress=False)
+    assert [(c["label"], c["status"]) for c in first["configurations"]] == [("sid", "trained"), ("sid+id", "trained")]
+    assert FeatureStore(ws.store).open("synth/codes/bert-tiny@rq-kmeans-3x8").status == "complete"
+    again = run_study(ws, opts, progress=False)
+    assert [c["status"] for c in again["configurations"]] == ["finished earlier"] * 2
+    assert [c["run"] for c in again["configurations"]] == [c["run"] for c in first["configurations"]]
