@@ -157,12 +157,12 @@ def runs_command(ws: Workspace, as_json: bool) -> None:
 @click.option("--live-epochs", type=click.IntRange(min=1), default=None,
               help="Most epochs of the e2e and adapter runs, which run the encoder every step and cost "
                    "tens of times a TS epoch on a CPU; the report states the cap [default: --epochs].")
-@click.option("--dim", type=click.IntRange(min=1), default=TRAIN_DEFAULTS.dim, show_default=True,
 @click.option("--live-start", type=click.Choice(LIVE_STARTS), default="ts", show_default=True,
               help="e2e and adapter rows: start from the study's own ts row (--init-from: its DT layer and user "
                    "encoder, then fine-tune; without ts in --modes they start cold) or cold, from scratch (the "
                    "papers'). The report says per row how it started, which catalogue softmax it trained with "
                    "(ce over a cached catalogue by default) and shows its validation curve.")
+@click.option("--dim", type=click.IntRange(min=1), default=TRAIN_DEFAULTS.dim, show_default=True,
               help="Hidden width d of every run, as `recommend train` (the papers use 512; 64 keeps a "
                    "CPU study to minutes).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Users per training step.")
