@@ -59,7 +59,7 @@ def test_a_changed_file_or_failed_generation_keeps_the_folder(tmp_path):
     (out / "articles.csv").write_text("edited by hand\n")
     refused = synth(root, out, "--users", "30", "--items", "40")
     assert isinstance(refused.exception, UserError) and "(articles.csv)" in str(refused.exception)
-    failed = synth(root, out, "--users", "30", "--items", "4", "--overwrite")
+    failed = synth(root, out, "--users", "30", "--items", "10", "--clusters", "6", "--overwrite")  # generation fails
     assert isinstance(failed.exception, UserError) and "need at least" in str(failed.exception)
     assert (out / "articles.csv").read_text() == "edited by hand\n" and pictures(out)
     assert [p.name for p in out.parent.iterdir() if p.name.startswith(".")] == []  # no leftover temporary folder
