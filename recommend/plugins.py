@@ -24,13 +24,11 @@ from typing import Any, Iterator
 
 from featurestore.errors import UserError
 from featurestore.workspace import check_name
-from recommend import (adapters, e2e, id_init, item_towers, losses, merge_attn, objectives, side, sid,  # the plugins
-                       tracking, transfer, user_encoders)
+from recommend import (adapters, e2e, id_init, item_towers, losses, merge_attn, objectives, side, sid,  # noqa: F401
+                       tracking, transfer, user_encoders)  # the plugin list: each registers itself on import
 from recommend.options import SHARED_FIELDS, TrainOptions, check_fields, range_problem, refuse_foreign_options
 
 FEATURES = (transfer.TRANSFER_FEATURE, objectives.OBJECTIVES_FEATURE, tracking.TRACKING_FEATURE)
-PLUGIN_MODULES = (item_towers, merge_attn, e2e, adapters, side, sid, id_init, user_encoders, losses, transfer,
-                  objectives)
 
 # family flag -> (registry, the option of TrainOptions that picks the plugin)
 FAMILIES = {"--mode": (item_towers.ITEM_TOWERS, "mode"), "--backbone": (user_encoders.USER_ENCODERS, "backbone"),
