@@ -26,6 +26,14 @@ taken and not copied:
 The refresh costs one no-grad pass of the tower over the catalogue (about a third of an
 exact step's tower work), once every R steps; the step itself costs the live batch plus
 thin matrix products over the cached table (:func:`recommend.chunked_softmax.chunked_logsumexp`).
+
+A fixed R makes that refresh a share of the step that grows with N (every 10 steps is
+x2.4 an ``inbatch`` step at 20,000 items). ``auto`` (the live modes' default) refreshes
+instead once the tower has run as many items live as the catalogue holds: the no-grad
+pass then costs at most the live forwards it follows, about a third of their forward and
+backward, so the step stays within about x1.35 ``inbatch``'s at any N, while a small
+catalogue is refreshed every few steps (nearly exact) and a large one less often (its
+rows are then at most one catalogue's worth of live items stale, XBM's trade).
 """
 
 from __future__ import annotations
@@ -38,32 +46,54 @@ from torch import nn
 from recommend.chunked_softmax import chunked_logsumexp
 
 
-class CatalogueCache:
-    """Every item's vector ``(N + 1, d)``, without gradient, refreshed every ``every`` steps.
+AUTO = "auto"  # refresh once the tower has run a catalogue's worth of items live
 
-    :meth:`table` is asked once per training step; the first ask after :meth:`expire`
-    (an epoch start) and every ``every``-th ask after a refresh run the tower over the
-    catalogue again. ``refreshes`` and ``seconds`` count those passes and their time.
+
+def refresh_schedule(every: int | str) -> str:
+    """When a cache refreshing by ``every`` refreshes, in words (reports, ``--help``)."""
+    when = "once a catalogue's worth of items has run live" if every == AUTO else f"every {every} steps"
+    return f"refreshed {when} and at each epoch start"
+
+
+class CatalogueCache:
+    """Every item's vector ``(N + 1, d)``, without gradient, refreshed every ``every`` steps
+    (or, with ``every="auto"``, once the live items since the last refresh reach N).
+
+    :meth:`table` is asked once per training step with the number of items the step runs
+    live; the first ask after :meth:`expire` (an epoch start) and every due ask run the
+    tower over the catalogue again. ``refreshes`` and ``seconds`` count those passes and
+    their time; ``steps`` counts the asks.
     """
 
-    def __init__(self, every: int) -> None:
-        if every < 1:
-            raise ValueError(f"a cached catalogue refreshes every R >= 1 steps, got {every}")
+    def __init__(self, every: int | str) -> None:
+        if every != AUTO and not (isinstance(every, int) and every >= 1):
+            raise ValueError(f"a cached catalogue refreshes every R >= 1 steps or {AUTO!r}, got {every!r}")
         self.every = every
         self.refreshes = 0
+        self.steps = 0
         self.seconds = 0.0
         self._table: torch.Tensor | None = None
-        self._since = 0
+        self._since = 0  # steps since the last refresh
+        self._live = 0  # items run live since the last refresh
 
     def expire(self) -> None:
         """Refresh on the next step (an epoch starts: the weights moved during validation's wait)."""
         self._table = None
 
-    def table(self, model: nn.Module) -> torch.Tensor:
-        """The cached vectors for this step, refreshed first when due."""
-        if self._table is None or self._since >= self.every:
+    def _due(self) -> bool:
+        if self._table is None:
+            return True
+        if self.every == AUTO:
+            return self._live >= len(self._table) - 1
+        return self._since >= self.every
+
+    def table(self, model: nn.Module, live_items: int = 0) -> torch.Tensor:
+        """The cached vectors for this step (which runs ``live_items`` items live), refreshed first when due."""
+        if self._due():
             self._refresh(model)
         self._since += 1
+        self._live += live_items
+        self.steps += 1
         return self._table
 
     def _refresh(self, model: nn.Module) -> None:
@@ -76,7 +106,7 @@ class CatalogueCache:
             self._table = model.item_vectors()
         finally:
             tower.train(training)
-        self._since = 0
+        self._since = self._live = 0
         self.refreshes += 1
         self.seconds += time.perf_counter() - start
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from featurestore.workspace import Workspace
+from recommend.catalogue_cache import refresh_schedule
 from recommend.item_towers import ITEM_TOWERS
 from recommend.run import BEST, CONFIG, read_metrics
 from recommend.study_tune import plot_validation
@@ -65,7 +66,7 @@ def live_rows_report(ws: Workspace, configs: list, out: Path) -> list[str]:
         run_dir = ws.run_dir(config.run)
         recorded = _read(run_dir, CONFIG)
         refresh = recorded.get("options", {}).get("catalogue_refresh")
-        loss = f"cached, refreshed every {refresh} steps and at each epoch start" if refresh else "exact"
+        loss = f"cached, {refresh_schedule(refresh)}" if refresh else "exact"
         best = _read(run_dir, BEST)
         source = recorded.get("transfer", {}).get("source_run")
         start = config.start if source is None else (

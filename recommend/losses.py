@@ -53,7 +53,7 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from featurestore.errors import UserError
-from recommend.catalogue_cache import CatalogueCache, cached_logsumexp
+from recommend.catalogue_cache import AUTO, CatalogueCache, cached_logsumexp
 from recommend.chunked_softmax import chunked_logsumexp
 from featurestore.registry import Registry
 from recommend.options import TrainOptions, fill, option, values_of
@@ -68,7 +68,7 @@ class LossContext:
     train_counts: np.ndarray  # interactions per item id in the training split, length N + 1
     negatives: int = 1  # gbce: sampled negatives per position; sce: per batch
     gbce_t: float = 0.75  # gbce: calibration t of gSASRec
-    catalogue_refresh: int | None = None  # ce: steps between refreshes of the cached catalogue (None, 0: exact)
+    catalogue_refresh: int | str | None = None  # ce: steps between cache refreshes, or "auto" (None, 0: exact)
 
 
 @dataclass(frozen=True)
@@ -112,6 +112,10 @@ class Loss(nn.Module):
     def extra_items(self, rows: torch.Tensor) -> torch.Tensor | None:
         """Item ids ``(B, *)`` to embed besides ``rows`` (default: none)."""
         return None
+
+    def epoch_stats(self) -> dict:
+        """What this loss did during the epoch, for its line of metrics.jsonl (default: nothing)."""
+        return {}
 
     def forward(self, hidden: torch.Tensor, rows: torch.Tensor, vectors: torch.Tensor,
                 extra: torch.Tensor | None, extra_vectors: torch.Tensor | None) -> torch.Tensor:
@@ -203,20 +207,22 @@ class InBatchSoftmax(Loss):
         return F.cross_entropy(logits, label)
 
 
-LIVE_REFRESH = 10  # --catalogue-refresh of the modes that run an encoder live (bench/e2e.py --losses, BENCHMARKS.md)
+LIVE_REFRESH = AUTO  # --catalogue-refresh of the modes that run an encoder live (bench/e2e.py --losses, BENCHMARKS.md)
 
 
 @dataclass(frozen=True)
 class CatalogueOptions:
     """``--catalogue-refresh``, of ``ce``."""
 
-    catalogue_refresh: int | None = option(
-        flag="--catalogue-refresh", min=0, metavar="R", purpose="is an option of --loss ce",
+    catalogue_refresh: int | str | None = option(
+        flag="--catalogue-refresh", type=str, metavar="R|auto", purpose="is an option of --loss ce",
         help=f"ce: score the catalogue against item vectors cached without gradient and refreshed every R "
              f"steps and at each epoch start, the batch's own items computed live with gradient: a step no "
-             f"longer runs the whole catalogue through the tower. 0 = exact (every item through the tower with "
-             f"gradient at every step) [default: {LIVE_REFRESH} for the modes that run an encoder live (e2e, "
-             f"adapter), 0 for the others].")
+             f"longer runs the whole catalogue through the tower. {AUTO}: refresh once the tower has run as "
+             f"many items live as the catalogue holds, so the refresh costs at most a third of the live work "
+             f"at any catalogue size (every few steps on a small catalogue). 0 = exact (every item through "
+             f"the tower with gradient at every step) [default: {LIVE_REFRESH} for the modes that run an "
+             f"encoder live (e2e, adapter), 0 for the others].")
 
 
 @LOSSES.register("ce")
@@ -244,26 +250,42 @@ class CatalogueSoftmax(Loss):
                f"Exact for id/ts/ts-dnn/side: a step scores every item and a content tower runs over the whole "
                f"catalogue forward and backward (at 87K items on a 2-core CPU x6-13 an inbatch step for IDRec, "
                f"about x55 for TS-DNN-8, see BENCHMARKS.md). For e2e/adapter, whose tower runs the encoder: "
-               f"against a cached catalogue refreshed every {LIVE_REFRESH} steps, the batch's items live "
-               f"(--catalogue-refresh)")
+               f"against a cached catalogue refreshed once a catalogue's worth of items has run live, the "
+               f"batch's items live (--catalogue-refresh)")
 
     def __init__(self, ctx: LossContext) -> None:
         super().__init__()
         self.cache = CatalogueCache(ctx.catalogue_refresh) if ctx.catalogue_refresh else None
+        self._counted = (0, 0.0)  # the cache's (refreshes, seconds) when the epoch started
 
     @classmethod
     def check(cls, opts: TrainOptions) -> TrainOptions:
-        """A mode that runs an encoder live defaults to the cached catalogue; the others stay exact."""
+        """A mode that runs an encoder live defaults to the cached catalogue; the others stay exact.
+        ``--catalogue-refresh`` arrives as text from the command line: a count of steps or ``auto``."""
         from recommend.item_towers import ITEM_TOWERS
 
-        if opts.catalogue_refresh is None and ITEM_TOWERS.get(opts.mode).runs_encoder_live:
-            return opts.replace(catalogue_refresh=LIVE_REFRESH)
-        return opts
+        refresh = opts.catalogue_refresh
+        if refresh is None:
+            return opts.replace(catalogue_refresh=LIVE_REFRESH) if ITEM_TOWERS.get(opts.mode).runs_encoder_live else opts
+        if isinstance(refresh, str) and refresh.strip().isdigit():
+            refresh = int(refresh)
+        if refresh != AUTO and not (isinstance(refresh, int) and not isinstance(refresh, bool) and refresh >= 0):
+            raise UserError(f"--catalogue-refresh {refresh}: give a number of steps >= 0 (0 = exact) or {AUTO}")
+        return opts.replace(catalogue_refresh=refresh)
 
     def train(self, mode: bool = True) -> "CatalogueSoftmax":
         if mode and self.cache is not None:
             self.cache.expire()  # an epoch starts: its first step refreshes the cache
+            self._counted = (self.cache.refreshes, self.cache.seconds)
         return super().train(mode)
+
+    def epoch_stats(self) -> dict:
+        """The cache's refreshes since the epoch started, and their seconds."""
+        if self.cache is None:
+            return {}
+        refreshes, seconds = self._counted
+        return {"catalogue_refreshes": self.cache.refreshes - refreshes,
+                "catalogue_refresh_seconds": round(self.cache.seconds - seconds, 3)}
 
     def embed(self, model: nn.Module, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(vectors of rows, the catalogue table)``: exact, both from one chunked tower pass with
@@ -271,7 +293,7 @@ class CatalogueSoftmax(Loss):
         if self.cache is None:
             table = catalogue_vectors(model)
             return table[rows], table
-        return model.embed(rows), self.cache.table(model)
+        return model.embed(rows), self.cache.table(model, int((rows.unique() > 0).sum()))
 
     def forward(self, hidden, rows, vectors, extra, extra_vectors):
         valid = rows[:, :-1] > 0

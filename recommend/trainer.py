@@ -378,7 +378,7 @@ def _train_epoch(objective, optimizer, batches: SequenceBatches, procs: Processe
     if collapsed is not None:
         return {"collapsed": collapsed}
     return {"collapsed": None, "seconds": time.perf_counter() - start, "steps": steps, "step_seconds": step_seconds,
-            "loss": procs.mean(total / max(steps, 1), device),
+            "loss": procs.mean(total / max(steps, 1), device), "loss_stats": _unwrapped(objective).loss.epoch_stats(),
             "terms": {name: procs.mean(part / max(steps, 1), device) for name, part in term_totals.items()}}
 
 
@@ -400,9 +400,15 @@ def _epoch_record(epoch: int, trained: dict, metrics: dict, batches: SequenceBat
     }
     if trained["terms"]:
         record["terms"] = trained["terms"]
+    record.update(trained["loss_stats"])  # e.g. the cached catalogue's refreshes and their seconds
     return record
 
 
+def _unwrapped(objective: nn.Module) -> nn.Module:
+    """The Objective itself, DDP-wrapped or not."""
+    return objective.module if isinstance(objective, DistributedDataParallel) else objective
+
+
 def _step_terms(objective: nn.Module) -> dict[str, torch.Tensor]:
-    """The last step's separate loss terms (empty without ``--objectives``), DDP-wrapped or not."""
-    return (objective.module if isinstance(objective, DistributedDataParallel) else objective).terms
+    """The last step's separate loss terms (empty without ``--objectives``)."""
+    return _unwrapped(objective).terms

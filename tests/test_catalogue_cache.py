@@ -7,6 +7,8 @@ exactly the vectors the exact loss computes.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -15,7 +17,8 @@ from recommend.batches import training_rows
 from recommend.e2e import open_live_inputs
 from recommend.losses import LIVE_REFRESH, LossContext, catalogue_vectors, create_loss
 from recommend.model import build_recommender
-from recommend.trainer import Objective, TrainOptions, check_options, model_spec
+from recommend.run import read_metrics
+from recommend.trainer import Objective, TrainOptions, check_options, model_spec, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -107,3 +110,43 @@ def test_live_modes_default_to_the_cached_catalogue_and_0_is_exact():
     assert check_options(TrainOptions(dataset="synth", mode="id")).catalogue_refresh is None  # exact
     with pytest.raises(UserError, match="--catalogue-refresh is an option of --loss ce, not --loss inbatch"):
         check_options(TrainOptions(dataset="synth", mode="id", loss="inbatch", catalogue_refresh=5))
+
+
+def test_auto_refreshes_once_a_catalogues_worth_of_items_has_run_live(live, monkeypatch):
+    model, rows, dataset = live
+    passes = []
+    item_vectors = model.item_vectors
+    monkeypatch.setattr(model, "item_vectors", lambda: passes.append(item_vectors()) or passes[-1])
+    loss = _ce(dataset, "auto")
+    objective = Objective(model, loss)
+    live_items = len(set(rows.flatten().tolist()) - {0})  # each step runs these items live
+    every = math.ceil(dataset.n_items / live_items)  # steps until the live items reach N
+    assert every > 1
+    counts = []
+    for _ in range(2 * every + 1):
+        objective(rows)
+        counts.append(len(passes))
+    assert counts == [1 + step // every for step in range(2 * every + 1)]
+    assert loss.cache.steps == 2 * every + 1
+
+
+@pytest.mark.parametrize("given, checked", [("auto", "auto"), ("7", 7), (0, 0), ("0", 0)])
+def test_catalogue_refresh_reads_a_step_count_or_auto(given, checked):
+    assert check_options(TrainOptions(dataset="synth", **E2E, catalogue_refresh=given)).catalogue_refresh == checked
+
+
+@pytest.mark.parametrize("given", ["sometimes", "-1", -3, 2.5])
+def test_catalogue_refresh_refuses_anything_else_naming_the_choices(given):
+    with pytest.raises(UserError, match="--catalogue-refresh .*number of steps >= 0 .* or auto"):
+        check_options(TrainOptions(dataset="synth", **E2E, catalogue_refresh=given))
+
+
+def test_each_epoch_records_its_refreshes_in_metrics_jsonl(synth_ws, synth_dataset):
+    ws, name = synth_ws
+    result = train(ws, TrainOptions(dataset=name, run_name="cached-ce-epochs", epochs=2, batch_size=256,
+                                    catalogue_refresh=2, **E2E), progress=False, echo=False)
+    records = read_metrics(ws.run_dir(result["run"]))
+    assert len(records) == 2
+    for record in records:  # every 2 steps, the first step of each epoch included
+        assert record["catalogue_refreshes"] == math.ceil(record["steps"] / 2)
+        assert record["catalogue_refresh_seconds"] > 0
