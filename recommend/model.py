@@ -81,5 +81,6 @@ def build_recommender(spec: dict, sources: Sequence[FeatureSource] = (), fit: bo
     cfg = EncoderConfig(dim=spec["dim"], max_seq_len=spec["max_seq_len"],
                         **{k: v for k, v in enc.items() if k != "name"})
     model = Recommender(tower, create_user_encoder(enc["name"], cfg), spec["max_seq_len"])
+    model.user_encoder.initialise(model)  # e.g. sasrec's --init-std reaches the ID table
     ITEM_TOWERS.get(spec["item_tower"]["name"]).finish(model, spec)  # e.g. adapters in the user encoder
     return model

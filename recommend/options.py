@@ -147,7 +147,9 @@ class SharedOptions:
                        help="AdamW learning rate (the papers: 1e-4 at d 512; at d 64, 1e-4 sits at the popularity "
                             "level for 20+ epochs; 2e-3 reaches 0.99-1.03x the validation HR@10 of a 20-trial "
                             "search on the demo, 1e-3 0.88-0.95x, see BENCHMARKS.md).")
-    weight_decay: float = option(0.1, flag="--weight-decay", min=0.0, show_default=True, help="AdamW weight decay.")
+    weight_decay: float = option(0.1, flag="--weight-decay", min=0.0, show_default=True,
+                                 help="AdamW weight decay; 0 makes the optimizer Adam exactly (RecBole's: Adam, no "
+                                      "decay; 0.1 came out of the searches on the demo, see BENCHMARKS.md).")
     batch_size: int = option(64, flag="--batch-size", min=1, show_default=True, help="Users per step (per process).")
     epochs: int = option(100, flag="--epochs", min=1, show_default=True, help="Most epochs to train.")
     patience: int = option(10, flag="--patience", min=1, show_default=True,

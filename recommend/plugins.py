@@ -13,7 +13,7 @@ A plugin of any family answers the same two things about options:
 - ``check(opts) -> TrainOptions``: refuse what it cannot train, return a copy with its
   defaults filled (never a change in place).
 
-The training features (``--init-from``, ``--objectives``, ``--track``) are plugins every run has; a
+The training features (``--init-from``, ``--objectives``, ``--track``, ``--instances``) are plugins every run has; a
 feature may also watch runs (``callbacks(opts) -> [Callback]``: experiment tracking).
 """
 
@@ -24,11 +24,12 @@ from typing import Any, Iterator
 
 from featurestore.errors import UserError
 from featurestore.workspace import check_name
-from recommend import (adapters, e2e, id_init, item_towers, losses, merge_attn, objectives, side, sid,  # noqa: F401
-                       tracking, transfer, user_encoders)  # the plugin list: each registers itself on import
+from recommend import (adapters, e2e, id_init, instances, item_towers, losses, merge_attn, objectives, side,  # noqa: F401
+                       sid, tracking, transfer, user_encoders)  # the plugin list: each registers itself on import
 from recommend.options import SHARED_FIELDS, TrainOptions, check_fields, range_problem, refuse_foreign_options
 
-FEATURES = (transfer.TRANSFER_FEATURE, objectives.OBJECTIVES_FEATURE, tracking.TRACKING_FEATURE)
+FEATURES = (transfer.TRANSFER_FEATURE, objectives.OBJECTIVES_FEATURE, tracking.TRACKING_FEATURE,
+            instances.INSTANCES_FEATURE)
 
 # family flag -> (registry, the option of TrainOptions that picks the plugin)
 FAMILIES = {"--mode": (item_towers.ITEM_TOWERS, "mode"), "--backbone": (user_encoders.USER_ENCODERS, "backbone"),

@@ -45,14 +45,16 @@ from featurestore.runtime.processes import Processes, process_group
 from featurestore.runtime.seeding import epoch_seed
 from featurestore.workspace import Workspace
 from recommend import __version__
-from recommend.batches import SequenceBatches, model_seq_len, training_rows
+from recommend.batches import SequenceBatches, model_seq_len
 from recommend.cost import parameter_breakdown
+from recommend.instances import instance_rows, last_only
 from recommend.item_towers import ITEM_TOWERS
 from recommend.losses import LOSSES, Loss, LossContext, create_loss
 from recommend.model import Recommender, build_recommender
 from recommend.objectives import AuxObjectives, Step, attach_objectives
 from recommend.options import TrainOptions
 from recommend.plugins import check_options, feature_callbacks
+from recommend.steps import last_item_step
 from recommend.stopping import MONITOR, EarlyStopping
 from recommend.transfer import init_from_run
 from recommend.callbacks import Callback
@@ -67,15 +69,20 @@ class Objective(nn.Module):
     With auxiliary terms (``--objectives``) the step returns their sum with the
     recommendation loss (002 Eq. 12, every weight 1) and keeps each term's detached
     value in ``terms`` (``rec`` = the recommendation loss) for the per-epoch log.
+    ``last_only`` (``--instances prefix``): the loss at each row's last position only.
     """
 
-    def __init__(self, model: Recommender, loss: Loss, aux: AuxObjectives | None = None) -> None:
+    def __init__(self, model: Recommender, loss: Loss, aux: AuxObjectives | None = None,
+                 last_only: bool = False) -> None:
         super().__init__()
-        self.model, self.loss, self.aux = model, loss, aux
+        self.model, self.loss, self.aux, self.last_only = model, loss, aux, last_only
         self.terms: dict[str, torch.Tensor] = {}
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
-        step = self.model.user_encoder.training_step(self.model, self.loss, rows)  # the backbone's own step
+        if self.last_only:
+            step = last_item_step(self.model, self.loss, rows)
+        else:
+            step = self.model.user_encoder.training_step(self.model, self.loss, rows)  # the backbone's own step
         if self.aux is None:
             return step.value
         parts = {"rec": step.value, **self.aux(Step(self.model, rows, step.vectors, step.hidden))}
@@ -233,7 +240,7 @@ def _train(ws: Workspace, opts: TrainOptions, procs: Processes, device: torch.de
     kind = ITEM_TOWERS.get(opts.mode)
     sources = kind.open(ws, opts, dataset)  # opened and checked against the dataset's fingerprint
     spec = model_spec(opts, dataset)
-    rows = training_rows(dataset, spec["max_seq_len"])
+    rows = instance_rows(opts, dataset, spec["max_seq_len"])
     if len(rows) == 0:
         raise UserError(f"dataset {dataset.name} has no user with 2+ training items; nothing to train")
     if dataset.n_items <= rows.shape[1]:
@@ -247,7 +254,7 @@ def _train(ws: Workspace, opts: TrainOptions, procs: Processes, device: torch.de
     context = LossContext(dataset.n_items, dataset.train_counts(), **LOSSES.get(opts.loss).context_options(opts))
     loss = create_loss(opts.loss, context).to(device)
     aux = attach_objectives(model, opts.objectives)  # on the model: NID's head trains and saves with it
-    objective: nn.Module = Objective(model, loss, aux)
+    objective: nn.Module = Objective(model, loss, aux, last_only(opts))
     if dist.is_initialized():
         objective = DistributedDataParallel(
             objective, device_ids=[device.index] if device.type == "cuda" else None)

@@ -51,6 +51,9 @@ class EncoderConfig:
     dropout: float = 0.1
     max_seq_len: int = 10
     mask_prob: float = 0.2  # bert4rec: share of a row's real items masked in cloze training
+    init_std: float | None = None  # sasrec: N(0, init_std) weights as RecBole (None: the papers' Xavier / torch's)
+    norm_eps: float | None = None  # sasrec: LayerNorm epsilon (None: torch's 1e-5)
+    positions: str | None = None  # sasrec: "from-oldest" counts positions as RecBole (None: from the newest)
 
 
 class UserEncoder(nn.Module):
@@ -80,6 +83,10 @@ class UserEncoder(nn.Module):
 
     def forward(self, items: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def initialise(self, model: nn.Module) -> None:
+        """Re-initialise what this backbone's options ask for once the whole model is built (default:
+        nothing; SASRec's ``--init-std`` also reaches the ID table, as RecBole's ``_init_weights``)."""
 
 
 def causal_attention_mask(mask: torch.Tensor, heads: int) -> torch.Tensor:
@@ -111,26 +118,62 @@ def _additive_mask(allowed: torch.Tensor, heads: int) -> torch.Tensor:
     return additive.repeat_interleave(heads, dim=0)
 
 
+TORCH_NORM_EPS = 1e-5  # nn.LayerNorm's default, the MoRec code's
+
+
+def normal_init(module: nn.Module, std: float) -> None:
+    """RecBole's (and BERT's) ``_init_weights``: every Linear and Embedding weight ~ N(0, std), biases 0,
+    LayerNorm 1 and 0; attention's packed input projection (one Linear per q, k, v in RecBole) too."""
+    for sub in module.modules():
+        if isinstance(sub, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(sub.weight, 0.0, std)
+        elif isinstance(sub, nn.LayerNorm):
+            nn.init.ones_(sub.weight)
+            nn.init.zeros_(sub.bias)
+        elif isinstance(sub, nn.MultiheadAttention) and sub.in_proj_weight is not None:
+            nn.init.normal_(sub.in_proj_weight, 0.0, std)
+            nn.init.zeros_(sub.in_proj_bias)
+        if isinstance(sub, nn.Linear) and sub.bias is not None:
+            nn.init.zeros_(sub.bias)
+
+
+POSITIONS = ("from-newest", "from-oldest")
+
+
 class _PositionalTransformer(UserEncoder):
     """Post-LN Transformer blocks over item + learned position vectors (SASRec, BERT4Rec).
 
     Positions count back from the most recent item (0 = the last), so with left
     padding the newest item always carries the same position vector whatever the
     padded length: the same as SASRec's fixed-length left-padded layout. Subclasses
-    differ only in the attention mask they pass to ``transform``.
+    differ only in the attention mask they pass to ``transform``. SASRec's options
+    (``--init-std``, ``--norm-eps``, ``--positions from-oldest``) give RecBole's
+    initialisation, LayerNorm epsilon and position count instead.
     """
 
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__()
         self.heads = cfg.heads
+        self.init_std, self.from_oldest = cfg.init_std, cfg.positions == "from-oldest"
+        eps = TORCH_NORM_EPS if cfg.norm_eps is None else cfg.norm_eps
         self.positions = nn.Embedding(cfg.max_seq_len, cfg.dim)
-        self.norm = nn.LayerNorm(cfg.dim)
+        self.norm = nn.LayerNorm(cfg.dim, eps=eps)
         self.dropout = nn.Dropout(cfg.dropout)
         block = nn.TransformerEncoderLayer(
-            cfg.dim, cfg.heads, 4 * cfg.dim, cfg.dropout, activation="gelu", batch_first=True
+            cfg.dim, cfg.heads, 4 * cfg.dim, cfg.dropout, activation="gelu", batch_first=True, layer_norm_eps=eps
         )
         self.blocks = nn.TransformerEncoder(block, cfg.blocks, enable_nested_tensor=False)
         nn.init.xavier_normal_(self.positions.weight)
+        if self.init_std is not None:
+            normal_init(self, self.init_std)
+
+    def initialise(self, model: nn.Module) -> None:
+        """``--init-std``: the ID table too (``own_table``; RecBole's ``item_embedding``), padding row zero."""
+        table = model.item_tower.own_table() if self.init_std is not None else None
+        if table is not None:
+            with torch.no_grad():
+                table.normal_(0.0, self.init_std)
+                table[0].zero_()
 
     @classmethod
     def check(cls, opts: TrainOptions) -> TrainOptions:
@@ -138,20 +181,46 @@ class _PositionalTransformer(UserEncoder):
             raise UserError(f"--dim {opts.dim} must be divisible by --heads {opts.heads}")
         return opts
 
-    def transform(self, items: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
-        """Hidden states ``(B, L, d)`` of ``items`` under an additive ``attention`` mask."""
+    def transform(self, items: torch.Tensor, attention: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states ``(B, L, d)`` of ``items`` under an additive ``attention`` mask (``mask``: the
+        real items, which ``--positions from-oldest`` counts from)."""
         length = items.shape[1]
-        back = torch.arange(length - 1, -1, -1, device=items.device)
-        hidden = self.dropout(self.norm(items + self.positions(back)))
+        if self.from_oldest and mask is not None:  # RecBole: 0 = the oldest item of the window
+            where = (mask.long().cumsum(dim=1) - 1).clamp_min(0)
+        else:  # 0 = the newest item, whatever the padding (the SASRec paper's fixed left-padded layout)
+            where = torch.arange(length - 1, -1, -1, device=items.device)
+        hidden = self.dropout(self.norm(items + self.positions(where)))
         return self.blocks(hidden, mask=attention)
+
+
+@dataclass(frozen=True)
+class SASRecOptions:
+    """RecBole's SASRec, one setting at a time (issue 28; ``bench/parity.py --panel`` measures each)."""
+
+    init_std: float | None = option(
+        flag="--init-std", min=0.0, min_open=True, metavar="S", purpose="is an option of --backbone sasrec",
+        help="sasrec: initialise every weight of the backbone and the ID table (--mode id) from N(0, S), biases 0, "
+             "as RecBole's SASRec (S = 0.02, its initializer_range) [default: the MoRec code's: Xavier-normal "
+             "item table and positions, torch's own init for the blocks].")
+    norm_eps: float | None = option(
+        flag="--norm-eps", min=0.0, min_open=True, purpose="is an option of --backbone sasrec",
+        help="sasrec: LayerNorm epsilon (RecBole's SASRec: 1e-12) [default: 1e-5, torch's and the MoRec code's].")
+    positions: str | None = option(
+        flag="--positions", choices=POSITIONS, purpose="is an option of --backbone sasrec",
+        help="sasrec: how position vectors count. from-newest = 0 is the newest item whatever the padding (the "
+             "SASRec paper's fixed left-padded layout; at inference the last item always has the position it "
+             "had as a last training input); from-oldest = 0 is the oldest item in the window (RecBole's "
+             "right-padded layout) [default: from-newest].")
 
 
 @USER_ENCODERS.register("sasrec")
 class SASRec(_PositionalTransformer):
     """SASRec as in the MoRec code: causal self-attention, next-item prediction everywhere."""
 
+    options = SASRecOptions
+
     def forward(self, items: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.transform(items, causal_attention_mask(mask, self.heads))
+        return self.transform(items, causal_attention_mask(mask, self.heads), mask)
 
 
 @dataclass(frozen=True)
