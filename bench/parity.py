@@ -27,6 +27,13 @@ subprocess (``bench/recbole_runner.py``); data goes both ways through files.
     python bench/parity.py --model gru4rec --seeds 0,1
     python bench/parity.py --ours "tuned=--lr 1e-3 --loss inbatch" --seeds 0,1,2
     python bench/parity.py --dataset HM --root /data/ws --dim 64   # any prepared dataset
+    python bench/parity.py --panel --seeds 0,1,2 --ablation-seeds 0   # issue 28's panel of worlds
+
+``--panel`` (issue 28) runs the comparison on each generated world of :data:`PANEL` (shapes
+other than the demo's: long sequences, a heavy popularity head, a wide catalogue): RecBole,
+our defaults and ``inbatch`` (ce against inbatch at equal tuning) at every seed, RecBole's
+whole protocol (:data:`RECBOLE_PROTOCOL`) and the ablation (each RecBole setting alone on top
+of our defaults, :data:`ABLATION`) at ``--ablation-seeds``.
 """
 
 from __future__ import annotations
@@ -47,7 +54,8 @@ import numpy as np
 
 from recbole_split import check_split, write_inter, write_item  # bench/ is the script folder
 from data.dataset import PreparedDataset
-from data.prepare import synthetic_dataset
+from data.prepare import prepare_dataset, synthetic_dataset
+from data.synth import Signals, synthesize
 from eval.evaluate import EvalVectors, evaluate, popularity_metrics, vector_ranks
 from eval.metrics import metrics_from_ranks
 from eval.ranking import csr_rows
@@ -188,6 +196,56 @@ def prepare_synthetic(ws: Workspace, users: int, items: int, seed: int) -> Prepa
     return PreparedDataset.load(ws.dataset_dir(name))
 
 
+@dataclass(frozen=True)
+class PanelWorld:
+    """One generated world of the panel: generator settings and the prepared cut."""
+
+    users: int
+    items: int
+    mean_length: float = 11.0
+    popularity_spread: float = 1.0
+    signals: tuple[float, float, float] = (0.55, 0.35, 0.10)  # content, id, popularity
+    max_seq_len: int | None = None  # items kept per user (model window = this - 3); None: the format's 13
+    note: str = ""
+
+
+PANEL = {
+    "long": PanelWorld(600, 800, mean_length=20.0, max_seq_len=23,
+                       note="long sequences: window 20 (the demo's 10); RecBole's 50 costs 25x an epoch of ours "
+                            "in prefix instances, beyond a 2-core CPU"),
+    "skew": PanelWorld(1500, 2000, mean_length=12.0, popularity_spread=2.0, signals=(0.45, 0.25, 0.30),
+                       note="heavy popularity head: log-popularity sd 2 (demo 1), popularity share 0.30 (demo 0.10)"),
+    "wide": PanelWorld(1500, 5000, mean_length=12.0,
+                       note="wide catalogue: 5,000 items for 1,500 users, window 10"),
+}
+# RecBole 1.2.1's SASRec settings that differ from our defaults, each one of our options
+# (docs/guides/train.md, "RecBole's SASRec, one option at a time")
+ABLATION = {
+    "prefix": "--instances prefix --batch-size 2048",  # one instance per (prefix, next item), 2048 a batch
+    "init": "--init-std 0.02",
+    "eps": "--norm-eps 1e-12",
+    "positions": "--positions from-oldest",
+    "adam": "--weight-decay 0",
+    "dropout-lr": "--dropout 0.5 --lr 1e-3",
+}
+RECBOLE_PROTOCOL = " ".join(ABLATION.values())
+PANEL_VARIANTS = {"defaults": "", "inbatch": "--loss inbatch"}  # at --seeds
+ABLATION_VARIANTS = {"recbole-protocol": RECBOLE_PROTOCOL, **ABLATION}  # at --ablation-seeds
+
+
+def prepare_world(ws: Workspace, name: str, world: PanelWorld, seed: int = 0) -> PreparedDataset:
+    """A panel world in the ``generic`` raw layout, prepared once."""
+    dataset = f"panel-{name}-u{world.users}-i{world.items}-s{seed}"
+    if not ws.dataset_dir(dataset).exists():
+        raw = ws.root / "raw" / dataset
+        synthesize("generic", raw, users=world.users, items=world.items, seed=seed, images=False,
+                   signals=Signals(*world.signals), mean_length=world.mean_length,
+                   popularity_spread=world.popularity_spread)
+        prepare_dataset("generic", raw, ws.dataset_dir(dataset), name=dataset, seed=seed,
+                        max_seq_len=world.max_seq_len)
+    return PreparedDataset.load(ws.dataset_dir(dataset))
+
+
 def parse_variants(texts: tuple[str, ...]) -> dict[str, list[str]]:
     variants = {}
     for text in texts:
@@ -232,16 +290,20 @@ def summarise(rows: list[dict]) -> dict:
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--redo", is_flag=True, help="Retrain RecBole even when a finished run with these settings exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--panel", is_flag=True,
+              help="Run the panel of generated worlds (PANEL: long, skew, wide) instead of one dataset: RecBole, our "
+                   "defaults and inbatch at --seeds, RecBole's whole protocol and each of its settings alone at "
+                   "--ablation-seeds; the tables and a summary (issue 28).")
+@click.option("--worlds", default=None, help="With --panel: comma-separated worlds [default: all of PANEL].")
+@click.option("--ablation-seeds", default=None, help="With --panel: seeds of the ablation rows [default: --seeds].")
+@click.option("--no-ablation", is_flag=True, help="With --panel: leave the ablation rows out.")
 def main(dataset, root, users, items, model_name, dim, seeds, variants, recbole_sets, venv_path, threads,
-         device, redo, as_json):
+         device, redo, as_json, panel, worlds, ablation_seeds, no_ablation):
     """Train RecBole's model and ours on one split (checked user by user); test HR@10 / NDCG@10 under
     RecBole's protocol (history kept) and the papers' (history excluded), and ours / RecBole."""
     ws = Workspace(root)
-    data = (PreparedDataset.load(ws.dataset_dir(dataset)) if dataset
-            else prepare_synthetic(ws, users, items, seed=0))
     pair = MODELS[model_name]
     seed_list = [int(s) for s in seeds.split(",")]
-    ours = parse_variants(variants or ("defaults=",))
     overrides = {}
     for text in recbole_sets:
         key, sep, value = text.partition("=")
@@ -249,6 +311,47 @@ def main(dataset, root, users, items, model_name, dim, seeds, variants, recbole_
             raise UserError(f"--recbole-set {text!r}: give KEY=JSON, e.g. epochs=50")
         overrides[key] = json.loads(value)
     python = ensure_venv(venv_path)
+    if not panel:
+        data = (PreparedDataset.load(ws.dataset_dir(dataset)) if dataset
+                else prepare_synthetic(ws, users, items, seed=0))
+        ours = {name: (flags, seed_list) for name, flags in parse_variants(variants or ("defaults=",)).items()}
+        out = compare(python, ws, data, pair, dim, seed_list, ours, overrides, threads, device, redo)
+        click.echo(json.dumps(out, indent=2, default=str) if as_json else report(out))
+        return
+    names = [w.strip() for w in worlds.split(",")] if worlds else list(PANEL)
+    unknown = sorted(set(names) - set(PANEL))
+    if unknown:
+        raise UserError(f"--worlds {','.join(unknown)}: unknown; known: {', '.join(PANEL)}")
+    extra_seeds = [int(s) for s in ablation_seeds.split(",")] if ablation_seeds else seed_list
+    ours = {name: (flags.split(), seed_list) for name, flags in PANEL_VARIANTS.items()}
+    ours.update(parse_variants_with(variants, seed_list))
+    if not no_ablation:
+        ours.update({name: (flags.split(), extra_seeds) for name, flags in ABLATION_VARIANTS.items()})
+    results = {}
+    for name in names:
+        data = prepare_world(ws, name, PANEL[name])
+        click.echo(f"world {name}: {data.name} ({PANEL[name].note})", err=True)
+        out = compare(python, ws, data, pair, dim, seed_list, ours, overrides, threads, device, redo)
+        out["world"] = {"name": name, **asdict(PANEL[name])}
+        (ws.root / "parity").mkdir(parents=True, exist_ok=True)
+        (ws.root / "parity" / f"panel-{name}-{model_name}.json").write_text(json.dumps(out, indent=2, default=str))
+        results[name] = out
+        if not as_json:
+            click.echo(f"\n== world {name}: {PANEL[name].note}\n" + report(out))
+    if as_json:
+        click.echo(json.dumps(results, indent=2, default=str))
+        return
+    click.echo("\n" + panel_summary(results))
+
+
+def parse_variants_with(texts: tuple[str, ...], seeds: list[int]) -> dict[str, tuple[list[str], list[int]]]:
+    return {name: (flags, seeds) for name, flags in parse_variants(texts).items()}
+
+
+def compare(python: Path, ws: Workspace, data: PreparedDataset, pair: ModelPair, dim: int, seed_list: list[int],
+            ours: dict[str, tuple[list[str], list[int]]], overrides: dict, threads: int, device: str,
+            redo: bool) -> dict:
+    """RecBole at every seed of ``seed_list`` and each of ``ours`` (name -> (flags, its seeds)) on ``data``."""
     rows, recbole_info = [], []
     for seed in seed_list:
         click.echo(f"seed {seed}: RecBole {pair.recbole} ...", err=True)
@@ -258,7 +361,9 @@ def main(dataset, root, users, items, model_name, dim, seeds, variants, recbole_
         recbole_info.append({"seed": seed, "own_test": result["test"], "rescored_kept_HR@10":
                              metrics["kept"]["HR@10"], **{k: result[k] for k in
                              ("best_epoch", "epochs", "train_seconds", "config")}})
-        for variant, flags in ours.items():
+        for variant, (flags, seeds) in ours.items():
+            if seed not in seeds:
+                continue
             click.echo(f"seed {seed}: ours {variant} ({' '.join(flags) or 'defaults'}) ...", err=True)
             run = run_ours(ws, data, pair, dim, seed, variant, flags, threads)
             rows.append({"who": f"ours {variant}", "seed": seed, **run})
@@ -267,33 +372,52 @@ def main(dataset, root, users, items, model_name, dim, seeds, variants, recbole_
     ratios = {who: {key: entry[key]["mean"] / base[key]["mean"] for key in entry if base[key]["mean"]}
               for who, entry in table.items() if who.startswith("ours")}
     popularity = {p: popularity_metrics(data, "test", KS, exclude) for p, exclude in PROTOCOLS.items()}
-    out = {"dataset": data.name, "users": data.n_users, "items": data.n_items, "model": model_name, "dim": dim,
-           "seeds": seed_list, "pins": list(PINS), "split_checked": "valid and test, every user: targets and histories",
-           "table": table, "ratio_vs_recbole": ratios, "recbole": recbole_info,
-           "popularity": {p: {k: m[k] for k in ("HR@10", "NDCG@10")} for p, m in popularity.items()},
-           "runs": [{k: r[k] for k in r if k != "metrics"} for r in rows]}
-    if as_json:
-        click.echo(json.dumps(out, indent=2, default=str))
-        return
-    click.echo(f"{data.name}: {data.n_users} users, {data.n_items} items, {model_name} d={dim}, seeds {seed_list}; "
-               "split checked target by target (valid + test)")
-    click.echo(f"{'run':<28} {'kept HR@10':>11} {'kept NDCG@10':>13} {'excl HR@10':>11} {'excl NDCG@10':>13}")
-    for who, entry in [("popularity", {f"{p} {k}": {"mean": m[k], "sd": 0.0} for p, m in out["popularity"].items()
-                                       for k in ("HR@10", "NDCG@10")}), *table.items()]:
+    lengths = data.lengths()
+    return {"dataset": data.name, "users": data.n_users, "items": data.n_items, "model": pair.backbone, "dim": dim,
+            "mean_length": float(lengths.mean()), "window": model_seq_len(data),
+            "seeds": seed_list, "pins": list(PINS), "split_checked": "valid and test, every user: targets and histories",
+            "variants": {name: {"flags": flags, "seeds": seeds} for name, (flags, seeds) in ours.items()},
+            "table": table, "ratio_vs_recbole": ratios, "recbole": recbole_info,
+            "popularity": {p: {k: m[k] for k in ("HR@10", "NDCG@10")} for p, m in popularity.items()},
+            "runs": [{k: r[k] for k in r if k != "metrics"} | {"metrics": r["metrics"]} for r in rows]}
+
+
+def report(out: dict) -> str:
+    """The text table of one comparison."""
+    lines = [f"{out['dataset']}: {out['users']} users, {out['items']} items, {out['model']} d={out['dim']}, "
+             f"seeds {out['seeds']}; split checked target by target (valid + test)",
+             f"{'run':<28} {'n':>2} {'kept HR@10':>13} {'kept NDCG@10':>13} {'excl HR@10':>13} {'excl NDCG@10':>13}"]
+    for who, entry in [("popularity", {f"{p} {k}": {"mean": m[k], "sd": 0.0, "values": [m[k]]}
+                                       for p, m in out["popularity"].items() for k in ("HR@10", "NDCG@10")}),
+                       *out["table"].items()]:
         cells = [f"{entry[key]['mean']:.4f}±{entry[key]['sd']:.3f}"
                  for key in ("kept HR@10", "kept NDCG@10", "excluded HR@10", "excluded NDCG@10")]
-        click.echo(f"{who:<28} {cells[0]:>11} {cells[1]:>13} {cells[2]:>11} {cells[3]:>13}")
-    for who, ratio in ratios.items():
-        click.echo(f"{who} / RecBole: " + ", ".join(f"{k} x{v:.3f}" for k, v in ratio.items()))
-    for info in recbole_info:
-        click.echo(f"RecBole seed {info['seed']}: its own test hit@10 {info['own_test'].get('hit@10', float('nan')):.4f}"
-                   f" (our rescoring, history kept: {info['rescored_kept_HR@10']:.4f}), best epoch "
-                   f"{info['best_epoch']} of {info['epochs']}, {info['train_seconds']:.0f}s")
-    for row in rows:
+        lines.append(f"{who:<28} {len(entry['kept HR@10']['values']):>2} " + " ".join(f"{c:>13}" for c in cells))
+    for who, ratio in out["ratio_vs_recbole"].items():
+        lines.append(f"{who} / RecBole: " + ", ".join(f"{k} x{v:.3f}" for k, v in ratio.items()))
+    for info in out["recbole"]:
+        lines.append(f"RecBole seed {info['seed']}: its own test hit@10 {info['own_test'].get('hit@10', float('nan')):.4f}"
+                     f" (our rescoring, history kept: {info['rescored_kept_HR@10']:.4f}), best epoch "
+                     f"{info['best_epoch']} of {info['epochs']}, {info['train_seconds']:.0f}s")
+    for row in out["runs"]:
         if row["who"].startswith("ours"):
-            click.echo(f"{row['who']} seed {row['seed']}: {row['status']}, best epoch {row['best_epoch']} of "
-                       f"{row['epochs']}, {row['seconds']:.0f}s, run {row['run']}")
+            lines.append(f"{row['who']} seed {row['seed']}: {row['status']}, best epoch {row['best_epoch']} of "
+                         f"{row['epochs']}, {row['seconds']:.0f}s, run {row['run']}")
+    return "\n".join(lines)
 
+
+def panel_summary(results: dict[str, dict]) -> str:
+    """One line per (world, run): kept / excluded HR@10 mean ± sd and the ratio to RecBole's mean."""
+    lines = [f"{'world':<6} {'run':<24} {'seeds':>5} {'kept HR@10':>15} {'x RecBole':>9} {'excl HR@10':>15} {'x RecBole':>9}"]
+    for name, out in results.items():
+        base = next(entry for who, entry in out["table"].items() if who.startswith("RecBole"))
+        for who, entry in out["table"].items():
+            cells = []
+            for key in ("kept HR@10", "excluded HR@10"):
+                cells += [f"{entry[key]['mean']:.4f} ± {entry[key]['sd']:.4f}", f"{entry[key]['mean'] / base[key]['mean']:.3f}"]
+            lines.append(f"{name:<6} {who:<24} {len(entry['kept HR@10']['values']):>5} {cells[0]:>15} {cells[1]:>9} "
+                         f"{cells[2]:>15} {cells[3]:>9}")
+    return "\n".join(lines)
 
 if __name__ == "__main__":
     from featurestore.cliutil import run_cli

@@ -157,8 +157,13 @@ def region_weights(query: np.ndarray, centres: np.ndarray, region_popularity: np
 
 
 def build_world(users: int, items: int, seed: int, clusters: int | None = None,
-                signals: Signals = Signals(), mean_length: float = 11.0) -> World:
-    """Draw items (latent, region, links, popularity, text), users and their sequences."""
+                signals: Signals = Signals(), mean_length: float = 11.0,
+                popularity_spread: float = POPULARITY_SPREAD) -> World:
+    """Draw items (latent, region, links, popularity, text), users and their sequences.
+
+    ``mean_length``: mean sequence length before the cap (geometric, at least 3, at most
+    :data:`MAX_LENGTH` and half the catalogue); ``popularity_spread``: the std of log popularity
+    (larger = a heavier head)."""
     clusters = default_regions(items) if clusters is None else clusters
     if clusters < 2:
         raise UserError(f"--clusters must be at least 2, got {clusters}")
@@ -171,7 +176,7 @@ def build_world(users: int, items: int, seed: int, clusters: int | None = None,
     latent = (centres[region] + ITEM_SPREAD * rng.standard_normal((items, LATENT_DIM))).astype(np.float32)
     direction = rng.standard_normal(LATENT_DIM)
     direction /= np.linalg.norm(direction) * math.sqrt(1 + ITEM_SPREAD ** 2)
-    log_pop = POPULARITY_SPREAD * (math.sqrt(POPULARITY_FROM_CONTENT) * (latent @ direction)
+    log_pop = popularity_spread * (math.sqrt(POPULARITY_FROM_CONTENT) * (latent @ direction)
                                    + math.sqrt(1 - POPULARITY_FROM_CONTENT) * rng.standard_normal(items))
     popularity = np.exp(log_pop - log_pop.max())
     popularity /= popularity.sum()
@@ -621,7 +626,8 @@ def _interaction_table(world: World, ids: list[str], item_col: str, user_col: st
 
 def synthesize(fmt: str, out: Path, *, users: int = 2000, items: int = 500, seed: int = 0,
                clusters: int | None = None, images: bool = True, name: str = "synth",
-               signals: Signals = Signals()) -> dict:
+               signals: Signals = Signals(), mean_length: float = 11.0,
+               popularity_spread: float = POPULARITY_SPREAD) -> dict:
     """Write a synthetic raw dataset in ``fmt``'s real layout to ``out``.
 
     Args:
@@ -632,6 +638,7 @@ def synthesize(fmt: str, out: Path, *, users: int = 2000, items: int = 500, seed
         images: write JPEGs (skip for fast large benchmarks; the layout stays the same).
         name: file prefix for NineRec (``NAME_pair.csv``).
         signals: mixture weights of the next-item distribution.
+        mean_length, popularity_spread: sequence length and popularity skew (:func:`build_world`).
 
     Returns:
         a summary dict (format, folder, counts, regions, signals); ``truth.json`` holds each
@@ -639,7 +646,7 @@ def synthesize(fmt: str, out: Path, *, users: int = 2000, items: int = 500, seed
         next-item distribution.
     """
     writer = WRITERS.get(fmt)
-    world = build_world(users, items, seed, clusters, signals)  # bad sizes refused before any file is written
+    world = build_world(users, items, seed, clusters, signals, mean_length, popularity_spread)  # bad sizes refused before any file is written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     item_ids, user_ids = writer(world, out, images, name)

@@ -177,3 +177,16 @@ def test_real_encoders_recover_latent_neighbours() -> None:
           f"EfficientNet-Lite0 {image:.3f}, chance {base:.3f}")
     assert text > 5 * base
     assert image > 3 * base
+
+
+def test_length_and_popularity_skew_are_generator_settings() -> None:
+    """The parity panel's worlds (issue 28): longer sequences and a heavier head than the demo's, the
+    defaults drawing the demo's world exactly."""
+    base = build_world(users=400, items=300, seed=0)
+    same = build_world(users=400, items=300, seed=0, mean_length=11.0, popularity_spread=1.0)
+    assert np.array_equal(base.seq_items, same.seq_items) and np.array_equal(base.popularity, same.popularity)
+    longer = build_world(users=400, items=300, seed=0, mean_length=25.0)
+    assert np.diff(longer.indptr).mean() > 1.5 * np.diff(base.indptr).mean()
+    skewed = build_world(users=400, items=300, seed=0, popularity_spread=2.0)
+    top = lambda world: np.sort(world.popularity)[::-1][:30].sum()  # noqa: E731  (the top 10 % of items)
+    assert top(skewed) > top(base) + 0.15
