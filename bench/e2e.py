@@ -136,10 +136,11 @@ def flop_ideal(encoder_name: str, top_k: int, random_init: bool, item) -> float:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--losses", is_flag=True,
               help="Instead: step time, peak memory and validation HR@10 of cached E2E under exact ce, ce over a "
-                   "cached catalogue (R = 1, 10, 100), sce and inbatch, at --items and --large-items items.")
+                   "cached catalogue (R = 1, 10, 100, auto), sce and inbatch, at --items and --large-items items.")
 @click.option("--large-users", default=6000, show_default=True, help="With --losses: users of the large catalogue.")
 @click.option("--large-items", default=20000, show_default=True, help="With --losses: the large catalogue.")
-@click.option("--large-steps", default=4, show_default=True, help="With --losses: steps timed per loss there.")
+@click.option("--large-steps", default=6, show_default=True,
+              help="With --losses: steps timed per loss there (the first, a warm-up, left out; refreshes priced apart).")
 def main(encoder: str, top_k: int, random_init: bool, users: int, items: int, layers: int, dim: int,
          batch_size: int, epochs: int, cache_dtype: str, device: str, threads: int | None, root: Path | None,
          as_json: bool, losses: bool, large_users: int, large_items: int, large_steps: int) -> None:

@@ -4,15 +4,19 @@ Issue 29: with exact ``ce`` every step runs the whole catalogue through the live
 blocks, forward and backward, so the step grows linearly with N. This compares, on the
 same generated data and the same cached encoder states, exact ``ce``
 (``--catalogue-refresh 0``), ``ce`` over a cached catalogue refreshed every R steps
-(R = 1, 10, 100), ``sce`` and ``inbatch``:
+(R = 1, 10, 100) or by the ``auto`` rule (once a catalogue's worth of items has run live:
+the live modes' default), ``sce`` and ``inbatch``:
 
 - at about 3,000 items: per-step time (median), peak memory, the validation HR@10 after
-  the same number of epochs, and the refresh cost per epoch (refreshes x one timed
-  no-grad pass of the tower over the catalogue);
-- at about 20,000 items: per-step time (a few steps of the trainer's own pieces, no
-  validation) and peak memory, each loss in a fresh process;
+  the same number of epochs, and the refreshes and their seconds per epoch (from
+  metrics.jsonl, where the loss records them);
+- at about 20,000 items: a few steps of the trainer's own pieces (no validation), each
+  loss in a fresh process. A step's refresh is timed apart from its live part, and the
+  step is priced as its median live part plus one refresh pass times the refreshes per
+  step (1/R, or the live items per step over N for ``auto``): a few timed steps then give
+  the amortised step of any R, which their median alone would not (it skips the refreshes);
 - the projected epoch time of E2E at 500K users x 87K items on this machine, from the
-  measured steps of the default R: the step's part that grows with N is fitted on the
+  measured steps of the default: the live step's part that grows with N is fitted on the
   two sizes, the refresh priced per item.
 
 Every run trains in a fresh process (its own peak memory), as the rest of bench/e2e.py.
@@ -32,9 +36,9 @@ from data.dataset import PreparedDataset
 from data.prepare import synthetic_dataset
 from extract.job import ExtractOptions, run_extraction
 from featurestore.workspace import Workspace
-from recommend.catalogue_cache import CatalogueCache
+from recommend.catalogue_cache import AUTO
 from recommend.losses import LIVE_REFRESH
-from recommend.run import load_run, read_metrics
+from recommend.run import read_metrics
 from recommend.trainer import TrainOptions
 
 REFRESHES = (1, 10, 100)
@@ -43,7 +47,7 @@ PROJECTED_USERS, PROJECTED_ITEMS = 500_000, 87_000
 
 def variants() -> list[tuple[str, dict]]:
     """(label, loss options) of every loss compared."""
-    cached = [(f"ce cached R={r}", {"loss": "ce", "catalogue_refresh": r}) for r in REFRESHES]
+    cached = [(f"ce cached R={r}", {"loss": "ce", "catalogue_refresh": r}) for r in (*REFRESHES, AUTO)]
     return [("ce exact", {"loss": "ce", "catalogue_refresh": 0}), *cached,
             ("sce", {"loss": "sce"}), ("inbatch", {"loss": "inbatch"})]
 
@@ -58,15 +62,6 @@ def prepare(ws: Workspace, name: str, users: int, items: int, encoder: str, top_
     return PreparedDataset.load(ws.dataset_dir(name))
 
 
-def refresh_seconds(ws: Workspace, run: str, device: str) -> float:
-    """One no-grad pass of a trained run's tower over its catalogue: what a cache refresh costs."""
-    model, _ = load_run(ws.run_dir(run))
-    model.to(device).train()
-    cache = CatalogueCache(1)
-    cache.table(model)
-    return cache.seconds
-
-
 def measure(ws: Workspace, dataset: PreparedDataset, common: dict, epochs: int, timed_run: Callable,
             threads: int | None) -> list[dict]:
     """Train every variant on ``dataset`` for ``epochs``; its step, memory, last validation, refresh cost."""
@@ -76,15 +71,14 @@ def measure(ws: Workspace, dataset: PreparedDataset, common: dict, epochs: int, 
         opts = TrainOptions(dataset=dataset.name, run_name=name, epochs=epochs, patience=epochs,
                             plateau_patience=epochs, **common, **loss)
         row = {"loss": label, **timed_run(ws, label, opts, threads)}
+        row["step_seconds"] = row["sec_per_step"]  # epoch seconds over steps: each refresh priced in
         records = read_metrics(ws.run_dir(name))
         row["valid_last"] = records[-1]["valid"]
-        steps = records[0]["steps"]
-        refresh = loss.get("catalogue_refresh") or 0
-        row["refreshes_per_epoch"] = math.ceil(steps / refresh) if refresh else 0
-        if refresh:
-            one = refresh_seconds(ws, name, common["device"])
-            row["refresh_seconds"] = one
-            row["refresh_seconds_per_epoch"] = one * row["refreshes_per_epoch"]
+        row["refreshes_per_epoch"] = statistics.mean(r.get("catalogue_refreshes", 0) for r in records)
+        row["refresh_seconds_per_epoch"] = statistics.mean(r.get("catalogue_refresh_seconds", 0) for r in records)
+        if row["refreshes_per_epoch"]:
+            row["refresh_seconds"] = row["refresh_seconds_per_epoch"] / row["refreshes_per_epoch"]
+        row["live_step_seconds"] = (row["epoch_seconds"] - row["refresh_seconds_per_epoch"]) / records[0]["steps"]
         rows.append(row)
         print(f"{dataset.n_items} items, {label}: {row['step_seconds']:.3f} s/step, peak {row['peak_rss_mb']:.0f} MB, "
               f"valid HR@10 {row['valid_last'].get('HR@10', 0):.4f}", flush=True)
@@ -93,7 +87,6 @@ def measure(ws: Workspace, dataset: PreparedDataset, common: dict, epochs: int, 
 
 def _time_steps(root: Path, opts: TrainOptions, steps: int, threads: int | None) -> dict:
     """In a fresh process: ``steps`` training steps of the trainer's own pieces, each timed; peak RSS."""
-    import numpy as np
 
     from recommend.batches import SequenceBatches, training_rows
     from recommend.item_towers import ITEM_TOWERS
@@ -115,20 +108,29 @@ def _time_steps(root: Path, opts: TrainOptions, steps: int, threads: int | None)
     optimizer = torch.optim.AdamW(optimizer_groups(model, opts.lr, kind.encoder_lr(opts)), lr=opts.lr)
     batches = SequenceBatches(training_rows(dataset, spec["max_seq_len"]), opts.batch_size, opts.seed, 0, 1)
     batches.set_epoch(1)
-    seconds = []
+    seconds, live_seconds, live_items = [], [], []
+    cache = getattr(loss, "cache", None)
     for rows in batches:
-        start = time.perf_counter()
+        start, refreshed = time.perf_counter(), cache.seconds if cache is not None else 0.0
         value = objective(rows.to(opts.device))
         optimizer.zero_grad(set_to_none=True)
         value.backward()
         optimizer.step()
         seconds.append(time.perf_counter() - start)
+        live_seconds.append(seconds[-1] - ((cache.seconds - refreshed) if cache is not None else 0.0))
+        live_items.append(len(set(rows.flatten().tolist()) - {0}))
         if len(seconds) == steps:
             break
-    cache = getattr(loss, "cache", None)
-    return {"step_seconds": statistics.median(seconds[1:] or seconds), "steps": len(seconds),
-            "step_seconds_all": [round(t, 2) for t in seconds], "peak_rss_mb": _peak_rss_mb(),
-            "refresh_seconds": cache.seconds / cache.refreshes if cache is not None else None}
+    live_step = statistics.median(live_seconds[1:] or live_seconds)
+    row = {"step_seconds": live_step, "live_step_seconds": live_step, "steps": len(seconds),
+           "step_seconds_all": [round(t, 2) for t in seconds], "peak_rss_mb": _peak_rss_mb(),
+           "live_items_per_step": statistics.mean(live_items), "refresh_seconds": None}
+    if cache is not None:
+        row["refresh_seconds"] = cache.seconds / cache.refreshes
+        every = opts.catalogue_refresh
+        row["refreshes_per_step"] = row["live_items_per_step"] / dataset.n_items if every == AUTO else 1 / every
+        row["step_seconds"] = live_step + row["refresh_seconds"] * min(row["refreshes_per_step"], 1.0)
+    return row
 
 
 def measure_steps(ws: Workspace, dataset: PreparedDataset, common: dict, steps: int, threads: int | None) -> list[dict]:
@@ -148,19 +150,23 @@ def measure_steps(ws: Workspace, dataset: PreparedDataset, common: dict, steps: 
 
 
 def projection(small: list[dict], large: list[dict], n_small: int, n_large: int, batch_size: int) -> dict:
-    """Epoch time of E2E at 500K users x 87K items with the default R: step = a + b N, plus refreshes."""
+    """Epoch time of E2E at 500K users x 87K items with the default refresh: live step = a + b N (b >= 0:
+    noise can make the larger catalogue's step the shorter), plus refreshes (every R steps, or with
+    ``auto`` as many as the epoch's live items hold catalogues)."""
     label = f"ce cached R={LIVE_REFRESH}"
-    step_small = next(r for r in small if r["loss"] == label)
-    step_large = next(r for r in large if r["loss"] == label)
-    slope = (step_large["step_seconds"] - step_small["step_seconds"]) / (n_large - n_small)
-    step = step_small["step_seconds"] + slope * (PROJECTED_ITEMS - n_small)
+    live = {n: next(r for r in rows if r["loss"] == label) for n, rows in ((n_small, small), (n_large, large))}
+    slope = max(0.0, (live[n_large]["live_step_seconds"] - live[n_small]["live_step_seconds"]) / (n_large - n_small))
+    step = live[n_large]["live_step_seconds"] + slope * (PROJECTED_ITEMS - n_large)
     steps = math.ceil(PROJECTED_USERS / batch_size)
-    per_item = step_large["refresh_seconds"] / n_large
-    refreshes = math.ceil(steps / LIVE_REFRESH)
+    per_item = live[n_large]["refresh_seconds"] / n_large
+    if LIVE_REFRESH == AUTO:
+        refreshes = math.ceil(steps * live[n_large]["live_items_per_step"] / PROJECTED_ITEMS)
+    else:
+        refreshes = math.ceil(steps / LIVE_REFRESH)
     seconds = steps * step + refreshes * per_item * PROJECTED_ITEMS
     return {"loss": label, "users": PROJECTED_USERS, "items": PROJECTED_ITEMS, "steps": steps,
             "step_seconds": step, "refreshes": refreshes, "refresh_seconds": per_item * PROJECTED_ITEMS,
-            "epoch_hours": seconds / 3600, "measured_steps": step_small["steps"] + step_large["steps"]}
+            "epoch_hours": seconds / 3600, "measured_steps": live[n_small]["steps"] + live[n_large]["steps"]}
 
 
 def compare_losses(ws: Workspace, encoder: str, top_k: int, random_init: bool, users: int, items: int,
