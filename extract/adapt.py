@@ -442,7 +442,7 @@ def run_adaptation(ws: Workspace, opts: AdaptOptions) -> AdaptResult:
     """
     started = time.perf_counter()
     objective = get_objective(opts.objective)
-    config = get_encoder_config(opts.encoder)
+    config = get_encoder_config(opts.encoder, weights=opts.weights)  # a model folder stands in for an uncached repo
     objective.check(config)
     name = opts.name or default_name(opts.dataset, config.name, objective.name)
     dataset = PreparedDataset.load(ws.dataset_dir(opts.dataset))

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from data.dataset import PreparedDataset
+from extract.names import store_spelling
 from extract.quantise import QUANTISERS, check_sizes, code_usage, collisions, disambiguate
 from featurestore.errors import UserError
 from featurestore.runtime.versions import versions
@@ -62,10 +63,9 @@ class CodesOptions:
 
 def source_group(dataset: str, encoder: str) -> str:
     """The store group an ``ENC[@VARIANT]`` names for ``dataset`` (its modality from the encoder registry)."""
-    from extract.registry import get_encoder_config
+    from extract.registry import encoder_group
 
-    name, _, variant = encoder.partition("@")
-    return group_name(dataset, get_encoder_config(name).modality, name, variant or None)
+    return encoder_group(dataset, encoder)
 
 
 def codes_group(dataset: str, encoder: str, method: str, levels: int, codebook: int,
@@ -77,6 +77,7 @@ def codes_group(dataset: str, encoder: str, method: str, levels: int, codebook: 
         'HM/codes/minilm-l6@rq-kmeans-3x256'
     """
     name, _, source_variant = encoder.partition("@")
+    name = store_spelling(name)  # hf:ORG/NAME under its store key hf+ORG+NAME
     tag = variant or "+".join(filter(None, [source_variant, f"{method}-{levels}x{codebook}"]))
     return group_name(dataset, CODES, name, tag)
 

@@ -55,8 +55,29 @@ class LibraryName:
             return self.model.removeprefix("hf-hub:") if self.model.startswith("hf-hub:") else None
         return self.model + (f"@{self.revision}" if self.revision else "")
 
+    @property
+    def modality(self) -> str:
+        """What the name reads, from the name alone: timm models images, a two-tower model its tower,
+        every other ``hf:`` / ``st:`` model text (an ``hf:`` image model is refused for its timm name)."""
+        if self.scheme == "timm":
+            return "image"
+        return self.tower or "text"
+
     def with_tower(self, tower: str | None) -> "LibraryName":
         return LibraryName(self.scheme, self.model, self.revision, tower)
+
+
+def store_spelling(encoder: str) -> str:
+    """``ENC[@VARIANT]`` with a library name under its store key, the spelling a store group, run or study
+    name can hold (``hf:ORG/NAME@top2`` -> ``hf+ORG+NAME@top2``); a registry name is returned as it is.
+
+    Example:
+        >>> store_spelling("timm:convnext_atto@top2")
+        'timm+convnext_atto@top2'
+    """
+    name, at, variant = encoder.partition("@")
+    parsed = parse_library_name(name)
+    return (parsed.key if parsed else name) + at + variant
 
 
 def _repo(scheme: str, repo: str, spelled: str) -> None:

@@ -146,6 +146,40 @@ def get_encoder_config(name: str, modality: str | None = None, weights: str | No
     return _library_config(parsed, modality, folder, str(hub.cache_dir()), hub.offline())
 
 
+def encoder_modality(name: str, weights: str | None = None) -> str:
+    """The modality of an encoder name: the ``MODALITY`` part of its store groups.
+
+    From the name's config; a library name whose config cannot be read here (an ``hf:`` model
+    extracted from a ``--weights`` folder, read back offline by ``recommend train`` or a study,
+    which have no folder to hand) has it from the name itself (:attr:`LibraryName.modality`).
+    """
+    from extract.names import parse_library_name
+
+    parsed = parse_library_name(name)
+    try:
+        return get_encoder_config(name, weights=weights).modality
+    except UserError:
+        if parsed is None:
+            raise
+        return parsed.modality
+
+
+def encoder_group(dataset: str, encoder: str) -> str:
+    """The store group ``ENC[@VARIANT]`` names in ``dataset``: ``DATASET/MODALITY/ENC[@VARIANT]``, a library
+    name under its store key (``hf:ORG/NAME`` -> ``hf+ORG+NAME``); ``@`` names a variant here, not a revision.
+
+    Example:
+        >>> encoder_group("HM", "hf:BAAI/bge-small-en-v1.5@top2")
+        'HM/text/hf+BAAI+bge-small-en-v1.5@top2'
+    """
+    from extract.names import parse_library_name
+    from featurestore.store import group_name
+
+    name, _, variant = encoder.partition("@")
+    library = parse_library_name(name)
+    return group_name(dataset, encoder_modality(name), library.key if library else name, variant or None)
+
+
 @functools.lru_cache(maxsize=64)
 def _library_config(parsed: "LibraryName", modality: str | None, folder: Path | None, cache: str,
                     offline: bool) -> EncoderConfig:

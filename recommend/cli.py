@@ -187,6 +187,13 @@ def runs_command(ws: Workspace, as_json: bool) -> None:
 @click.option("--random-init", is_flag=True,
               help="Use an untrained, seeded encoder (for encoders without local weights: tests, "
                    "ablations); recorded in the store group and the runs.")
+@click.option("--weights", default=None, metavar="PATH_OR_HUB_ID",
+              help="The encoder's weights, as `featurestore extract --weights`: a weights file, a model folder "
+                   "(config.json + weights + tokenizer: it stands in for an hf:/st: hub repository that is not "
+                   "cached, so a study runs offline) or a hub id. The study's extractions load them, their "
+                   "sha256 is in the store group's signature its runs are named by (other weights: new runs; a "
+                   "group made with other weights is refused), and e2e/adapter rows run them live. Not with "
+                   "--random-init [default: the encoder's bundled or hub weights].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads for torch in extraction, training and ranking [default: torch's]. "

@@ -17,12 +17,20 @@ from featurestore.cliutil import FloatRange
 from recommend.options import choices_of, unset
 
 
+def _annotated(f: Field) -> type | None:
+    """``int`` or ``float`` when the field is annotated ``int | None`` / ``float | None`` (a string under
+    ``from __future__ import annotations``): an unset-by-default number keeps its type on the command line."""
+    names = {part.strip() for part in str(f.type).split("|")} - {"None"}
+    return {"int": int, "float": float}.get(names.pop()) if len(names) == 1 else None
+
+
 def _type(f: Field) -> Any:
     meta = f.metadata
     known = choices_of(f)
     if known is not None:
         return click.Choice([str(c) for c in known])
-    kind = meta["type"] or (type(f.default) if f.default is not None and not meta["multiple"] else str)
+    kind = meta["type"] or (type(f.default) if f.default is not None and not meta["multiple"] else None) \
+        or _annotated(f) or str
     if meta["min"] is None and meta["max"] is None:
         return kind
     ranged = click.IntRange if kind is int else FloatRange

@@ -33,6 +33,7 @@ import itertools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -44,7 +45,8 @@ from data.dataset import Item, PreparedDataset
 from extract.cache import StateCache, check_top_k, open_state_cache, restore_hidden
 from extract.layers import states_variant
 from extract.encoder import BadItem, Encoder, Hidden, move_inputs
-from extract.registry import create_encoder, get_encoder_config, resolve_weights
+from extract.names import parse_library_name
+from extract.registry import EncoderConfig, create_encoder, encoder_group, get_encoder_config, resolve_weights
 from featurestore.errors import UserError
 from featurestore.workspace import Workspace
 from recommend.features import retarget_group
@@ -268,6 +270,28 @@ def build_live_encoder(spec: dict, live: LiveInput) -> Encoder:
     return encoder
 
 
+def live_encoder_config(name: str, opts: Any) -> EncoderConfig | None:
+    """The live encoder's config, read with ``--weights`` (a model folder stands in for an uncached hub
+    repository, as in extraction).
+
+    None for a ``--cached`` run of a library name whose config cannot be read here and no ``--weights``
+    (an ``hf:`` model extracted from a folder, offline): the tower is built from the weights location its
+    store group records (:func:`build_live_encoder`), and ``--top-k`` is checked on that encoder.
+    """
+    try:
+        return get_encoder_config(name, weights=opts.weights)
+    except UserError:
+        if opts.cached and not opts.weights and parse_library_name(name) is not None:
+            return None
+        raise
+
+
+def study_weights(study: Any) -> dict:
+    """A study row's encoder weights: the study's ``--random-init`` or ``--weights`` (unset: not hashed into
+    the run name, so rows of studies without ``--weights`` keep their names)."""
+    return {"random_init": study.random_init, **({"weights": study.weights} if study.weights else {})}
+
+
 def tower_options(spec: dict) -> dict:
     return {"grad_checkpointing": bool(spec.get("grad_checkpointing")), "amp": bool(spec.get("amp")),
             "item_batch": int(spec.get("item_batch", ITEM_BATCH))}
@@ -348,7 +372,7 @@ class LiveKind(TowerKind):
         if opts.whiten or opts.fusion:
             raise UserError(f"--whiten and --fusion transform stored vectors; --mode {opts.mode} has none")
         name, _, variant = opts.encoders[0].partition("@")
-        config = get_encoder_config(name)
+        config = live_encoder_config(name, opts)
         if variant and not opts.cached:
             raise UserError(f"--encoder {opts.encoders[0]}: a @VARIANT names a store group, read only with "
                             "--cached; for the naive path pass the variant's weights with --weights")
@@ -373,7 +397,7 @@ class LiveKind(TowerKind):
         return opts.encoder_lr
 
     def study_rows(self, mode: str, study: Any) -> list[tuple[str, dict]]:
-        return [(mode, {"encoders": [study.encoder], "random_init": study.random_init})]
+        return [(mode, {"encoders": [study.encoder], **study_weights(study)})]
 
     def open(self, ws: Workspace, opts: Any, dataset: PreparedDataset) -> list[LiveInput]:
         return open_live_inputs(ws, opts, dataset)
@@ -415,7 +439,8 @@ class E2EKind(LiveKind):
     def check_mode(self, opts: TrainOptions, config: Any) -> TrainOptions:
         refuse_given(opts, ADAPTER_ONLY, "is for --mode adapter, not e2e")
         opts = fill(opts, top_k=DEFAULT_TOP_K, encoder_lr=opts.lr * ENCODER_LR_FACTOR)
-        check_top_k(config.name, config.depth, opts.top_k, "--top-k")
+        if config is not None:  # else checked on the encoder built from the store group's weights
+            check_top_k(config.name, config.depth, opts.top_k, "--top-k")
         if not opts.encoder_lr > 0:
             raise UserError(f"--encoder-lr must be > 0, got {opts.encoder_lr}")
         return opts
@@ -432,7 +457,7 @@ class E2EKind(LiveKind):
     def study_rows(self, mode: str, study: Any) -> list[tuple[str, dict]]:
         encoder = f"{study.encoder}@{states_variant(study.top_k)}" if study.cached else study.encoder
         return [(f"{mode}-top{study.top_k}", {"encoders": [encoder], "top_k": study.top_k, "cached": study.cached,
-                                               "random_init": study.random_init})]
+                                               **study_weights(study)})]
 
 
 ITEM_TOWERS.register("e2e")(E2EKind())
@@ -440,10 +465,7 @@ ITEM_TOWERS.register("e2e")(E2EKind())
 
 def cache_group(dataset: str, encoder: str) -> str:
     """The store group ``--cached --encoder ENC[@VARIANT]`` reads."""
-    from featurestore.store import group_name
-
-    name, _, variant = encoder.partition("@")
-    return group_name(dataset, get_encoder_config(name).modality, name, variant or None)
+    return encoder_group(dataset, encoder)
 
 
 def _check_cache_weights(opts: Any, cache: StateCache) -> None:
@@ -452,7 +474,9 @@ def _check_cache_weights(opts: Any, cache: StateCache) -> None:
     if opts.random_init and kind != "random-init":
         raise UserError(f"--random-init, but store group {cache.group} was extracted with "
                         f"{cache.attrs.get('weights')}; --cached uses the group's weights: drop --random-init")
-    if opts.weights and cache.attrs["provenance"].get("weights_location") not in (opts.weights, None):
+    local = Path(opts.weights or "").expanduser()
+    given = str(local.resolve()) if opts.weights and local.exists() else opts.weights  # recorded resolved
+    if opts.weights and cache.attrs["provenance"].get("weights_location") not in (given, None):
         raise UserError(f"--weights {opts.weights}, but store group {cache.group} was extracted with "
                         f"{cache.attrs.get('weights')}; --cached uses the group's weights: drop --weights")
 

@@ -102,17 +102,10 @@ def resolve_groups(dataset: str, encoders: list[str], groups: list[str]) -> list
     the text group. A library name (``hf:ORG/NAME``) maps to its store key (``hf+ORG+NAME``);
     a revision is not part of the group name (``@`` names a variant here).
     """
-    from featurestore.store import group_name
+    from extract.registry import encoder_group
 
     resolved = [str(parse_group_name(g)) for g in groups]
-    for spec in encoders:
-        from extract.names import parse_library_name
-        from extract.registry import get_encoder_config
-
-        name, _, variant = spec.partition("@")
-        library = parse_library_name(name)  # hf:ORG/NAME is stored under its key hf+ORG+NAME
-        resolved.append(group_name(dataset, get_encoder_config(name).modality, library.key if library else name,
-                                   variant or None))
+    resolved += [encoder_group(dataset, spec) for spec in encoders]  # hf:ORG/NAME under its key hf+ORG+NAME
     for group in resolved:
         owner = parse_group_name(group).dataset
         if owner != dataset:

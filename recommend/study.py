@@ -41,6 +41,7 @@ from featurestore.errors import UserError
 from featurestore.store import GroupLock
 from featurestore.workspace import Workspace
 from extract.layers import states_variant
+from extract.names import store_spelling
 from recommend.item_towers import ITEM_TOWERS, list_item_towers
 from recommend.live_start import LIVE_STARTS, live_rows_report, start_live_rows
 from recommend.losses import LOSSES
@@ -78,6 +79,7 @@ class StudyOptions:
     patience: int = TrainOptions.patience
     seed: int = 42
     random_init: bool = False
+    weights: str | None = None  # the encoder's weights file / model folder / hub id, as `featurestore extract --weights`
     device: str = "auto"
     threads: int | None = None
     out: Path | None = None
@@ -136,6 +138,10 @@ def check_options(opts: StudyOptions) -> StudyOptions:
         raise UserError(f"--layers must be >= 0, got {','.join(map(str, opts.layers))}")
     if opts.live_start not in LIVE_STARTS:
         raise UserError(f"--live-start {opts.live_start}: choose from {', '.join(LIVE_STARTS)}")
+    if opts.weights and opts.random_init:
+        raise UserError("pass either --weights or --random-init, not both")
+    if opts.weights and Path(opts.weights).expanduser().exists():  # as the extraction records it
+        opts = replace(opts, weights=str(Path(opts.weights).expanduser().resolve()))
     return opts
 
 
@@ -154,7 +160,7 @@ def run_name(dataset: PreparedDataset, label: str, options: TrainOptions,
                 if k not in ("run_name", "device", *TRACKING_OPTIONS) and v is not None}
     identity = {"options": settings, "dataset": dataset.fingerprint, "features": features}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    encoder = "-" + options.encoders[0] if options.encoders else ""
+    encoder = "-" + store_spelling(options.encoders[0]) if options.encoders else ""  # hf:ORG/NAME as hf+ORG+NAME
     return f"{dataset.name}-{label}{encoder}-{digest}"
 
 
@@ -207,7 +213,7 @@ def ensure_features(ws: Workspace, opts: StudyOptions, progress: bool,
     from featurestore.store import FeatureStore
 
     cache = {} if cache_layer is None else {"cache_layer": cache_layer, "variant": states_variant(cache_layer)}
-    result = run_extraction(ws, ExtractOptions(dataset=opts.dataset, encoder=opts.encoder,
+    result = run_extraction(ws, ExtractOptions(dataset=opts.dataset, encoder=opts.encoder, weights=opts.weights,
                                                random_init=opts.random_init, progress=progress, **cache))
     attrs = FeatureStore(ws.store).open(result.group).attrs
     return result.to_dict(), {key: attrs.get(key) for key in SIGNATURE_KEYS}
@@ -375,7 +381,7 @@ def _outcome(config: Configuration) -> str:
 
 
 def default_out(ws: Workspace, opts: StudyOptions) -> Path:
-    return opts.out or ws.study_dir(f"{opts.dataset}-{opts.encoder}")
+    return opts.out or ws.study_dir(f"{opts.dataset}-{store_spelling(opts.encoder)}")
 
 
 def write_report(out: Path, opts: StudyOptions, dataset: PreparedDataset, configs: list[Configuration],

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from data.dataset import PreparedDataset
 from data.prepare import prepare_dataset
+from extract.names import store_spelling
 from featurestore.errors import UserError
 from featurestore.runtime.files import write_atomic
 from featurestore.workspace import Workspace
@@ -62,7 +63,7 @@ def run_warm_study(ws: Workspace, opts: StudyOptions, warm: list[int], progress:
     if not warm or min(warm) < 1:
         raise UserError("--warm takes item thresholds >= 1, e.g. --warm 20,50,200")
     base = PreparedDataset.load(ws.dataset_dir(opts.dataset))
-    out = opts.out or ws.study_dir(f"{opts.dataset}-{opts.encoder}-warm")
+    out = opts.out or ws.study_dir(f"{opts.dataset}-{store_spelling(opts.encoder)}-warm")
     variants = []
     for n in [None, *warm]:
         dataset = base if n is None else ensure_warm(ws, base, n)
