@@ -260,12 +260,21 @@ def build_timm(config: EncoderConfig, spec: WeightsSpec | None, pooling: str, *,
     else:
         stem, blocks, pool = split(model, pooling, None if meta else preprocessor.probe())
     provenance = {} if meta else {
-        **base_provenance(config, spec, pooling, model, files, model.num_features),
+        **base_provenance(config, spec, pooling, model, files, pooled_width(model, pooling)),
         **({"library": config.library} if config.library else {}),
         "preprocessing": preprocessor.describe(),
     }
     return Encoder(config, model, stem, blocks, pool, pooling=pooling, preprocessor=preprocessor,
-                   provenance=provenance, width=model.num_features)
+                   provenance=provenance, width=pooled_width(model, pooling))
+
+
+def pooled_width(model: nn.Module, pooling: str) -> int:
+    """The width of a timm model's pooled vector: ``forward_head(pre_logits=True)``'s for ``pooled`` / ``cls``
+    (``head_hidden_size``: MobileNetV3's conv head widens its 576 features to 1024), the feature map's for
+    ``mean``."""
+    if pooling == "mean":
+        return int(model.num_features)
+    return int(getattr(model, "head_hidden_size", None) or model.num_features)
 
 
 def _mae_model(config: EncoderConfig, spec: WeightsSpec | None, meta: bool) -> tuple[nn.Module, list[Path]]:

@@ -25,7 +25,7 @@ from torch import nn
 
 from extract import hub
 from extract.encoder import Encoder, Hidden, Part
-from extract.image import TIMM_SPLITS, _pool_fn, build_timm
+from extract.image import TIMM_SPLITS, _pool_fn, build_timm, pooled_width
 from extract.names import LibraryName
 from extract.registry import EncoderConfig, WeightsSpec
 from featurestore.errors import UserError
@@ -96,7 +96,7 @@ def library_config(parsed: LibraryName, modality: str | None, local: Path | None
     model = _meta_model(architecture, hparams)
     family = family_of(model)
     poolings = ("cls", "mean", "pooled") if family in ("vit", TOKENS) else ("pooled", "mean")
-    config = EncoderConfig(parsed.key, "image", family, architecture, int(model.num_features), 0, "pooled",
+    config = EncoderConfig(parsed.key, "image", family, architecture, pooled_width(model, "pooled"), 0, "pooled",
                            poolings, "extract.timm_any:build_timm_any", hub_id=hub_id, hparams=hparams,
                            library=parsed.spelled)
     encoder = build_timm_any(config, None, "pooled", meta=True)

@@ -83,7 +83,8 @@ def test_names_and_store_keys_name_the_same_encoder():
         parse_library_name("hf:bert-base-uncased")
 
 
-@pytest.mark.parametrize("model", ["vit_tiny_patch16_224", "convnext_atto", "eva02_tiny_patch14_224"])
+@pytest.mark.parametrize("model", ["vit_tiny_patch16_224", "convnext_atto", "eva02_tiny_patch14_224",
+                                   "mobilenetv3_small_050"])  # its conv head widens the pooled vector
 def test_timm_vectors_equal_forward_features_then_pre_logits_head(model):
     encoder = create_encoder(f"timm:{model}", random_init=True)
     config = get_encoder_config(f"timm+{model}")
