@@ -62,7 +62,7 @@ from eval.ranking import csr_rows
 from featurestore.cliutil import UserError
 from featurestore.workspace import Workspace
 from recommend.batches import model_seq_len
-from recommend.run import load_run
+from recommend.run import FINISHED, load_run
 from recommend.trainer import TrainOptions
 
 # RecBole's environment: known to work with these (numpy < 2 for np.float_, pandas < 2.3;
@@ -167,12 +167,16 @@ def rescore(dataset: PreparedDataset, export: dict) -> dict:
 
 
 def run_ours(ws: Workspace, dataset: PreparedDataset, pair: ModelPair, dim: int, seed: int,
-             variant: str, flags: list[str], threads: int) -> dict:
-    """``recommend train --mode id`` with ``flags``, then test metrics under both protocols."""
+             variant: str, flags: list[str], threads: int, finished_only: bool = False) -> dict | None:
+    """``recommend train --mode id`` with ``flags``, then test metrics under both protocols (None when
+    ``finished_only`` and the run has not finished: nothing is trained)."""
     args = ["--dataset", dataset.name, "--mode", "id", "--backbone", pair.backbone, "--dim", str(dim),
             "--seed", str(seed), *flags]
     # named by the flags and train's defaults under them: a changed default is a new run
     name = f"parity-{dataset.name}-{pair.backbone}-{variant}-{_digest([args, asdict(TrainOptions(dataset=''))])}-s{seed}"
+    best = ws.run_dir(name) / "best.json"
+    if finished_only and not (best.exists() and json.loads(best.read_text()).get("status") in FINISHED):
+        return None
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "recommend.cli", "train", *args, "--run-name", name,
                            "--root", str(ws.root), "--json"], capture_output=True, text=True,
@@ -297,11 +301,17 @@ def summarise(rows: list[dict]) -> dict:
 @click.option("--worlds", default=None, help="With --panel: comma-separated worlds [default: all of PANEL].")
 @click.option("--ablation-seeds", default=None, help="With --panel: seeds of the ablation rows [default: --seeds].")
 @click.option("--no-ablation", is_flag=True, help="With --panel: leave the ablation rows out.")
+@click.option("--recbole-seeds", default=None,
+              help="Seeds RecBole trains at [default: --seeds]; its run at a seed is kept and reused.")
+@click.option("--finished-only", is_flag=True,
+              help="Report the runs of ours that have finished, training none (a panel cut short by time).")
+@click.option("--ours-only", is_flag=True, help="Train our runs only (RecBole's may run meanwhile in another process; "
+                                                "a later call without this flag reuses every finished run).")
 def main(dataset, root, users, items, model_name, dim, seeds, variants, recbole_sets, venv_path, threads,
-         device, redo, as_json, panel, worlds, ablation_seeds, no_ablation):
+         device, redo, as_json, panel, worlds, ablation_seeds, no_ablation, recbole_seeds, ours_only, finished_only):
     """Train RecBole's model and ours on one split (checked user by user); test HR@10 / NDCG@10 under
     RecBole's protocol (history kept) and the papers' (history excluded), and ours / RecBole."""
-    ws = Workspace(root)
+    ws = Workspace(root.resolve())  # RecBole's runner works in its own folder: every path it reads is absolute
     pair = MODELS[model_name]
     seed_list = [int(s) for s in seeds.split(",")]
     overrides = {}
@@ -310,12 +320,14 @@ def main(dataset, root, users, items, model_name, dim, seeds, variants, recbole_
         if not sep:
             raise UserError(f"--recbole-set {text!r}: give KEY=JSON, e.g. epochs=50")
         overrides[key] = json.loads(value)
-    python = ensure_venv(venv_path)
+    python = None if ours_only else ensure_venv(venv_path)
+    recbole_list = [int(s) for s in recbole_seeds.split(",")] if recbole_seeds else None
     if not panel:
         data = (PreparedDataset.load(ws.dataset_dir(dataset)) if dataset
                 else prepare_synthetic(ws, users, items, seed=0))
         ours = {name: (flags, seed_list) for name, flags in parse_variants(variants or ("defaults=",)).items()}
-        out = compare(python, ws, data, pair, dim, seed_list, ours, overrides, threads, device, redo)
+        out = compare(python, ws, data, pair, dim, seed_list, ours, overrides, threads, device, redo, recbole_list,
+                      finished_only)
         click.echo(json.dumps(out, indent=2, default=str) if as_json else report(out))
         return
     names = [w.strip() for w in worlds.split(",")] if worlds else list(PANEL)
@@ -331,10 +343,11 @@ def main(dataset, root, users, items, model_name, dim, seeds, variants, recbole_
     for name in names:
         data = prepare_world(ws, name, PANEL[name])
         click.echo(f"world {name}: {data.name} ({PANEL[name].note})", err=True)
-        out = compare(python, ws, data, pair, dim, seed_list, ours, overrides, threads, device, redo)
+        out = compare(python, ws, data, pair, dim, seed_list, ours, overrides, threads, device, redo, recbole_list,
+                      finished_only)
         out["world"] = {"name": name, **asdict(PANEL[name])}
         (ws.root / "parity").mkdir(parents=True, exist_ok=True)
-        (ws.root / "parity" / f"panel-{name}-{model_name}.json").write_text(json.dumps(out, indent=2, default=str))
+        (ws.root / "parity" / f"panel-{name}-{model_name}{'-ours' if ours_only else ''}.json").write_text(json.dumps(out, indent=2, default=str))
         results[name] = out
         if not as_json:
             click.echo(f"\n== world {name}: {PANEL[name].note}\n" + report(out))
@@ -348,29 +361,42 @@ def parse_variants_with(texts: tuple[str, ...], seeds: list[int]) -> dict[str, t
     return {name: (flags, seeds) for name, flags in parse_variants(texts).items()}
 
 
-def compare(python: Path, ws: Workspace, data: PreparedDataset, pair: ModelPair, dim: int, seed_list: list[int],
-            ours: dict[str, tuple[list[str], list[int]]], overrides: dict, threads: int, device: str,
-            redo: bool) -> dict:
-    """RecBole at every seed of ``seed_list`` and each of ``ours`` (name -> (flags, its seeds)) on ``data``."""
+def compare(python: Path | None, ws: Workspace, data: PreparedDataset, pair: ModelPair, dim: int,
+            seed_list: list[int], ours: dict[str, tuple[list[str], list[int]]], overrides: dict, threads: int,
+            device: str, redo: bool, recbole_seeds: list[int] | None = None, finished_only: bool = False) -> dict:
+    """RecBole at every seed of ``recbole_seeds`` (default ``seed_list``; none when ``python`` is None: our
+    runs only) and each of ``ours`` (name -> (flags, its seeds)) on ``data``."""
+    recbole_seeds = seed_list if recbole_seeds is None else recbole_seeds
     rows, recbole_info = [], []
+    # RecBole and the runs at every seed first, then the rest, those training on prefix instances
+    # (about a RecBole run each) last: a run cut short leaves the main comparison whole
+    every = {name: flags for name, (flags, seeds) in ours.items() if seeds == seed_list}
+    rest = sorted((name for name in ours if name not in every), key=lambda name: "prefix" in ours[name][0])
     for seed in seed_list:
-        click.echo(f"seed {seed}: RecBole {pair.recbole} ...", err=True)
-        result = run_recbole(python, ws, data, pair, dim, seed, overrides, threads, device, redo)
-        metrics = rescore(data, result.pop("export"))
-        rows.append({"who": f"RecBole {pair.recbole}", "seed": seed, "metrics": metrics})
-        recbole_info.append({"seed": seed, "own_test": result["test"], "rescored_kept_HR@10":
-                             metrics["kept"]["HR@10"], **{k: result[k] for k in
-                             ("best_epoch", "epochs", "train_seconds", "config")}})
-        for variant, (flags, seeds) in ours.items():
-            if seed not in seeds:
-                continue
+        if python is not None and seed in recbole_seeds:
+            click.echo(f"seed {seed}: RecBole {pair.recbole} ...", err=True)
+            result = run_recbole(python, ws, data, pair, dim, seed, overrides, threads, device, redo)
+            metrics = rescore(data, result.pop("export"))
+            rows.append({"who": f"RecBole {pair.recbole}", "seed": seed, "metrics": metrics})
+            recbole_info.append({"seed": seed, "own_test": result["test"], "rescored_kept_HR@10":
+                                 metrics["kept"]["HR@10"], **{k: result[k] for k in
+                                 ("best_epoch", "epochs", "train_seconds", "config")}})
+        for variant, flags in every.items():
             click.echo(f"seed {seed}: ours {variant} ({' '.join(flags) or 'defaults'}) ...", err=True)
-            run = run_ours(ws, data, pair, dim, seed, variant, flags, threads)
-            rows.append({"who": f"ours {variant}", "seed": seed, **run})
+            run = run_ours(ws, data, pair, dim, seed, variant, flags, threads, finished_only)
+            if run is not None:
+                rows.append({"who": f"ours {variant}", "seed": seed, **run})
+    for variant in rest:
+        flags, seeds = ours[variant]
+        for seed in seeds:
+            click.echo(f"seed {seed}: ours {variant} ({' '.join(flags)}) ...", err=True)
+            run = run_ours(ws, data, pair, dim, seed, variant, flags, threads, finished_only)
+            if run is not None:
+                rows.append({"who": f"ours {variant}", "seed": seed, **run})
     table = summarise(rows)
-    base = table[f"RecBole {pair.recbole}"]
+    base = table.get(f"RecBole {pair.recbole}")
     ratios = {who: {key: entry[key]["mean"] / base[key]["mean"] for key in entry if base[key]["mean"]}
-              for who, entry in table.items() if who.startswith("ours")}
+              for who, entry in table.items() if who.startswith("ours") and base}
     popularity = {p: popularity_metrics(data, "test", KS, exclude) for p, exclude in PROTOCOLS.items()}
     lengths = data.lengths()
     return {"dataset": data.name, "users": data.n_users, "items": data.n_items, "model": pair.backbone, "dim": dim,
@@ -410,11 +436,12 @@ def panel_summary(results: dict[str, dict]) -> str:
     """One line per (world, run): kept / excluded HR@10 mean ± sd and the ratio to RecBole's mean."""
     lines = [f"{'world':<6} {'run':<24} {'seeds':>5} {'kept HR@10':>15} {'x RecBole':>9} {'excl HR@10':>15} {'x RecBole':>9}"]
     for name, out in results.items():
-        base = next(entry for who, entry in out["table"].items() if who.startswith("RecBole"))
+        base = next((entry for who, entry in out["table"].items() if who.startswith("RecBole")), None)
         for who, entry in out["table"].items():
             cells = []
             for key in ("kept HR@10", "excluded HR@10"):
-                cells += [f"{entry[key]['mean']:.4f} ± {entry[key]['sd']:.4f}", f"{entry[key]['mean'] / base[key]['mean']:.3f}"]
+                cells += [f"{entry[key]['mean']:.4f} ± {entry[key]['sd']:.4f}",
+                          f"{entry[key]['mean'] / base[key]['mean']:.3f}" if base else "-"]
             lines.append(f"{name:<6} {who:<24} {len(entry['kept HR@10']['values']):>5} {cells[0]:>15} {cells[1]:>9} "
                          f"{cells[2]:>15} {cells[3]:>9}")
     return "\n".join(lines)
