@@ -202,6 +202,9 @@ def ensure_features(ws: Workspace, opts: StudyOptions, progress: bool,
     Always goes through the extraction job, which checks that an existing group was
     written with the same weights and settings (so a random-init group is never
     mistaken for a pretrained one) and returns at once when the group is complete.
+    ``opts.weights`` (``--weights``) are the weights it loads: a model folder stands in for an ``hf:``
+    name's uncached hub repository, so a study runs offline; their ``state_sha256`` (and a folder's
+    tokenizer, in ``preprocessing``) is in the signature, so other weights make other runs.
     With ``cache_layer`` K it is the variant ``ENC@topK`` that also keeps, per item, the
     states entering the top K blocks: cached e2e trains from them and gets the same loss
     and gradients as the live encoder, about twice as fast (BENCHMARKS.md).
