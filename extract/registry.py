@@ -155,13 +155,22 @@ def encoder_modality(name: str, weights: str | None = None) -> str:
     """
     from extract.names import parse_library_name
 
-    parsed = parse_library_name(name)
     try:
         return get_encoder_config(name, weights=weights).modality
     except UserError:
-        if parsed is None:
+        if not config_missing(name):  # another problem (a two-tower model without its tower): say it
             raise
-        return parsed.modality
+        return parse_library_name(name).modality
+
+
+def config_missing(name: str) -> bool:
+    """True when ``name`` is a library name whose hub repository's config is not in the hub cache (so,
+    offline or with the hub unreachable, it cannot be read without a ``--weights`` folder)."""
+    from extract import hub
+    from extract.names import parse_library_name
+
+    parsed = parse_library_name(name)
+    return parsed is not None and parsed.repo is not None and hub.cached_snapshot(parsed.repo, weights=False) is None
 
 
 def encoder_group(dataset: str, encoder: str) -> str:

@@ -45,8 +45,8 @@ from data.dataset import Item, PreparedDataset
 from extract.cache import StateCache, check_top_k, open_state_cache, restore_hidden
 from extract.layers import states_variant
 from extract.encoder import BadItem, Encoder, Hidden, move_inputs
-from extract.names import parse_library_name
-from extract.registry import EncoderConfig, create_encoder, encoder_group, get_encoder_config, resolve_weights
+from extract.registry import (EncoderConfig, config_missing, create_encoder, encoder_group, get_encoder_config,
+                              resolve_weights)
 from featurestore.errors import UserError
 from featurestore.workspace import Workspace
 from recommend.features import retarget_group
@@ -281,7 +281,7 @@ def live_encoder_config(name: str, opts: Any) -> EncoderConfig | None:
     try:
         return get_encoder_config(name, weights=opts.weights)
     except UserError:
-        if opts.cached and not opts.weights and parse_library_name(name) is not None:
+        if opts.cached and not opts.weights and config_missing(name):
             return None
         raise
 

@@ -20,7 +20,7 @@ from extract.encoder import Hidden
 from extract.job import ExtractOptions, run_extraction
 from extract.layers import pooled_layers
 from extract.names import parse_library_name
-from extract.registry import create_encoder, get_encoder_config
+from extract.registry import create_encoder, encoder_group, get_encoder_config
 from extract.text import package_dir
 from featurestore.cliutil import UserError
 from featurestore.store import FeatureStore
@@ -170,8 +170,11 @@ def test_clip_tower_by_hf_name_needs_the_modality_and_equals_text_features(hub_c
     _, models, tokenizer = hub_cache
     with pytest.raises(UserError, match="--modality text or --modality image"):
         get_encoder_config("hf:tiny/clip")
+    with pytest.raises(UserError, match="--modality text or --modality image"):
+        encoder_group("synth", "hf:tiny/clip@layers")  # its config is cached: the tower is asked for, not guessed
     config = get_encoder_config("hf:tiny/clip", "text")
     assert config.name == "hf+tiny+clip+text" and get_encoder_config(config.name).modality == "text"
+    assert encoder_group("synth", "hf+tiny+clip+image@layers") == "synth/image/hf+tiny+clip+image@layers"
     encoder = create_encoder(config.name)
     inputs = encoder.preprocessor.collate(TEXTS)
     with torch.no_grad():
