@@ -41,7 +41,7 @@ from featurestore.errors import UserError
 from featurestore.store import GroupLock
 from featurestore.workspace import Workspace
 from extract.layers import states_variant
-from extract.names import store_spelling
+from extract.names import parse_library_name, store_spelling
 from recommend.item_towers import ITEM_TOWERS, list_item_towers
 from recommend.live_start import LIVE_STARTS, live_rows_report, start_live_rows
 from recommend.losses import LOSSES
@@ -140,6 +140,11 @@ def check_options(opts: StudyOptions) -> StudyOptions:
         raise UserError(f"--live-start {opts.live_start}: choose from {', '.join(LIVE_STARTS)}")
     if opts.weights and opts.random_init:
         raise UserError("pass either --weights or --random-init, not both")
+    library = parse_library_name(opts.encoder)
+    if library is not None and library.revision:  # the rows' names read '@' as a store variant
+        raise UserError(f"--encoder {opts.encoder}: a study takes no @REVISION (its runs read '@' as a store "
+                        f"variant); study --encoder {library.scheme}:{library.model} --weights FOLDER with that "
+                        "revision's model folder (a hub snapshot)")
     if opts.weights and Path(opts.weights).expanduser().exists():  # as the extraction records it
         opts = replace(opts, weights=str(Path(opts.weights).expanduser().resolve()))
     return opts

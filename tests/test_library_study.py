@@ -97,6 +97,8 @@ def test_study_weights_are_refused_with_random_init_and_kept_resolved(decoder):
     with pytest.raises(UserError, match="either --weights or --random-init"):
         check_options(replace(opts, random_init=True))
     assert check_options(opts).weights == str(decoder[0].resolve())
+    with pytest.raises(UserError, match="takes no @REVISION.*--encoder hf:morec/random-qwen3 --weights FOLDER"):
+        check_options(replace(opts, encoder=f"{NAME}@v2"))
 
 
 def test_a_study_over_a_weights_folder_runs_every_row_offline(studied, decoder):
