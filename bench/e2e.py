@@ -97,6 +97,10 @@ def timed_run(ws: Workspace, name: str, opts: TrainOptions, threads: int | None 
             "best": result["best"]}
 
 
+def _labels(text: str | None) -> list[str] | None:
+    return None if text is None else [label.strip() for label in text.split(",") if label.strip()]
+
+
 def flop_ideal(encoder_name: str, top_k: int, random_init: bool, item) -> float:
     """Ideal naive / cached E2E step ratio from counted FLOPs: (stem + bottom + 3 top) / (3 top)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -139,11 +143,21 @@ def flop_ideal(encoder_name: str, top_k: int, random_init: bool, item) -> float:
                    "cached catalogue (R = 1, 10, 100, auto), sce and inbatch, at --items and --large-items items.")
 @click.option("--large-users", default=6000, show_default=True, help="With --losses: users of the large catalogue.")
 @click.option("--large-items", default=20000, show_default=True, help="With --losses: the large catalogue.")
+@click.option("--small-losses", default=None, metavar="LABELS",
+              help="With --losses: the losses trained at --items, comma-separated labels as printed (e.g. "
+                   "'ce exact,ce cached R=auto,inbatch') [default: all; exact, inbatch and the default refresh "
+                   "always run]. A loss finished earlier in the same --root is read back, not retrained.")
+@click.option("--large-losses", default=None, metavar="LABELS",
+              help="With --losses: the losses timed at --large-items [default: all; inbatch and the default "
+                   "refresh always run].")
+@click.option("--cold", is_flag=True,
+              help="With --losses: the small runs start from scratch, not from a TS run over the same vectors.")
 @click.option("--large-steps", default=6, show_default=True,
               help="With --losses: steps timed per loss there (the first, a warm-up, left out; refreshes priced apart).")
 def main(encoder: str, top_k: int, random_init: bool, users: int, items: int, layers: int, dim: int,
          batch_size: int, epochs: int, cache_dtype: str, device: str, threads: int | None, root: Path | None,
-         as_json: bool, losses: bool, large_users: int, large_items: int, large_steps: int) -> None:
+         as_json: bool, losses: bool, large_users: int, large_items: int, small_losses: str | None,
+         large_losses: str | None, cold: bool, large_steps: int) -> None:
     if threads:
         torch.set_num_threads(threads)
     if losses:
@@ -152,7 +166,7 @@ def main(encoder: str, top_k: int, random_init: bool, users: int, items: int, la
         with tempfile.TemporaryDirectory(prefix="bench-e2e-losses-") as tmp:
             report = compare_losses(Workspace(root or Path(tmp)), encoder, top_k, random_init, users, items,
                                     large_users, large_items, large_steps, epochs, dim, batch_size, device, threads,
-                                    timed_run)
+                                    timed_run, _labels(small_losses), _labels(large_losses), cold)
         if as_json:
             click.echo(json.dumps(report))
         else:

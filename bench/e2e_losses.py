@@ -24,6 +24,7 @@ Every run trains in a fresh process (its own peak memory), as the rest of bench/
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 import time
@@ -45,11 +46,21 @@ REFRESHES = (1, 10, 100)
 PROJECTED_USERS, PROJECTED_ITEMS = 500_000, 87_000
 
 
-def variants() -> list[tuple[str, dict]]:
-    """(label, loss options) of every loss compared."""
+def variants(only: list[str] | None = None) -> list[tuple[str, dict]]:
+    """(label, loss options) of every loss compared, or of the labels in ``only``."""
     cached = [(f"ce cached R={r}", {"loss": "ce", "catalogue_refresh": r}) for r in (*REFRESHES, AUTO)]
-    return [("ce exact", {"loss": "ce", "catalogue_refresh": 0}), *cached,
-            ("sce", {"loss": "sce"}), ("inbatch", {"loss": "inbatch"})]
+    every = [("ce exact", {"loss": "ce", "catalogue_refresh": 0}), *cached,
+             ("sce", {"loss": "sce"}), ("inbatch", {"loss": "inbatch"})]
+    unknown = sorted(set(only or ()) - {label for label, _ in every})
+    if unknown:
+        raise SystemExit(f"unknown losses {unknown}: choose from {[label for label, _ in every]}")
+    return [(label, loss) for label, loss in every if only is None or label in only]
+
+
+def _finished(run_dir: Path, epochs: int) -> list[dict] | None:
+    """The epochs of a run this bench finished earlier in the same root (then it is read, not retrained)."""
+    records = read_metrics(run_dir) if (run_dir / "best.json").exists() else []
+    return records if len(records) == epochs else None
 
 
 def prepare(ws: Workspace, name: str, users: int, items: int, encoder: str, top_k: int, random_init: bool,
@@ -63,16 +74,24 @@ def prepare(ws: Workspace, name: str, users: int, items: int, encoder: str, top_
 
 
 def measure(ws: Workspace, dataset: PreparedDataset, common: dict, epochs: int, timed_run: Callable,
-            threads: int | None) -> list[dict]:
-    """Train every variant on ``dataset`` for ``epochs``; its step, memory, last validation, refresh cost."""
-    rows, stamp = [], time.strftime("%H%M%S")
-    for label, loss in variants():
-        name = f"losses-{dataset.name}-{label.replace(' ', '-').replace('=', '')}-{stamp}"
-        opts = TrainOptions(dataset=dataset.name, run_name=name, epochs=epochs, patience=epochs,
-                            plateau_patience=epochs, **common, **loss)
-        row = {"loss": label, **timed_run(ws, label, opts, threads)}
+            threads: int | None, only: list[str] | None = None) -> list[dict]:
+    """Train every variant on ``dataset`` for ``epochs``; its step, memory, last validation, refresh cost.
+    A variant finished earlier in the same ``--root`` is read back (a stopped bench resumes)."""
+    rows = []
+    for label, loss in variants(only):
+        start = "warm" if common.get("init_from") else "cold"
+        name = f"losses-{dataset.name}-{label.replace(' ', '-').replace('=', '')}-{epochs}ep-{start}"
+        records = _finished(ws.run_dir(name), epochs)
+        if records is None:
+            opts = TrainOptions(dataset=dataset.name, run_name=name, epochs=epochs, patience=epochs,
+                                plateau_patience=epochs, **common, **loss)
+            row = {"loss": label, **timed_run(ws, label, opts, threads)}
+            records = read_metrics(ws.run_dir(name))
+        else:
+            seconds = statistics.median(r["seconds"] for r in records)
+            row = {"loss": label, "reused": True, "epoch_seconds": seconds, "steps": sum(r["steps"] for r in records),
+                   "sec_per_step": seconds / records[0]["steps"], "peak_rss_mb": max(r["peak_rss_mb"] for r in records)}
         row["step_seconds"] = row["sec_per_step"]  # epoch seconds over steps: each refresh priced in
-        records = read_metrics(ws.run_dir(name))
         row["valid_last"] = records[-1]["valid"]
         row["refreshes_per_epoch"] = statistics.mean(r.get("catalogue_refreshes", 0) for r in records)
         row["refresh_seconds_per_epoch"] = statistics.mean(r.get("catalogue_refresh_seconds", 0) for r in records)
@@ -133,13 +152,14 @@ def _time_steps(root: Path, opts: TrainOptions, steps: int, threads: int | None)
     return row
 
 
-def measure_steps(ws: Workspace, dataset: PreparedDataset, common: dict, steps: int, threads: int | None) -> list[dict]:
+def measure_steps(ws: Workspace, dataset: PreparedDataset, common: dict, steps: int, threads: int | None,
+                  only: list[str] | None = None) -> list[dict]:
     """Every variant's median step (the first, a warm-up and a refresh, left out) on ``dataset``, no validation."""
     from concurrent.futures import ProcessPoolExecutor
     import multiprocessing
 
     rows = []
-    for label, loss in variants():
+    for label, loss in variants(only):
         opts = TrainOptions(dataset=dataset.name, **common, **loss)
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
             row = {"loss": label, **pool.submit(_time_steps, ws.root, opts, steps, threads).result()}
@@ -169,21 +189,45 @@ def projection(small: list[dict], large: list[dict], n_small: int, n_large: int,
             "epoch_hours": seconds / 3600, "measured_steps": live[n_small]["steps"] + live[n_large]["steps"]}
 
 
+def warm_source(ws: Workspace, dataset: PreparedDataset, common: dict, timed_run: Callable,
+                threads: int | None) -> dict:
+    """The TS run the small runs start from (``--init-from``, as the study's live rows do), trained to
+    early stopping once per root; its best validation is where every loss starts."""
+    name = f"losses-{dataset.name}-ts"
+    if not (ws.run_dir(name) / "best.json").exists():
+        opts = TrainOptions(dataset=dataset.name, run_name=name, mode="ts", encoders=common["encoders"],
+                            dim=common["dim"], batch_size=common["batch_size"], device=common["device"],
+                            seed=common["seed"])
+        timed_run(ws, "ts", opts, threads)
+    best = json.loads((ws.run_dir(name) / "best.json").read_text())
+    return {"run": name, "valid": best["metrics"], "epoch": best["epoch"], "popularity": best.get("popularity")}
+
+
 def compare_losses(ws: Workspace, encoder: str, top_k: int, random_init: bool, users: int, items: int,
                    large_users: int, large_items: int, large_steps: int, epochs: int, dim: int, batch_size: int,
-                   device: str, threads: int | None, timed_run: Callable) -> dict:
-    """The whole comparison; returns the report ``bench/e2e.py --losses`` prints."""
+                   device: str, threads: int | None, timed_run: Callable, small_losses: list[str] | None = None,
+                   large_losses: list[str] | None = None, cold: bool = False) -> dict:
+    """The whole comparison; returns the report ``bench/e2e.py --losses`` prints. ``small_losses`` /
+    ``large_losses``: the labels to run at each size (default all; exact ce, inbatch and the default
+    refresh are always run, the ratios and the projection need them). The small runs start from a TS
+    run over the same vectors (cold from scratch with ``cold``: two epochs of a cold E2E run end below
+    popularity at 3,000 items, where no accuracy comparison means anything)."""
+    needed = {"ce exact", "inbatch", f"ce cached R={LIVE_REFRESH}"}
+    small_losses = None if small_losses is None else sorted(needed | set(small_losses))
+    large_losses = None if large_losses is None else sorted(needed - {"ce exact"} | set(large_losses))
     common = dict(mode="e2e", encoders=[encoder], top_k=top_k, cached=True, dim=dim, batch_size=batch_size,
                   device=device, seed=0)
     small = prepare(ws, "losses-small", users, items, encoder, top_k, random_init, device)
-    small_rows = measure(ws, small, common, epochs, timed_run, threads)
+    start = None if cold else warm_source(ws, small, common, timed_run, threads)
+    small_common = common if start is None else {**common, "init_from": start["run"]}
+    small_rows = measure(ws, small, small_common, epochs, timed_run, threads, small_losses)
     large = prepare(ws, "losses-large", large_users, large_items, encoder, top_k, random_init, device)
-    large_rows = measure_steps(ws, large, common, large_steps, threads)
+    large_rows = measure_steps(ws, large, common, large_steps, threads, large_losses)
     exact = next(r for r in small_rows if r["loss"] == "ce exact")
     return {
         "settings": {"encoder": encoder, "top_k": top_k, "dim": dim, "batch_size": batch_size, "epochs": epochs,
                      "device": device, "threads": torch.get_num_threads()},
-        "small": {"users": small.n_users, "items": small.n_items, "rows": small_rows},
+        "small": {"users": small.n_users, "items": small.n_items, "rows": small_rows, "start": start},
         "large": {"users": large.n_users, "items": large.n_items, "rows": large_rows},
         "step_vs_inbatch": {str(small.n_items): vs_inbatch(small_rows), str(large.n_items): vs_inbatch(large_rows)},
         "hr10_vs_exact": {r["loss"]: r["valid_last"]["HR@10"] / max(exact["valid_last"]["HR@10"], 1e-12)
@@ -207,6 +251,10 @@ def print_report(report: dict) -> None:
         ratios = report["step_vs_inbatch"][str(part["items"])]
         print(f"\n{part['users']} users x {part['items']} items "
               f"({str(s['epochs']) + ' epoch(s)' if size == 'small' else 'steps timed, no validation'}):")
+        start = part.get("start")
+        if start:
+            print(f"every run starts from TS run {start['run']} (best validation HR@10 {start['valid']['HR@10']:.4f} "
+                  f"at epoch {start['epoch']}; popularity {(start['popularity'] or {}).get('HR@10', 0):.4f})")
         print(f"{'loss':16} {'s/step':>7} {'x inbatch':>9} {'steps':>5} {'peak RSS MB':>11} {'refresh s':>9} "
               f"{'refresh s/epoch':>15} {'valid HR@10':>11} {'x exact':>7}")
         for r in part["rows"]:
