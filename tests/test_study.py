@@ -24,6 +24,7 @@ from recommend import study as study_module
 from recommend.run import load_run
 from recommend.study import StudyOptions, plan, run_name, run_study
 from recommend.live_start import start_live_rows
+from recommend.catalogue_cache import refresh_schedule
 from recommend.losses import LIVE_REFRESH
 from recommend.trainer import TrainOptions
 
@@ -95,7 +96,7 @@ def test_live_rows_start_from_the_ts_row_and_the_report_shows_their_curves(studi
     report = (out / "report.md").read_text()
     assert "## Live rows (e2e, adapter)" in report
     assert f"| e2e-top1 | from the ts row ({rows['ts']['run']}), at its validation HR@10" in report
-    assert f"cached, refreshed every {LIVE_REFRESH} steps" in report and "(its validation curve above" in report
+    assert f"cached, {refresh_schedule(LIVE_REFRESH)}" in report and "(its validation curve above" in report
     assert (out / "valid-e2e-top1.png").read_bytes()[:4] == b"\x89PNG"
     assert rows["id"]["start"] is None
 
