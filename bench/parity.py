@@ -123,8 +123,10 @@ def _digest(obj) -> str:
 
 
 def run_recbole(python: Path, ws: Workspace, dataset: PreparedDataset, pair: ModelPair, dim: int,
-                seed: int, overrides: dict, threads: int, device: str, redo: bool) -> dict:
-    """Train RecBole's model on our split in its venv; its result and export (cached by settings)."""
+                seed: int, overrides: dict, threads: int, device: str, redo: bool,
+                finished_only: bool = False) -> dict | None:
+    """Train RecBole's model on our split in its venv; its result and export (cached by settings; None
+    when ``finished_only`` and no run with these settings has finished)."""
     data_path = ws.root / "parity" / "recbole-data"
     write_inter(dataset, data_path / dataset.name / f"{dataset.name}.inter")
     write_item(dataset, data_path / dataset.name / f"{dataset.name}.item")
@@ -136,6 +138,8 @@ def run_recbole(python: Path, ws: Workspace, dataset: PreparedDataset, pair: Mod
            "fingerprint": dataset.manifest["interactions_fingerprint"]}
     work = ws.root / "parity" / "recbole" / f"{dataset.name}-{pair.recbole}-d{dim}-s{seed}-{_digest(job)}"
     job["work_dir"] = str(work)
+    if finished_only and not (work / "result.json").exists():
+        return None
     if redo or not (work / "result.json").exists():
         work.mkdir(parents=True, exist_ok=True)
         (work / "job.json").write_text(json.dumps(job, indent=2))
@@ -303,12 +307,15 @@ def summarise(rows: list[dict]) -> dict:
 @click.option("--no-ablation", is_flag=True, help="With --panel: leave the ablation rows out.")
 @click.option("--recbole-seeds", default=None,
               help="Seeds RecBole trains at [default: --seeds]; its run at a seed is kept and reused.")
+@click.option("--recbole-only", is_flag=True, help="With --panel: train RecBole's runs only (ours meanwhile in another "
+                                                   "process with --ours-only).")
 @click.option("--finished-only", is_flag=True,
               help="Report the runs of ours that have finished, training none (a panel cut short by time).")
 @click.option("--ours-only", is_flag=True, help="Train our runs only (RecBole's may run meanwhile in another process; "
                                                 "a later call without this flag reuses every finished run).")
 def main(dataset, root, users, items, model_name, dim, seeds, variants, recbole_sets, venv_path, threads,
-         device, redo, as_json, panel, worlds, ablation_seeds, no_ablation, recbole_seeds, ours_only, finished_only):
+         device, redo, as_json, panel, worlds, ablation_seeds, no_ablation, recbole_seeds, ours_only, finished_only,
+         recbole_only):
     """Train RecBole's model and ours on one split (checked user by user); test HR@10 / NDCG@10 under
     RecBole's protocol (history kept) and the papers' (history excluded), and ours / RecBole."""
     ws = Workspace(root.resolve())  # RecBole's runner works in its own folder: every path it reads is absolute
@@ -336,9 +343,11 @@ def main(dataset, root, users, items, model_name, dim, seeds, variants, recbole_
         raise UserError(f"--worlds {','.join(unknown)}: unknown; known: {', '.join(PANEL)}")
     extra_seeds = [int(s) for s in ablation_seeds.split(",")] if ablation_seeds else seed_list
     ours = {name: (flags.split(), seed_list) for name, flags in PANEL_VARIANTS.items()}
-    ours.update(parse_variants_with(variants, seed_list))
     if not no_ablation:
         ours.update({name: (flags.split(), extra_seeds) for name, flags in ABLATION_VARIANTS.items()})
+    ours.update(parse_variants_with(variants, seed_list))  # --ours NAME=... at every seed, even an ablation's NAME
+    if recbole_only:
+        ours = {}
     results = {}
     for name in names:
         data = prepare_world(ws, name, PANEL[name])
@@ -373,9 +382,11 @@ def compare(python: Path | None, ws: Workspace, data: PreparedDataset, pair: Mod
     every = {name: flags for name, (flags, seeds) in ours.items() if seeds == seed_list}
     rest = sorted((name for name in ours if name not in every), key=lambda name: "prefix" in ours[name][0])
     for seed in seed_list:
+        result = None
         if python is not None and seed in recbole_seeds:
             click.echo(f"seed {seed}: RecBole {pair.recbole} ...", err=True)
-            result = run_recbole(python, ws, data, pair, dim, seed, overrides, threads, device, redo)
+            result = run_recbole(python, ws, data, pair, dim, seed, overrides, threads, device, redo, finished_only)
+        if result is not None:
             metrics = rescore(data, result.pop("export"))
             rows.append({"who": f"RecBole {pair.recbole}", "seed": seed, "metrics": metrics})
             recbole_info.append({"seed": seed, "own_test": result["test"], "rescored_kept_HR@10":
@@ -433,17 +444,26 @@ def report(out: dict) -> str:
 
 
 def panel_summary(results: dict[str, dict]) -> str:
-    """One line per (world, run): kept / excluded HR@10 mean ± sd and the ratio to RecBole's mean."""
-    lines = [f"{'world':<6} {'run':<24} {'seeds':>5} {'kept HR@10':>15} {'x RecBole':>9} {'excl HR@10':>15} {'x RecBole':>9}"]
+    """A markdown table, one line per (world, run): the seeds, test HR@10 and NDCG@10 mean ± sd with the
+    history kept (RecBole's protocol) and excluded (ours), and HR@10's ratio to RecBole's mean."""
+    keys = ("kept HR@10", "kept NDCG@10", "excluded HR@10", "excluded NDCG@10")
+    lines = ["| world | run | seeds | kept HR@10 | kept NDCG@10 | excl. HR@10 | excl. NDCG@10 | HR@10 x RecBole (kept / excl.) |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, out in results.items():
         base = next((entry for who, entry in out["table"].items() if who.startswith("RecBole")), None)
+        seeds_of = {}
+        for run in out["runs"]:
+            seeds_of.setdefault(run["who"], []).append(run["seed"])
+        pop = out["popularity"]
+        lines.append(f"| {name} | popularity | - | {pop['kept']['HR@10']:.4f} | {pop['kept']['NDCG@10']:.4f} | "
+                     f"{pop['excluded']['HR@10']:.4f} | {pop['excluded']['NDCG@10']:.4f} | |")
         for who, entry in out["table"].items():
-            cells = []
-            for key in ("kept HR@10", "excluded HR@10"):
-                cells += [f"{entry[key]['mean']:.4f} ± {entry[key]['sd']:.4f}",
-                          f"{entry[key]['mean'] / base[key]['mean']:.3f}" if base else "-"]
-            lines.append(f"{name:<6} {who:<24} {len(entry['kept HR@10']['values']):>5} {cells[0]:>15} {cells[1]:>9} "
-                         f"{cells[2]:>15} {cells[3]:>9}")
+            cells = [f"{entry[k]['mean']:.4f} ± {entry[k]['sd']:.4f}" if len(entry[k]["values"]) > 1
+                     else f"{entry[k]['mean']:.4f}" for k in keys]
+            ratio = (f"x{entry['kept HR@10']['mean'] / base['kept HR@10']['mean']:.3f} / "
+                     f"x{entry['excluded HR@10']['mean'] / base['excluded HR@10']['mean']:.3f}") if base else "-"
+            lines.append(f"| {name} | {who} | {','.join(map(str, seeds_of.get(who, [])))} | " + " | ".join(cells)
+                         + f" | {ratio} |")
     return "\n".join(lines)
 
 if __name__ == "__main__":
