@@ -142,7 +142,8 @@ def flop_ideal(encoder_name: str, top_k: int, random_init: bool, item) -> float:
               help="Instead: step time, peak memory and validation HR@10 of cached E2E under exact ce, ce over a "
                    "cached catalogue (R = 1, 10, 100, auto), sce and inbatch, at --items and --large-items items.")
 @click.option("--large-users", default=6000, show_default=True, help="With --losses: users of the large catalogue.")
-@click.option("--large-items", default=20000, show_default=True, help="With --losses: the large catalogue.")
+@click.option("--large-items", default=20000, show_default=True,
+              help="With --losses: the large catalogue (0: the accuracy comparison at --items alone).")
 @click.option("--small-losses", default=None, metavar="LABELS",
               help="With --losses: the losses trained at --items, comma-separated labels as printed (e.g. "
                    "'ce exact,ce cached R=auto,inbatch') [default: all; exact, inbatch and the default refresh "

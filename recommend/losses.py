@@ -237,7 +237,14 @@ class CatalogueSoftmax(Loss):
     With ``--catalogue-refresh R`` the vectors of the items outside the batch come from a
     :class:`recommend.catalogue_cache.CatalogueCache` refreshed every R steps (the loss
     counts its own calls, one per step) and at each epoch start (the loop puts the
-    objective, this loss included, in training mode as each epoch starts). Why a setting
+    objective, this loss included, in training mode as each epoch starts). The value and the
+    user encoder's gradient are the catalogue softmax's over the cache; the item tower's gradient
+    is the softmax's over the batch's live items alone. Given the full softmax's gradient with the
+    cached rows held constant, the tower would lower the loss by lifting every live item above
+    the stale rows (a shift the full softmax cannot see), and each refresh would feed that lift
+    back: at 2,895 items, from a TS start at 8.5 % validation HR@10, one epoch ended at 0.8 %
+    (refreshed every 10 steps) and 0.5 % (auto) against exact ce's 5.6 % (BENCHMARKS.md). The
+    live softmax is blind to a common shift, as the exact one is. Why a setting
     of ``ce`` and not a loss of its own: it is the same objective over the same catalogue,
     and ``--loss`` is a shared option whose default cannot tell "not given" from "ce"; so
     ``ce``'s own default follows the mode (``TowerKind.runs_encoder_live``: e2e, adapter),
@@ -303,7 +310,11 @@ class CatalogueSoftmax(Loss):
             return (chunked_logsumexp(h, extra_vectors[1:]) - target).mean()
         ids, inverse = torch.unique(rows.reshape(-1), return_inverse=True)
         live = vectors.reshape(-1, vectors.shape[-1])[first_positions(inverse, len(ids))]
-        return (cached_logsumexp(h, extra_vectors, ids, live) - target).mean()
+        targets = vectors[:, 1:][valid]
+        user = cached_logsumexp(h, extra_vectors, ids, live.detach()) - (h * targets.detach()).sum(-1)
+        h, real = h.detach(), ids > 0
+        items = torch.logsumexp(h @ live[real].T, 1) - (h * targets).sum(-1)
+        return (user + items - items.detach()).mean()
 
 
 @LOSSES.register("sce")
