@@ -28,12 +28,20 @@ exact step's tower work), once every R steps; the step itself costs the live bat
 thin matrix products over the cached table (:func:`recommend.chunked_softmax.chunked_logsumexp`).
 
 A fixed R makes that refresh a share of the step that grows with N (every 10 steps is
-x2.4 an ``inbatch`` step at 20,000 items). ``auto`` (the live modes' default) refreshes
+x2.0 an ``inbatch`` step at 16,726 items). ``auto`` refreshes
 instead once the tower has run as many items live as the catalogue holds: the no-grad
 pass then costs at most the live forwards it follows, about a third of their forward and
 backward, so the step stays within about x1.35 ``inbatch``'s at any N, while a small
 catalogue is refreshed every few steps (nearly exact) and a large one less often (its
 rows are then at most one catalogue's worth of live items stale, XBM's trade).
+
+Measured (issue 29, BENCHMARKS.md): at 2,895 items, warm-started from a TS run at 8.5 %
+validation HR@10 with dropout 0.3, one epoch refreshed every 10 steps or by ``auto`` ended
+at 0.4-0.8 % (below popularity) where exact ce ended at 5.6 % and R = 100 (a refresh at the
+epoch start only) at 4.8 %; without dropout R = 10 ended at 3.8 %. Refreshing the cache in
+training mode, or giving the item tower the live items' softmax gradient instead, did not
+help. Why frequent refreshes collapse under dropout is not yet known, so the live modes
+default to R = 100 and ``auto`` is opt-in.
 """
 
 from __future__ import annotations

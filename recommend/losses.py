@@ -53,7 +53,7 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from featurestore.errors import UserError
-from recommend.catalogue_cache import AUTO, CatalogueCache, cached_logsumexp
+from recommend.catalogue_cache import AUTO, CatalogueCache, cached_logsumexp, refresh_schedule
 from recommend.chunked_softmax import chunked_logsumexp
 from featurestore.registry import Registry
 from recommend.options import TrainOptions, fill, option, values_of
@@ -207,7 +207,7 @@ class InBatchSoftmax(Loss):
         return F.cross_entropy(logits, label)
 
 
-LIVE_REFRESH = AUTO  # --catalogue-refresh of the modes that run an encoder live (bench/e2e.py --losses, BENCHMARKS.md)
+LIVE_REFRESH = 100  # --catalogue-refresh of the live modes: auto and R <= 10 collapsed at 2,895 items (BENCHMARKS.md, issue 29)
 
 
 @dataclass(frozen=True)
@@ -220,7 +220,8 @@ class CatalogueOptions:
              f"steps and at each epoch start, the batch's own items computed live with gradient: a step no "
              f"longer runs the whole catalogue through the tower. {AUTO}: refresh once the tower has run as "
              f"many items live as the catalogue holds, so the refresh costs at most a third of the live work "
-             f"at any catalogue size (every few steps on a small catalogue). 0 = exact (every item through "
+             f"at any catalogue size (every few steps on a small catalogue; refreshed that often under dropout it "
+             f"collapsed at 2,895 items, see BENCHMARKS.md). 0 = exact (every item through "
              f"the tower with gradient at every step) [default: {LIVE_REFRESH} for the modes that run an "
              f"encoder live (e2e, adapter), 0 for the others].")
 
@@ -237,14 +238,7 @@ class CatalogueSoftmax(Loss):
     With ``--catalogue-refresh R`` the vectors of the items outside the batch come from a
     :class:`recommend.catalogue_cache.CatalogueCache` refreshed every R steps (the loss
     counts its own calls, one per step) and at each epoch start (the loop puts the
-    objective, this loss included, in training mode as each epoch starts). The value and the
-    user encoder's gradient are the catalogue softmax's over the cache; the item tower's gradient
-    is the softmax's over the batch's live items alone. Given the full softmax's gradient with the
-    cached rows held constant, the tower would lower the loss by lifting every live item above
-    the stale rows (a shift the full softmax cannot see), and each refresh would feed that lift
-    back: at 2,895 items, from a TS start at 8.5 % validation HR@10, one epoch ended at 0.8 %
-    (refreshed every 10 steps) and 0.5 % (auto) against exact ce's 5.6 % (BENCHMARKS.md). The
-    live softmax is blind to a common shift, as the exact one is. Why a setting
+    objective, this loss included, in training mode as each epoch starts). Why a setting
     of ``ce`` and not a loss of its own: it is the same objective over the same catalogue,
     and ``--loss`` is a shared option whose default cannot tell "not given" from "ce"; so
     ``ce``'s own default follows the mode (``TowerKind.runs_encoder_live``: e2e, adapter),
@@ -257,8 +251,8 @@ class CatalogueSoftmax(Loss):
                f"Exact for id/ts/ts-dnn/side: a step scores every item and a content tower runs over the whole "
                f"catalogue forward and backward (at 87K items on a 2-core CPU x6-13 an inbatch step for IDRec, "
                f"about x55 for TS-DNN-8, see BENCHMARKS.md). For e2e/adapter, whose tower runs the encoder: "
-               f"against a cached catalogue refreshed once a catalogue's worth of items has run live, the "
-               f"batch's items live (--catalogue-refresh)")
+               f"against a cached catalogue {refresh_schedule(LIVE_REFRESH)}, the batch's items live "
+               f"(--catalogue-refresh)")
 
     def __init__(self, ctx: LossContext) -> None:
         super().__init__()
@@ -310,11 +304,7 @@ class CatalogueSoftmax(Loss):
             return (chunked_logsumexp(h, extra_vectors[1:]) - target).mean()
         ids, inverse = torch.unique(rows.reshape(-1), return_inverse=True)
         live = vectors.reshape(-1, vectors.shape[-1])[first_positions(inverse, len(ids))]
-        targets = vectors[:, 1:][valid]
-        user = cached_logsumexp(h, extra_vectors, ids, live.detach()) - (h * targets.detach()).sum(-1)
-        h, real = h.detach(), ids > 0
-        items = torch.logsumexp(h @ live[real].T, 1) - (h * targets).sum(-1)
-        return (user + items - items.detach()).mean()
+        return (cached_logsumexp(h, extra_vectors, ids, live) - target).mean()
 
 
 @LOSSES.register("sce")
