@@ -181,12 +181,11 @@ def encoder_group(dataset: str, encoder: str) -> str:
         >>> encoder_group("HM", "hf:BAAI/bge-small-en-v1.5@top2")
         'HM/text/hf+BAAI+bge-small-en-v1.5@top2'
     """
-    from extract.names import parse_library_name
+    from extract.names import store_spelling
     from featurestore.store import group_name
 
     name, _, variant = encoder.partition("@")
-    library = parse_library_name(name)
-    return group_name(dataset, encoder_modality(name), library.key if library else name, variant or None)
+    return group_name(dataset, encoder_modality(name), store_spelling(name), variant or None)
 
 
 @functools.lru_cache(maxsize=64)
@@ -239,6 +238,13 @@ class WeightsSpec:
         return Path(self.folder if self.kind == "hub" else self.location)
 
 
+def weights_location(weights: str) -> str:
+    """``--weights`` as the provenance records it: a local file or folder by its absolute path, a hub
+    id as given (so a study, a cached run and the extraction compare the same spelling)."""
+    local = Path(weights).expanduser()
+    return str(local.resolve()) if local.exists() else weights
+
+
 def resolve_weights(
     config: EncoderConfig, weights: str | None = None, random_init: bool = False, seed: int = 0
 ) -> WeightsSpec:
@@ -257,7 +263,7 @@ def resolve_weights(
         return WeightsSpec("random-init", seed=seed)
     if weights:
         if Path(weights).expanduser().exists():
-            return WeightsSpec("file", str(Path(weights).expanduser().resolve()))
+            return WeightsSpec("file", weights_location(weights))
         if weights.startswith((".", "/", "~")) or weights.count("/") > 1:
             raise UserError(f"--weights {weights}: no such file or folder")
         hub.check_reachable(config.name, weights)

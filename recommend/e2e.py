@@ -33,7 +33,6 @@ import itertools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -46,7 +45,7 @@ from extract.cache import StateCache, check_top_k, open_state_cache, restore_hid
 from extract.layers import states_variant
 from extract.encoder import BadItem, Encoder, Hidden, move_inputs
 from extract.registry import (EncoderConfig, config_missing, create_encoder, encoder_group, get_encoder_config,
-                              resolve_weights)
+                              resolve_weights, weights_location)
 from featurestore.errors import UserError
 from featurestore.workspace import Workspace
 from recommend.features import retarget_group
@@ -474,9 +473,7 @@ def _check_cache_weights(opts: Any, cache: StateCache) -> None:
     if opts.random_init and kind != "random-init":
         raise UserError(f"--random-init, but store group {cache.group} was extracted with "
                         f"{cache.attrs.get('weights')}; --cached uses the group's weights: drop --random-init")
-    local = Path(opts.weights or "").expanduser()
-    given = str(local.resolve()) if opts.weights and local.exists() else opts.weights  # recorded resolved
-    if opts.weights and cache.attrs["provenance"].get("weights_location") not in (given, None):
+    if opts.weights and cache.attrs["provenance"].get("weights_location") not in (weights_location(opts.weights), None):
         raise UserError(f"--weights {opts.weights}, but store group {cache.group} was extracted with "
                         f"{cache.attrs.get('weights')}; --cached uses the group's weights: drop --weights")
 

@@ -42,6 +42,7 @@ from featurestore.store import GroupLock
 from featurestore.workspace import Workspace
 from extract.layers import states_variant
 from extract.names import parse_library_name, store_spelling
+from extract.registry import weights_location
 from recommend.item_towers import ITEM_TOWERS, list_item_towers
 from recommend.live_start import LIVE_STARTS, live_rows_report, start_live_rows
 from recommend.losses import LOSSES
@@ -145,8 +146,8 @@ def check_options(opts: StudyOptions) -> StudyOptions:
         raise UserError(f"--encoder {opts.encoder}: a study takes no @REVISION (its runs read '@' as a store "
                         f"variant); study --encoder {library.scheme}:{library.model} --weights FOLDER with that "
                         "revision's model folder (a hub snapshot)")
-    if opts.weights and Path(opts.weights).expanduser().exists():  # as the extraction records it
-        opts = replace(opts, weights=str(Path(opts.weights).expanduser().resolve()))
+    if opts.weights:  # as the extraction records it
+        opts = replace(opts, weights=weights_location(opts.weights))
     return opts
 
 
