@@ -67,8 +67,7 @@ class CatalogueCache:
     """Every item's vector ``(N + 1, d)``, without gradient, refreshed every ``every`` steps
     (or, with ``every="auto"``, once the live items since the last refresh reach N).
 
-    :meth:`table` is asked once per training step with the number of items the step runs
-    live; the first ask after :meth:`expire` (an epoch start) and every due ask run the
+    :meth:`table` is asked once per training step with the ids the step runs live; the first ask after :meth:`expire` (an epoch start) and every due ask run the
     tower over the catalogue again. ``refreshes`` and ``seconds`` count those passes and
     their time; ``steps`` counts the asks.
     """
@@ -95,12 +94,14 @@ class CatalogueCache:
             return self._live >= len(self._table) - 1
         return self._since >= self.every
 
-    def table(self, model: nn.Module, live_items: int = 0) -> torch.Tensor:
-        """The cached vectors for this step (which runs ``live_items`` items live), refreshed first when due."""
+    def table(self, model: nn.Module, rows: torch.Tensor) -> torch.Tensor:
+        """The cached vectors for this step, whose ``rows`` run live, refreshed first when due. Only
+        ``auto`` counts the live items (a ``unique`` and, on a GPU, a sync a step that R steps skip)."""
         if self._due():
             self._refresh(model)
         self._since += 1
-        self._live += live_items
+        if self.every == AUTO:
+            self._live += int((rows.unique() > 0).sum())
         self.steps += 1
         return self._table
 

@@ -294,7 +294,7 @@ class CatalogueSoftmax(Loss):
         if self.cache is None:
             table = catalogue_vectors(model)
             return table[rows], table
-        return model.embed(rows), self.cache.table(model, int((rows.unique() > 0).sum()))
+        return model.embed(rows), self.cache.table(model, rows)
 
     def forward(self, hidden, rows, vectors, extra, extra_vectors):
         valid = rows[:, :-1] > 0
