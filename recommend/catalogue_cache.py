@@ -9,8 +9,21 @@ every R steps and at each epoch start; each step scores the whole catalogue agai
 it, while the items the loss was given (the batch's rows, positives included) are
 computed live with gradient and replace their cached rows in the logits.
 
-So the user encoder's gradient is that of the full softmax over (at most R steps)
-stale negatives, and the item tower's flows through the live items only. Two ideas,
+**Drift correction.** The cached rows are stale by up to R steps; the live rows are not. Held
+constant, the stale rows leave the model a way to lower the loss that exact ``ce`` does not
+have: move every item's vector along a common direction (the catalogue's mean vector, which
+dominates text embeddings). Exact ``ce`` is invariant to such a shift (every logit moves by
+``h . c``); the cached loss is not, because only the live rows (the positives among them)
+move and the stale normaliser stays behind. Measured (issue 29): refreshed every 10 steps,
+the share of the mean in the item vectors rose from 0.90 to 0.99, their norm from 5 to 18,
+the training loss fell below exact's while validation HR@10 fell from 8.5 % to 0.6 %. So
+each step moves the stale rows by the batch's mean drift, ``mean(live - cached)`` over the
+live items, with gradient: the loss is again invariant to a common shift, the stale rows'
+share of the softmax pushes the live items down as the whole catalogue's would, and the
+value at R = 1 without dropout is exact ``ce``'s (the drift is zero).
+
+So the user encoder's gradient is that of the full softmax over (at most R steps) stale,
+drift-corrected negatives, and the item tower's flows through the live items. Two ideas,
 taken and not copied:
 
 - **Cross-batch memory** (XBM, Wang et al., CVPR 2020): embeddings of past batches stay
@@ -35,13 +48,9 @@ backward, so the step stays within about x1.35 ``inbatch``'s at any N, while a s
 catalogue is refreshed every few steps (nearly exact) and a large one less often (its
 rows are then at most one catalogue's worth of live items stale, XBM's trade).
 
-Measured (issue 29, BENCHMARKS.md): at 2,895 items, warm-started from a TS run at 8.5 %
-validation HR@10 with dropout 0.3, one epoch refreshed every 10 steps or by ``auto`` ended
-at 0.4-0.8 % (below popularity) where exact ce ended at 5.6 % and R = 100 (a refresh at the
-epoch start only) at 4.8 %; without dropout R = 10 ended at 3.8 %. Refreshing the cache in
-training mode, or giving the item tower the live items' softmax gradient instead, did not
-help. Why frequent refreshes collapse under dropout is not yet known, so the live modes
-default to R = 100 and ``auto`` is opt-in.
+Measured (issue 29, BENCHMARKS.md): at 2,895 items, warm-started from a TS run, one epoch
+without the drift correction ended below popularity when refreshed every 10 steps or by
+``auto`` (0.5-0.8 % validation HR@10 against exact ``ce``'s 5.6 %); with it, see BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -123,11 +132,32 @@ class CatalogueCache:
 def cached_logsumexp(h: torch.Tensor, table: torch.Tensor, live_ids: torch.Tensor,
                      live: torch.Tensor) -> torch.Tensor:
     """``log sum_i exp(h . v_i)`` over items 1..N: ``v_i`` = ``live``'s row for the (distinct) ``live_ids``,
-    the cached ``table`` row for every other item. ``(P,)`` for ``h`` (P, d); id 0 (padding) never counts.
+    the cached ``table`` row moved by the live items' common drift (:func:`common_drift`, ``u_i A + b``) for
+    every other item. ``(P,)`` for ``h`` (P, d); id 0 (padding) never counts. The move costs no pass:
+    ``log sum exp(h . (u_i A + b)) = log sum exp((h A^T) . u_i) + h . b``.
     """
     real = live_ids > 0
     live_ids, live = live_ids[real], live[real]
     stale = torch.ones(len(table), dtype=torch.bool, device=table.device)
     stale[0] = False
     stale[live_ids] = False
-    return torch.logaddexp(chunked_logsumexp(h, table[stale]), torch.logsumexp(h @ live.T, 1))
+    move, shift = common_drift(table[live_ids], live)
+    return torch.logaddexp(chunked_logsumexp(h @ move.T, table[stale]) + h @ shift, torch.logsumexp(h @ live.T, 1))
+
+
+RIDGE = 1e-3  # x the fit's mean diagonal (summed squared deviation a coordinate): defined with fewer items than d
+
+
+def common_drift(cached: torch.Tensor, live: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, b)``, the least-squares fit ``live ~ cached @ A + b`` over the live items, ridge-pulled towards
+    ``A = I``: how the catalogue moved as a whole since the refresh. A linear map because a step moves
+    the DT layer, which moves every item's vector by a linear function of its features; differentiable
+    in ``live``, so a common move of the items is paid for by the stale rows' share of the softmax, as
+    exact ``ce`` pays for it. ``(d, d)`` and ``(d,)``: a ``d x d`` solve a step, no pass over the items."""
+    cached_mean, live_mean = cached.mean(0), live.mean(0)
+    x, y = cached - cached_mean, live - live_mean
+    gram = x.T @ x
+    eye = torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
+    ridge = RIDGE * gram.diagonal().mean() + torch.finfo(gram.dtype).tiny
+    move = eye + torch.linalg.solve(gram + ridge * eye, x.T @ (y - x))
+    return move, live_mean - cached_mean @ move

@@ -2,7 +2,10 @@
 
 The tower is e2e over bert-tiny (random init, its top block tuned) reading the synthetic
 titles itself; everything runs without dropout, so the cache (computed in eval mode) holds
-exactly the vectors the exact loss computes.
+exactly the vectors the exact loss computes. The stale rows follow the live items' common
+drift (a linear map and a shift fitted over them), so the item tower's gradient is exact ``ce``'s
+with the other items' vectors held constant and moved by that fit; a common move of the whole
+catalogue changes the cached loss as it changes exact ``ce``.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch
 from featurestore.cliutil import UserError
 from recommend.batches import training_rows
 from recommend.e2e import open_live_inputs
+from recommend.catalogue_cache import RIDGE
 from recommend.losses import LIVE_REFRESH, LossContext, catalogue_vectors, create_loss
 from recommend.model import build_recommender
 from recommend.run import read_metrics
@@ -45,12 +49,27 @@ def _grads(model, value: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
     return float(value.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _exact_with_batch_items_live(model, loss, rows: torch.Tensor) -> torch.Tensor:
-    """Exact ce, but the vectors of items outside ``rows`` held constant (detached)."""
+def _drift_fit(cached: torch.Tensor, live: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``live ~ cached @ A + b``, ridge-pulled towards ``A = I``, by the pseudo-inverse of the centred
+    system stacked on ``sqrt(ridge) * I`` rows that ask for ``A = I``."""
+    x, y = cached - cached.mean(0), live - live.mean(0)
+    d = x.shape[1]
+    ridge = RIDGE * float((x * x).sum()) / d
+    eye = torch.eye(d) * ridge ** 0.5
+    move = torch.linalg.pinv(torch.cat([x, eye]).double()) @ torch.cat([y, eye]).double()
+    return move.float(), live.mean(0) - cached.mean(0) @ move.float()
+
+
+def _exact_with_other_items_following_the_batch(model, loss, rows: torch.Tensor) -> torch.Tensor:
+    """Exact ce, but the vectors of items outside ``rows`` held constant (detached) and moved by
+    the batch items' fitted drift (zero in value here: the cache is fresh)."""
     table = catalogue_vectors(model)
     in_batch = torch.zeros(len(table), dtype=torch.bool)
     in_batch[rows.unique()] = True
-    table = torch.where(in_batch[:, None], table, table.detach())
+    in_batch[0] = False
+    held = table.detach()
+    move, shift = _drift_fit(held[in_batch], table[in_batch])
+    table = torch.where(in_batch[:, None], table, held @ move + shift)
     vectors = table[rows]
     hidden = model.encode(vectors[:, :-1], rows[:, :-1] > 0)
     return loss(hidden, rows, vectors, None, table)
@@ -78,9 +97,39 @@ def test_r1_is_exact_ce_for_the_user_encoder_and_for_the_batch_items(live):
     _assert_close(grads_cached, grads_exact, user)
     item = [n for n in grads_exact if n.startswith("item_tower.")]
     assert any(n.startswith("item_tower.encoder.") for n in item)  # the tuned block gets its gradient
-    value_held, grads_held = _grads(model, _exact_with_batch_items_live(model, exact, rows))
-    assert value_held == pytest.approx(value_exact, rel=1e-6)
+    value_held, grads_held = _grads(model, _exact_with_other_items_following_the_batch(model, exact, rows))
+    assert value_held == pytest.approx(value_exact, rel=1e-5)
     _assert_close(grads_cached, grads_held, grads_held)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1.7, "linear"])
+def test_a_common_move_of_the_catalogue_changes_the_cached_loss_as_it_changes_exact_ce(live, scale):
+    """A stale cache of T while the tower now gives ``T M + c`` (every item moved alike): the
+    cached loss, which sees only the batch's items move, equals exact ce over the moved catalogue.
+    Held constant instead, the stale rows would let the positives gain ``h . c`` on the normaliser
+    (the shortcut that made frequent refreshes collapse, issue 29)."""
+    model, rows, dataset = live
+    torch.manual_seed(1)
+    table = torch.randn(dataset.n_items + 1, 16)
+    table[0] = 0
+    hidden = torch.randn(*rows[:, :-1].shape, 16)
+    users = hidden[rows[:, :-1] > 0]
+    shift = 3 * users.mean(0) / users.mean(0).norm()  # towards the users: the move training would find
+    move = torch.eye(16) + 0.2 * torch.randn(16, 16) if scale == "linear" else scale * torch.eye(16)
+    moved = table @ move + shift
+    exact = _ce(dataset, 0)(hidden, rows, moved[rows], None, moved)
+    cached = _ce(dataset, 1)(hidden, rows, moved[rows], None, table)
+    assert float(cached) == pytest.approx(float(exact), rel=2e-3)  # up to the ridge's pull towards I (1e-3)
+    valid = rows[:, :-1] > 0
+    h, targets = hidden[valid], rows[:, 1:][valid]
+    live = torch.zeros(len(table), dtype=torch.bool)
+    live[rows.unique()] = True
+    live[0] = False
+    stale = ~live
+    stale[0] = False
+    held = torch.logaddexp(torch.logsumexp(h @ table[stale].T, 1), torch.logsumexp(h @ moved[live].T, 1))
+    shortcut = (held - (h * moved[targets]).sum(1)).mean()
+    assert float(shortcut) < float(exact) - 0.5  # held constant, the stale rows reward the common move
 
 
 def test_the_cache_is_refreshed_every_r_steps_and_at_each_epoch_start(live, monkeypatch):
