@@ -137,4 +137,17 @@ def test_refusals():
     opts = check_options(TrainOptions(dataset="x", instances="prefix", init_std=0.02, norm_eps=1e-12,
                                       positions="from-oldest"))
     assert (opts.instances, opts.init_std, opts.norm_eps, opts.positions) == ("prefix", 0.02, 1e-12, "from-oldest")
-    assert check_options(TrainOptions(dataset="x")).given == {}  # unset stays None: run names do not change
+    assert check_options(TrainOptions(dataset="x", mode="ts")).given == {}  # unset stays None: run names do not change
+
+
+def test_init_std_defaults_to_recboles_for_mode_id_only_and_0_is_the_morec_init():
+    assert check_options(TrainOptions(dataset="x")).init_std == 0.02  # mode id: chosen on the parity panel
+    assert check_options(TrainOptions(dataset="x", mode="ts")).init_std is None
+    assert check_options(TrainOptions(dataset="x", init_std=0)).init_std == 0
+    spec = {"n_items": 3000, "dim": 64, "max_seq_len": 50, "item_tower": {"name": "id"}}
+    built = []
+    for encoder in ({"name": "sasrec", "init_std": 0}, {"name": "sasrec"}):
+        torch.manual_seed(0)
+        built.append(torch.cat([p.detach().flatten() for p in build_recommender({**spec, "user_encoder": encoder})
+                               .parameters()]))
+    assert torch.equal(built[0], built[1])  # 0 = no normal init: the MoRec code's Xavier / torch's
