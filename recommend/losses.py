@@ -207,7 +207,7 @@ class InBatchSoftmax(Loss):
         return F.cross_entropy(logits, label)
 
 
-LIVE_REFRESH = 100  # --catalogue-refresh of the live modes: auto and R <= 10 collapsed at 2,895 items (BENCHMARKS.md, issue 29)
+LIVE_REFRESH = AUTO  # --catalogue-refresh of the live modes: 0.98x exact ce at 2,895 items, x1.41 inbatch's step at 16,726 (issue 29)
 
 
 @dataclass(frozen=True)
@@ -220,8 +220,9 @@ class CatalogueOptions:
              f"steps and at each epoch start, the batch's own items computed live with gradient: a step no "
              f"longer runs the whole catalogue through the tower. {AUTO}: refresh once the tower has run as "
              f"many items live as the catalogue holds, so the refresh costs at most a third of the live work "
-             f"at any catalogue size (every few steps on a small catalogue; refreshed that often under dropout it "
-             f"collapsed at 2,895 items, see BENCHMARKS.md). 0 = exact (every item through "
+             f"at any catalogue size (every few steps on a small catalogue). Between refreshes the cached rows "
+             f"follow the batch's items' common drift (a linear map and a shift fitted each step), without which "
+             f"frequent refreshes collapsed (BENCHMARKS.md, issue 29). 0 = exact (every item through "
              f"the tower with gradient at every step) [default: {LIVE_REFRESH} for the modes that run an "
              f"encoder live (e2e, adapter), 0 for the others].")
 
