@@ -5,7 +5,9 @@ main job: 7.9 % and 4.5 % HR@10 after 5 capped epochs, TS 49 %): rows that say n
 E2E. Started from the study's own TS row instead (``--init-from``: the DT layer and the user
 encoder where TS ended, :func:`recommend.transfer.warm_start`), a live row begins at TS's
 validation and its epochs are spent on what only it can learn: tuning the encoder (e2e) or
-its adapters. ``cold`` keeps the papers' from-scratch comparison.
+its adapters, at a tenth of the study's learning rates (:data:`WARM_LR_FACTOR`: fine-tuning a
+converged model at the rate that trained it from scratch undid a third of its accuracy in one
+epoch). ``cold`` keeps the papers' from-scratch comparison and rates.
 
 The report's section on these rows gives, per row, how it started, the catalogue softmax it
 trained with, its validation curve, and whether E2E beat the best TS-DNN row on test.
@@ -25,6 +27,8 @@ from recommend.study_tune import plot_validation
 
 LIVE_STARTS = ("ts", "cold")
 SOURCE_MODE = "ts"
+WARM_LR_FACTOR = 0.1  # a warm row fine-tunes a converged model: at 2,895 items the study's lr took one
+# epoch from TS's 12.7 % validation HR@10 to 9.3 %, a tenth of it to 12.8 % (BENCHMARKS.md, issue 29)
 
 
 def _live(config: Any) -> bool:
@@ -42,10 +46,13 @@ def start_live_rows(configs: list, how: str, rename: Callable[[Any, Any], str]) 
         if source is None:
             config.start = "cold (no ts row in --modes to start from)"
             continue
-        config.options = config.options.replace(init_from=source.run)
+        rates = {"lr": config.options.lr * WARM_LR_FACTOR}
+        if config.options.encoder_lr is not None:  # tuned or given; unset, it follows lr (a tenth of it)
+            rates["encoder_lr"] = config.options.encoder_lr * WARM_LR_FACTOR
+        config.options = config.options.replace(init_from=source.run, **rates)
         config.options = config.options.replace(run_name=rename(config, config.options))
         config.run = config.options.run_name
-        config.start = f"from the ts row ({source.run})"
+        config.start = f"from the ts row ({source.run}), lr x{WARM_LR_FACTOR:g}"
 
 
 def _read(run_dir: Path, name: str) -> dict:

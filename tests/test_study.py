@@ -91,11 +91,12 @@ def test_live_rows_start_from_the_ts_row_and_the_report_shows_their_curves(studi
         config = json.loads((ws.run_dir(rows[label]["run"]) / "config.json").read_text())
         assert config["transfer"]["source_run"] == rows["ts"]["run"] and config["transfer"]["warm_start"]
         assert config["options"]["catalogue_refresh"] == LIVE_REFRESH
-        assert rows[label]["start"] == f"from the ts row ({rows['ts']['run']})"
+        assert rows[label]["start"] == f"from the ts row ({rows['ts']['run']}), lr x0.1"
+        assert config["options"]["lr"] == pytest.approx(0.1 * opts.lr)  # fine-tuned at a tenth of the rate
     out = ws.studies / f"{opts.dataset}-{opts.encoder}"
     report = (out / "report.md").read_text()
     assert "## Live rows (e2e, adapter)" in report
-    assert f"| e2e-top1 | from the ts row ({rows['ts']['run']}), at its validation HR@10" in report
+    assert f"| e2e-top1 | from the ts row ({rows['ts']['run']}), lr x0.1, at its validation HR@10" in report
     assert f"cached, {refresh_schedule(LIVE_REFRESH)}" in report and "(its validation curve above" in report
     assert (out / "valid-e2e-top1.png").read_bytes()[:4] == b"\x89PNG"
     assert rows["id"]["start"] is None
