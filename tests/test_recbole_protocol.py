@@ -137,12 +137,13 @@ def test_refusals():
     opts = check_options(TrainOptions(dataset="x", instances="prefix", init_std=0.02, norm_eps=1e-12,
                                       positions="from-oldest"))
     assert (opts.instances, opts.init_std, opts.norm_eps, opts.positions) == ("prefix", 0.02, 1e-12, "from-oldest")
-    assert check_options(TrainOptions(dataset="x", mode="ts")).given == {}  # unset stays None: run names do not change
+    assert check_options(TrainOptions(dataset="x")).given == {"init_std": 0.02}  # the rest stay unset
 
 
-def test_init_std_defaults_to_recboles_for_mode_id_only_and_0_is_the_morec_init():
-    assert check_options(TrainOptions(dataset="x")).init_std == 0.02  # mode id: chosen on the parity panel
-    assert check_options(TrainOptions(dataset="x", mode="ts")).init_std is None
+def test_init_std_defaults_to_recboles_in_every_mode_and_0_is_the_morec_init():
+    assert check_options(TrainOptions(dataset="x")).init_std == 0.02  # chosen on the parity panel
+    assert check_options(TrainOptions(dataset="x", mode="ts")).init_std == 0.02
+    assert check_options(TrainOptions(dataset="x", backbone="gru4rec")).given == {}  # sasrec's option only
     assert check_options(TrainOptions(dataset="x", init_std=0)).init_std == 0
     spec = {"n_items": 3000, "dim": 64, "max_seq_len": 50, "item_tower": {"name": "id"}}
     built = []
