@@ -51,6 +51,7 @@ from recommend.study_tune import plot_validation, seed_options, seed_statistics,
 from recommend.tracker import Parent
 from recommend.tracking import TRACKING_OPTIONS, parent_run
 from recommend.trainer import TrainOptions, train
+from recommend.user_encoders import USER_ENCODERS
 
 DEFAULT_LAYERS = (2, 6, 8, 10, 12)
 KS = (10,)  # 001 Table 5 reports HR@10 and NDCG@10
@@ -162,6 +163,7 @@ def run_name(dataset: PreparedDataset, label: str, options: TrainOptions,
     """
     filled = ITEM_TOWERS.get(options.mode).check(options)  # the mode's defaults (TS-DNN depth) name it too
     filled = LOSSES.get(filled.loss).check(filled)  # and the loss's (e2e's cached catalogue)
+    filled = USER_ENCODERS.get(filled.backbone).check(filled)  # and the backbone's (sasrec's --init-std)
     settings = {k: v for k, v in filled.to_dict().items()  # every value: a changed default is a new run
                 if k not in ("run_name", "device", *TRACKING_OPTIONS) and v is not None}
     identity = {"options": settings, "dataset": dataset.fingerprint, "features": features}

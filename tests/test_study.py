@@ -193,6 +193,9 @@ def test_run_names_follow_settings_data_and_features(synth_dataset):
     assert name.startswith("synth-ts-dnn8-minilm-l6-")
     assert name != run_name(synth_dataset, "ts-dnn8", replace(base, lr=3e-4), {"state_sha256": "a"})
     assert name != run_name(synth_dataset, "ts-dnn8", base, {"state_sha256": "b"})
+    # the backbone's defaults name a run too: an old run under another default is not reused
+    assert name == run_name(synth_dataset, "ts-dnn8", base.replace(init_std=0.02), {"state_sha256": "a"})
+    assert name != run_name(synth_dataset, "ts-dnn8", base.replace(init_std=0), {"state_sha256": "a"})
 
 
 def test_plan_and_bad_options(synth_dataset):
