@@ -159,8 +159,8 @@ def runs_command(ws: Workspace, as_json: bool) -> None:
                    "tens of times a TS epoch on a CPU; the report states the cap [default: --epochs].")
 @click.option("--live-start", type=click.Choice(LIVE_STARTS), default="ts", show_default=True,
               help="e2e and adapter rows: start from the study's own ts row (--init-from: its DT layer and user "
-                   "encoder, then fine-tune; without ts in --modes they start cold) or cold, from scratch (the "
-                   "papers'). The report says per row how it started, which catalogue softmax it trained with "
+                   "encoder, then fine-tune at a tenth of the study's learning rates; without ts in --modes they "
+                   "start cold) or cold, from scratch at the study's rates (the papers'). The report says per row how it started, which catalogue softmax it trained with "
                    "(ce over a cached catalogue by default) and shows its validation curve.")
 @click.option("--dim", type=click.IntRange(min=1), default=TRAIN_DEFAULTS.dim, show_default=True,
               help="Hidden width d of every run, as `recommend train` (the papers use 512; 64 keeps a "
