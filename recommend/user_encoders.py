@@ -203,9 +203,10 @@ class SASRecOptions:
         help=f"sasrec: initialise every weight of the backbone and the ID table (--mode id) from N(0, S), biases 0, "
              f"as RecBole's SASRec (its initializer_range 0.02); 0 = the MoRec code's init (Xavier-normal item "
              f"table and positions, torch's own init for the blocks) [default: {INIT_STD}, which differs from the "
-             f"MoRec papers' code: on issue 28's panel of generated worlds it lifted IDRec by 0.013-0.036 HR@10 at "
-             f"3 seeds (1.04-1.10x RecBole's SASRec, history excluded, where the MoRec init gave 0.84-1.02x); on the demo, at 3 seeds, "
-             f"IDRec was level, TS gained 0.016 and TS-DNN 0.002, so every mode starts the backbone alike "
+             f"MoRec papers' code: on issue 28's panel of generated worlds, at 3 seeds, it lifted IDRec by "
+             f"0.013-0.036 HR@10 to 1.03-1.10x RecBole's SASRec (history excluded; the MoRec init: 0.84-0.99x); "
+             f"on the demo, at 3 seeds, IDRec was level, TS gained 0.016 and TS-DNN 0.002, so every mode starts "
+             f"the backbone alike "
              f"(BENCHMARKS.md, 'Parity panel')].")
     norm_eps: float | None = option(
         flag="--norm-eps", min=0.0, min_open=True, purpose="is an option of --backbone sasrec",
