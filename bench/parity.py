@@ -64,7 +64,7 @@ from featurestore.workspace import Workspace
 from recommend.batches import model_seq_len
 from recommend.run import FINISHED, load_run
 from recommend.trainer import TrainOptions
-from recommend.user_encoders import USER_ENCODERS
+from recommend.plugins import fill_defaults
 
 # RecBole's environment: known to work with these (numpy < 2 for np.float_, pandas < 2.3;
 # torch 2.13.0 is the CPU wheel this machine keeps on disk: no multi-GB CUDA download)
@@ -177,10 +177,10 @@ def run_ours(ws: Workspace, dataset: PreparedDataset, pair: ModelPair, dim: int,
     ``finished_only`` and the run has not finished: nothing is trained)."""
     args = ["--dataset", dataset.name, "--mode", "id", "--backbone", pair.backbone, "--dim", str(dim),
             "--seed", str(seed), *flags]
-    # named by the flags and train's defaults under them: a changed default is a new run (the backbone's
+    # named by the flags and train's defaults under them: a changed default is a new run (the plugins'
     # defaults for --mode id included, e.g. sasrec's --init-std 0.02 since 49df4c4)
     plain = TrainOptions(dataset="")
-    filled = USER_ENCODERS.get(pair.backbone).check(plain.replace(mode="id", backbone=pair.backbone))
+    filled = fill_defaults(plain.replace(mode="id", backbone=pair.backbone))
     own = {k: v for k, v in asdict(filled).items() if k not in ("mode", "backbone") and v != getattr(plain, k)}
     name = f"parity-{dataset.name}-{pair.backbone}-{variant}-{_digest([args, asdict(plain), *([own] if own else [])])}-s{seed}"
     best = ws.run_dir(name) / "best.json"

@@ -83,6 +83,12 @@ def check_options(opts: TrainOptions) -> TrainOptions:
               for f in _options_of(plugin)}
     refuse_foreign_options(opts, own, owners)
     check_fields(option_fields(), opts.given)
-    for plugin in plugins:
+    return fill_defaults(opts)
+
+
+def fill_defaults(opts: TrainOptions) -> TrainOptions:
+    """``opts`` through each of its plugins' own check: every default a mode, backbone, loss or training
+    feature fills in is set (what a run records and what a study's run names hash)."""
+    for plugin in selected(opts):
         opts = plugin.check(opts)
     return opts

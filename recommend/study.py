@@ -45,13 +45,12 @@ from extract.names import parse_library_name, store_spelling
 from extract.registry import weights_location
 from recommend.item_towers import ITEM_TOWERS, list_item_towers
 from recommend.live_start import LIVE_STARTS, live_rows_report, start_live_rows
-from recommend.losses import LOSSES
+from recommend.plugins import fill_defaults
 from recommend.run import BEST, CHECKPOINT, FINISHED, write_atomic
 from recommend.study_tune import plot_validation, seed_options, seed_statistics, tune_configurations
 from recommend.tracker import Parent
 from recommend.tracking import TRACKING_OPTIONS, parent_run
 from recommend.trainer import TrainOptions, train
-from recommend.user_encoders import USER_ENCODERS
 
 DEFAULT_LAYERS = (2, 6, 8, 10, 12)
 KS = (10,)  # 001 Table 5 reports HR@10 and NDCG@10
@@ -161,9 +160,7 @@ def run_name(dataset: PreparedDataset, label: str, options: TrainOptions,
     signature), so a rerun finds its runs and a changed setting, dataset or re-extracted
     group gets new ones. An ID run names no encoder: studies of several encoders share it.
     """
-    filled = ITEM_TOWERS.get(options.mode).check(options)  # the mode's defaults (TS-DNN depth) name it too
-    filled = LOSSES.get(filled.loss).check(filled)  # and the loss's (e2e's cached catalogue)
-    filled = USER_ENCODERS.get(filled.backbone).check(filled)  # and the backbone's (sasrec's --init-std)
+    filled = fill_defaults(options)  # every plugin's defaults name it too (TS-DNN depth, sasrec's --init-std)
     settings = {k: v for k, v in filled.to_dict().items()  # every value: a changed default is a new run
                 if k not in ("run_name", "device", *TRACKING_OPTIONS) and v is not None}
     identity = {"options": settings, "dataset": dataset.fingerprint, "features": features}
