@@ -249,7 +249,7 @@ def print_report(report: dict) -> None:
     s = report["settings"]
     print(f"{s['encoder']} top {s['top_k']} blocks (cached states), SASRec d={s['dim']}, batch {s['batch_size']}, "
           f"device {s['device']}, {s['threads']} threads")
-    for size in ("small", "large")[:len(report["step_vs_inbatch"])]:
+    for size in (s for s in ("small", "large") if s in report):
         part = report[size]
         ratios = report["step_vs_inbatch"][str(part["items"])]
         print(f"\n{part['users']} users x {part['items']} items "
