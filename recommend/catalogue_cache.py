@@ -11,8 +11,8 @@ computed live with gradient and replace their cached rows in the logits.
 
 **Drift correction.** The cached rows are stale by up to R steps; the live rows are not. Held
 constant, the stale rows leave the model a way to lower the loss that exact ``ce`` does not
-have: move every item's vector along a common direction (say, towards the users' mean). Exact ``ce`` is invariant to such a shift (every logit moves by
-``h . c``); the cached loss is not, because only the live rows (the positives among them)
+have: move every item's vector along a common direction (say, towards the users' mean).
+Exact ``ce`` is invariant to such a shift (every logit moves by ``h . c``); the cached loss is not, because only the live rows (the positives among them)
 move and the stale normaliser stays behind. Measured (issue 29, one epoch from a TS start,
 refreshed every 10 steps): the share of the mean in the item vectors rose from 0.26 to 0.99,
 their norm from 2.5 to 19, the training loss fell below exact's while validation HR@10 fell
@@ -81,7 +81,8 @@ class CatalogueCache:
     """Every item's vector ``(N + 1, d)``, without gradient, refreshed every ``every`` steps
     (or, with ``every="auto"``, once the live items since the last refresh reach N).
 
-    :meth:`table` is asked once per training step with the ids the step runs live; the first ask after :meth:`expire` (an epoch start) and every due ask run the
+    :meth:`table` is asked once per training step with the ids the step runs live; the first ask
+    after :meth:`expire` (an epoch start) and every due ask run the
     tower over the catalogue again. ``refreshes`` and ``seconds`` count those passes and
     their time; ``steps`` counts the asks.
     """
