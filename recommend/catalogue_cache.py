@@ -12,8 +12,9 @@ computed live with gradient and replace their cached rows in the logits.
 **Drift correction.** The cached rows are stale by up to R steps; the live rows are not. Held
 constant, the stale rows leave the model a way to lower the loss that exact ``ce`` does not
 have: move every item's vector along a common direction (say, towards the users' mean).
-Exact ``ce`` is invariant to such a shift (every logit moves by ``h . c``); the cached loss is not, because only the live rows (the positives among them)
-move and the stale normaliser stays behind. Measured (issue 29, one epoch from a TS start,
+Exact ``ce`` is invariant to such a shift (every logit moves by ``h . c``); the cached loss is
+not, because only the live rows (the positives among them) move and the stale normaliser stays
+behind. Measured (issue 29, one epoch from a TS start,
 refreshed every 10 steps): the share of the mean in the item vectors rose from 0.26 to 0.99,
 their norm from 2.5 to 19, the training loss fell below exact's while validation HR@10 fell
 from 12.7 % to 0.4 % (docs/assets/issue29-drift.png). So
